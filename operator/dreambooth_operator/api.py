@@ -1,0 +1,539 @@
+"""The DreamBoothJob API: the single source of truth.
+
+The CRD schema (crd.py), offline validation (validation.py), the operator's builders and the
+trainer's config are all derived from these models; no field is spelled out anywhere else.
+
+Python attributes are snake_case, the Kubernetes wire format is camelCase (aliases).
+Cross-field rules raise `FieldRuleError`, which names the offending field so that every
+rejection reads `spec.<path>: <what is allowed>`.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime
+from enum import Enum
+from typing import Annotated, Literal
+
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
+from pydantic.alias_generators import to_camel
+
+GROUP = "dreambooth.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "DreamBoothJob"
+PLURAL = "dreamboothjobs"
+SINGULAR = "dreamboothjob"
+SHORT_NAMES = ["dbj"]
+
+# Children are named "<job>-priors-<i>", "<job>-train-<i>", "<job>-inference-..." and job
+# names end up in label values and pod hostnames (63 characters at most).
+MAX_JOB_NAME_LENGTH = 40
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+
+# Models with random weights, built in code: the only models this project can use without a hub.
+RANDOM_MODELS = ("random://tiny-sd", "random://sd15")
+# Hugging Face repo id ("org/name"), s3://bucket/key, a local path, or a random-weights model.
+MODEL_URI = r"^(s3://[a-z0-9.\-]{3,63}(/.*)?|random://(tiny-sd|sd15)|[/.~].*|[\w.\-]+/[\w.\-]+)$"
+DATA_URI = r"^(s3://[a-z0-9.\-]{3,63}(/.*)?|[/.~\w].*)$"
+QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i?|[mkMGTPE]|n|u)?$"
+
+DEFAULT_TRAINER_IMAGE = "ghcr.io/dreambooth-operator/trainer:0.1.0"
+
+
+class FieldRuleError(ValueError):
+    """A cross-field rule broken by `field` (camelCase, relative to the model that checks it)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+        self.message = message
+
+
+class ApiModel(BaseModel):
+    """Base for every spec model: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_default=True,
+        use_enum_values=True,
+    )
+
+
+def field(default=..., description: str = "", **constraints):
+    """Field with a description (it becomes the CRD's, so `kubectl explain` documents it)."""
+    if isinstance(default, type) and issubclass(default, BaseModel):
+        # `{}` rather than a factory: pydantic validates it in place (errors keep their path)
+        # and the CRD gets `default: {}`, so the API server fills in the nested defaults.
+        return Field({}, description=description, **constraints)
+    if default in (list, dict):
+        return Field(default_factory=default, description=description, **constraints)
+    return Field(default, description=description, **constraints)
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, str) and not re.match(QUANTITY, value):
+        raise ValueError("must be a Kubernetes quantity such as 2, 500m, 16Gi or 1e3")
+    return value
+
+
+Quantity = Annotated[int | str, AfterValidator(_check_quantity)]
+
+
+# ---------------------------------------------------------------------------------------------
+# spec
+
+
+class BaseModelSpec(ApiModel):
+    uri: str = field(
+        description="Stable Diffusion base model: a Hugging Face repo id (org/name), s3://bucket/"
+        "prefix, a local directory, or random://tiny-sd / random://sd15 (random weights, for "
+        "tests and benchmarks).",
+        pattern=MODEL_URI,
+        min_length=1,
+        max_length=512,
+    )
+    revision: str | None = field(
+        None, description="Hugging Face revision (branch, tag or commit).", max_length=128
+    )
+    variant: Literal["fp16"] | None = field(
+        None, description="Weights variant to load (diffusers' 'variant')."
+    )
+
+
+class InstanceSpec(ApiModel):
+    images_uri: str = field(
+        description="Directory (local path or s3://bucket/prefix) holding the 3-5 subject photos.",
+        pattern=DATA_URI,
+        min_length=1,
+        max_length=1024,
+    )
+    prompt: str = field(
+        description='Prompt with the rare identifier, e.g. "a photo of sks dog".',
+        min_length=1,
+        max_length=1000,
+    )
+
+
+class PriorGenerationSpec(ApiModel):
+    steps: int = field(50, description="Denoising steps per class image.", ge=1, le=1000)
+    guidance_scale: float = field(7.5, description="Classifier-free guidance scale.", ge=1, le=50)
+    seed: int = field(0, description="Base seed; image i uses seed + i.", ge=0, le=2**31 - 1)
+    batch_size: int = field(4, description="Images generated per forward pass.", ge=1, le=64)
+    negative_prompt: str | None = field(None, description="Negative prompt.", max_length=1000)
+
+
+class PriorPreservationSpec(ApiModel):
+    enabled: bool = field(True, description="Train with the prior-preservation loss.")
+    class_prompt: str | None = field(
+        None,
+        description='Prompt for the subject\'s class, e.g. "a photo of dog". Required when enabled.',
+        min_length=1,
+        max_length=1000,
+    )
+    num_class_images: int = field(
+        200, description="Class images generated by the base model.", ge=1, le=10000
+    )
+    loss_weight: float = field(1.0, description="Weight of the prior loss.", ge=0, le=100)
+    generation: PriorGenerationSpec = field(PriorGenerationSpec, description="Class-image sampling.")
+
+    @model_validator(mode="after")
+    def _class_prompt_when_enabled(self) -> PriorPreservationSpec:
+        if self.enabled and not self.class_prompt:
+            raise FieldRuleError(
+                "classPrompt", "required when priorPreservation.enabled is true (or disable it)"
+            )
+        return self
+
+
+class ShardingBackend(str, Enum):
+    deepspeed = "deepspeed"
+    ddp = "ddp"
+    fsdp = "fsdp"
+
+
+class ShardingSpec(ApiModel):
+    backend: ShardingBackend = field(
+        ShardingBackend.deepspeed,
+        description="deepspeed (ZeRO), ddp (replicated) or fsdp (FSDP2 fully_shard).",
+    )
+    zero_stage: Literal[2, 3] | None = field(
+        None, description="DeepSpeed ZeRO stage (2 or 3); only with backend deepspeed; default 2."
+    )
+
+    @model_validator(mode="after")
+    def _zero_stage_only_with_deepspeed(self) -> ShardingSpec:
+        if self.backend == ShardingBackend.deepspeed.value:
+            if self.zero_stage is None:
+                self.zero_stage = 2
+        elif self.zero_stage is not None:
+            raise FieldRuleError(
+                "zeroStage", f"only allowed with backend deepspeed (backend is {self.backend})"
+            )
+        return self
+
+
+class CheckpointSpec(ApiModel):
+    interval: int = field(100, description="Save a checkpoint every N optimizer steps.", ge=1)
+    keep: int = field(2, description="Committed checkpoints kept (newest first).", ge=1, le=100)
+
+
+class ValidationSpec(ApiModel):
+    prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = field(
+        list, description="Prompts rendered into a sample grid during training.", max_length=16
+    )
+    interval: int = field(200, description="Render samples every N steps.", ge=1)
+    num_inference_steps: int = field(25, description="Denoising steps per sample.", ge=1, le=200)
+    guidance_scale: float = field(7.5, description="Guidance scale for samples.", ge=1, le=50)
+    seed: int = field(0, description="Seed for samples (fixed, so grids are comparable).", ge=0)
+
+
+LrScheduler = Literal[
+    "constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"
+]
+MixedPrecision = Literal["fp16", "bf16", "no"]
+
+
+class TrainingSpec(ApiModel):
+    method: Literal["full"] = field("full", description="Fine-tuning method.")
+    train_text_encoder: bool = field(False, description="Also fine-tune the text encoder.")
+    max_steps: int = field(
+        800, description="Optimizer steps (800 with priors is the usual recipe).", ge=1, le=10**6
+    )
+    learning_rate: float | None = field(
+        None,
+        description="Peak learning rate; default 5e-6, or 2e-6 when the text encoder is trained.",
+        gt=0,
+        le=1,
+    )
+    lr_scheduler: LrScheduler = field("constant", description="Learning-rate schedule.")
+    lr_warmup_steps: int = field(0, description="Linear warmup steps.", ge=0)
+    batch_size: int = field(1, description="Instance images per device per step.", ge=1, le=64)
+    gradient_accumulation_steps: int = field(
+        1, description="Micro-batches per optimizer step.", ge=1, le=1024
+    )
+    resolution: int = field(
+        512, description="Training resolution in pixels (multiple of 8).", ge=64, le=2048
+    )
+    center_crop: bool = field(False, description="Center-crop instead of random-crop.")
+    mixed_precision: MixedPrecision = field(
+        "fp16", description="fp16 (loss scaling, GPU only), bf16 or no."
+    )
+    sharding: ShardingSpec = field(ShardingSpec, description="Data-parallel / sharding backend.")
+    gradient_checkpointing: bool = field(True, description="Recompute activations to save memory.")
+    seed: int = field(0, description="Training seed.", ge=0, le=2**31 - 1)
+    max_grad_norm: float = field(1.0, description="Gradient clipping norm.", gt=0)
+    use_8bit_adam: bool = field(
+        False, description="8-bit AdamW (needs bitsandbytes).", alias="use8bitAdam"
+    )
+    offset_noise: float = field(0.0, description="Offset-noise strength (0 = off).", ge=0, le=1)
+    snr_gamma: float | None = field(None, description="Min-SNR weighting gamma (5.0 is usual).", gt=0)
+    cache_latents: bool = field(True, description="Encode images with the VAE once, not per step.")
+    checkpointing: CheckpointSpec = field(CheckpointSpec, description="Checkpoints and retention.")
+    validation: ValidationSpec = field(ValidationSpec, description="Sample grids during training.")
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no_is_false(cls, value):
+        # YAML 1.1 reads an unquoted `no` as false; say so instead of a puzzling type error.
+        if value is False:
+            raise ValueError('must be "fp16", "bf16" or "no"; quote "no" in YAML (unquoted it is false)')
+        return value
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, value: int) -> int:
+        if value % 8:
+            raise ValueError("must be a multiple of 8 (the VAE downsamples by 8)")
+        return value
+
+    @model_validator(mode="after")
+    def _warmup_within_steps(self) -> TrainingSpec:
+        if self.lr_warmup_steps >= self.max_steps:
+            raise FieldRuleError(
+                "lrWarmupSteps", f"must be less than maxSteps ({self.max_steps})"
+            )
+        return self
+
+    @property
+    def effective_learning_rate(self) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return 2e-6 if self.train_text_encoder else 5e-6
+
+
+class ResourceRequirements(ApiModel):
+    requests: dict[str, Quantity] = field(dict, description="Resource requests (e.g. cpu, memory).")
+    limits: dict[str, Quantity] = field(dict, description="Resource limits.")
+
+
+class Toleration(ApiModel):
+    key: str | None = field(None, description="Taint key.")
+    operator: Literal["Exists", "Equal"] = field("Equal", description="Exists or Equal.")
+    value: str | None = field(None, description="Taint value.")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = field(
+        None, description="Taint effect."
+    )
+    toleration_seconds: int | None = field(None, description="For NoExecute taints.", ge=0)
+
+
+class ResourcesSpec(ApiModel):
+    nodes: int = field(1, description="Training pods (torchrun nodes).", ge=1, le=128)
+    gpus_per_node: int = field(1, description="GPUs per training pod.", ge=0, le=16)
+    processes_per_node: int | None = field(
+        None,
+        description="torchrun processes per pod; default gpusPerNode (set it for CPU training).",
+        ge=1,
+        le=64,
+    )
+    image: str = field(DEFAULT_TRAINER_IMAGE, description="Trainer image.", min_length=1)
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = field(
+        "IfNotPresent", description="Image pull policy."
+    )
+    resources: ResourceRequirements = field(
+        ResourceRequirements, description="Per-pod requests and limits (GPUs are added)."
+    )
+    node_selector: dict[str, str] = field(dict, description="Node selector for training pods.")
+    tolerations: list[Toleration] = field(list, description="Tolerations for training pods.")
+    priority_class_name: str | None = field(None, description="Priority class of training pods.")
+    service_account_name: str | None = field(
+        None, description="Service account of the job's pods (default: one per job)."
+    )
+
+    @property
+    def processes(self) -> int:
+        return self.processes_per_node or self.gpus_per_node
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes
+
+    @model_validator(mode="after")
+    def _some_workers(self) -> ResourcesSpec:
+        if self.world_size == 0:
+            raise FieldRuleError(
+                "gpusPerNode",
+                "nodes x gpusPerNode is 0: set gpusPerNode >= 1, or processesPerNode >= 1 "
+                "for CPU training",
+            )
+        return self
+
+
+class SecretKeyRef(ApiModel):
+    name: str = field(description="Secret name.", pattern=DNS_SUBDOMAIN, max_length=253)
+    access_key_id_key: str = field("AWS_ACCESS_KEY_ID", description="Key of the access key id.")
+    secret_access_key_key: str = field(
+        "AWS_SECRET_ACCESS_KEY", description="Key of the secret access key."
+    )
+
+
+class S3Spec(ApiModel):
+    endpoint: str | None = field(
+        None,
+        description="S3 endpoint URL for MinIO and friends (default: AWS).",
+        pattern=r"^https?://[^\s/]+(/.*)?$",
+    )
+    region: str | None = field(None, description="Region.", max_length=64)
+    credentials_secret: SecretKeyRef | None = field(
+        None,
+        description="Secret holding the credentials (never put keys in the spec). Default: the "
+        "environment's (instance profile, IRSA).",
+    )
+
+
+class StorageSpec(ApiModel):
+    output_uri: str = field(
+        description="Where checkpoints, the exported pipeline and samples go (s3:// or a path).",
+        pattern=DATA_URI,
+        min_length=1,
+        max_length=1024,
+    )
+    prior_cache_uri: str | None = field(
+        None,
+        description="Shared class-image cache (content-addressed); default <outputUri>/../priors.",
+        pattern=DATA_URI,
+    )
+    s3: S3Spec = field(S3Spec, description="S3 connection settings.")
+
+
+class InferenceSpec(ApiModel):
+    enabled: bool = field(False, description="Serve the exported pipeline once training ends.")
+    replicas: int = field(1, description="Inference replicas.", ge=0, le=100)
+    image: str | None = field(None, description="Server image (default: the trainer image).")
+    resources: ResourceRequirements = field(
+        ResourceRequirements, description="Per-replica requests and limits."
+    )
+    gpus: int = field(1, description="GPUs per replica (0 for CPU).", ge=0, le=8)
+
+
+class RunPolicy(ApiModel):
+    backoff_limit: int = field(
+        3, description="Gang restarts allowed before the job fails.", ge=0, le=100
+    )
+    active_deadline_seconds: int | None = field(
+        None, description="Fail the job after this many seconds.", ge=1
+    )
+    ttl_seconds_after_finished: int | None = field(
+        None, description="Delete the job this long after it finished.", ge=0
+    )
+    suspend: bool = field(
+        False, description="Stop the pods, keep the checkpoints; set false to resume."
+    )
+
+
+class DreamBoothJobSpec(ApiModel):
+    base_model: BaseModelSpec = field(description="The model to fine-tune.")
+    instance: InstanceSpec = field(description="The subject: photos and prompt.")
+    prior_preservation: PriorPreservationSpec = field(
+        PriorPreservationSpec, description="Class-prior preservation."
+    )
+    training: TrainingSpec = field(TrainingSpec, description="Training hyper-parameters.")
+    resources: ResourcesSpec = field(ResourcesSpec, description="Pods and hardware.")
+    storage: StorageSpec = field(description="Output and object storage.")
+    inference: InferenceSpec = field(InferenceSpec, description="Inference deployment.")
+    run_policy: RunPolicy = field(RunPolicy, description="Restarts, deadlines and suspension.")
+
+    @model_validator(mode="after")
+    def _cross_section_rules(self) -> DreamBoothJobSpec:
+        on_cpu = self.resources.gpus_per_node == 0
+        if on_cpu and self.training.mixed_precision == "fp16":
+            raise FieldRuleError(
+                "training.mixedPrecision",
+                'fp16 needs GPUs (gpusPerNode is 0): use "bf16" or "no" on CPU',
+            )
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# status
+
+
+class Phase(str, Enum):
+    pending = "Pending"
+    generating_priors = "GeneratingPriors"
+    training = "Training"
+    exporting = "Exporting"
+    serving = "Serving"
+    succeeded = "Succeeded"
+    failed = "Failed"
+    suspended = "Suspended"
+
+
+TERMINAL_PHASES = (Phase.succeeded.value, Phase.failed.value)
+
+
+class StatusModel(BaseModel):
+    """Status models tolerate unknown fields: an older operator must not choke on a newer status."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="ignore")
+
+
+class Condition(StatusModel):
+    """metav1.Condition."""
+
+    type: str = field(description="Condition type, e.g. Ready, Training, Failed.")
+    status: Literal["True", "False", "Unknown"] = field(description="True, False or Unknown.")
+    reason: str = field(description="CamelCase reason.", pattern=r"^[A-Za-z]([A-Za-z0-9_,:]*[A-Za-z0-9_])?$")
+    message: str = field("", description="Human-readable detail.", max_length=32768)
+    last_transition_time: datetime = field(description="When the status last changed.")
+    observed_generation: int | None = field(None, description="Spec generation seen.", ge=0)
+
+
+class Progress(StatusModel):
+    step: int = field(0, description="Optimizer steps done.", ge=0)
+    total_steps: int = field(0, description="Optimizer steps in total.", ge=0)
+    loss: float | None = field(None, description="Recent training loss.")
+    images_per_second: float | None = field(None, description="Training throughput.")
+    eta_seconds: int | None = field(None, description="Estimated seconds to finish training.")
+    summary: str | None = field(None, description='"step/total", for kubectl get.')
+    updated_at: datetime | None = field(None, description="When the trainer last reported.")
+
+
+class CheckpointStatus(StatusModel):
+    step: int = field(description="Step of the newest committed checkpoint.", ge=0)
+    uri: str = field(description="Where it lies.")
+    time: datetime | None = field(None, description="When it was committed.")
+
+
+class ArtifactStatus(StatusModel):
+    uri: str = field(description="Exported pipeline.")
+    digest: str = field(description="sha256 digest of the export manifest.")
+
+
+class PriorsStatus(StatusModel):
+    cache_key: str = field(description="Content-addressed key of the class images.")
+    uri: str = field(description="Where the class images lie.")
+    images: int = field(0, description="Class images present.", ge=0)
+
+
+class InferenceStatus(StatusModel):
+    endpoint: str | None = field(None, description="In-cluster URL of the inference Service.")
+    ready_replicas: int = field(0, description="Ready inference pods.", ge=0)
+    digest: str | None = field(None, description="Artifact digest being served.")
+
+
+class DreamBoothJobStatus(StatusModel):
+    phase: Phase | None = field(None, description="Where the job is in its lifecycle.")
+    conditions: list[Condition] = field(list, description="Standard conditions.")
+    progress: Progress | None = field(None, description="Training progress.")
+    checkpoint: CheckpointStatus | None = field(None, description="Newest committed checkpoint.")
+    priors: PriorsStatus | None = field(None, description="Class-image cache.")
+    artifact: ArtifactStatus | None = field(None, description="Exported pipeline.")
+    inference: InferenceStatus | None = field(None, description="Inference deployment.")
+    restarts: int = field(0, description="Gang restarts so far.", ge=0)
+    observed_generation: int | None = field(None, description="Spec generation acted on.", ge=0)
+    start_time: datetime | None = field(None, description="When the job started running.")
+    completion_time: datetime | None = field(None, description="When the job finished.")
+
+
+# ---------------------------------------------------------------------------------------------
+# the object
+
+
+class ObjectMeta(BaseModel):
+    """The part of metav1.ObjectMeta that validation looks at; the rest passes through."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    name: str = Field(
+        description="Job name (DNS label).",
+        min_length=1,
+        max_length=MAX_JOB_NAME_LENGTH,
+        pattern=DNS_LABEL,
+    )
+    namespace: str | None = Field(None, max_length=63, pattern=DNS_LABEL)
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _explain_name(cls, value):
+        if isinstance(value, str) and (
+            len(value) > MAX_JOB_NAME_LENGTH or not re.match(DNS_LABEL, value)
+        ):
+            raise ValueError(
+                f"must be a DNS label (lower-case letters, digits and '-', starting and ending "
+                f"with a letter or digit) of at most {MAX_JOB_NAME_LENGTH} characters, so that "
+                f"child names fit; got {value!r}"
+            )
+        return value
+
+
+class DreamBoothJob(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
+
+    api_version: Literal["dreambooth.dev/v1alpha1"] = Field(API_VERSION)
+    kind: Literal["DreamBoothJob"] = Field(KIND)
+    metadata: ObjectMeta
+    spec: DreamBoothJobSpec
+    status: DreamBoothJobStatus | None = None

@@ -1,0 +1,99 @@
+"""The `dreambooth` command.
+
+Subcommands that need torch (run, train, priors, export, serve) live in the trainer package and
+are imported only when called, so the operator image (no torch) still has a working CLI.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+
+import click
+
+from . import __version__
+
+# name -> ("module:attribute" of a click command, imported on first use; its one-line help).
+LAZY_COMMANDS = {
+    "run": ("dreambooth_trainer.cli:run", "Run a DreamBoothJob locally: priors, train, export."),
+    "train": ("dreambooth_trainer.cli:train", "Train (one torchrun rank) from a trainer config."),
+    "priors": ("dreambooth_trainer.cli:priors", "Generate class-prior images (a shard)."),
+    "export": ("dreambooth_trainer.cli:export", "Export the trained pipeline with a digest."),
+    "serve": ("dreambooth_trainer.cli:serve", "Serve an exported pipeline over HTTP."),
+    "operator": ("dreambooth_operator.handlers:operator_command", "Run the operator (kopf)."),
+}
+
+
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
+
+    def get_command(self, ctx: click.Context, name: str) -> click.Command | None:
+        if name not in LAZY_COMMANDS:
+            return super().get_command(ctx, name)
+        module_name, attribute = LAZY_COMMANDS[name][0].split(":")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as error:
+            missing = error.name or str(error)
+            return _unavailable(name, f"needs {missing}: pip install 'dreambooth-operator[train]'")
+        return getattr(module, attribute)
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        # Listing lazy commands must not import torch just to print their one-line help.
+        rows = [(n, c.get_short_help_str()) for n, c in sorted(self.commands.items())]
+        rows += [(name, short_help) for name, (_, short_help) in LAZY_COMMANDS.items()]
+        with formatter.section("Commands"):
+            formatter.write_dl(sorted(rows))
+
+
+def _unavailable(name: str, reason: str) -> click.Command:
+    def fail() -> None:
+        raise click.ClickException(f"`dreambooth {name}` {reason}")
+
+    return click.Command(name, callback=fail, help=reason)
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="dreambooth")
+def main() -> None:
+    """DreamBooth fine-tuning of Stable Diffusion, on Kubernetes or locally."""
+
+
+@main.command()
+def crd() -> None:
+    """Print the DreamBoothJob CustomResourceDefinition (generated from the API models)."""
+    from .crd import crd_yaml
+
+    click.echo(crd_yaml(), nl=False)
+
+
+@main.command()
+@click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
+def validate(files: tuple[Path, ...]) -> None:
+    """Check DreamBoothJob YAML files offline; every problem names its field."""
+    from .validation import JobInvalid, load_jobs
+
+    failed = False
+    for path in files:
+        try:
+            text = sys.stdin.read() if str(path) == "-" else path.read_text()
+            jobs = load_jobs(text)
+        except OSError as error:
+            click.echo(f"{path}: cannot read: {error.strerror}", err=True)
+            failed = True
+            continue
+        except JobInvalid as error:
+            for problem in error.problems:
+                click.echo(f"{path}: {problem}", err=True)
+            failed = True
+            continue
+        for job in jobs:
+            click.echo(f"{path}: ok: {job.kind} {job.metadata.name}")
+    if failed:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""The DreamBoothJob CustomResourceDefinition, generated from the pydantic models in api.py.
+
+pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema: every
+node typed, no $ref, no anyOf except int-or-string, `exclusiveMinimum` as a boolean, no `title`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import yaml
+
+from . import api
+
+_KEPT = {
+    "type",
+    "description",
+    "default",
+    "enum",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "minItems",
+    "maxItems",
+    "pattern",
+    "format",
+}
+
+
+def _resolve(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    if "$ref" in node:
+        target = dict(defs[node["$ref"].rsplit("/", 1)[-1]])
+        # A $ref with siblings (description, default) keeps the siblings.
+        target.update({k: v for k, v in node.items() if k != "$ref"})
+        return target
+    return node
+
+
+def _without_null(variants: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [v for v in variants if v.get("type") != "null"]
+
+
+def structural(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Convert one pydantic JSON-schema node (and its children) to a structural schema node."""
+    node = _resolve(node, defs)
+    # `default: null` (from `X | None = None`) is dropped: Kubernetes omits unset fields.
+    siblings = {
+        k: v for k, v in node.items() if k == "description" or (k == "default" and v is not None)
+    }
+    if "anyOf" in node:
+        variants = [_resolve(v, defs) for v in _without_null(node["anyOf"])]
+        types = {v.get("type") for v in variants}
+        if types == {"integer", "string"}:
+            return {**siblings, "x-kubernetes-int-or-string": True}
+        if len(variants) != 1:
+            raise ValueError(f"cannot express union {types} in a structural schema")
+        return {**structural(variants[0], defs), **siblings}  # `X | None`
+    out: dict[str, Any] = {k: v for k, v in node.items() if k in _KEPT and v is not None}
+    if "const" in node:
+        out["enum"] = [node["const"]]
+    if "exclusiveMinimum" in node:
+        out["minimum"] = node["exclusiveMinimum"]
+        out["exclusiveMinimum"] = True
+    if "exclusiveMaximum" in node:
+        out["maximum"] = node["exclusiveMaximum"]
+        out["exclusiveMaximum"] = True
+    if "enum" in out and "type" not in out:
+        out["type"] = _json_type(out["enum"][0])
+    if out.get("type") == "object" or "properties" in node:
+        out["type"] = "object"
+        properties = node.get("properties", {})
+        if properties:
+            out["properties"] = {k: structural(v, defs) for k, v in properties.items()}
+        if node.get("required"):
+            out["required"] = list(node["required"])
+        extra = node.get("additionalProperties")
+        if isinstance(extra, dict):
+            out["additionalProperties"] = structural(extra, defs)
+        elif not properties:
+            out["x-kubernetes-preserve-unknown-fields"] = True
+    if out.get("type") == "array":
+        out["items"] = structural(node["items"], defs)
+    if "type" not in out and "x-kubernetes-int-or-string" not in out:
+        raise ValueError(f"untyped schema node: {node}")
+    return out
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int):
+        return "integer"
+    if isinstance(value, float):
+        return "number"
+    return "string"
+
+
+def _schema_of(model: type) -> dict[str, Any]:
+    raw = model.model_json_schema(by_alias=True, mode="validation")
+    return structural(raw, raw.get("$defs", {}))
+
+
+def openapi_schema() -> dict[str, Any]:
+    return {
+        "type": "object",
+        "description": "DreamBooth fine-tuning of a Stable Diffusion model, and its serving.",
+        "required": ["spec"],
+        "properties": {
+            "apiVersion": {"type": "string"},
+            "kind": {"type": "string"},
+            "metadata": {"type": "object"},
+            "spec": _schema_of(api.DreamBoothJobSpec),
+            "status": _schema_of(api.DreamBoothJobStatus),
+        },
+    }
+
+
+PRINTER_COLUMNS = [
+    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+    {"name": "Progress", "type": "string", "jsonPath": ".status.progress.summary"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.progress.loss", "priority": 1},
+    {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
+    {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.checkpoint.step", "priority": 1},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.inference.endpoint", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
+
+
+def crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "spec": {
+            "group": api.GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": api.KIND,
+                "listKind": f"{api.KIND}List",
+                "plural": api.PLURAL,
+                "singular": api.SINGULAR,
+                "shortNames": list(api.SHORT_NAMES),
+                "categories": ["all", "dreambooth"],
+            },
+            "versions": [
+                {
+                    "name": api.VERSION,
+                    "served": True,
+                    "storage": True,
+                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                }
+            ],
+        },
+    }
+
+
+HEADER = "# Generated by `dreambooth crd` from operator/dreambooth_operator/api.py. Do not edit.\n"
+
+
+def crd_yaml() -> str:
+    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=100)

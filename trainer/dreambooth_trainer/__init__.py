@@ -1,0 +1,1 @@
+"""The DreamBooth trainer: priors, training, checkpoints, export and serving."""
