@@ -1,0 +1,370 @@
+"""Offline validation: each bad spec fails with the exact message a user would see."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from dreambooth_operator.cli import main
+from dreambooth_operator.validation import JobInvalid, load_jobs, parse_job
+
+ROOT = Path(__file__).resolve().parents[2]
+EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+
+MINIMAL = {
+    "apiVersion": "dreambooth.dev/v1alpha1",
+    "kind": "DreamBoothJob",
+    "metadata": {"name": "dog"},
+    "spec": {
+        "baseModel": {"uri": "runwayml/stable-diffusion-v1-5"},
+        "instance": {"imagesUri": "s3://data/dog/", "prompt": "a photo of sks dog"},
+        "priorPreservation": {"classPrompt": "a photo of dog"},
+        "storage": {"outputUri": "s3://runs/dog"},
+    },
+}
+
+REMOVE = object()
+
+
+def spec_with(**changes: object) -> dict:
+    """MINIMAL with dotted paths set (or removed with REMOVE)."""
+    document = copy.deepcopy(MINIMAL)
+    for dotted, value in changes.items():
+        *parents, leaf = dotted.split("__")
+        node = document
+        for key in parents:
+            node = node.setdefault(key, {})
+        if value is REMOVE:
+            node.pop(leaf)
+        else:
+            node[leaf] = value
+    return document
+
+
+BAD_SPECS = [
+    # (id, document, the line it must produce)
+    (
+        "wrong-api-version",
+        spec_with(apiVersion="v1"),
+        "apiVersion: Input should be 'dreambooth.dev/v1alpha1' (got 'v1')",
+    ),
+    ("wrong-kind", spec_with(kind="Job"), "kind: Input should be 'DreamBoothJob' (got 'Job')"),
+    (
+        "name-uppercase",
+        spec_with(metadata__name="Dog"),
+        "metadata.name: must be a DNS label (lower-case letters, digits and '-', starting and ending "
+        "with a letter or digit) of at most 40 characters, so that child names fit (got 'Dog')",
+    ),
+    (
+        "name-too-long",
+        spec_with(metadata__name="d" * 41),
+        "metadata.name: must be a DNS label (lower-case letters, digits and '-', starting and ending "
+        f"with a letter or digit) of at most 40 characters, so that child names fit (got '{'d' * 41}')",
+    ),
+    ("no-spec", spec_with(spec=REMOVE), "spec: required field is missing"),
+    (
+        "no-base-model",
+        spec_with(spec__baseModel=REMOVE),
+        "spec.baseModel: required field is missing",
+    ),
+    (
+        "base-model-uri-bad",
+        spec_with(spec__baseModel__uri="ftp://x"),
+        "spec.baseModel.uri: String should match pattern "
+        "'^(s3://[a-z0-9.\\-]{3,63}(/.*)?|random://(tiny-sd|sd15)|[/.~].*|[\\w.\\-]+/[\\w.\\-]+)$' "
+        "(got 'ftp://x')",
+    ),
+    (
+        "unknown-random-model",
+        spec_with(spec__baseModel__uri="random://big"),
+        "spec.baseModel.uri: String should match pattern "
+        "'^(s3://[a-z0-9.\\-]{3,63}(/.*)?|random://(tiny-sd|sd15)|[/.~].*|[\\w.\\-]+/[\\w.\\-]+)$' "
+        "(got 'random://big')",
+    ),
+    (
+        "variant-bad",
+        spec_with(spec__baseModel__variant="int8"),
+        "spec.baseModel.variant: Input should be 'fp16' (got 'int8')",
+    ),
+    (
+        "no-instance-prompt",
+        spec_with(spec__instance__prompt=REMOVE),
+        "spec.instance.prompt: required field is missing",
+    ),
+    (
+        "empty-instance-prompt",
+        spec_with(spec__instance__prompt=""),
+        "spec.instance.prompt: String should have at least 1 character (got '')",
+    ),
+    (
+        "class-prompt-missing",
+        spec_with(spec__priorPreservation={}),
+        "spec.priorPreservation.classPrompt: required when priorPreservation.enabled is true "
+        "(or disable it)",
+    ),
+    (
+        "class-images-zero",
+        spec_with(spec__priorPreservation__numClassImages=0),
+        "spec.priorPreservation.numClassImages: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "prior-weight-negative",
+        spec_with(spec__priorPreservation__lossWeight=-1),
+        "spec.priorPreservation.lossWeight: Input should be greater than or equal to 0 (got -1)",
+    ),
+    (
+        "generation-steps-too-many",
+        spec_with(spec__priorPreservation__generation={"steps": 5000}),
+        "spec.priorPreservation.generation.steps: Input should be less than or equal to 1000 "
+        "(got 5000)",
+    ),
+    (
+        "generation-batch-zero",
+        spec_with(spec__priorPreservation__generation={"batchSize": 0}),
+        "spec.priorPreservation.generation.batchSize: Input should be greater than or equal to 1 "
+        "(got 0)",
+    ),
+    (
+        "typo-in-training",
+        spec_with(spec__training={"learningrate": 1e-6}),
+        "spec.training.learningrate: unknown field; allowed: batchSize, cacheLatents, centerCrop, "
+        "checkpointing, gradientAccumulationSteps, gradientCheckpointing, learningRate, lrScheduler, "
+        "lrWarmupSteps, maxGradNorm, maxSteps, method, mixedPrecision, offsetNoise, resolution, seed, "
+        "sharding, snrGamma, trainTextEncoder, use8bitAdam, validation",
+    ),
+    (
+        "unknown-top-level-spec-field",
+        spec_with(spec__gpus=8),
+        "spec.gpus: unknown field; allowed: baseModel, inference, instance, priorPreservation, "
+        "resources, runPolicy, storage, training",
+    ),
+    (
+        "method-lora",
+        spec_with(spec__training={"method": "lora"}),
+        "spec.training.method: Input should be 'full' (got 'lora')",
+    ),
+    (
+        "learning-rate-zero",
+        spec_with(spec__training={"learningRate": 0}),
+        "spec.training.learningRate: Input should be greater than 0 (got 0)",
+    ),
+    (
+        "learning-rate-string",
+        spec_with(spec__training={"learningRate": "fast"}),
+        "spec.training.learningRate: Input should be a valid number, unable to parse string as a "
+        "number (got 'fast')",
+    ),
+    (
+        "scheduler-unknown",
+        spec_with(spec__training={"lrScheduler": "onecycle"}),
+        "spec.training.lrScheduler: Input should be 'constant', 'constant_with_warmup', 'linear', "
+        "'cosine', 'cosine_with_restarts' or 'polynomial' (got 'onecycle')",
+    ),
+    (
+        "warmup-longer-than-run",
+        spec_with(spec__training={"maxSteps": 100, "lrWarmupSteps": 100}),
+        "spec.training.lrWarmupSteps: must be less than maxSteps (100)",
+    ),
+    (
+        "max-steps-zero",
+        spec_with(spec__training={"maxSteps": 0}),
+        "spec.training.maxSteps: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "resolution-not-multiple-of-8",
+        spec_with(spec__training={"resolution": 500}),
+        "spec.training.resolution: must be a multiple of 8 (the VAE downsamples by 8) (got 500)",
+    ),
+    (
+        "resolution-too-small",
+        spec_with(spec__training={"resolution": 32}),
+        "spec.training.resolution: Input should be greater than or equal to 64 (got 32)",
+    ),
+    (
+        "mixed-precision-unknown",
+        spec_with(spec__training={"mixedPrecision": "fp8"}),
+        "spec.training.mixedPrecision: Input should be 'fp16', 'bf16' or 'no' (got 'fp8')",
+    ),
+    (
+        "mixed-precision-unquoted-no",
+        spec_with(spec__training={"mixedPrecision": False}),
+        'spec.training.mixedPrecision: must be "fp16", "bf16" or "no"; quote "no" in YAML '
+        "(unquoted it is false) (got False)",
+    ),
+    (
+        "backend-unknown",
+        spec_with(spec__training={"sharding": {"backend": "horovod"}}),
+        "spec.training.sharding.backend: Input should be 'deepspeed', 'ddp' or 'fsdp' "
+        "(got 'horovod')",
+    ),
+    (
+        "zero-stage-with-ddp",
+        spec_with(spec__training={"sharding": {"backend": "ddp", "zeroStage": 2}}),
+        "spec.training.sharding.zeroStage: only allowed with backend deepspeed (backend is ddp)",
+    ),
+    (
+        "zero-stage-1",
+        spec_with(spec__training={"sharding": {"zeroStage": 1}}),
+        "spec.training.sharding.zeroStage: Input should be 2 or 3 (got 1)",
+    ),
+    (
+        "checkpoint-keep-zero",
+        spec_with(spec__training={"checkpointing": {"keep": 0}}),
+        "spec.training.checkpointing.keep: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "checkpoint-interval-zero",
+        spec_with(spec__training={"checkpointing": {"interval": 0}}),
+        "spec.training.checkpointing.interval: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "validation-prompt-empty",
+        spec_with(spec__training={"validation": {"prompts": [""]}}),
+        "spec.training.validation.prompts[0]: String should have at least 1 character (got '')",
+    ),
+    (
+        "snr-gamma-zero",
+        spec_with(spec__training={"snrGamma": 0}),
+        "spec.training.snrGamma: Input should be greater than 0 (got 0)",
+    ),
+    (
+        "no-workers",
+        spec_with(spec__resources={"gpusPerNode": 0}),
+        "spec.resources.gpusPerNode: nodes x gpusPerNode is 0: set gpusPerNode >= 1, or "
+        "processesPerNode >= 1 for CPU training",
+    ),
+    (
+        "nodes-zero",
+        spec_with(spec__resources={"nodes": 0}),
+        "spec.resources.nodes: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "fp16-on-cpu",
+        spec_with(spec__resources={"gpusPerNode": 0, "processesPerNode": 2}),
+        'spec.training.mixedPrecision: fp16 needs GPUs (gpusPerNode is 0): use "bf16" or "no" on CPU',
+    ),
+    (
+        "quantity-bad",
+        spec_with(spec__resources={"resources": {"limits": {"memory": "lots"}}}),
+        "spec.resources.resources.limits.memory: must be a Kubernetes quantity such as 2, 500m, 16Gi "
+        "or 1e3 (got 'lots')",
+    ),
+    (
+        "toleration-effect-bad",
+        spec_with(spec__resources={"tolerations": [{"effect": "Evict"}]}),
+        "spec.resources.tolerations[0].effect: Input should be 'NoSchedule', 'PreferNoSchedule' or "
+        "'NoExecute' (got 'Evict')",
+    ),
+    (
+        "pull-policy-bad",
+        spec_with(spec__resources={"imagePullPolicy": "Sometimes"}),
+        "spec.resources.imagePullPolicy: Input should be 'Always', 'IfNotPresent' or 'Never' "
+        "(got 'Sometimes')",
+    ),
+    ("no-output", spec_with(spec__storage={}), "spec.storage.outputUri: required field is missing"),
+    (
+        "credentials-inline",
+        spec_with(spec__storage__s3={"accessKeyId": "AKIA..."}),
+        "spec.storage.s3.accessKeyId: unknown field; allowed: credentialsSecret, endpoint, region",
+    ),
+    (
+        "endpoint-not-url",
+        spec_with(spec__storage__s3={"endpoint": "minio:9000"}),
+        "spec.storage.s3.endpoint: String should match pattern '^https?://[^\\s/]+(/.*)?$' "
+        "(got 'minio:9000')",
+    ),
+    (
+        "secret-name-bad",
+        spec_with(spec__storage__s3={"credentialsSecret": {"name": "S3_Creds"}}),
+        "spec.storage.s3.credentialsSecret.name: String should match pattern "
+        "'^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$' (got 'S3_Creds')",
+    ),
+    (
+        "inference-replicas-negative",
+        spec_with(spec__inference={"replicas": -1}),
+        "spec.inference.replicas: Input should be greater than or equal to 0 (got -1)",
+    ),
+    (
+        "backoff-limit-string",
+        spec_with(spec__runPolicy={"backoffLimit": "three"}),
+        "spec.runPolicy.backoffLimit: Input should be a valid integer, unable to parse string as an "
+        "integer (got 'three')",
+    ),
+    (
+        "deadline-zero",
+        spec_with(spec__runPolicy={"activeDeadlineSeconds": 0}),
+        "spec.runPolicy.activeDeadlineSeconds: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "suspend-not-bool",
+        spec_with(spec__runPolicy={"suspend": "later"}),
+        "spec.runPolicy.suspend: Input should be a valid boolean, unable to interpret input "
+        "(got 'later')",
+    ),
+]
+
+
+def test_there_are_at_least_30_distinct_bad_specs():
+    assert len({case[0] for case in BAD_SPECS}) == len(BAD_SPECS) >= 30
+
+
+@pytest.mark.parametrize(
+    ("document", "expected"), [c[1:] for c in BAD_SPECS], ids=[c[0] for c in BAD_SPECS]
+)
+def test_bad_spec_is_rejected_with_its_message(document: dict, expected: str):
+    with pytest.raises(JobInvalid) as rejected:
+        parse_job(document)
+    assert expected in rejected.value.problems, rejected.value.problems
+
+
+def test_minimal_spec_is_valid_and_gets_defaults():
+    job = parse_job(MINIMAL)
+    training = job.spec.training
+    assert (training.max_steps, training.resolution, training.effective_learning_rate) == (
+        800,
+        512,
+        5e-6,
+    )
+    assert job.spec.prior_preservation.num_class_images == 200
+    assert job.spec.prior_preservation.loss_weight == 1.0
+    assert training.sharding.zero_stage == 2
+
+
+def test_text_encoder_training_lowers_the_default_learning_rate():
+    job = parse_job(spec_with(spec__training={"trainTextEncoder": True}))
+    assert job.spec.training.effective_learning_rate == 2e-6
+
+
+def test_priors_can_be_disabled_without_a_class_prompt():
+    job = parse_job(spec_with(spec__priorPreservation={"enabled": False}))
+    assert job.spec.prior_preservation.class_prompt is None
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.name for p in EXAMPLES])
+def test_examples_are_valid(path: Path):
+    assert load_jobs(path.read_text())
+
+
+def test_validate_command_reports_each_problem_and_fails(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec_with(spec__training={"maxSteps": 0, "resolution": 500})))
+    result = CliRunner().invoke(main, ["validate", str(bad)])
+    assert result.exit_code == 1
+    assert f"{bad}: spec.training.maxSteps: Input should be greater than or equal to 1" in (
+        result.output
+    )
+    assert "spec.training.resolution: must be a multiple of 8" in result.output
+
+
+def test_validate_command_accepts_the_realistic_example():
+    result = CliRunner().invoke(main, ["validate", str(ROOT / "examples/dreamboothjob.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "ok: DreamBoothJob sks-dog" in result.output
+
+
+def test_yaml_syntax_errors_are_reported_not_raised():
+    with pytest.raises(JobInvalid, match="yaml:"):
+        load_jobs("spec: [unclosed")
