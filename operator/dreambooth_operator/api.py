@@ -433,6 +433,8 @@ class Phase(str, Enum):
     suspended = "Suspended"
 
 
+# The status field stores plain strings; the enum above is the one list of them.
+PhaseName = Literal[tuple(p.value for p in Phase)]  # type: ignore[valid-type]
 TERMINAL_PHASES = (Phase.succeeded.value, Phase.failed.value)
 
 
@@ -464,6 +466,12 @@ class Progress(StatusModel):
     summary: str | None = field(None, description='"step/total", for kubectl get.')
     updated_at: datetime | None = field(None, description="When the trainer last reported.")
 
+    @model_validator(mode="after")
+    def _summarize(self) -> Progress:
+        # Printer columns cannot compute, so the "step/total" string is stored.
+        self.summary = f"{self.step}/{self.total_steps}"
+        return self
+
 
 class CheckpointStatus(StatusModel):
     step: int = field(description="Step of the newest committed checkpoint.", ge=0)
@@ -489,7 +497,7 @@ class InferenceStatus(StatusModel):
 
 
 class DreamBoothJobStatus(StatusModel):
-    phase: Phase | None = field(None, description="Where the job is in its lifecycle.")
+    phase: PhaseName | None = field(None, description="Where the job is in its lifecycle.")
     conditions: list[Condition] = field(list, description="Standard conditions.")
     progress: Progress | None = field(None, description="Training progress.")
     checkpoint: CheckpointStatus | None = field(None, description="Newest committed checkpoint.")

@@ -1,0 +1,298 @@
+"""Pure builders: a DreamBoothJob (+ what was observed) -> the manifests of its children.
+
+No API calls here: every function returns plain dicts, so they are unit-tested by value and the
+same spec always yields the same objects.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from . import names
+from .api import API_VERSION, KIND, DreamBoothJob, ResourceRequirements
+
+Manifest = dict[str, Any]
+
+# Exit code the trainer uses for bad input (a config error): retrying cannot help.
+EXIT_BAD_INPUT = 2
+# Time a trainer gets after SIGTERM to commit a checkpoint.
+TERMINATION_GRACE_SECONDS = 120
+
+RESTRICTED_CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "capabilities": {"drop": ["ALL"]},
+    "readOnlyRootFilesystem": True,
+    "runAsNonRoot": True,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+RESTRICTED_POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": 10001,
+    "runAsGroup": 10001,
+    "fsGroup": 10001,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
+
+
+def owner_reference(job: DreamBoothJob) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "name": job.metadata.name,
+        "uid": getattr(job.metadata, "uid", None) or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _metadata(job: DreamBoothJob, name: str, component: str | None = None, **labels: str) -> dict:
+    return {
+        "name": name,
+        "namespace": job.metadata.namespace,
+        "labels": names.labels(job.metadata.name, component, **labels),
+        "ownerReferences": [owner_reference(job)],
+    }
+
+
+# ------------------------------------------------------------------------------ shared objects
+
+
+def config_map(job: DreamBoothJob, trainer_config_json: str) -> Manifest:
+    """The trainer config, produced from the spec; every pod of the job reads this one file."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _metadata(job, names.config_map(job.metadata.name)),
+        "data": {names.CONFIG_FILE: trainer_config_json},
+    }
+
+
+def service_account(job: DreamBoothJob) -> Manifest:
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(job, names.service_account(job.metadata.name)),
+    }
+
+
+def status_role(job: DreamBoothJob) -> Manifest:
+    """Least privilege: the job's pods may read and patch this one job's status, nothing else."""
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "Role",
+        "metadata": _metadata(job, names.status_role(job.metadata.name)),
+        "rules": [
+            {
+                "apiGroups": [names.GROUP],
+                "resources": ["dreamboothjobs/status"],
+                "resourceNames": [job.metadata.name],
+                "verbs": ["get", "patch"],
+            }
+        ],
+    }
+
+
+def status_role_binding(job: DreamBoothJob) -> Manifest:
+    name = names.status_role(job.metadata.name)
+    return {
+        "apiVersion": "rbac.authorization.k8s.io/v1",
+        "kind": "RoleBinding",
+        "metadata": _metadata(job, name),
+        "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+        "subjects": [
+            {
+                "kind": "ServiceAccount",
+                "name": pod_service_account(job),
+                "namespace": job.metadata.namespace,
+            }
+        ],
+    }
+
+
+def train_service(job: DreamBoothJob) -> Manifest:
+    """Headless; publishes not-ready addresses so rank 0 resolves before it is Ready."""
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, names.train_service(job.metadata.name), names.TRAIN),
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": names.selector(job.metadata.name, names.TRAIN),
+            "ports": [
+                {"name": "rendezvous", "port": names.RENDEZVOUS_PORT},
+                {"name": "metrics", "port": names.TRAINER_METRICS_PORT},
+            ],
+        },
+    }
+
+
+def shared_objects(job: DreamBoothJob, trainer_config_json: str) -> list[Manifest]:
+    """What every phase's pods need; created (idempotently) before any of them."""
+    objects = [config_map(job, trainer_config_json), train_service(job)]
+    if not job.spec.resources.service_account_name:
+        objects.append(service_account(job))
+    return [*objects, status_role(job), status_role_binding(job)]
+
+
+def pod_service_account(job: DreamBoothJob) -> str:
+    return job.spec.resources.service_account_name or names.service_account(job.metadata.name)
+
+
+# ------------------------------------------------------------------------------ pods and Jobs
+
+
+def _resources(requirements: ResourceRequirements, gpus: int) -> dict[str, Any]:
+    requests = {k: str(v) for k, v in requirements.requests.items()}
+    limits = {k: str(v) for k, v in requirements.limits.items()}
+    if gpus:
+        limits["nvidia.com/gpu"] = str(gpus)
+    return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
+
+
+def _env(job: DreamBoothJob, rank: int) -> list[dict[str, Any]]:
+    spec, meta = job.spec, job.metadata
+    env: list[dict[str, Any]] = [
+        {"name": "NNODES", "value": str(spec.resources.nodes)},
+        {"name": "NPROC_PER_NODE", "value": str(spec.resources.processes)},
+        {"name": "NODE_RANK", "value": str(rank)},
+        {"name": "MASTER_ADDR", "value": names.master_address(meta.name, meta.namespace)},
+        {"name": "MASTER_PORT", "value": str(names.RENDEZVOUS_PORT)},
+        {"name": "DBJ_NAME", "value": meta.name},
+        {"name": "DBJ_NAMESPACE", "value": meta.namespace},
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "DREAMBOOTH_METRICS_PORT", "value": str(names.TRAINER_METRICS_PORT)},
+        # A read-only root filesystem: caches go to the emptyDir.
+        {"name": "HOME", "value": "/cache"},
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+    ]
+    secret = spec.storage.s3.credentials_secret
+    if secret:
+        for variable, key in (
+            ("AWS_ACCESS_KEY_ID", secret.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key),
+        ):
+            env.append(
+                {
+                    "name": variable,
+                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}},
+                }
+            )
+    return env
+
+
+def _trainer_command(subcommand: str, torchrun: str) -> tuple[list[str], list[str]]:
+    """torchrun with the operator's rendezvous variables, expanded by the kubelet ($(VAR))."""
+    config = f"{names.CONFIG_MOUNT}/{names.CONFIG_FILE}"
+    if torchrun == "none":
+        return ["dreambooth"], [subcommand, "--config", config]
+    if torchrun == "standalone":
+        rendezvous = ["--standalone"]
+    else:
+        rendezvous = [
+            "--nnodes=$(NNODES)",
+            "--node-rank=$(NODE_RANK)",
+            "--master-addr=$(MASTER_ADDR)",
+            "--master-port=$(MASTER_PORT)",
+        ]
+    args = [*rendezvous, "--nproc-per-node=$(NPROC_PER_NODE)", "--no-python"]
+    return ["torchrun"], [*args, "dreambooth", subcommand, "--config", config]
+
+
+def pod_template(
+    job: DreamBoothJob, component: str, rank: int, attempt: int, gpus: int
+) -> dict[str, Any]:
+    spec, job_name = job.spec, job.metadata.name
+    torchrun = {names.TRAIN: "rendezvous", names.PRIORS: "standalone"}.get(component, "none")
+    command, args = _trainer_command(
+        {names.TRAIN: "train", names.PRIORS: "priors", names.EXPORT: "export"}[component],
+        torchrun,
+    )
+    pod_labels = names.labels(
+        job_name, component, **{names.LABEL_RANK: str(rank), names.LABEL_ATTEMPT: str(attempt)}
+    )
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "serviceAccountName": pod_service_account(job),
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
+        "securityContext": RESTRICTED_POD_SECURITY,
+        "containers": [
+            {
+                "name": "trainer",
+                "image": spec.resources.image,
+                "imagePullPolicy": spec.resources.image_pull_policy,
+                "command": command,
+                "args": args,
+                "env": _env(job, rank),
+                "ports": [
+                    {"name": "rendezvous", "containerPort": names.RENDEZVOUS_PORT},
+                    {"name": "metrics", "containerPort": names.TRAINER_METRICS_PORT},
+                ],
+                "resources": _resources(spec.resources.resources, gpus),
+                "securityContext": RESTRICTED_CONTAINER_SECURITY,
+                "terminationMessagePolicy": "FallbackToLogsOnError",
+                "volumeMounts": [
+                    {"name": "config", "mountPath": names.CONFIG_MOUNT, "readOnly": True},
+                    {"name": "cache", "mountPath": "/cache"},
+                    {"name": "tmp", "mountPath": "/tmp"},
+                    {"name": "dshm", "mountPath": "/dev/shm"},
+                ],
+            }
+        ],
+        "volumes": [
+            {"name": "config", "configMap": {"name": names.config_map(job_name)}},
+            {"name": "cache", "emptyDir": {}},
+            {"name": "tmp", "emptyDir": {}},
+            # NCCL and dataloader workers need more shared memory than the 64Mi default.
+            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        ],
+    }
+    if component == names.TRAIN:
+        pod_spec["hostname"] = names.rank_job(job_name, names.TRAIN, rank)
+        pod_spec["subdomain"] = names.train_service(job_name)
+    for key, value in (
+        ("nodeSelector", spec.resources.node_selector),
+        (
+            "tolerations",
+            [t.model_dump(by_alias=True, exclude_none=True) for t in spec.resources.tolerations],
+        ),
+        ("priorityClassName", spec.resources.priority_class_name),
+    ):
+        if value:
+            pod_spec[key] = value
+    return {"metadata": {"labels": pod_labels}, "spec": pod_spec}
+
+
+def batch_job(job: DreamBoothJob, component: str, rank: int, attempt: int) -> Manifest:
+    """One pod, no retries: the operator decides about restarts (of the whole gang)."""
+    name = (
+        names.export_job(job.metadata.name)
+        if component == names.EXPORT
+        else names.rank_job(job.metadata.name, component, rank)
+    )
+    gpus = 0 if component == names.EXPORT else job.spec.resources.gpus_per_node
+    passed = {k: v for k, v in job.metadata.labels.items() if k in names.PASS_THROUGH_LABELS}
+    metadata = _metadata(
+        job,
+        name,
+        component,
+        **{names.LABEL_RANK: str(rank), names.LABEL_ATTEMPT: str(attempt)},
+        **passed,
+    )
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": metadata,
+        "spec": {
+            "parallelism": 1,
+            "completions": 1,
+            "backoffLimit": 0,
+            "template": pod_template(job, component, rank, attempt, gpus),
+        },
+    }
+
+
+def phase_jobs(job: DreamBoothJob, component: str, attempt: int) -> list[Manifest]:
+    """All batch Jobs of a phase: one per node for priors and training, one for export."""
+    ranks = 1 if component == names.EXPORT else job.spec.resources.nodes
+    return [batch_job(job, component, rank, attempt) for rank in range(ranks)]

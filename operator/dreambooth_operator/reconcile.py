@@ -1,0 +1,441 @@
+"""The pure reconcile function: a DreamBoothJob + what exists -> new status and next actions.
+
+Level-triggered: nothing here remembers events. The phase is recomputed every time from the
+milestone conditions (PriorsReady, Trained, Exported) and the children that exist, so an
+operator restart, a lost event or a deleted child all heal by the next call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+from . import builders, names
+from .api import (
+    TERMINAL_PHASES,
+    Condition,
+    DreamBoothJob,
+    DreamBoothJobStatus,
+    Phase,
+    PriorsStatus,
+    Progress,
+)
+
+# Spec sections that may change while a job runs; everything else is fixed at start.
+MUTABLE_SPEC_SECTIONS = ("runPolicy", "inference")
+
+COND_PRIORS_READY = "PriorsReady"
+COND_TRAINED = "Trained"
+COND_EXPORTED = "Exported"
+COND_SUSPENDED = "Suspended"
+COND_FAILED = "Failed"
+COND_COMPLETE = "Complete"
+COND_SPEC_ACCEPTED = "SpecAccepted"
+
+PHASE_OF_COMPONENT = {
+    names.PRIORS: Phase.generating_priors.value,
+    names.TRAIN: Phase.training.value,
+    names.EXPORT: Phase.exporting.value,
+}
+MILESTONE_OF_COMPONENT = {
+    names.PRIORS: COND_PRIORS_READY,
+    names.TRAIN: COND_TRAINED,
+    names.EXPORT: COND_EXPORTED,
+}
+
+
+# ------------------------------------------------------------------------------ observed state
+
+
+@dataclass(frozen=True)
+class ChildJob:
+    """A batch Job of the DreamBoothJob, reduced to what decisions need."""
+
+    name: str
+    component: str
+    rank: int
+    attempt: int
+    succeeded: bool = False
+    failed: bool = False
+    deleting: bool = False
+
+
+@dataclass(frozen=True)
+class ChildPod:
+    name: str
+    component: str
+    rank: int
+    attempt: int
+    phase: str = "Pending"
+    exit_code: int | None = None
+    message: str = ""
+
+
+@dataclass(frozen=True)
+class PriorCache:
+    key: str
+    uri: str
+    complete: bool = False  # another job already generated exactly these class images
+
+
+@dataclass(frozen=True)
+class Observed:
+    now: datetime
+    jobs: tuple[ChildJob, ...] = ()
+    pods: tuple[ChildPod, ...] = ()
+    prior_cache: PriorCache | None = None
+    trainer_config_json: str = "{}"
+
+
+# ------------------------------------------------------------------------------ decisions
+
+
+@dataclass(frozen=True)
+class Create:
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class Delete:
+    api_version: str
+    kind: str
+    name: str
+
+
+@dataclass(frozen=True)
+class DeleteSelf:
+    """The TTL after finishing has passed."""
+
+
+@dataclass(frozen=True)
+class Event:
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+Action = Create | Delete | DeleteSelf | Event
+
+
+@dataclass
+class Decision:
+    status: DreamBoothJobStatus
+    actions: list[Action] = field(default_factory=list)
+
+    def status_patch(self) -> dict[str, Any]:
+        """The operator's part of the status (the trainers own progress and checkpoint)."""
+        owned = self.status.model_dump(
+            mode="json",
+            by_alias=True,
+            include={
+                "phase",
+                "conditions",
+                "restarts",
+                "observed_generation",
+                "start_time",
+                "completion_time",
+                "priors",
+            },
+        )
+        if self.status.progress is not None:
+            owned["progress"] = self.status.progress.model_dump(
+                mode="json", by_alias=True, exclude_none=True
+            )
+        return owned
+
+
+# ------------------------------------------------------------------------------ helpers
+
+
+class _Conditions:
+    """metav1.Condition bookkeeping: a transition keeps its time until the status changes."""
+
+    def __init__(self, decision: Decision, now: datetime, generation: int | None):
+        self.decision, self.now, self.generation = decision, now, generation
+
+    def get(self, kind: str) -> Condition | None:
+        return next((c for c in self.decision.status.conditions if c.type == kind), None)
+
+    def is_true(self, kind: str) -> bool:
+        condition = self.get(kind)
+        return condition is not None and condition.status == "True"
+
+    def set(self, kind: str, status: bool, reason: str, message: str, warn: bool = False) -> None:
+        value = "True" if status else "False"
+        current = self.get(kind)
+        if current and (current.status, current.reason, current.message) == (
+            value,
+            reason,
+            message,
+        ):
+            return
+        changed = current is None or current.status != value
+        updated = Condition(
+            type=kind,
+            status=value,
+            reason=reason,
+            message=message,
+            last_transition_time=self.now if changed else current.last_transition_time,
+            observed_generation=self.generation,
+        )
+        others = [c for c in self.decision.status.conditions if c.type != kind]
+        self.decision.status.conditions = [*others, updated]
+        if changed and (status or current is not None):
+            self.decision.actions.append(Event("Warning" if warn else "Normal", reason, message))
+
+
+def _elapsed(since: datetime | None, now: datetime) -> float:
+    return (now - since).total_seconds() if since else 0.0
+
+
+def _delete(job: ChildJob) -> Delete:
+    return Delete("batch/v1", "Job", job.name)
+
+
+def _failure_detail(component: str, jobs: list[ChildJob], pods: tuple[ChildPod, ...]) -> tuple:
+    """(exit code, message) of the first failed pod of the failed Jobs."""
+    failed_names = {j.rank for j in jobs}
+    for pod in pods:
+        if pod.component == component and pod.rank in failed_names and pod.phase == "Failed":
+            return pod.exit_code, f"rank {pod.rank} (pod {pod.name}) exited with code " + (
+                f"{pod.exit_code}: {pod.message.strip()[-500:]}"
+                if pod.message
+                else f"{pod.exit_code}"
+            )
+    return None, f"{component} Job {jobs[0].name} failed"
+
+
+# ------------------------------------------------------------------------------ reconcile
+
+
+class _Reconciler:
+    def __init__(self, job: DreamBoothJob, observed: Observed):
+        self.job, self.observed, self.spec = job, observed, job.spec
+        status = (job.status or DreamBoothJobStatus()).model_copy(deep=True)
+        self.decision = Decision(status=status)
+        generation = getattr(job.metadata, "generation", None)
+        self.conditions = _Conditions(self.decision, observed.now, generation)
+        self.status = status
+        self.shared_created = False
+
+    # ---- outcome helpers
+
+    def fail(self, reason: str, message: str) -> None:
+        self.conditions.set(COND_FAILED, True, reason, message, warn=True)
+        self.stop_all_pods()
+
+    def stop_all_pods(self) -> None:
+        for child in self.observed.jobs:
+            if not child.deleting and not child.succeeded:
+                self.decision.actions.append(_delete(child))
+
+    def create(self, manifest: dict[str, Any]) -> None:
+        if not self.shared_created:
+            # Whatever the pods mount or use must exist first; creates are idempotent (409).
+            for shared in builders.shared_objects(self.job, self.observed.trainer_config_json):
+                self.decision.actions.append(Create(shared))
+            self.shared_created = True
+        self.decision.actions.append(Create(manifest))
+
+    # ---- phases
+
+    def run_phase(self, component: str) -> bool:
+        """Drive one phase's Jobs; True once every rank succeeded in the current attempt."""
+        attempt = self.status.restarts
+        mine = [j for j in self.observed.jobs if j.component == component]
+        live = [j for j in mine if j.attempt == attempt and not j.deleting]
+        stale = [j for j in mine if j not in live]
+        failed = [j for j in live if j.failed]
+        if failed:
+            self.restart_gang(component, live, failed)
+            return False
+        if stale:
+            # Names are deterministic: the next attempt waits until the old pods are gone.
+            self.decision.actions += [_delete(j) for j in stale if not j.deleting]
+            return False
+        wanted = builders.phase_jobs(self.job, component, attempt)
+        if len(live) == len(wanted) and all(j.succeeded for j in live):
+            return True
+        present = {j.name for j in live}
+        for manifest in wanted:
+            if manifest["metadata"]["name"] not in present:
+                self.create(manifest)
+        return False
+
+    def restart_gang(self, component: str, live: list[ChildJob], failed: list[ChildJob]) -> None:
+        exit_code, detail = _failure_detail(component, failed, self.observed.pods)
+        if exit_code == builders.EXIT_BAD_INPUT:
+            self.fail("InvalidConfig", detail)
+            return
+        limit = self.spec.run_policy.backoff_limit
+        if self.status.restarts >= limit:
+            self.fail(
+                "BackoffLimitExceeded", f"{detail}; {self.status.restarts} restarts, limit {limit}"
+            )
+            return
+        self.status.restarts += 1
+        self.decision.actions += [_delete(j) for j in live]
+        self.decision.actions.append(
+            Event(
+                "Warning",
+                "GangRestart",
+                f"{detail}; restarting all {len(live)} {component} pods "
+                f"(restart {self.status.restarts} of {limit}); training resumes from the newest "
+                "committed checkpoint",
+            )
+        )
+
+    def priors_ready(self) -> bool:
+        if self.conditions.is_true(COND_PRIORS_READY):
+            return True
+        priors, cache = self.spec.prior_preservation, self.observed.prior_cache
+        if not priors.enabled:
+            self.conditions.set(COND_PRIORS_READY, True, "Disabled", "prior preservation is off")
+            return True
+        if cache:
+            self.status.priors = self.status.priors or PriorsStatus(
+                cache_key=cache.key, uri=cache.uri
+            )
+        if cache and cache.complete:
+            self.status.priors.images = priors.num_class_images
+            self.conditions.set(
+                COND_PRIORS_READY,
+                True,
+                "CacheHit",
+                f"{priors.num_class_images} class images already at {cache.uri}",
+            )
+            return True
+        if self.run_phase(names.PRIORS):
+            if self.status.priors:
+                self.status.priors.images = priors.num_class_images
+            self.conditions.set(
+                COND_PRIORS_READY,
+                True,
+                "Generated",
+                f"generated {priors.num_class_images} class images",
+            )
+            return True
+        return False
+
+    def milestone(self, component: str, message: str) -> bool:
+        kind = MILESTONE_OF_COMPONENT[component]
+        if self.conditions.is_true(kind):
+            return True
+        if self.run_phase(component):
+            self.conditions.set(kind, True, "Succeeded", message)
+            return True
+        return False
+
+    # ---- the whole job
+
+    def phase_in_progress(self, component: str) -> str:
+        running = any(p.phase in ("Running", "Succeeded") for p in self.observed.pods)
+        if self.status.start_time is None and not running:
+            return Phase.pending.value
+        return PHASE_OF_COMPONENT[component]
+
+    def track_start(self) -> None:
+        if self.status.start_time is None and any(p.phase == "Running" for p in self.observed.pods):
+            self.status.start_time = self.observed.now
+
+    def finished(self) -> bool:
+        """Terminal phases: only the TTL is left to act on."""
+        if self.status.phase not in TERMINAL_PHASES:
+            return False
+        ttl = self.spec.run_policy.ttl_seconds_after_finished
+        if ttl is not None and _elapsed(self.status.completion_time, self.observed.now) >= ttl:
+            self.decision.actions.append(DeleteSelf())
+        return True
+
+    def past_deadline(self) -> bool:
+        deadline = self.spec.run_policy.active_deadline_seconds
+        started = self.status.start_time
+        if deadline is None or started is None or _elapsed(started, self.observed.now) < deadline:
+            return False
+        self.fail("DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={deadline}")
+        return True
+
+    def suspended(self) -> bool:
+        if self.spec.run_policy.suspend:
+            self.stop_all_pods()
+            self.conditions.set(
+                COND_SUSPENDED, True, "Suspended", "pods stopped; checkpoints kept for resuming"
+            )
+            return True
+        if self.conditions.is_true(COND_SUSPENDED):
+            self.conditions.set(
+                COND_SUSPENDED, False, "Resumed", "resuming from the newest checkpoint"
+            )
+        return False
+
+    def run(self) -> Decision:
+        if self.finished():
+            return self.decision
+        self.track_start()
+        phase = self.next_phase()
+        if phase in TERMINAL_PHASES and self.status.completion_time is None:
+            self.status.completion_time = self.observed.now
+        if phase != self.status.phase:
+            self.decision.actions.append(
+                Event("Normal", f"Phase{phase}", f"phase {self.status.phase or 'none'} -> {phase}")
+            )
+        self.status.phase = phase
+        self.status.observed_generation = getattr(self.job.metadata, "generation", None)
+        return self.decision
+
+    def next_phase(self) -> str:
+        if self.past_deadline() or self.conditions.is_true(COND_FAILED):
+            return Phase.failed.value
+        if self.suspended():
+            return Phase.suspended.value
+        if not self.priors_ready():
+            return self.failed_or(self.phase_in_progress(names.PRIORS))
+        if self.status.progress is None:
+            total = self.spec.training.max_steps
+            self.status.progress = Progress(step=0, total_steps=total)
+        if not self.milestone(names.TRAIN, f"trained {self.spec.training.max_steps} steps"):
+            return self.failed_or(self.phase_in_progress(names.TRAIN))
+        if not self.milestone(names.EXPORT, "pipeline exported"):
+            return self.failed_or(Phase.exporting.value)
+        if self.spec.inference.enabled:
+            return Phase.serving.value
+        self.conditions.set(COND_COMPLETE, True, "Succeeded", "trained and exported")
+        return Phase.succeeded.value
+
+    def failed_or(self, phase: str) -> str:
+        return Phase.failed.value if self.conditions.is_true(COND_FAILED) else phase
+
+
+def reconcile(job: DreamBoothJob, observed: Observed) -> Decision:
+    """Compute the job's new status and the actions that move it forward."""
+    return _Reconciler(job, observed).run()
+
+
+# ------------------------------------------------------------------------------ spec changes
+
+
+def immutable_changes(applied: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Paths (spec.x.y) that changed outside the sections allowed to change while running."""
+    changes: list[str] = []
+
+    def walk(before: Any, after: Any, path: str) -> None:
+        if isinstance(before, dict) and isinstance(after, dict):
+            for key in sorted(set(before) | set(after)):
+                walk(before.get(key), after.get(key), f"{path}.{key}")
+        elif before != after:
+            changes.append(path)
+
+    for section in sorted(set(applied) | set(current)):
+        if section not in MUTABLE_SPEC_SECTIONS:
+            walk(applied.get(section), current.get(section), f"spec.{section}")
+    return changes
+
+
+def effective_spec(applied: dict[str, Any], current: dict[str, Any]) -> dict[str, Any]:
+    """The spec a running job obeys: the one it started with, plus today's mutable sections."""
+    merged = dict(applied)
+    for section in MUTABLE_SPEC_SECTIONS:
+        if section in current:
+            merged[section] = current[section]
+    return merged

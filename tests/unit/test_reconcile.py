@@ -1,0 +1,267 @@
+"""The pure reconcile function, scenario by scenario (no API server needed)."""
+
+from __future__ import annotations
+
+import copy
+from datetime import datetime, timedelta, timezone
+
+from dreambooth_operator import names
+from dreambooth_operator.reconcile import (
+    ChildJob,
+    ChildPod,
+    Create,
+    Delete,
+    DeleteSelf,
+    Event,
+    Observed,
+    PriorCache,
+    effective_spec,
+    immutable_changes,
+    reconcile,
+)
+from dreambooth_operator.validation import parse_job
+
+NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
+CACHE = PriorCache(key="abc123", uri="s3://runs/priors/abc123")
+
+DOCUMENT = {
+    "apiVersion": "dreambooth.dev/v1alpha1",
+    "kind": "DreamBoothJob",
+    "metadata": {"name": "dog", "namespace": "team", "uid": "u-1", "generation": 1},
+    "spec": {
+        "baseModel": {"uri": "random://tiny-sd"},
+        "instance": {"imagesUri": "s3://data/dog", "prompt": "a photo of sks dog"},
+        "priorPreservation": {"classPrompt": "a photo of dog", "numClassImages": 8},
+        "training": {"maxSteps": 10, "mixedPrecision": "bf16"},
+        "resources": {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1},
+        "storage": {"outputUri": "s3://runs/dog"},
+        "runPolicy": {"backoffLimit": 1},
+    },
+}
+
+
+def job_with(status=None, **spec_changes):
+    document = copy.deepcopy(DOCUMENT)
+    for section, values in spec_changes.items():
+        document["spec"].setdefault(section, {}).update(values)
+    if status is not None:
+        document["status"] = status
+    return parse_job(document)
+
+
+def step(job, **observed):
+    """Reconcile, then return (decision, the job with the decision's status applied)."""
+    decision = reconcile(job, Observed(now=observed.pop("now", NOW), prior_cache=CACHE, **observed))
+    document = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    document["status"] = decision.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return decision, parse_job(document)
+
+
+def created(decision, kind="Job"):
+    return [
+        a.manifest["metadata"]["name"]
+        for a in decision.actions
+        if isinstance(a, Create) and a.manifest["kind"] == kind
+    ]
+
+
+def deleted(decision):
+    return [a.name for a in decision.actions if isinstance(a, Delete)]
+
+
+def events(decision):
+    return [a.reason for a in decision.actions if isinstance(a, Event)]
+
+
+def jobs(component, attempt=0, ranks=2, **state):
+    return tuple(
+        ChildJob(names.rank_job("dog", component, r), component, r, attempt, **state)
+        for r in range(ranks)
+    )
+
+
+def test_new_job_starts_prior_generation_with_shared_objects_first():
+    decision, _ = step(job_with())
+    assert decision.status.phase == "Pending"
+    assert created(decision) == ["dog-priors-0", "dog-priors-1"]
+    assert created(decision, "ConfigMap") == ["dog-config"]
+    kinds = [a.manifest["kind"] for a in decision.actions if isinstance(a, Create)]
+    assert kinds.index("ConfigMap") < kinds.index("Job") and "Role" in kinds
+    assert decision.status.priors.cache_key == "abc123"
+
+
+def test_running_pod_moves_pending_to_generating_priors_and_records_start():
+    _, job = step(job_with())
+    running = (ChildPod("dog-priors-0-x", names.PRIORS, 0, 0, "Running"),)
+    decision, job = step(job, jobs=jobs(names.PRIORS), pods=running)
+    assert decision.status.phase == "GeneratingPriors"
+    assert decision.status.start_time == NOW
+    assert created(decision) == []
+
+
+def test_cache_hit_skips_priors_and_starts_training():
+    decision = reconcile(
+        job_with(), Observed(now=NOW, prior_cache=PriorCache("abc123", "s3://x", True))
+    )
+    assert created(decision) == ["dog-train-0", "dog-train-1"]
+    ready = next(c for c in decision.status.conditions if c.type == "PriorsReady")
+    assert (ready.status, ready.reason) == ("True", "CacheHit")
+    assert decision.status.progress.summary == "0/10"
+
+
+def test_priors_done_then_training_then_export_then_succeeded():
+    _, job = step(job_with())
+    decision, job = step(job, jobs=jobs(names.PRIORS, succeeded=True))
+    assert created(decision) == ["dog-train-0", "dog-train-1"]
+    assert decision.status.phase == "Pending"  # no pod has run yet
+    done = jobs(names.PRIORS, succeeded=True) + jobs(names.TRAIN, succeeded=True)
+    decision, job = step(job, jobs=done)
+    assert created(decision) == ["dog-export"]
+    assert decision.status.phase == "Exporting"
+    export = (ChildJob("dog-export", names.EXPORT, 0, 0, succeeded=True),)
+    decision, job = step(job, jobs=done + export)
+    assert decision.status.phase == "Succeeded"
+    assert decision.status.completion_time == NOW
+    assert {"PhaseSucceeded", "Succeeded"} <= set(events(decision))
+
+
+def test_failed_rank_restarts_the_whole_gang_then_recreates_it():
+    status = {
+        "conditions": [
+            {
+                "type": "PriorsReady",
+                "status": "True",
+                "reason": "Generated",
+                "lastTransitionTime": NOW.isoformat(),
+            }
+        ]
+    }
+    job = job_with(status=status)
+    train = (
+        ChildJob("dog-train-0", names.TRAIN, 0, 0),
+        ChildJob("dog-train-1", names.TRAIN, 1, 0, failed=True),
+    )
+    pods = (
+        ChildPod("dog-train-1-p", names.TRAIN, 1, 0, "Failed", exit_code=137, message="killed"),
+    )
+    decision, job = step(job, jobs=train, pods=pods)
+    assert decision.status.restarts == 1
+    assert sorted(deleted(decision)) == ["dog-train-0", "dog-train-1"]
+    assert "GangRestart" in events(decision)
+    # Old pods still terminating: wait, create nothing.
+    terminating = tuple(ChildJob(j.name, j.component, j.rank, 0, deleting=True) for j in train)
+    decision, job = step(job, jobs=terminating)
+    assert created(decision) == [] and deleted(decision) == []
+    # Gone: the next attempt is created with the new attempt label.
+    decision, job = step(job)
+    assert created(decision) == ["dog-train-0", "dog-train-1"]
+    manifest = next(
+        a.manifest
+        for a in decision.actions
+        if isinstance(a, Create) and a.manifest["kind"] == "Job"
+    )
+    assert manifest["metadata"]["labels"][names.LABEL_ATTEMPT] == "1"
+
+
+def test_backoff_limit_fails_the_job():
+    status = {
+        "restarts": 1,
+        "conditions": [
+            {
+                "type": "PriorsReady",
+                "status": "True",
+                "reason": "Generated",
+                "lastTransitionTime": NOW.isoformat(),
+            }
+        ],
+    }
+    failed = jobs(names.TRAIN, attempt=1, failed=True)
+    decision, _ = step(job_with(status=status), jobs=failed)
+    assert decision.status.phase == "Failed"
+    failure = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert failure.reason == "BackoffLimitExceeded"
+
+
+def test_bad_input_exit_code_fails_at_once_with_the_trainers_message():
+    failed = jobs(names.PRIORS, failed=True, ranks=1) + jobs(names.PRIORS, ranks=2)[1:]
+    pods = (
+        ChildPod(
+            "dog-priors-0-p",
+            names.PRIORS,
+            0,
+            0,
+            "Failed",
+            2,
+            "config: instance images not found at s3://data/dog",
+        ),
+    )
+    decision, _ = step(job_with(), jobs=failed, pods=pods)
+    assert decision.status.phase == "Failed"
+    failure = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert failure.reason == "InvalidConfig"
+    assert "instance images not found" in failure.message
+    assert decision.status.restarts == 0
+
+
+def test_suspend_deletes_pods_and_resume_recreates_them():
+    status = {
+        "conditions": [
+            {
+                "type": "PriorsReady",
+                "status": "True",
+                "reason": "Generated",
+                "lastTransitionTime": NOW.isoformat(),
+            }
+        ]
+    }
+    decision, job = step(
+        job_with(status=status, runPolicy={"suspend": True}), jobs=jobs(names.TRAIN)
+    )
+    assert decision.status.phase == "Suspended"
+    assert sorted(deleted(decision)) == ["dog-train-0", "dog-train-1"]
+    document = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    document["spec"]["runPolicy"]["suspend"] = False
+    decision, _ = step(parse_job(document))
+    assert created(decision) == ["dog-train-0", "dog-train-1"]
+    resumed = next(c for c in decision.status.conditions if c.type == "Suspended")
+    assert (resumed.status, resumed.reason) == ("False", "Resumed")
+
+
+def test_deadline_fails_a_running_job():
+    status = {"startTime": (NOW - timedelta(seconds=100)).isoformat()}
+    decision, _ = step(
+        job_with(status=status, runPolicy={"activeDeadlineSeconds": 60}), jobs=jobs(names.PRIORS)
+    )
+    assert decision.status.phase == "Failed"
+    assert sorted(deleted(decision)) == ["dog-priors-0", "dog-priors-1"]
+
+
+def test_ttl_deletes_a_finished_job_only_when_due():
+    status = {"phase": "Succeeded", "completionTime": (NOW - timedelta(seconds=30)).isoformat()}
+    decision, _ = step(job_with(status=status, runPolicy={"ttlSecondsAfterFinished": 60}))
+    assert not any(isinstance(a, DeleteSelf) for a in decision.actions)
+    decision, _ = step(job_with(status=status, runPolicy={"ttlSecondsAfterFinished": 10}))
+    assert any(isinstance(a, DeleteSelf) for a in decision.actions)
+
+
+def test_reconcile_is_idempotent_once_children_exist():
+    _, job = step(job_with())
+    first, _ = step(job, jobs=jobs(names.PRIORS))
+    second, _ = step(job, jobs=jobs(names.PRIORS))
+    assert created(first) == created(second) == []
+    assert first.status == second.status
+
+
+def test_priors_disabled_go_straight_to_training():
+    decision, _ = step(job_with(priorPreservation={"enabled": False}))
+    assert created(decision) == ["dog-train-0", "dog-train-1"]
+
+
+def test_immutable_changes_name_their_paths_and_mutable_sections_pass():
+    applied = {"training": {"maxSteps": 10}, "runPolicy": {"suspend": False}}
+    current = {"training": {"maxSteps": 20}, "runPolicy": {"suspend": True}}
+    assert immutable_changes(applied, current) == ["spec.training.maxSteps"]
+    assert effective_spec(applied, current) == {
+        "training": {"maxSteps": 10},
+        "runPolicy": {"suspend": True},
+    }
