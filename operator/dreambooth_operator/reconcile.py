@@ -32,6 +32,7 @@ COND_SUSPENDED = "Suspended"
 COND_FAILED = "Failed"
 COND_COMPLETE = "Complete"
 COND_SPEC_ACCEPTED = "SpecAccepted"
+COND_TRAINING_STARTED = "TrainingStarted"
 
 PHASE_OF_COMPONENT = {
     names.PRIORS: Phase.generating_priors.value,
@@ -86,6 +87,8 @@ class Observed:
     pods: tuple[ChildPod, ...] = ()
     prior_cache: PriorCache | None = None
     trainer_config_json: str = "{}"
+    # Paths of spec changes made after the job started that cannot apply (see immutable_changes).
+    rejected_changes: tuple[str, ...] = ()
 
 
 # ------------------------------------------------------------------------------ decisions
@@ -369,10 +372,34 @@ class _Reconciler:
             )
         return False
 
+    def check_spec_changes(self) -> None:
+        rejected = self.observed.rejected_changes
+        if rejected:
+            self.conditions.set(
+                COND_SPEC_ACCEPTED,
+                False,
+                "ImmutableFieldChanged",
+                f"{', '.join(rejected)} cannot change after the job started; the job goes on with "
+                "the values it started with (only runPolicy and inference may change: delete and "
+                "re-create the job to change the rest)",
+                warn=True,
+            )
+        elif self.conditions.get(COND_SPEC_ACCEPTED) is not None:
+            self.conditions.set(COND_SPEC_ACCEPTED, True, "Accepted", "the spec is in force")
+
+    def track_first_step(self) -> None:
+        progress = self.status.progress
+        if progress and progress.step > 0 and not self.conditions.is_true(COND_TRAINING_STARTED):
+            self.conditions.set(
+                COND_TRAINING_STARTED, True, "FirstStep", f"step {progress.step} reported"
+            )
+
     def run(self) -> Decision:
         if self.finished():
             return self.decision
+        self.check_spec_changes()
         self.track_start()
+        self.track_first_step()
         phase = self.next_phase()
         if phase in TERMINAL_PHASES and self.status.completion_time is None:
             self.status.completion_time = self.observed.now

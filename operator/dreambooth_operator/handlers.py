@@ -1,0 +1,340 @@
+"""Thin kopf handlers: observe (from kopf's in-memory indexes), reconcile (pure), act (kube.py).
+
+One daemon per DreamBoothJob loops reconcile -> act -> wait, woken early by events of the
+job's children. Observing reads kopf indexes fed by watches, so a reconcile costs no list calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import json
+import logging
+import os
+import time
+from collections.abc import Iterable
+from datetime import datetime, timezone
+from typing import Any
+
+import click
+import kopf
+
+from . import contract, kube, metrics, names
+from .api import GROUP, PLURAL, VERSION, DreamBoothJob
+from .reconcile import (
+    COND_FAILED,
+    COND_TRAINING_STARTED,
+    ChildJob,
+    ChildPod,
+    Create,
+    Decision,
+    Delete,
+    DeleteSelf,
+    Event,
+    Observed,
+    effective_spec,
+    immutable_changes,
+    reconcile,
+)
+from .validation import JobInvalid, parse_job
+
+log = logging.getLogger(__name__)
+
+RESYNC_SECONDS = 10.0  # level-triggered safety net on top of child events
+FINISHED_RESYNC_SECONDS = 60.0
+OWNED = {names.LABEL_MANAGED_BY: names.MANAGER}
+
+_wakeups: dict[tuple[str, str], asyncio.Event] = {}
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
+    # Fixed once: changing these later would orphan the state kopf stored under the old names.
+    settings.persistence.finalizer = f"{GROUP}/finalizer"
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix=GROUP, key="last-handled-configuration"
+    )
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 330
+    settings.watching.connect_timeout = 30
+    settings.posting.level = logging.INFO
+    settings.execution.max_workers = 32
+    kube.load_config()
+
+
+# ------------------------------------------------------------------------------ indexes
+
+
+@kopf.index("batch", "v1", "jobs", labels=OWNED)
+def owned_jobs(namespace: str, name: str, labels: dict, status: dict, meta: dict, **_: Any):
+    succeeded = (status.get("succeeded") or 0) > 0
+    failed = (status.get("failed") or 0) > 0
+    return {
+        (namespace, labels[names.LABEL_JOB]): ChildJob(
+            name=name,
+            component=labels.get(names.LABEL_COMPONENT, ""),
+            rank=int(labels.get(names.LABEL_RANK, 0)),
+            attempt=int(labels.get(names.LABEL_ATTEMPT, 0)),
+            succeeded=succeeded,
+            failed=failed,
+            deleting=bool(meta.get("deletionTimestamp")),
+        )
+    }
+
+
+@kopf.index("", "v1", "pods", labels=OWNED)
+def owned_pods(namespace: str, name: str, labels: dict, status: dict, **_: Any):
+    terminated = (
+        next(
+            (
+                s.get("state", {}).get("terminated")
+                for s in status.get("containerStatuses") or []
+                if s.get("state", {}).get("terminated")
+            ),
+            None,
+        )
+        or {}
+    )
+    return {
+        (namespace, labels[names.LABEL_JOB]): ChildPod(
+            name=name,
+            component=labels.get(names.LABEL_COMPONENT, ""),
+            rank=int(labels.get(names.LABEL_RANK, 0)),
+            attempt=int(labels.get(names.LABEL_ATTEMPT, 0)),
+            phase=status.get("phase", "Pending"),
+            exit_code=terminated.get("exitCode"),
+            message=terminated.get("message") or "",
+        )
+    }
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def complete_prior_caches(status: dict, **_: Any):
+    """Class-image caches some job finished generating: cache key -> URI."""
+    priors = status.get("priors") or {}
+    ready = any(
+        c.get("type") == "PriorsReady" and c.get("status") == "True"
+        for c in status.get("conditions", [])
+    )
+    return {priors["cacheKey"]: priors["uri"]} if ready and priors.get("cacheKey") else None
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def job_phases(namespace: str, name: str, status: dict, **_: Any):
+    return {(namespace, name): status.get("phase") or "Pending"}
+
+
+def _wake(namespace: str, labels: dict) -> None:
+    wakeup = _wakeups.get((namespace, labels.get(names.LABEL_JOB, "")))
+    if wakeup:
+        wakeup.set()
+
+
+@kopf.on.event("batch", "v1", "jobs", labels=OWNED)
+def job_changed(namespace: str, labels: dict, **_: Any) -> None:
+    _wake(namespace, labels)
+
+
+@kopf.on.event("", "v1", "pods", labels=OWNED)
+def pod_changed(namespace: str, labels: dict, **_: Any) -> None:
+    _wake(namespace, labels)
+
+
+@kopf.on.create(GROUP, VERSION, PLURAL)
+def job_created(**_: Any) -> None:
+    metrics.JOBS_CREATED.inc()
+
+
+@kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
+def spec_changed(namespace: str, name: str, **_: Any) -> None:
+    _wake(namespace, {names.LABEL_JOB: name})
+
+
+# ------------------------------------------------------------------------------ the daemon
+
+
+@kopf.daemon(GROUP, VERSION, PLURAL, cancellation_timeout=5.0)
+async def drive(
+    stopped: kopf.DaemonStopped,
+    namespace: str,
+    name: str,
+    body: kopf.Body,
+    owned_jobs: kopf.Index,
+    owned_pods: kopf.Index,
+    complete_prior_caches: kopf.Index,
+    **_: Any,
+) -> None:
+    key = (namespace, name)
+    wakeup = _wakeups.setdefault(key, asyncio.Event())
+    try:
+        while not stopped:
+            wakeup.clear()
+            started = time.perf_counter()
+            finished = await asyncio.to_thread(
+                reconcile_once,
+                copy.deepcopy(dict(body)),
+                tuple(owned_jobs.get(key, ())),
+                tuple(owned_pods.get(key, ())),
+                {k: next(iter(v)) for k, v in complete_prior_caches.items()},
+            )
+            metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+            timeout = FINISHED_RESYNC_SECONDS if finished else RESYNC_SECONDS
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout=timeout)
+    finally:
+        _wakeups.pop(key, None)
+
+
+def reconcile_once(
+    document: dict[str, Any],
+    jobs: tuple[ChildJob, ...],
+    pods: tuple[ChildPod, ...],
+    prior_caches: dict[str, str],
+) -> bool:
+    """Observe, decide, act. Returns True when the job is finished."""
+    meta = document["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    current_spec = document.get("spec", {})
+    applied_raw = meta.get("annotations", {}).get(names.ANNOTATION_APPLIED_SPEC)
+    if applied_raw is None:
+        kube.patch_job_annotations(
+            namespace,
+            name,
+            {names.ANNOTATION_APPLIED_SPEC: json.dumps(current_spec, sort_keys=True)},
+        )
+        applied = current_spec
+    else:
+        applied = json.loads(applied_raw)
+    document["spec"] = effective_spec(applied, current_spec)
+    try:
+        job = parse_job(document)
+    except JobInvalid as invalid:
+        _reject(document, invalid)
+        return True
+    config_json, cache = contract.trainer_contract(job, prior_caches)
+    observed = Observed(
+        now=datetime.now(timezone.utc),
+        jobs=jobs,
+        pods=pods,
+        prior_cache=cache,
+        trainer_config_json=config_json,
+        rejected_changes=tuple(immutable_changes(applied, current_spec)),
+    )
+    decision = reconcile(job, observed)
+    _act(document, decision)
+    _record_metrics(job, decision)
+    return decision.status.phase in ("Succeeded", "Failed")
+
+
+def _act(document: dict[str, Any], decision: Decision) -> None:
+    meta = document["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    for action in decision.actions:
+        if isinstance(action, Create):
+            kube.create(action.manifest)
+        elif isinstance(action, Delete):
+            kube.delete(action.kind, namespace, action.name)
+        elif isinstance(action, DeleteSelf):
+            kube.delete_job(namespace, name)
+            return
+    patch = decision.status_patch()
+    current = document.get("status") or {}
+    if any(current.get(k) != v for k, v in patch.items()):
+        kube.patch_job_status(namespace, name, patch)
+    for action in decision.actions:
+        if isinstance(action, Event):
+            kopf.event(document, type=action.type, reason=action.reason, message=action.message)
+
+
+def _reject(document: dict[str, Any], invalid: JobInvalid) -> None:
+    """Specs the CRD schema cannot catch (cross-field rules) fail with the validator's words."""
+    meta = document["metadata"]
+    message = "; ".join(invalid.problems)
+    status = document.get("status") or {}
+    if status.get("phase") == "Failed":
+        return
+    now = datetime.now(timezone.utc).isoformat()
+    kube.patch_job_status(
+        meta["namespace"],
+        meta["name"],
+        {
+            "phase": "Failed",
+            "completionTime": now,
+            "conditions": [
+                {
+                    "type": COND_FAILED,
+                    "status": "True",
+                    "reason": "InvalidSpec",
+                    "message": message,
+                    "lastTransitionTime": now,
+                    "observedGeneration": meta.get("generation"),
+                }
+            ],
+        },
+    )
+    kopf.event(document, type="Warning", reason="InvalidSpec", message=message)
+    metrics.JOBS_FAILED.labels("InvalidSpec").inc()
+
+
+def _record_metrics(job: DreamBoothJob, decision: Decision) -> None:
+    before = job.status
+    after = decision.status
+    if after.phase != (before.phase if before else None):
+        if after.phase == "Succeeded":
+            metrics.JOBS_SUCCEEDED.inc()
+        elif after.phase == "Failed":
+            reason = next((c.reason for c in after.conditions if c.type == COND_FAILED), "Unknown")
+            metrics.JOBS_FAILED.labels(reason).inc()
+    restarts_before = before.restarts if before else 0
+    if after.restarts > restarts_before:
+        metrics.GANG_RESTARTS.inc(after.restarts - restarts_before)
+    started_before = before and any(c.type == COND_TRAINING_STARTED for c in before.conditions)
+    if not started_before and any(c.type == COND_TRAINING_STARTED for c in after.conditions):
+        created = getattr(job.metadata, "creationTimestamp", None)
+        if created:
+            born = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
+            metrics.TIME_TO_FIRST_STEP.observe((datetime.now(timezone.utc) - born).total_seconds())
+
+
+# ------------------------------------------------------------------------------ entry point
+
+_phase_index: kopf.Index | None = None
+
+
+@kopf.on.startup()
+def _keep_phase_index(job_phases: kopf.Index, **_: Any) -> None:
+    global _phase_index
+    _phase_index = job_phases
+
+
+def _phases() -> Iterable[str]:
+    for values in (_phase_index or {}).values():
+        yield from values
+
+
+@click.command("operator")
+@click.option("-n", "--namespace", "namespaces", multiple=True, help="Watch only these namespaces.")
+@click.option("--metrics-port", default=8000, show_default=True, help="Prometheus /metrics port.")
+@click.option("--health-port", default=8080, show_default=True, help="Liveness /healthz port.")
+@click.option("--kubeconfig", envvar="KUBECONFIG", help="Outside a cluster: the kubeconfig to use.")
+@click.option("--verbose", is_flag=True, help="Debug logging.")
+def operator_command(
+    namespaces: tuple[str, ...],
+    metrics_port: int,
+    health_port: int,
+    kubeconfig: str | None,
+    verbose: bool,
+) -> None:
+    """Run the operator: reconcile DreamBoothJobs until stopped."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO)
+    if kubeconfig:
+        os.environ["KUBECONFIG"] = kubeconfig  # for kopf's login and for kube.load_config
+    metrics.serve(metrics_port, _phases)
+    kopf.run(
+        standalone=True,
+        clusterwide=not namespaces,
+        namespaces=list(namespaces),
+        liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+    )

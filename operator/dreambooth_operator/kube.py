@@ -1,0 +1,116 @@
+"""The one module that talks to the API server (besides kopf itself).
+
+Every call is idempotent: a create that finds the object (409) succeeds, a delete that finds
+nothing (404) succeeds. Callers retry by reconciling again, never by looping here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from . import api
+
+log = logging.getLogger(__name__)
+
+_FOREGROUND = client.V1DeleteOptions(propagation_policy="Foreground")
+
+
+def load_config(kubeconfig: str | None = None) -> None:
+    """In-cluster service account when running in a pod, else the kubeconfig."""
+    try:
+        config.load_incluster_config()
+    except config.ConfigException:
+        config.load_kube_config(config_file=kubeconfig)
+
+
+def _creator(kind: str) -> Callable[[str, dict], Any]:
+    core, batch, rbac, apps = (
+        client.CoreV1Api(),
+        client.BatchV1Api(),
+        client.RbacAuthorizationV1Api(),
+        client.AppsV1Api(),
+    )
+    return {
+        "ConfigMap": core.create_namespaced_config_map,
+        "Service": core.create_namespaced_service,
+        "ServiceAccount": core.create_namespaced_service_account,
+        "Job": batch.create_namespaced_job,
+        "Role": rbac.create_namespaced_role,
+        "RoleBinding": rbac.create_namespaced_role_binding,
+        "Deployment": apps.create_namespaced_deployment,
+    }[kind]
+
+
+def _deleter(kind: str) -> Callable[..., Any]:
+    return {
+        "Job": client.BatchV1Api().delete_namespaced_job,
+        "Deployment": client.AppsV1Api().delete_namespaced_deployment,
+        "Service": client.CoreV1Api().delete_namespaced_service,
+    }[kind]
+
+
+def create(manifest: dict[str, Any]) -> bool:
+    """Create; False if it already existed."""
+    namespace = manifest["metadata"]["namespace"]
+    try:
+        _creator(manifest["kind"])(namespace, manifest)
+    except ApiException as error:
+        if error.status == 409:
+            return False
+        raise
+    log.info("created %s %s/%s", manifest["kind"], namespace, manifest["metadata"]["name"])
+    return True
+
+
+def delete(kind: str, namespace: str, name: str) -> bool:
+    """Delete with foreground propagation (the object stays until its pods are gone)."""
+    try:
+        _deleter(kind)(name, namespace, body=_FOREGROUND)
+    except ApiException as error:
+        if error.status == 404:
+            return False
+        raise
+    log.info("deleting %s %s/%s", kind, namespace, name)
+    return True
+
+
+def replace_deployment(manifest: dict[str, Any]) -> None:
+    meta = manifest["metadata"]
+    client.AppsV1Api().patch_namespaced_deployment(meta["name"], meta["namespace"], manifest)
+
+
+def patch_job_status(namespace: str, name: str, status: dict[str, Any]) -> None:
+    """Merge-patch the DreamBoothJob's status subresource; 404 means it is already gone."""
+    try:
+        client.CustomObjectsApi().patch_namespaced_custom_object_status(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
+        )
+    except ApiException as error:
+        if error.status != 404:
+            raise
+
+
+def patch_job_annotations(namespace: str, name: str, annotations: dict[str, str]) -> None:
+    client.CustomObjectsApi().patch_namespaced_custom_object(
+        api.GROUP,
+        api.VERSION,
+        namespace,
+        api.PLURAL,
+        name,
+        {"metadata": {"annotations": annotations}},
+    )
+
+
+def delete_job(namespace: str, name: str) -> None:
+    try:
+        client.CustomObjectsApi().delete_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name
+        )
+    except ApiException as error:
+        if error.status != 404:
+            raise
