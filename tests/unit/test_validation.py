@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+
 from dreambooth_operator.cli import main
 from dreambooth_operator.validation import JobInvalid, load_jobs, parse_job
 

@@ -1,0 +1,94 @@
+"""Trainer metrics: Prometheus naming conventions, exporter on rank 0 only, no torch imported."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import urllib.request
+
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
+
+from dreambooth_trainer.metrics import PREFIX, TrainerMetrics, start_exporter
+
+
+def exposition(metrics: TrainerMetrics) -> str:
+    return generate_latest(metrics.registry).decode()
+
+
+def populated() -> TrainerMetrics:
+    m = TrainerMetrics()
+    m.total_steps.set(800)
+    m.observe_step(12, loss=0.3, images_per_second=5.5)
+    m.add_prior_images(4)
+    with m.checkpoint_save(12):
+        pass
+    return m
+
+
+def test_names_follow_prometheus_conventions():
+    families = {f.name: f for f in text_string_to_metric_families(exposition(populated()))}
+    assert set(families) >= {
+        f"{PREFIX}_step",
+        f"{PREFIX}_loss",
+        f"{PREFIX}_images_per_second",
+        f"{PREFIX}_checkpoint_save_seconds",
+        f"{PREFIX}_prior_images_generated",
+    }
+    for family in families.values():
+        assert family.name.startswith(f"{PREFIX}_")
+        if family.type == "counter":
+            assert all(s.name.endswith(("_total", "_created")) for s in family.samples)
+        if family.type == "histogram":
+            assert family.name.endswith("_seconds")
+
+
+def test_values_recorded():
+    samples = {
+        s.name: s.value
+        for f in text_string_to_metric_families(exposition(populated()))
+        for s in f.samples
+    }
+    assert samples[f"{PREFIX}_step"] == 12
+    assert samples[f"{PREFIX}_prior_images_generated_total"] == 4
+    assert samples[f"{PREFIX}_checkpoint_save_seconds_count"] == 1
+    assert samples[f"{PREFIX}_checkpoint_step"] == 12
+
+
+def test_promtool_accepts_the_metrics(promtool_bin):
+    result = subprocess.run(
+        [str(promtool_bin), "check", "metrics"],
+        input=exposition(populated()),
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.strip() == "" and result.stderr.strip() == "", (
+        result.stdout + result.stderr
+    )
+
+
+def test_exporter_serves_on_rank_zero_only(monkeypatch):
+    m = populated()
+    assert start_exporter(m, rank=1, port=0) is None
+    monkeypatch.setenv("DREAMBOOTH_METRICS_PORT", "off")
+    assert start_exporter(m, rank=0) is None
+
+    server = start_exporter(m, rank=0, port=0, addr="127.0.0.1")
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            assert f"{PREFIX}_step 12.0" in response.read().decode()
+    finally:
+        server.shutdown()
+
+
+def test_storage_side_imports_no_torch():
+    """The operator image has no torch: these modules must import without it."""
+    code = (
+        "import sys\n"
+        "import dreambooth_trainer.storage, dreambooth_trainer.checkpoint\n"
+        "import dreambooth_trainer.progress, dreambooth_trainer.metrics\n"
+        "assert 'torch' not in sys.modules, 'torch was imported'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

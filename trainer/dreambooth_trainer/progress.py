@@ -1,0 +1,354 @@
+"""How rank 0 tells the operator where training is: ``status.progress`` and ``status.checkpoint``.
+
+Contract (shared/DESIGN.md): rank 0 reports step, loss, throughput and the latest committed
+checkpoint at least every 30 s. The trainer calls ``report()`` every optimizer step and
+``report_checkpoint()`` after every commit; the reporter sends at most every ``min_interval``
+seconds, and always for a checkpoint and on ``close()``. Reporting never raises into the training
+loop: failures are logged and training goes on.
+
+Field names come from the operator's API models (``Progress``, ``CheckpointStatus``), so the
+trainer and the CRD cannot drift apart.
+
+Environment (set by the operator on training pods; ``reporter_from_env`` reads it):
+
+- ``DBJ_NAME``: the DreamBoothJob to patch; set means "report to Kubernetes".
+- ``DBJ_NAMESPACE``: its namespace (default: the pod's service-account namespace).
+- ``DBJ_PROGRESS_FILE``: without ``DBJ_NAME``, write the status as JSON to this file (local runs).
+- ``DBJ_PROGRESS_INTERVAL``: seconds between progress reports (default 10, at most 30).
+- ``KUBECONFIG``: used when not running in a pod with a service account (tests, local processes).
+
+The Kubernetes reporter needs RBAC ``patch`` on ``dreamboothjobs/status`` for that one job.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from dreambooth_operator.api import GROUP, PLURAL, VERSION, CheckpointStatus, Progress
+
+from .checkpoint import CheckpointInfo
+from .storage import LocalStore
+
+log = logging.getLogger(__name__)
+
+ENV_NAME = "DBJ_NAME"
+ENV_NAMESPACE = "DBJ_NAMESPACE"
+ENV_FILE = "DBJ_PROGRESS_FILE"
+ENV_INTERVAL = "DBJ_PROGRESS_INTERVAL"
+DEFAULT_INTERVAL = 10.0
+MAX_INTERVAL = 30.0  # the operator's contract
+SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
+MERGE_PATCH = "application/merge-patch+json"
+RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+
+Patch = dict[str, Any]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def progress_model(
+    step: int,
+    total_steps: int,
+    *,
+    loss: float | None,
+    images_per_second: float | None,
+    steps_per_second: float | None,
+    now: datetime,
+) -> Progress:
+    """The ``status.progress`` value; ETA from the measured step rate."""
+    eta = None
+    if steps_per_second and steps_per_second > 0:
+        eta = int(max(0, total_steps - step) / steps_per_second)
+    return Progress(
+        step=step,
+        total_steps=total_steps,
+        loss=loss,
+        images_per_second=images_per_second,
+        eta_seconds=eta,
+        summary=f"{step}/{total_steps}",
+        updated_at=now,
+    )
+
+
+def checkpoint_model(info: CheckpointInfo) -> CheckpointStatus:
+    """The ``status.checkpoint`` value of a committed checkpoint."""
+    return CheckpointStatus(step=info.step, uri=info.uri, time=info.created)
+
+
+def status_patch(
+    progress: Progress | None = None, checkpoint: CheckpointStatus | None = None
+) -> Patch:
+    """A JSON merge patch ``{"status": {...}}`` in the CRD's camelCase wire format."""
+    status: Patch = {}
+    if progress is not None:
+        status["progress"] = progress.model_dump(mode="json", by_alias=True, exclude_none=True)
+    if checkpoint is not None:
+        status["checkpoint"] = checkpoint.model_dump(mode="json", by_alias=True, exclude_none=True)
+    return {"status": status}
+
+
+class ProgressReporter:
+    """Rate limiting and payloads; subclasses deliver patches in ``_send``.
+
+    ``clock`` (monotonic seconds) and ``wallclock`` (timestamps) are injectable for tests.
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        *,
+        min_interval: float = DEFAULT_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        wallclock: Callable[[], datetime] = utcnow,
+    ):
+        self.total_steps = total_steps
+        self.min_interval = min(min_interval, MAX_INTERVAL)
+        self._clock = clock
+        self._wallclock = wallclock
+        self._last_sent: float | None = None
+        self._first: tuple[float, int] | None = None  # (time, step) of the first report
+        self._latest: Progress | None = None
+
+    def report(
+        self,
+        step: int,
+        *,
+        loss: float | None = None,
+        images_per_second: float | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Record progress at ``step``; send it if ``min_interval`` passed (or ``force``).
+
+        Returns whether a patch was sent, so callers can log alongside.
+        """
+        now = self._clock()
+        self._latest = progress_model(
+            step,
+            self.total_steps,
+            loss=loss,
+            images_per_second=images_per_second,
+            steps_per_second=self._step_rate(now, step),
+            now=self._wallclock(),
+        )
+        due = self._last_sent is None or now - self._last_sent >= self.min_interval
+        if not (force or due):
+            return False
+        self._deliver(status_patch(self._latest), now)
+        return True
+
+    def report_checkpoint(self, info: CheckpointInfo) -> None:
+        """Always sent at once, with the latest progress (the operator shows both together)."""
+        self._deliver(status_patch(self._latest, checkpoint_model(info)), self._clock())
+
+    def close(self) -> None:
+        """Send the final progress, whatever the rate limit, and release resources."""
+        if self._latest is not None:
+            self._deliver(status_patch(self._latest), self._clock())
+
+    def __enter__(self) -> ProgressReporter:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def _step_rate(self, now: float, step: int) -> float | None:
+        if self._first is None:
+            self._first = (now, step)
+            return None
+        elapsed = now - self._first[0]
+        return (step - self._first[1]) / elapsed if elapsed > 0 else None
+
+    def _deliver(self, patch: Patch, now: float) -> None:
+        self._last_sent = now
+        try:
+            self._send(patch)
+        except Exception:  # noqa: BLE001 - reporting must never stop training
+            log.warning("progress report failed", exc_info=True)
+
+    def _send(self, patch: Patch) -> None:
+        raise NotImplementedError
+
+
+class NullReporter(ProgressReporter):
+    """Ranks other than 0, and runs nobody watches."""
+
+    def _send(self, patch: Patch) -> None:
+        pass
+
+
+class LocalReporter(ProgressReporter):
+    """``dreambooth run``: the status as JSON in a file (replaced atomically) and a log line."""
+
+    def __init__(self, total_steps: int, path: Path | str | None = None, **kwargs: Any):
+        super().__init__(total_steps, **kwargs)
+        self.path = Path(path) if path else None
+        self._status: Patch = {}
+
+    def _send(self, patch: Patch) -> None:
+        self._status.update(patch["status"])
+        progress = self._status.get("progress", {})
+        log.info(
+            "step %s loss %s images/s %s eta %ss",
+            progress.get("summary"),
+            progress.get("loss"),
+            progress.get("imagesPerSecond"),
+            progress.get("etaSeconds"),
+        )
+        if self.path is not None:
+            store = LocalStore(self.path.parent)
+            store.write_bytes(self.path.name, json.dumps(self._status, indent=1).encode())
+
+
+class KubernetesReporter(ProgressReporter):
+    """Merge-patches the DreamBoothJob's ``status`` subresource from a background thread.
+
+    The training loop only hands over the newest patch; a daemon thread sends it, retrying on
+    409/429/5xx, so a slow or unreachable API server costs the loop nothing. Pending patches
+    merge (a checkpoint is not lost behind a newer progress report).
+    """
+
+    def __init__(
+        self,
+        total_steps: int,
+        name: str,
+        namespace: str,
+        *,
+        api: Any = None,
+        retries: int = 3,
+        backoff: float = 1.0,
+        request_timeout: float = 10.0,
+        **kwargs: Any,
+    ):
+        super().__init__(total_steps, **kwargs)
+        self.name = name
+        self.namespace = namespace
+        self._api = api if api is not None else _custom_objects_api()
+        self._retries = retries
+        self._backoff = backoff
+        self._timeout = request_timeout
+        self._pending: Patch | None = None
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="progress-reporter", daemon=True)
+        self._thread.start()
+
+    def _send(self, patch: Patch) -> None:
+        with self._cond:
+            pending = self._pending["status"] if self._pending else {}
+            self._pending = {"status": {**pending, **patch["status"]}}
+            self._cond.notify()
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until every handed-over patch was sent (or given up); False on timeout."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        super().close()
+        self.flush(timeout)
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=1)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                self._cond.wait_for(lambda: self._pending is not None or self._closed)
+                if self._pending is None:
+                    return
+                patch, self._pending, self._busy = self._pending, None, True
+            try:
+                self._patch_with_retries(patch)
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _patch_with_retries(self, patch: Patch) -> None:
+        for attempt in range(1, self._retries + 1):
+            try:
+                self._patch(patch)
+                return
+            except Exception as exc:  # noqa: BLE001 - logged; training goes on
+                status = getattr(exc, "status", None)  # None: no HTTP answer (network)
+                retryable = status is None or status in RETRY_STATUSES
+                if not retryable or attempt == self._retries:
+                    log.warning(
+                        "could not patch status of %s %s/%s (attempt %d): %s",
+                        PLURAL,
+                        self.namespace,
+                        self.name,
+                        attempt,
+                        getattr(exc, "reason", None) or exc,
+                    )
+                    return
+                time.sleep(self._backoff * attempt)
+
+    def _patch(self, patch: Patch) -> None:
+        self._api.patch_namespaced_custom_object_status(
+            GROUP,
+            VERSION,
+            self.namespace,
+            PLURAL,
+            self.name,
+            patch,
+            _content_type=MERGE_PATCH,
+            _request_timeout=self._timeout,
+        )
+
+
+def _custom_objects_api() -> Any:
+    """CustomObjectsApi with the pod's service account, else KUBECONFIG (local "pods")."""
+    from kubernetes import client, config
+
+    configuration = client.Configuration()
+    try:
+        config.load_incluster_config(client_configuration=configuration)
+    except config.ConfigException:
+        config.load_kube_config(client_configuration=configuration)
+    return client.CustomObjectsApi(client.ApiClient(configuration))
+
+
+def _namespace_from_env() -> str | None:
+    if os.environ.get(ENV_NAMESPACE):
+        return os.environ[ENV_NAMESPACE]
+    try:
+        return SA_NAMESPACE_FILE.read_text().strip() or None
+    except OSError:
+        return None
+
+
+def reporter_from_env(total_steps: int, rank: int = 0, **kwargs: Any) -> ProgressReporter:
+    """The reporter this process should use: see the module docstring for the variables.
+
+    Any rank but 0 gets a NullReporter; so does a Kubernetes reporter that cannot be set up
+    (logged): a missing reporter must not fail the training run.
+    """
+    if rank != 0:
+        return NullReporter(total_steps)
+    kwargs.setdefault("min_interval", float(os.environ.get(ENV_INTERVAL, DEFAULT_INTERVAL)))
+    name = os.environ.get(ENV_NAME)
+    if name:
+        namespace = _namespace_from_env()
+        try:
+            if not namespace:
+                raise RuntimeError(f"{ENV_NAMESPACE} unset and no service-account namespace")
+            return KubernetesReporter(total_steps, name, namespace, **kwargs)
+        except Exception as exc:  # noqa: BLE001 - training runs on without status updates
+            log.warning("progress reporting to Kubernetes disabled: %s", exc)
+            return NullReporter(total_steps, **kwargs)
+    if os.environ.get(ENV_FILE):
+        return LocalReporter(total_steps, os.environ[ENV_FILE], **kwargs)
+    return NullReporter(total_steps, **kwargs)
