@@ -96,9 +96,18 @@ def _json_type(value: Any) -> str:
     return "string"
 
 
-def _schema_of(model: type) -> dict[str, Any]:
+def _without_defaults(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
+    if isinstance(node, list):
+        return [_without_defaults(v) for v in node]
+    return node
+
+
+def _schema_of(model: type, defaults: bool = True) -> dict[str, Any]:
     raw = model.model_json_schema(by_alias=True, mode="validation")
-    return structural(raw, raw.get("$defs", {}))
+    schema = structural(raw, raw.get("$defs", {}))
+    return schema if defaults else _without_defaults(schema)
 
 
 def openapi_schema() -> dict[str, Any]:
@@ -111,7 +120,9 @@ def openapi_schema() -> dict[str, Any]:
             "kind": {"type": "string"},
             "metadata": {"type": "object"},
             "spec": _schema_of(api.DreamBoothJobSpec),
-            "status": _schema_of(api.DreamBoothJobStatus),
+            # Status is written by the operator and the trainers, whole; defaulting it on the
+            # server would only invent values nobody reported.
+            "status": _schema_of(api.DreamBoothJobStatus, defaults=False),
         },
     }
 

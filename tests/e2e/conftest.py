@@ -1,0 +1,173 @@
+"""The operator as a real process against the test control plane, and helpers to drive jobs."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import pytest
+
+from dreambooth_operator import api
+from tests.support.procs import ManagedProcess, free_port, port_open, wait_for
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class OperatorProcess:
+    """`dreambooth operator` in its own process; restartable (for the restart tests)."""
+
+    kubeconfig: Path
+    namespaces: tuple[str, ...]
+    log_dir: Path
+    process: ManagedProcess | None = None
+    metrics_port: int = 0
+    starts: int = 0
+
+    def start(self) -> OperatorProcess:
+        self.metrics_port, health_port = free_port(), free_port()
+        self.starts += 1
+        argv = [sys.executable, "-m", "dreambooth_operator.cli", "operator"]
+        argv += ["--metrics-port", str(self.metrics_port), "--health-port", str(health_port)]
+        for namespace in self.namespaces:
+            argv += ["-n", namespace]
+        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        self.process = ManagedProcess(
+            "operator", argv, self.log_dir / f"operator-{self.starts}.log", env=env, cwd=REPO
+        )
+        wait_for(
+            "operator metrics endpoint",
+            lambda: self.process.check_alive() or port_open(self.metrics_port),
+            timeout=60,
+            on_timeout=self.process.log_tail,
+        )
+        return self
+
+    def stop(self) -> None:
+        if self.process:
+            self.process.stop(grace=15)
+
+    def log(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log"))
+        )
+
+    def metrics(self) -> str:
+        import urllib.request
+
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
+        ) as r:
+            return r.read().decode()
+
+
+@pytest.fixture
+def operator_factory(
+    control_plane, dreambooth_crd, tmp_path
+) -> Iterator[Callable[..., OperatorProcess]]:
+    started: list[OperatorProcess] = []
+
+    def start(*namespaces: str, kubeconfig: Path | None = None) -> OperatorProcess:
+        operator = OperatorProcess(
+            kubeconfig or control_plane.kubeconfig, namespaces, tmp_path / "operator"
+        )
+        started.append(operator.start())
+        return operator
+
+    yield start
+    for operator in started:
+        operator.stop()
+
+
+class Jobs:
+    """DreamBoothJobs of one namespace through the real API."""
+
+    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str):
+        self.custom = kubernetes.client.CustomObjectsApi(api_client)
+        self.batch = kubernetes.client.BatchV1Api(api_client)
+        self.core = kubernetes.client.CoreV1Api(api_client)
+        self.namespace = namespace
+
+    def create(self, document: dict[str, Any]) -> dict:
+        return self.custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL, document
+        )
+
+    def get(self, name: str) -> dict:
+        return self.custom.get_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+        )
+
+    def patch(self, name: str, patch: dict) -> dict:
+        return self.custom.patch_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name, patch
+        )
+
+    def delete(self, name: str) -> None:
+        self.custom.delete_namespaced_custom_object(
+            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+        )
+
+    def status(self, name: str) -> dict:
+        return self.get(name).get("status") or {}
+
+    def wait(
+        self, name: str, predicate: Callable[[dict], Any], what: str, timeout: float, log=None
+    ):
+        """Wait until predicate(status) holds; return that status."""
+
+        def probe() -> dict | None:
+            status = self.status(name)
+            return status if predicate(status) else None
+
+        return wait_for(
+            f"{name}: {what}",
+            probe,
+            timeout=timeout,
+            interval=0.5,
+            on_timeout=lambda: f"status: {self.status(name)}\n{log() if log else ''}",
+        )
+
+    def batch_jobs(self, selector: str = "") -> list:
+        return self.batch.list_namespaced_job(self.namespace, label_selector=selector).items
+
+    def pods(self, selector: str = "") -> list:
+        return self.core.list_namespaced_pod(self.namespace, label_selector=selector).items
+
+
+@pytest.fixture
+def jobs(kube_api, namespace) -> Jobs:
+    return Jobs(kube_api, namespace)
+
+
+def job_document(name: str, **spec: Any) -> dict[str, Any]:
+    """A DreamBoothJob that needs nothing outside the cluster to be accepted."""
+    document = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "random://tiny-sd"},
+            "instance": {"imagesUri": "s3://data/subject", "prompt": "a photo of sks toy"},
+            "priorPreservation": {"classPrompt": "a photo of a toy", "numClassImages": 4},
+            "training": {"maxSteps": 4, "resolution": 64, "mixedPrecision": "no"},
+            "resources": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1},
+            "storage": {"outputUri": f"s3://runs/{name}"},
+        },
+    }
+    for section, values in spec.items():
+        document["spec"].setdefault(section, {}).update(values)
+    return document
+
+
+def wait_until(what: str, probe: Callable[[], Any], timeout: float = 60.0, on_timeout=None):
+    return wait_for(what, probe, timeout=timeout, interval=0.5, on_timeout=on_timeout)
+
+
+__all__ = ["Jobs", "job_document", "wait_until", "time"]

@@ -1,0 +1,142 @@
+"""The operator against the real control plane, without running the pods' code.
+
+The Job controller creates pods; no node runs them here (see test_end_to_end.py for that).
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.e2e.conftest import job_document, wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
+
+
+def _names(items) -> list[str]:
+    return sorted(i.metadata.name for i in items)
+
+
+def test_new_job_gets_shared_objects_first_phase_jobs_and_status(
+    operator_factory, jobs, namespace, kube_api
+):
+    operator = operator_factory(namespace)
+    jobs.create(job_document("toy", resources={"nodes": 2}))
+    wait_until(
+        "priors Jobs",
+        lambda: _names(jobs.batch_jobs()) == ["toy-priors-0", "toy-priors-1"],
+        60,
+        operator.log,
+    )
+    status = jobs.wait(
+        "toy",
+        lambda s: s.get("phase") == "Pending" and s.get("priors"),
+        "Pending with priors",
+        30,
+        operator.log,
+    )
+    assert len(status["priors"]["cacheKey"]) >= 16
+    import kubernetes
+
+    core = kubernetes.client.CoreV1Api(kube_api)
+    rbac = kubernetes.client.RbacAuthorizationV1Api(kube_api)
+    config = core.read_namespaced_config_map("toy-config", namespace)
+    assert '"jobName": "toy"' in config.data["trainer.json"]
+    assert core.read_namespaced_service("toy-train", namespace).spec.cluster_ip == "None"
+    role = rbac.read_namespaced_role("toy-status-writer", namespace)
+    assert role.rules[0].resource_names == ["toy"] and role.rules[0].verbs == ["get", "patch"]
+    owner = jobs.batch_jobs()[0].metadata.owner_references[0]
+    assert (owner.kind, owner.name, owner.controller) == ("DreamBoothJob", "toy", True)
+    events = core.list_namespaced_event(namespace, field_selector="involvedObject.name=toy").items
+    assert any(e.reason == "PhasePending" for e in events), [e.reason for e in events]
+
+
+def test_operator_restart_creates_no_duplicates(operator_factory, jobs, namespace):
+    operator = operator_factory(namespace)
+    jobs.create(job_document("toy"))
+    wait_until(
+        "priors Job", lambda: _names(jobs.batch_jobs()) == ["toy-priors-0"], 60, operator.log
+    )
+    before = {j.metadata.name: j.metadata.uid for j in jobs.batch_jobs()}
+    operator.stop()
+    operator.start()
+    time.sleep(5)  # a few reconcile rounds
+    after = {j.metadata.name: j.metadata.uid for j in jobs.batch_jobs()}
+    assert after == before
+    assert len(jobs.pods()) == 1
+
+
+def test_invalid_cross_field_spec_fails_with_the_validators_message(
+    operator_factory, jobs, namespace
+):
+    operator = operator_factory(namespace)
+    # The CRD schema cannot express "fp16 needs GPUs"; the operator's validation does.
+    jobs.create(job_document("cpu-fp16", training={"mixedPrecision": "fp16"}))
+    status = jobs.wait("cpu-fp16", lambda s: s.get("phase") == "Failed", "Failed", 30, operator.log)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidSpec"
+    assert "spec.training.mixedPrecision: fp16 needs GPUs" in failed["message"]
+    assert jobs.batch_jobs() == []
+
+
+def test_immutable_spec_change_is_refused_with_a_clear_condition(operator_factory, jobs, namespace):
+    operator = operator_factory(namespace)
+    jobs.create(job_document("toy"))
+    wait_until(
+        "priors Job", lambda: _names(jobs.batch_jobs()) == ["toy-priors-0"], 60, operator.log
+    )
+    jobs.patch("toy", {"spec": {"training": {"maxSteps": 50}}})
+    status = jobs.wait(
+        "toy",
+        lambda s: any(
+            c["type"] == "SpecAccepted" and c["status"] == "False" for c in s.get("conditions", [])
+        ),
+        "SpecAccepted=False",
+        30,
+        operator.log,
+    )
+    refused = next(c for c in status["conditions"] if c["type"] == "SpecAccepted")
+    assert "spec.training.maxSteps cannot change after the job started" in refused["message"]
+    config = jobs.core.read_namespaced_config_map("toy-config", namespace)
+    assert '"maxSteps": 4' in config.data["trainer.json"]
+
+
+def test_suspend_stops_pods_and_resume_recreates_them(operator_factory, jobs, namespace):
+    operator = operator_factory(namespace)
+    jobs.create(job_document("toy"))
+    wait_until(
+        "priors Job", lambda: _names(jobs.batch_jobs()) == ["toy-priors-0"], 60, operator.log
+    )
+    jobs.patch("toy", {"spec": {"runPolicy": {"suspend": True}}})
+    jobs.wait("toy", lambda s: s.get("phase") == "Suspended", "Suspended", 30, operator.log)
+    wait_until("Jobs deleted", lambda: jobs.batch_jobs() == [], 60, operator.log)
+    jobs.patch("toy", {"spec": {"runPolicy": {"suspend": False}}})
+    wait_until(
+        "priors Job again", lambda: _names(jobs.batch_jobs()) == ["toy-priors-0"], 60, operator.log
+    )
+    status = jobs.status("toy")
+    resumed = next(c for c in status["conditions"] if c["type"] == "Suspended")
+    assert (resumed["status"], resumed["reason"]) == ("False", "Resumed")
+
+
+def test_deleting_a_job_removes_everything_it_owns(operator_factory, jobs, namespace):
+    operator = operator_factory(namespace)
+    jobs.create(job_document("toy"))
+    wait_until(
+        "priors Job", lambda: _names(jobs.batch_jobs()) == ["toy-priors-0"], 60, operator.log
+    )
+    jobs.delete("toy")
+    import kubernetes
+
+    def gone() -> bool:
+        try:
+            jobs.get("toy")
+            return False
+        except kubernetes.client.ApiException as error:
+            return error.status == 404
+
+    wait_until("DreamBoothJob gone (no finalizer left behind)", gone, 30, operator.log)
+    selector = "dreambooth.dev/job=toy"
+    wait_until("owned Jobs garbage-collected", lambda: jobs.batch_jobs(selector) == [], 60)
+    assert jobs.core.list_namespaced_config_map(jobs.namespace, label_selector=selector).items == []
