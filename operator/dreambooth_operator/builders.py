@@ -6,6 +6,8 @@ same spec always yields the same objects.
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from . import names
@@ -296,3 +298,97 @@ def phase_jobs(job: DreamBoothJob, component: str, attempt: int) -> list[Manifes
     """All batch Jobs of a phase: one per node for priors and training, one for export."""
     ranks = 1 if component == names.EXPORT else job.spec.resources.nodes
     return [batch_job(job, component, rank, attempt) for rank in range(ranks)]
+
+
+# ------------------------------------------------------------------------------ inference
+
+INFERENCE_PORT = 8000
+ANNOTATION_TEMPLATE_HASH = f"{names.GROUP}/template-hash"
+
+
+def _template_hash(template: dict[str, Any]) -> str:
+    """Stable hash of what we asked for, so a changed spec or artifact is seen without diffing."""
+    encoded = json.dumps(template, sort_keys=True).encode()
+    return hashlib.sha256(encoded).hexdigest()[:16]
+
+
+def inference_deployment(job: DreamBoothJob, artifact_uri: str, digest: str) -> Manifest:
+    """Serves exactly one exported artifact; a new digest rolls the Deployment."""
+    spec, job_name = job.spec, job.metadata.name
+    inference = spec.inference
+    pod_labels = names.labels(job_name, names.INFERENCE)
+    probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
+    container = {
+        "name": "server",
+        "image": inference.image or spec.resources.image,
+        "imagePullPolicy": spec.resources.image_pull_policy,
+        "command": ["dreambooth"],
+        "args": [
+            "serve",
+            "--model",
+            artifact_uri,
+            "--expected-digest",
+            digest,
+            "--host",
+            "0.0.0.0",
+            "--port",
+            str(INFERENCE_PORT),
+        ],
+        "env": [
+            e
+            for e in _env(job, 0)
+            if e["name"]
+            in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HOME", "PYTHONUNBUFFERED")
+        ],
+        "ports": [{"name": "http", "containerPort": INFERENCE_PORT}],
+        "readinessProbe": probe,
+        "startupProbe": {**probe, "failureThreshold": 120},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "resources": _resources(inference.resources, inference.gpus),
+        "securityContext": RESTRICTED_CONTAINER_SECURITY,
+        "volumeMounts": [
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "tmp", "mountPath": "/tmp"},
+        ],
+    }
+    template = {
+        "metadata": {"labels": pod_labels},
+        "spec": {
+            "serviceAccountName": pod_service_account(job),
+            "securityContext": RESTRICTED_POD_SECURITY,
+            "containers": [container],
+            "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+        },
+    }
+    metadata = _metadata(job, names.inference(job_name), names.INFERENCE)
+    metadata["annotations"] = {
+        ANNOTATION_TEMPLATE_HASH: _template_hash({"replicas": inference.replicas, **template}),
+        f"{names.GROUP}/artifact-digest": digest,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata,
+        "spec": {
+            "replicas": inference.replicas,
+            "selector": {"matchLabels": names.selector(job_name, names.INFERENCE)},
+            "template": template,
+        },
+    }
+
+
+def inference_service(job: DreamBoothJob) -> Manifest:
+    job_name = job.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _metadata(job, names.inference(job_name), names.INFERENCE),
+        "spec": {
+            "selector": names.selector(job_name, names.INFERENCE),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+        },
+    }
+
+
+def inference_endpoint(job: DreamBoothJob) -> str:
+    return f"http://{names.inference(job.metadata.name)}.{job.metadata.namespace}.svc"

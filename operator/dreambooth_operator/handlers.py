@@ -20,11 +20,12 @@ from typing import Any
 import click
 import kopf
 
-from . import contract, kube, metrics, names
+from . import builders, contract, kube, metrics, names
 from .api import GROUP, PLURAL, VERSION, DreamBoothJob
 from .reconcile import (
     COND_FAILED,
     COND_TRAINING_STARTED,
+    ChildDeployment,
     ChildJob,
     ChildPod,
     Create,
@@ -33,6 +34,7 @@ from .reconcile import (
     DeleteSelf,
     Event,
     Observed,
+    Update,
     effective_spec,
     immutable_changes,
     reconcile,
@@ -110,6 +112,17 @@ def owned_pods(namespace: str, name: str, labels: dict, status: dict, **_: Any):
     }
 
 
+@kopf.index("apps", "v1", "deployments", labels=OWNED)
+def owned_deployments(namespace: str, labels: dict, meta: dict, status: dict, **_: Any):
+    annotations = meta.get("annotations") or {}
+    return {
+        (namespace, labels[names.LABEL_JOB]): ChildDeployment(
+            template_hash=annotations.get(builders.ANNOTATION_TEMPLATE_HASH, ""),
+            ready_replicas=status.get("readyReplicas") or 0,
+        )
+    }
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 def complete_prior_caches(status: dict, **_: Any):
     """Class-image caches some job finished generating: cache key -> URI."""
@@ -134,6 +147,11 @@ def _wake(namespace: str, labels: dict) -> None:
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
 def job_changed(namespace: str, labels: dict, **_: Any) -> None:
+    _wake(namespace, labels)
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=OWNED)
+def deployment_changed(namespace: str, labels: dict, **_: Any) -> None:
     _wake(namespace, labels)
 
 
@@ -163,6 +181,7 @@ async def drive(
     body: kopf.Body,
     owned_jobs: kopf.Index,
     owned_pods: kopf.Index,
+    owned_deployments: kopf.Index,
     complete_prior_caches: kopf.Index,
     **_: Any,
 ) -> None:
@@ -177,6 +196,7 @@ async def drive(
                 copy.deepcopy(dict(body)),
                 tuple(owned_jobs.get(key, ())),
                 tuple(owned_pods.get(key, ())),
+                next(iter(owned_deployments.get(key, ())), None),
                 {k: next(iter(v)) for k, v in complete_prior_caches.items()},
             )
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
@@ -191,6 +211,7 @@ def reconcile_once(
     document: dict[str, Any],
     jobs: tuple[ChildJob, ...],
     pods: tuple[ChildPod, ...],
+    deployment: ChildDeployment | None,
     prior_caches: dict[str, str],
 ) -> bool:
     """Observe, decide, act. Returns True when the job is finished."""
@@ -219,6 +240,7 @@ def reconcile_once(
         jobs=jobs,
         pods=pods,
         prior_cache=cache,
+        inference=deployment,
         trainer_config_json=config_json,
         rejected_changes=tuple(immutable_changes(applied, current_spec)),
     )
@@ -234,6 +256,8 @@ def _act(document: dict[str, Any], decision: Decision) -> None:
     for action in decision.actions:
         if isinstance(action, Create):
             kube.create(action.manifest)
+        elif isinstance(action, Update):
+            kube.patch(action.manifest)
         elif isinstance(action, Delete):
             kube.delete(action.kind, namespace, action.name)
         elif isinstance(action, DeleteSelf):

@@ -79,9 +79,11 @@ def delete(kind: str, namespace: str, name: str) -> bool:
     return True
 
 
-def replace_deployment(manifest: dict[str, Any]) -> None:
+def patch(manifest: dict[str, Any]) -> None:
+    """Strategic-merge the manifest onto the existing object (only Deployments so far)."""
     meta = manifest["metadata"]
-    client.AppsV1Api().patch_namespaced_deployment(meta["name"], meta["namespace"], manifest)
+    patcher = {"Deployment": client.AppsV1Api().patch_namespaced_deployment}[manifest["kind"]]
+    patcher(meta["name"], meta["namespace"], manifest)
 
 
 def patch_job_status(namespace: str, name: str, status: dict[str, Any]) -> None:

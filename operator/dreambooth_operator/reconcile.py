@@ -17,6 +17,7 @@ from .api import (
     Condition,
     DreamBoothJob,
     DreamBoothJobStatus,
+    InferenceStatus,
     Phase,
     PriorsStatus,
     Progress,
@@ -33,6 +34,7 @@ COND_FAILED = "Failed"
 COND_COMPLETE = "Complete"
 COND_SPEC_ACCEPTED = "SpecAccepted"
 COND_TRAINING_STARTED = "TrainingStarted"
+COND_INFERENCE_READY = "InferenceReady"
 
 PHASE_OF_COMPONENT = {
     names.PRIORS: Phase.generating_priors.value,
@@ -74,6 +76,14 @@ class ChildPod:
 
 
 @dataclass(frozen=True)
+class ChildDeployment:
+    """The inference Deployment, if it exists."""
+
+    template_hash: str
+    ready_replicas: int = 0
+
+
+@dataclass(frozen=True)
 class PriorCache:
     key: str
     uri: str
@@ -86,6 +96,7 @@ class Observed:
     jobs: tuple[ChildJob, ...] = ()
     pods: tuple[ChildPod, ...] = ()
     prior_cache: PriorCache | None = None
+    inference: ChildDeployment | None = None
     trainer_config_json: str = "{}"
     # Paths of spec changes made after the job started that cannot apply (see immutable_changes).
     rejected_changes: tuple[str, ...] = ()
@@ -107,6 +118,13 @@ class Delete:
 
 
 @dataclass(frozen=True)
+class Update:
+    """Patch an existing object to the given manifest (the inference Deployment)."""
+
+    manifest: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class DeleteSelf:
     """The TTL after finishing has passed."""
 
@@ -118,7 +136,7 @@ class Event:
     message: str
 
 
-Action = Create | Delete | DeleteSelf | Event
+Action = Create | Update | Delete | DeleteSelf | Event
 
 
 @dataclass
@@ -139,6 +157,7 @@ class Decision:
                 "start_time",
                 "completion_time",
                 "priors",
+                "inference",
             },
         )
         if self.status.progress is not None:
@@ -346,6 +365,8 @@ class _Reconciler:
         """Terminal phases: only the TTL is left to act on."""
         if self.status.phase not in TERMINAL_PHASES:
             return False
+        if self.status.phase == Phase.succeeded.value and self.spec.inference.enabled:
+            return False  # serving was switched on after the job finished
         ttl = self.spec.run_policy.ttl_seconds_after_finished
         if ttl is not None and _elapsed(self.status.completion_time, self.observed.now) >= ttl:
             self.decision.actions.append(DeleteSelf())
@@ -426,9 +447,55 @@ class _Reconciler:
         if not self.milestone(names.EXPORT, "pipeline exported"):
             return self.failed_or(Phase.exporting.value)
         if self.spec.inference.enabled:
-            return Phase.serving.value
+            return self.serve()
+        self.stop_serving()
         self.conditions.set(COND_COMPLETE, True, "Succeeded", "trained and exported")
         return Phase.succeeded.value
+
+    def serve(self) -> str:
+        """Keep a Deployment serving exactly the exported artifact (rolls on a new digest)."""
+        artifact = self.status.artifact
+        if artifact is None:
+            self.conditions.set(
+                COND_INFERENCE_READY,
+                False,
+                "NoArtifact",
+                "the export reported no artifact",
+                warn=True,
+            )
+            return Phase.exporting.value
+        wanted = builders.inference_deployment(self.job, artifact.uri, artifact.digest)
+        wanted_hash = wanted["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH]
+        current = self.observed.inference
+        if current is None:
+            self.decision.actions += [Create(wanted), Create(builders.inference_service(self.job))]
+        elif current.template_hash != wanted_hash:
+            self.decision.actions.append(Update(wanted))
+        ready = current.ready_replicas if current and current.template_hash == wanted_hash else 0
+        self.status.inference = InferenceStatus(
+            endpoint=builders.inference_endpoint(self.job),
+            ready_replicas=ready,
+            digest=artifact.digest,
+        )
+        replicas = self.spec.inference.replicas
+        if ready >= min(replicas, 1):
+            self.conditions.set(
+                COND_INFERENCE_READY, True, "Ready", f"{ready}/{replicas} replicas ready"
+            )
+        else:
+            self.conditions.set(
+                COND_INFERENCE_READY, False, "Starting", f"{ready}/{replicas} replicas ready"
+            )
+        return Phase.serving.value
+
+    def stop_serving(self) -> None:
+        if self.observed.inference is not None:
+            name = names.inference(self.job.metadata.name)
+            self.decision.actions += [
+                Delete("apps/v1", "Deployment", name),
+                Delete("v1", "Service", name),
+            ]
+        self.status.inference = None
 
     def failed_or(self, phase: str) -> str:
         return Phase.failed.value if self.conditions.is_true(COND_FAILED) else phase

@@ -265,3 +265,68 @@ def test_immutable_changes_name_their_paths_and_mutable_sections_pass():
         "training": {"maxSteps": 10},
         "runPolicy": {"suspend": True},
     }
+
+
+DONE = [
+    {"type": t, "status": "True", "reason": "Succeeded", "lastTransitionTime": NOW.isoformat()}
+    for t in ("PriorsReady", "Trained", "Exported")
+]
+ARTIFACT = {"uri": "s3://runs/dog/export", "digest": "sha256:aaa"}
+
+
+def test_serving_creates_a_deployment_for_exactly_the_artifact():
+    job = job_with(status={"conditions": DONE, "artifact": ARTIFACT}, inference={"enabled": True})
+    decision, _ = step(job)
+    assert decision.status.phase == "Serving"
+    assert created(decision, "Deployment") == ["dog-inference"]
+    assert created(decision, "Service") == ["dog-inference"]
+    deployment = next(
+        a.manifest
+        for a in decision.actions
+        if isinstance(a, Create) and a.manifest["kind"] == "Deployment"
+    )
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == ARTIFACT["uri"]
+    assert args[args.index("--expected-digest") + 1] == ARTIFACT["digest"]
+    assert decision.status.inference.endpoint == "http://dog-inference.team.svc"
+
+
+def test_serving_rolls_to_a_new_digest_and_reports_ready_replicas():
+    from dreambooth_operator import builders
+    from dreambooth_operator.reconcile import ChildDeployment, Update
+
+    job = job_with(status={"conditions": DONE, "artifact": ARTIFACT}, inference={"enabled": True})
+    current = builders.inference_deployment(job, ARTIFACT["uri"], ARTIFACT["digest"])
+    same = ChildDeployment(current["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH], 1)
+    decision, _ = step(job, inference=same)
+    assert not [a for a in decision.actions if isinstance(a, (Create, Update))]
+    ready = next(c for c in decision.status.conditions if c.type == "InferenceReady")
+    assert (ready.status, decision.status.inference.ready_replicas) == ("True", 1)
+    newer = job_with(
+        status={"conditions": DONE, "artifact": {**ARTIFACT, "digest": "sha256:bbb"}},
+        inference={"enabled": True},
+    )
+    decision, _ = step(newer, inference=same)
+    assert [a for a in decision.actions if isinstance(a, Update)]
+    assert decision.status.inference.ready_replicas == 0
+
+
+def test_disabling_inference_removes_the_deployment_and_succeeds():
+    from dreambooth_operator.reconcile import ChildDeployment
+
+    job = job_with(status={"conditions": DONE, "artifact": ARTIFACT})
+    decision, _ = step(job, inference=ChildDeployment("x", 1))
+    assert sorted(deleted(decision)) == ["dog-inference", "dog-inference"]
+    assert decision.status.phase == "Succeeded"
+
+
+def test_enabling_inference_on_a_succeeded_job_starts_serving():
+    status = {
+        "phase": "Succeeded",
+        "conditions": DONE,
+        "artifact": ARTIFACT,
+        "completionTime": NOW.isoformat(),
+    }
+    decision, _ = step(job_with(status=status, inference={"enabled": True}))
+    assert decision.status.phase == "Serving"
+    assert created(decision, "Deployment") == ["dog-inference"]
