@@ -93,7 +93,7 @@ mkdir -p "$BUILD_DIR"
 cd "$BUILD_DIR"
 log "downloading the kubernetes source package"
 apt-get source --download-only kubernetes >&2
-ORIG=$(ls kubernetes_*.orig.tar.gz | head -n1)
+ORIG=$(find . -maxdepth 1 -name 'kubernetes_*.orig.tar.gz' | head -n1)
 log "unpacking $ORIG"
 tar xzf "$ORIG"
 SRC=$(find . -mindepth 1 -maxdepth 1 -type d -name 'kubernetes-*' -printf '%f\n' | sort | tail -n1)

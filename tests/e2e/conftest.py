@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -14,57 +11,8 @@ import kubernetes
 import pytest
 
 from dreambooth_operator import api
-from tests.support.procs import ManagedProcess, free_port, port_open, wait_for
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class OperatorProcess:
-    """`dreambooth operator` in its own process; restartable (for the restart tests)."""
-
-    kubeconfig: Path
-    namespaces: tuple[str, ...]
-    log_dir: Path
-    process: ManagedProcess | None = None
-    metrics_port: int = 0
-    starts: int = 0
-
-    def start(self) -> OperatorProcess:
-        self.metrics_port, health_port = free_port(), free_port()
-        self.starts += 1
-        argv = [sys.executable, "-m", "dreambooth_operator.cli", "operator"]
-        argv += ["--metrics-port", str(self.metrics_port), "--health-port", str(health_port)]
-        for namespace in self.namespaces:
-            argv += ["-n", namespace]
-        env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
-        self.process = ManagedProcess(
-            "operator", argv, self.log_dir / f"operator-{self.starts}.log", env=env, cwd=REPO
-        )
-        wait_for(
-            "operator metrics endpoint",
-            lambda: self.process.check_alive() or port_open(self.metrics_port),
-            timeout=60,
-            on_timeout=self.process.log_tail,
-        )
-        return self
-
-    def stop(self) -> None:
-        if self.process:
-            self.process.stop(grace=15)
-
-    def log(self) -> str:
-        return "\n".join(
-            p.read_text(errors="replace") for p in sorted(self.log_dir.glob("operator-*.log"))
-        )
-
-    def metrics(self) -> str:
-        import urllib.request
-
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=5
-        ) as r:
-            return r.read().decode()
+from tests.e2e.harness import OperatorProcess
+from tests.support.procs import wait_for
 
 
 @pytest.fixture

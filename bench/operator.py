@@ -1,0 +1,152 @@
+"""Operator benchmark: apply N DreamBoothJobs at once -> all their rank pods exist.
+
+Runs a real control plane (etcd + kube-apiserver + kube-controller-manager, see hack/) and the
+operator as a process; no node runs the pods. Prints JSON:
+  python -m bench.operator [--jobs 1 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import kubernetes
+import urllib3
+
+from dreambooth_operator import api, names
+
+RANKS = 2  # nodes per job: "all rank pods" means both priors pods of each job
+
+
+def job_document(name: str) -> dict[str, Any]:
+    return {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "random://tiny-sd"},
+            "instance": {"imagesUri": "s3://data/subject", "prompt": "a photo of sks toy"},
+            "priorPreservation": {"classPrompt": "a photo of a toy", "numClassImages": 4},
+            "training": {"maxSteps": 4, "resolution": 64, "mixedPrecision": "no"},
+            "resources": {"nodes": RANKS, "gpusPerNode": 0, "processesPerNode": 1},
+            "storage": {"outputUri": f"s3://runs/{name}"},
+        },
+    }
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+class PodWatch(threading.Thread):
+    """Records when each job's pods first appear (a watch, so no polling granularity)."""
+
+    def __init__(self, core: kubernetes.client.CoreV1Api, namespace: str):
+        super().__init__(daemon=True)
+        self.core, self.namespace = core, namespace
+        self.seen: dict[str, dict[str, float]] = {}
+        self.watch = kubernetes.watch.Watch()
+
+    def run(self) -> None:
+        stream = self.watch.stream(
+            self.core.list_namespaced_pod, self.namespace, timeout_seconds=600
+        )
+        try:
+            for event in stream:
+                pod = event["object"]
+                job = (pod.metadata.labels or {}).get(names.LABEL_JOB)
+                if job:
+                    self.seen.setdefault(job, {}).setdefault(pod.metadata.name, time.monotonic())
+        except urllib3.exceptions.ProtocolError:
+            pass  # stop() closed the connection under the stream
+
+
+def apply_and_measure(
+    api_client: kubernetes.client.ApiClient, namespace: str, count: int, timeout: float = 600
+) -> dict[str, Any]:
+    """Create `count` jobs back to back; seconds from each create to its last rank pod."""
+    custom = kubernetes.client.CustomObjectsApi(api_client)
+    watch = PodWatch(kubernetes.client.CoreV1Api(api_client), namespace)
+    watch.start()
+    applied: dict[str, float] = {}
+    for index in range(count):
+        name = f"bench-{index:03d}"
+        custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, job_document(name)
+        )
+        applied[name] = time.monotonic()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done = {j for j in applied if len(watch.seen.get(j, {})) >= RANKS}
+        if len(done) == count:
+            break
+        time.sleep(0.1)
+    watch.watch.stop()
+    latencies = [
+        max(watch.seen[j].values()) - applied[j]
+        for j in applied
+        if len(watch.seen.get(j, {})) >= RANKS
+    ]
+    result: dict[str, Any] = {"jobs": count, "ranks_per_job": RANKS, "completed": len(latencies)}
+    if latencies:
+        result.update(
+            p50_seconds=round(statistics.median(latencies), 3),
+            p95_seconds=round(_percentile(latencies, 0.95), 3),
+            max_seconds=round(max(latencies), 3),
+        )
+    return result
+
+
+def run(job_counts: tuple[int, ...] = (1, 100)) -> dict[str, Any]:
+    from tests.e2e.harness import OperatorProcess
+    from tests.support.controlplane import ControlPlane
+    from tests.support.paths import SETUP_HINT, kube_assets_dir
+
+    assets = kube_assets_dir()
+    if assets is None:
+        return {"skipped": f"no control plane binaries: {SETUP_HINT}"}
+    from dreambooth_operator.crd import crd
+
+    with tempfile.TemporaryDirectory(prefix="bench-operator-") as workdir:
+        plane = ControlPlane.start(assets, workdir=Path(workdir) / "plane")
+        try:
+            ext = kubernetes.client.ApiextensionsV1Api(plane.api_client)
+            ext.create_custom_resource_definition(crd())
+            time.sleep(2)  # Established
+            results = []
+            peak_rss = 0
+            for count in job_counts:
+                namespace = f"bench-{uuid.uuid4().hex[:6]}"
+                kubernetes.client.CoreV1Api(plane.api_client).create_namespace(
+                    {"metadata": {"name": namespace}}
+                )
+                plane.service_account_token(namespace, "default")
+                operator = OperatorProcess(
+                    plane.kubeconfig, (namespace,), Path(workdir) / namespace
+                ).start()
+                try:
+                    results.append(apply_and_measure(plane.api_client, namespace, count))
+                    peak_rss = max(peak_rss, operator.peak_rss_bytes())
+                finally:
+                    operator.stop()
+        finally:
+            plane.stop()
+    return {"apply_to_rank_pods": results, "operator_peak_rss_mib": round(peak_rss / 2**20, 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--jobs", type=int, nargs="+", default=[1, 100])
+    print(json.dumps({"operator": run(tuple(parser.parse_args().jobs))}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
