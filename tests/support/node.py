@@ -248,6 +248,31 @@ class _PodRunner(threading.Thread):
                 self.delete_requested = grace
                 self.deadline = time.monotonic() + grace
 
+    def _pod_kubeconfig(self, sa_dir: Path) -> str:
+        """A kubeconfig that authenticates as the pod's service account (its token file)."""
+        path = self.dir / "kubeconfig"
+        config = {
+            "apiVersion": "v1",
+            "kind": "Config",
+            "clusters": [
+                {
+                    "name": "test",
+                    "cluster": {
+                        "server": f"https://{self.node.api_host}:{self.node.api_port}",
+                        "insecure-skip-tls-verify": True,
+                    },
+                }
+            ],
+            "users": [{"name": "pod", "user": {"tokenFile": str(sa_dir / "token")}}],
+            "contexts": [
+                {"name": "pod", "context": {"cluster": "test", "user": "pod", "namespace": self.ns}}
+            ],
+            "current-context": "pod",
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config))
+        return str(path)
+
     def kill(self, sig: int, container: str | None = None) -> None:
         with self.lock:
             for c in self.init_containers + self.containers:
@@ -424,6 +449,10 @@ class _PodRunner(threading.Thread):
             env["TEST_NODE_PATH_MAP"] = json.dumps(paths.mapping)
             if SA_MOUNT in paths.mapping:
                 env["TEST_NODE_SERVICEACCOUNT_DIR"] = paths.mapping[SA_MOUNT]
+                # The client's in-cluster loader reads a fixed path this node cannot provide;
+                # a kubeconfig with the pod's own token gives the same identity and RBAC to code
+                # that falls back to KUBECONFIG (the usual in-cluster-else-kubeconfig pattern).
+                env["KUBECONFIG"] = self._pod_kubeconfig(Path(paths.mapping[SA_MOUNT]))
             command = list(c.spec.get("command") or [])
             args = list(c.spec.get("args") or [])
             if not command:
