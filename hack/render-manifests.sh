@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Regenerate the files rendered from other sources (tests/chart fails when they drift):
-#   charts/dreambooth-operator/files/crd.yaml  <- `dreambooth crd` (the chart's copy of the CRD;
-#                                                  manifests/crd.yaml is the same output)
+#   manifests/crd.yaml,
+#   charts/dreambooth-operator/files/crd.yaml  <- `dreambooth crd` (the CRD, and the chart's copy)
 #   manifests/install.yaml                      <- the chart with default values, release
 #                                                  "dreambooth-operator" in namespace
 #                                                  dreambooth-system, plus that Namespace
@@ -58,8 +58,9 @@ if [[ -x .venv/bin/dreambooth ]]; then
 else
     python3 -m dreambooth_operator.cli crd > "$CHART/files/crd.yaml.tmp"
 fi
+cp -f "$CHART/files/crd.yaml.tmp" manifests/crd.yaml
 mv -f "$CHART/files/crd.yaml.tmp" "$CHART/files/crd.yaml"
 
 render_install > manifests/install.yaml.tmp
 mv -f manifests/install.yaml.tmp manifests/install.yaml
-echo "wrote $CHART/files/crd.yaml and manifests/install.yaml" >&2
+echo "wrote manifests/crd.yaml, $CHART/files/crd.yaml and manifests/install.yaml" >&2
