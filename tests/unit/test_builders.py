@@ -1,0 +1,132 @@
+"""Pure builders: the manifests a DreamBoothJob produces, checked by value."""
+
+from __future__ import annotations
+
+import copy
+
+from dreambooth_operator import builders, names
+from dreambooth_operator.validation import parse_job
+
+DOCUMENT = {
+    "apiVersion": "dreambooth.dev/v1alpha1",
+    "kind": "DreamBoothJob",
+    "metadata": {
+        "name": "dog",
+        "namespace": "team",
+        "uid": "u-1",
+        "labels": {"kueue.x-k8s.io/queue-name": "gpu", "unrelated": "x"},
+    },
+    "spec": {
+        "baseModel": {"uri": "stable-diffusion-v1-5/stable-diffusion-v1-5"},
+        "instance": {"imagesUri": "s3://data/dog", "prompt": "a photo of sks dog"},
+        "priorPreservation": {"classPrompt": "a photo of dog"},
+        "resources": {
+            "nodes": 2,
+            "gpusPerNode": 4,
+            "resources": {"requests": {"cpu": 8, "memory": "64Gi"}},
+            "tolerations": [
+                {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+            ],
+            "priorityClassName": "training",
+        },
+        "storage": {
+            "outputUri": "s3://runs/dog",
+            "s3": {"credentialsSecret": {"name": "s3-creds"}},
+        },
+    },
+}
+JOB = parse_job(copy.deepcopy(DOCUMENT))
+
+
+def env_of(manifest) -> dict:
+    container = manifest["spec"]["template"]["spec"]["containers"][0]
+    return {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
+
+
+def test_training_job_per_rank_has_stable_dns_and_torchrun_rendezvous():
+    rank1 = builders.batch_job(JOB, names.TRAIN, rank=1, attempt=3)
+    pod = rank1["spec"]["template"]["spec"]
+    assert rank1["metadata"]["name"] == "dog-train-1"
+    assert (pod["hostname"], pod["subdomain"]) == ("dog-train-1", "dog-train")
+    assert rank1["spec"]["backoffLimit"] == 0 and pod["restartPolicy"] == "Never"
+    env = env_of(rank1)
+    assert env["NNODES"] == "2" and env["NPROC_PER_NODE"] == "4" and env["NODE_RANK"] == "1"
+    assert env["MASTER_ADDR"] == "dog-train-0.dog-train.team.svc" and env["MASTER_PORT"] == "29500"
+    container = pod["containers"][0]
+    assert container["command"] == ["torchrun"]
+    assert "--node-rank=$(NODE_RANK)" in container["args"]
+    assert container["args"][-3:] == ["train", "--config", "/etc/dreambooth/trainer.json"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    assert container["resources"]["requests"] == {"cpu": "8", "memory": "64Gi"}
+    assert rank1["metadata"]["labels"][names.LABEL_ATTEMPT] == "3"
+
+
+def test_credentials_only_by_secret_reference():
+    env = env_of(builders.batch_job(JOB, names.TRAIN, 0, 0))
+    assert env["AWS_ACCESS_KEY_ID"] == {
+        "secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
+    }
+    config_map = builders.config_map(JOB, '{"x": 1}')
+    assert "secret" not in str(config_map).lower().replace("secretkeyref", "")
+
+
+def test_pods_meet_the_restricted_pod_security_standard():
+    pod = builders.batch_job(JOB, names.PRIORS, 0, 0)["spec"]["template"]["spec"]
+    security = pod["containers"][0]["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["capabilities"] == {
+        "drop": ["ALL"]
+    }
+    assert security["runAsNonRoot"] and security["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert pod["securityContext"]["runAsNonRoot"]
+
+
+def test_scheduling_fields_and_queue_labels_pass_through():
+    job = builders.batch_job(JOB, names.PRIORS, 0, 0)
+    pod = job["spec"]["template"]["spec"]
+    assert pod["tolerations"] == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
+    ]
+    assert pod["priorityClassName"] == "training"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    assert "unrelated" not in job["metadata"]["labels"]
+
+
+def test_priors_run_standalone_per_pod_and_export_needs_no_gpu():
+    priors = builders.batch_job(JOB, names.PRIORS, 1, 0)["spec"]["template"]["spec"]["containers"][
+        0
+    ]
+    assert priors["args"][0] == "--standalone"
+    assert priors["args"][-3:] == ["priors", "--config", "/etc/dreambooth/trainer.json"]
+    export = builders.batch_job(JOB, names.EXPORT, 0, 0)
+    assert export["metadata"]["name"] == "dog-export"
+    container = export["spec"]["template"]["spec"]["containers"][0]
+    assert container["command"] == ["dreambooth"] and "nvidia.com/gpu" not in str(
+        container["resources"]
+    )
+
+
+def test_status_role_is_limited_to_this_jobs_status():
+    role = builders.status_role(JOB)
+    assert role["rules"] == [
+        {
+            "apiGroups": ["dreambooth.dev"],
+            "resources": ["dreamboothjobs/status"],
+            "resourceNames": ["dog"],
+            "verbs": ["get", "patch"],
+        }
+    ]
+    binding = builders.status_role_binding(JOB)
+    assert binding["subjects"][0]["name"] == "dog-trainer"
+
+
+def test_every_child_is_owned_by_the_job_and_builders_are_deterministic():
+    objects = builders.shared_objects(JOB, "{}") + builders.phase_jobs(JOB, names.TRAIN, 0)
+    for manifest in objects:
+        owner = manifest["metadata"]["ownerReferences"][0]
+        assert (owner["kind"], owner["name"], owner["uid"], owner["controller"]) == (
+            "DreamBoothJob",
+            "dog",
+            "u-1",
+            True,
+        )
+    assert objects == builders.shared_objects(JOB, "{}") + builders.phase_jobs(JOB, names.TRAIN, 0)
