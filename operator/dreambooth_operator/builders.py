@@ -312,6 +312,33 @@ def _template_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(encoded).hexdigest()[:16]
 
 
+def _serve_args(job: DreamBoothJob, artifact_uri: str, digest: str) -> list[str]:
+    args = ["serve", "--model", artifact_uri, "--digest", digest]
+    args += [
+        "--served-model-name",
+        job.metadata.name,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(INFERENCE_PORT),
+    ]
+    s3 = job.spec.storage.s3
+    for flag, value in (("--s3-endpoint", s3.endpoint), ("--s3-region", s3.region)):
+        if value:
+            args += [flag, value]
+    cpu_limit = job.spec.inference.resources.limits.get("cpu")
+    if job.spec.inference.gpus == 0 and cpu_limit is not None:
+        # torch sizes its thread pool from the node's cores; more threads than the pod's CPU
+        # limit makes every call many times slower.
+        args += ["--cpu-threads", str(max(1, int(_cpu_cores(cpu_limit))))]
+    return args
+
+
+def _cpu_cores(quantity: int | str) -> float:
+    text = str(quantity)
+    return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
 def inference_deployment(job: DreamBoothJob, artifact_uri: str, digest: str) -> Manifest:
     """Serves exactly one exported artifact; a new digest rolls the Deployment."""
     spec, job_name = job.spec, job.metadata.name
@@ -323,17 +350,7 @@ def inference_deployment(job: DreamBoothJob, artifact_uri: str, digest: str) -> 
         "image": inference.image or spec.resources.image,
         "imagePullPolicy": spec.resources.image_pull_policy,
         "command": ["dreambooth"],
-        "args": [
-            "serve",
-            "--model",
-            artifact_uri,
-            "--expected-digest",
-            digest,
-            "--host",
-            "0.0.0.0",
-            "--port",
-            str(INFERENCE_PORT),
-        ],
+        "args": _serve_args(job, artifact_uri, digest),
         "env": [
             e
             for e in _env(job, 0)

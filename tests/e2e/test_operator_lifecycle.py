@@ -140,3 +140,33 @@ def test_deleting_a_job_removes_everything_it_owns(operator_factory, jobs, names
     selector = "dreambooth.dev/job=toy"
     wait_until("owned Jobs garbage-collected", lambda: jobs.batch_jobs(selector) == [], 60)
     assert jobs.core.list_namespaced_config_map(jobs.namespace, label_selector=selector).items == []
+
+
+def test_operator_metrics_pass_promtool_and_prometheus_scrapes_them(
+    operator_factory, jobs, namespace, prometheus, promtool_bin
+):
+    import subprocess
+
+    operator = operator_factory(namespace)
+    jobs.create(job_document("toy"))
+    wait_until(
+        "priors Job", lambda: _names(jobs.batch_jobs()) == ["toy-priors-0"], 60, operator.log
+    )
+    exposition = operator.metrics()
+    for family in (
+        "dreambooth_operator_jobs",
+        "dreambooth_operator_jobs_created_total",
+        "dreambooth_operator_reconcile_duration_seconds",
+        "dreambooth_operator_time_to_first_step_seconds",
+    ):
+        assert f"# TYPE {family} " in exposition, family
+    checked = subprocess.run(
+        [str(promtool_bin), "check", "metrics"], input=exposition, capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    prom = prometheus([f"127.0.0.1:{operator.metrics_port}"])
+    pending = prom.wait_for_value(
+        'dreambooth_operator_jobs{phase="Pending"}', lambda v: v == 1, timeout=30
+    )
+    assert pending == 1
+    assert prom.value("dreambooth_operator_jobs_created_total") == 1

@@ -287,7 +287,7 @@ def test_serving_creates_a_deployment_for_exactly_the_artifact():
     )
     args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--model") + 1] == ARTIFACT["uri"]
-    assert args[args.index("--expected-digest") + 1] == ARTIFACT["digest"]
+    assert args[args.index("--digest") + 1] == ARTIFACT["digest"]
     assert decision.status.inference.endpoint == "http://dog-inference.team.svc"
 
 

@@ -1,0 +1,170 @@
+"""Inference benchmark: images/s and latency at 1, 4 and 8 concurrent clients, dynamic batching
+on (max batch 8) versus one request at a time (max batch 1).
+
+Each mode runs the real server (`python -m dreambooth_trainer.serve`, the `dreambooth serve`
+command) as its own process on the tiny random model, so the clients never share a GIL with it;
+closed-loop clients (each sends its next request when the previous one is answered) drive it
+over HTTP. Prints JSON:
+
+    python -m bench.inference [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+MODEL = "random://tiny-sd"
+SIZE = "64x64"
+# Enough denoising steps that the UNet, not HTTP, dominates (real requests use 20 to 50).
+STEPS = 10
+CONCURRENCY = (1, 4, 8)
+MODES = {"batching": 8, "one_at_a_time": 1}  # mode -> --max-batch-size
+# One intra-op thread: on a small shared CPU, more threads than free cores makes every op wait
+# for a descheduled thread, which would measure the neighbours, not the server.
+CPU_THREADS = 1
+START_TIMEOUT = 300.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
+
+
+@contextmanager
+def server(max_batch_size: int, cache_dir: Path) -> Iterator[str]:
+    """`dreambooth serve` on a free loopback port; yields its URL once /readyz says 200."""
+    port = _free_port()
+    argv = [sys.executable, "-m", "dreambooth_trainer.serve", "--model", MODEL]
+    argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
+    argv += ["--max-batch-size", str(max_batch_size), "--max-queue", "256"]
+    argv += ["--cpu-threads", str(CPU_THREADS), "--default-steps", str(STEPS)]
+    env = {**os.environ, "DREAMBOOTH_CACHE": str(cache_dir)}
+    url = f"http://127.0.0.1:{port}"
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while not _ready(url):
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"server did not start:\n{log.read().decode()[-3000:]}")
+                time.sleep(0.2)
+            yield url
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+
+def _ready(url: str) -> bool:
+    try:
+        return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _batch_totals(url: str) -> tuple[float, float]:
+    """(pipeline calls, images in them) so far, from the server's batch-size histogram."""
+    values = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        name, _, value = line.partition(" ")
+        values[name] = value
+    return (
+        float(values["dreambooth_inference_batch_size_count"]),
+        float(values["dreambooth_inference_batch_size_sum"]),
+    )
+
+
+async def _client(http: httpx.AsyncClient, client_id: int, requests: int) -> list[float]:
+    latencies = []
+    for i in range(requests):
+        body = {
+            "prompt": "a photo of sks dog",
+            "size": SIZE,
+            "num_inference_steps": STEPS,
+            "seed": client_id * 1000 + i,
+        }
+        started = time.perf_counter()
+        response = await http.post("/v1/images/generations", json=body)
+        response.raise_for_status()
+        latencies.append(time.perf_counter() - started)
+    return latencies
+
+
+async def _load(url: str, concurrency: int, requests_per_client: int) -> tuple[float, list[float]]:
+    limits = httpx.Limits(max_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
+        started = time.perf_counter()
+        per_client = await asyncio.gather(
+            *(_client(http, c, requests_per_client) for c in range(concurrency))
+        )
+        wall = time.perf_counter() - started
+    return wall, [latency for latencies in per_client for latency in latencies]
+
+
+def measure(url: str, concurrency: int, requests_per_client: int) -> dict[str, Any]:
+    asyncio.run(_load(url, concurrency, 2))  # warm-up: first calls at this batch size
+    calls_before, images_before = _batch_totals(url)
+    wall, latencies = asyncio.run(_load(url, concurrency, requests_per_client))
+    calls_after, images_after = _batch_totals(url)
+    return {
+        "concurrency": concurrency,
+        "requests": len(latencies),
+        "images_per_s": round(len(latencies) / wall, 2),
+        "latency_p50_s": round(_percentile(latencies, 0.50), 4),
+        "latency_p95_s": round(_percentile(latencies, 0.95), 4),
+        "mean_batch_size": round((images_after - images_before) / (calls_after - calls_before), 2),
+    }
+
+
+def run(quick: bool = False) -> dict[str, Any]:
+    requests_per_client = 6 if quick else 24
+    results: dict[str, list[dict[str, Any]]] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as cache:
+        for mode, max_batch_size in MODES.items():
+            with server(max_batch_size, Path(cache)) as url:
+                results[mode] = [measure(url, c, requests_per_client) for c in CONCURRENCY]
+    at_8 = {mode: rows[-1]["images_per_s"] for mode, rows in results.items()}
+    return {
+        "benchmark": "inference",
+        "model": MODEL,
+        "size": SIZE,
+        "steps": STEPS,
+        "device": "cpu",
+        "cpu_threads": CPU_THREADS,
+        "requests_per_client": requests_per_client,
+        "modes": {
+            mode: {"max_batch_size": MODES[mode], "results": rows} for mode, rows in results.items()
+        },
+        "batching_speedup_at_8_clients": round(at_8["batching"] / at_8["one_at_a_time"], 2),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer requests per client")
+    args = parser.parse_args()
+    print(json.dumps(run(args.quick), indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Fixtures of the inference server tests: a tiny exported artifact and servers over it.
+
+The tiny random-weights pipeline (random://tiny-sd) is exported ONCE per session the way the
+export phase does it (diffusers pipeline + single file + sha256 manifest) and loaded ONCE; each
+test starts its own app (own batcher, metrics and limits) over that shared pipeline.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreambooth_trainer import random_models
+from dreambooth_trainer.serve import artifact
+from dreambooth_trainer.serve.app import create_app
+from dreambooth_trainer.serve.config import BatchingSettings, Limits, ServeSettings
+
+from .harness import running
+
+MODEL_ID = "sks-dog"
+# Small everywhere: 2 denoising steps at 32 px keep a request in the tens of milliseconds.
+FAST = {"num_inference_steps": 2, "size": "32x32"}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread() -> None:
+    # Two cores shared with other suites: a 2-thread OpenMP region waits for a descheduled
+    # thread at every op, which makes a 25 ms tiny-model call take seconds. One thread is steady.
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("model-cache")
+
+
+@pytest.fixture(scope="session")
+def exported(model_cache, tmp_path_factory) -> Path:
+    """An artifact directory exactly as export.py writes it."""
+    from dreambooth_trainer.export import export_pipeline
+
+    source = random_models.materialize("random://tiny-sd", model_cache)
+    pipeline = artifact.load_pipeline(source, torch.device("cpu"), torch.float32)
+    directory = tmp_path_factory.mktemp("artifact") / "export"
+    export_pipeline(pipeline, directory, metadata={"job": MODEL_ID})
+    return directory
+
+
+@pytest.fixture
+def tampered(exported, tmp_path) -> Path:
+    """A copy of the artifact with one byte of the UNet weights changed."""
+    copy = tmp_path / "tampered"
+    shutil.copytree(exported, copy)
+    weights = next((copy / "pipeline" / "unet").glob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    return copy
+
+
+@pytest.fixture(scope="session")
+def loaded(exported, model_cache) -> artifact.LoadedModel:
+    return artifact.load(str(exported), cache_dir=model_cache, device="cpu")
+
+
+def settings(**batching) -> ServeSettings:
+    return ServeSettings(
+        model_id=MODEL_ID,
+        limits=Limits(max_n=4, max_side=256, max_steps=50),
+        batching=BatchingSettings(**batching),
+        default_steps=2,
+    )
+
+
+@pytest.fixture
+def serve(loaded) -> Iterator[Callable[..., str]]:
+    """Factory: `url = serve(max_batch_size=..., ...)` starts a ready server for this test."""
+    with contextlib.ExitStack() as stack:
+
+        def start(**batching) -> str:
+            app = create_app(settings(**batching), lambda: loaded, warm_up=False)
+            return stack.enter_context(running(app))
+
+        yield start

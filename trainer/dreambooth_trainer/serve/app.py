@@ -1,0 +1,160 @@
+"""The FastAPI app: OpenAI Images API, model list, health, readiness and metrics.
+
+    app = create_app(ServeSettings(model_id="my-dog"), loader)
+    uvicorn.run(app)
+
+The event loop only validates, queues and encodes; inference runs on the batcher's worker
+thread (host.py, batching.py), so health checks and 429s stay fast while a batch runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from . import errors
+from .batching import BatcherClosed, DynamicBatcher, Job, QueueFull
+from .config import ServeSettings
+from .engine import Text2ImageEngine, png_base64
+from .errors import ApiError
+from .host import ModelHost, ModelLoader, State
+from .metrics import ServeMetrics
+from .schemas import (
+    ImageData,
+    ImageGenerationRequest,
+    ImagesResponse,
+    ModelCard,
+    ModelList,
+    resolve,
+)
+
+log = logging.getLogger(__name__)
+
+# Rejection reasons for the metric, by HTTP status.
+REJECT_REASONS = {400: "invalid", 404: "invalid", 429: "queue_full", 503: "not_ready"}
+
+router = APIRouter()
+
+
+def host_of(request: Request) -> ModelHost:
+    return request.app.state.host
+
+
+def _ready(host: ModelHost) -> tuple[Text2ImageEngine, DynamicBatcher]:
+    engine, batcher = host.engine, host.batcher
+    if host.state is not State.ready or engine is None or batcher is None:
+        raise ApiError(503, f"The model is not ready ({host.state.value}).", code="model_not_ready")
+    return engine, batcher
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse)
+async def create_image(body: ImageGenerationRequest, request: Request) -> ImagesResponse:
+    started = time.perf_counter()
+    host = host_of(request)
+    engine, batcher = _ready(host)
+    generation = resolve(body, host.settings, engine.native_side)
+    job = Job(key=generation.batch_key, size=generation.n, payload=generation)
+    try:
+        images = await asyncio.wrap_future(batcher.submit(job))
+    except QueueFull as exc:
+        raise ApiError(
+            429,
+            f"The server is at capacity ({exc}); retry shortly.",
+            code="queue_full",
+            headers={"Retry-After": "1"},
+        ) from exc
+    except BatcherClosed as exc:
+        raise ApiError(503, "The server is shutting down.", code="shutting_down") from exc
+    except Exception as exc:
+        log.exception("generation failed")
+        raise ApiError(500, f"Image generation failed: {exc}", code="generation_failed") from exc
+    # PNG encoding is CPU work: off the loop, and overlapping the next batch on the worker.
+    encoded = await asyncio.to_thread(lambda: [png_base64(image) for image in images])
+    host.metrics.images_generated.inc(len(encoded))
+    host.metrics.request_duration.observe(time.perf_counter() - started)
+    pairs = zip(encoded, generation.seeds, strict=True)
+    data = [ImageData(b64_json=b64, seed=seed) for b64, seed in pairs]
+    return ImagesResponse(created=int(time.time()), data=data)
+
+
+@router.get("/v1/models", response_model=ModelList)
+async def list_models(request: Request) -> ModelList:
+    return ModelList(data=[_card(host_of(request))])
+
+
+@router.get("/v1/models/{model_id:path}", response_model=ModelCard)
+async def get_model(model_id: str, request: Request) -> ModelCard:
+    host = host_of(request)
+    if model_id != host.settings.model_id:
+        raise ApiError(
+            404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found"
+        )
+    return _card(host)
+
+
+def _card(host: ModelHost) -> ModelCard:
+    return ModelCard(id=host.settings.model_id, created=host.loaded_at)
+
+
+@router.get("/healthz")
+async def healthz(request: Request) -> JSONResponse:
+    """Alive: the process serves HTTP. A failed load is not alive (restart, or look at logs)."""
+    host = host_of(request)
+    ok = host.state is not State.failed
+    return JSONResponse({"status": "ok" if ok else "failed"}, status_code=200 if ok else 500)
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """Ready: the model is loaded, so the Service may route generation requests here."""
+    host = host_of(request)
+    body: dict[str, object] = {"status": host.state.value, "model": host.settings.model_id}
+    if host.digest:
+        body["digest"] = host.digest
+    if host.error:
+        body["error"] = host.error
+    return JSONResponse(body, status_code=200 if host.state is State.ready else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return Response(
+        generate_latest(host_of(request).metrics.registry), media_type=CONTENT_TYPE_LATEST
+    )
+
+
+def create_app(
+    settings: ServeSettings,
+    loader: ModelLoader,
+    *,
+    on_load_failure: Callable[[BaseException], None] | None = None,
+    warm_up: bool = True,
+) -> FastAPI:
+    """The app; the model starts loading (in a thread) when the server starts the app."""
+    metrics_ = ServeMetrics()
+    host = ModelHost(settings, loader, metrics_, on_load_failure=on_load_failure, warm_up=warm_up)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        host.start()
+        try:
+            yield
+        finally:
+            host.close()
+
+    app = FastAPI(title="DreamBooth inference", version="1", lifespan=lifespan)
+    app.state.host = host
+    errors.install(app, on_error=lambda status: _count_rejection(metrics_, status))
+    app.include_router(router)
+    return app
+
+
+def _count_rejection(metrics_: ServeMetrics, status: int) -> None:
+    metrics_.rejected.labels(reason=REJECT_REASONS.get(status, "error")).inc()

@@ -1,0 +1,149 @@
+"""Find, verify and load the exported pipeline the server is told to serve.
+
+Order matters: the files are checked against the export's sha256 manifest (and, when given, the
+digest the operator recorded in status.artifact.digest) BEFORE anything is deserialized, so a
+tampered or half-copied artifact is refused instead of served.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+from .. import digest as artifact_digest
+from .. import random_models
+from ..storage import open_store
+
+log = logging.getLogger(__name__)
+
+# export.py's layout: <artifact>/pipeline/ holds the diffusers pipeline, fp16 weights as a variant.
+PIPELINE_DIR = "pipeline"
+FP16_VARIANT = "fp16"
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """What the server runs: the pipeline on its device and the digest it was verified against."""
+
+    pipeline: StableDiffusionPipeline
+    digest: str | None = None
+
+
+class ArtifactError(RuntimeError):
+    """The artifact cannot be served: missing, not an export, or not matching its digest."""
+
+
+@dataclass(frozen=True)
+class S3Location:
+    endpoint: str | None = None
+    region: str | None = None
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    # "sha256:<hex>" from the manifest; None for random:// models (built in code, no manifest).
+    digest: str | None
+
+    @property
+    def pipeline_dir(self) -> Path:
+        """export.py puts the diffusers pipeline under pipeline/; a bare pipeline dir works too."""
+        nested = self.path / PIPELINE_DIR
+        return nested if (nested / "model_index.json").is_file() else self.path
+
+
+def fetch(uri: str, cache_dir: Path, s3: S3Location | None = None) -> Path:
+    """A local directory with the artifact's files (an s3:// URI is downloaded afresh)."""
+    if random_models.is_random_uri(uri):
+        return random_models.materialize(uri, cache_dir)
+    if not uri.startswith("s3://"):
+        path = Path(uri.removeprefix("file://")).expanduser()
+        if not path.is_dir():
+            raise ArtifactError(f"{uri}: no such directory")
+        return path
+    s3 = s3 or S3Location()
+    # Always a fresh copy: verification refuses files the manifest does not list, so leftovers
+    # of an earlier artifact at the same URI must not linger.
+    target = cache_dir / "serve" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    shutil.rmtree(target, ignore_errors=True)
+    log.info("downloading %s to %s", uri, target)
+    files = open_store(uri, s3.endpoint, s3.region).download_dir("", target)
+    if not files:
+        raise ArtifactError(f"{uri}: no objects under this prefix")
+    return target
+
+
+def verify(uri: str, path: Path, expected_digest: str | None = None) -> Artifact:
+    """Check every file against the manifest (and the manifest against `expected_digest`)."""
+    if random_models.is_random_uri(uri):
+        if expected_digest:
+            raise ArtifactError(f"{uri}: a random model has no digest to check against")
+        log.warning("serving %s: random weights built in code, nothing to verify", uri)
+        return Artifact(path, None)
+    if not (path / artifact_digest.MANIFEST).is_file():
+        raise ArtifactError(f"{uri}: not an exported artifact ({artifact_digest.MANIFEST} missing)")
+    try:
+        found = artifact_digest.verify(path)
+    except artifact_digest.DigestMismatch as exc:
+        raise ArtifactError(f"refusing to serve {uri}: {exc}") from exc
+    expected = _normalize(expected_digest) if expected_digest else None
+    if expected and found != expected:
+        raise ArtifactError(f"refusing to serve {uri}: its digest is {found}, expected {expected}")
+    return Artifact(path, found)
+
+
+def _normalize(digest: str) -> str:
+    return digest if digest.startswith("sha256:") else f"sha256:{digest}"
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """fp16 on GPU (half the memory, tensor cores), fp32 on CPU (fp16 kernels are slow there)."""
+    if dtype == "auto":
+        return torch.float16 if device.type == "cuda" else torch.float32
+    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+
+
+def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
+    # The export's fp16 variant, when present, loads half the bytes for an fp16 server.
+    has_fp16 = any(path.glob(f"*/*.{FP16_VARIANT}.safetensors"))
+    variant = FP16_VARIANT if dtype == torch.float16 and has_fp16 else None
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        path,
+        torch_dtype=dtype,
+        variant=variant,
+        safety_checker=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def load(
+    uri: str,
+    *,
+    cache_dir: Path,
+    expected_digest: str | None = None,
+    s3: S3Location | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> LoadedModel:
+    """Fetch, verify, then load: nothing is deserialized before its digest checked out."""
+    verified = verify(uri, fetch(uri, cache_dir, s3), expected_digest)
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    log.info("loading %s on %s as %s", verified.pipeline_dir, torch_device, torch_dtype)
+    return LoadedModel(
+        load_pipeline(verified.pipeline_dir, torch_device, torch_dtype), verified.digest
+    )

@@ -1,0 +1,156 @@
+"""`dreambooth serve --model URI`: verify an exported pipeline and serve it over HTTP."""
+
+from __future__ import annotations
+
+import logging
+from functools import partial
+from pathlib import Path
+
+import click
+
+from ..config import CACHE_DIR_ENV
+from .config import BatchingSettings, Limits, ServeSettings
+
+DEFAULT_CACHE = "~/.cache/dreambooth"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+@click.command("serve")
+@click.option(
+    "--model",
+    "model_uri",
+    required=True,
+    metavar="URI",
+    help="Exported artifact: a directory or s3://bucket/prefix (random://tiny-sd for demos).",
+)
+@click.option(
+    "--digest",
+    envvar="DREAMBOOTH_MODEL_DIGEST",
+    help="Expected artifact digest (sha256:...), e.g. status.artifact.digest; refuse any other.",
+)
+@click.option("--served-model-name", help="Model id in the API (default: the --model URI).")
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=click.IntRange(0, 65535))
+@click.option(
+    "--max-batch-size",
+    default=8,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Images per pipeline call; 1 serves one request at a time.",
+)
+@click.option(
+    "--max-queue",
+    default=64,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Waiting requests; beyond that requests get 429.",
+)
+@click.option(
+    "--batch-timeout-ms",
+    default=10.0,
+    show_default=True,
+    type=click.FloatRange(min=0),
+    help="How long a batch waits for compatible requests to join.",
+)
+@click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=1))
+@click.option("--max-size", default=1024, show_default=True, type=click.IntRange(min=8))
+@click.option("--max-steps", default=150, show_default=True, type=click.IntRange(min=1))
+@click.option("--default-steps", default=25, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+    help="auto: float16 on GPU, float32 on CPU.",
+)
+@click.option(
+    "--cpu-threads",
+    type=click.IntRange(min=1),
+    help="torch intra-op threads (default: all cores; set it to the pod's CPU limit).",
+)
+@click.option(
+    "--cache-dir",
+    envvar=CACHE_DIR_ENV,
+    default=DEFAULT_CACHE,
+    show_default=True,
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Where s3:// artifacts are downloaded.",
+)
+@click.option("--s3-endpoint", help="S3 endpoint (MinIO...); default AWS_ENDPOINT_URL_S3 or AWS.")
+@click.option("--s3-region", help="S3 region; default AWS_REGION.")
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
+def serve(
+    model_uri: str,
+    digest: str | None,
+    served_model_name: str | None,
+    host: str,
+    port: int,
+    max_batch_size: int,
+    max_queue: int,
+    batch_timeout_ms: float,
+    max_images: int,
+    max_size: int,
+    max_steps: int,
+    default_steps: int,
+    device: str,
+    dtype: str,
+    cpu_threads: int | None,
+    cache_dir: Path,
+    s3_endpoint: str | None,
+    s3_region: str | None,
+    log_level: str,
+) -> None:
+    """Serve an exported pipeline over HTTP (OpenAI Images API, /readyz, /metrics).
+
+    The artifact is downloaded, checked against its sha256 manifest (and --digest) and loaded in
+    the background: /healthz answers at once, /readyz once the model is ready. A refused
+    artifact stops the server with exit status 1.
+    """
+    logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    if default_steps > max_steps:
+        raise click.BadParameter("must not exceed --max-steps", param_hint="--default-steps")
+    # Heavy imports (torch, diffusers) only once the arguments are known to be good.
+    import torch
+    import uvicorn
+    from diffusers.utils import logging as diffusers_logging
+
+    from . import artifact
+    from .app import create_app
+
+    diffusers_logging.disable_progress_bar()  # loading bars are noise in a server's log
+    if cpu_threads:
+        # torch sizes its pool from the node's cores, not the container's CPU limit; more
+        # threads than cores makes every op wait for descheduled threads.
+        torch.set_num_threads(cpu_threads)
+    settings = ServeSettings(
+        model_id=served_model_name or model_uri,
+        limits=Limits(max_n=max_images, max_side=max_size, max_steps=max_steps),
+        batching=BatchingSettings(max_batch_size, max_queue, batch_timeout_ms),
+        default_steps=default_steps,
+    )
+    loader = partial(
+        artifact.load,
+        model_uri,
+        cache_dir=cache_dir.expanduser(),
+        expected_digest=digest,
+        s3=artifact.S3Location(s3_endpoint, s3_region),
+        device=device,
+        dtype=dtype,
+    )
+    server: uvicorn.Server | None = None
+
+    def stop(_: BaseException) -> None:
+        if server is not None:
+            server.should_exit = True
+
+    app = create_app(settings, loader, on_load_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
+    server.run()
+    if app.state.host.error:
+        raise click.ClickException(f"the model was not loaded: {app.state.host.error}")
