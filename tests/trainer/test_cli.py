@@ -1,0 +1,108 @@
+"""`dreambooth run` end to end, and bad input exits 2 naming the field."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from click.testing import CliRunner
+
+from dreambooth_operator.cli import main
+from dreambooth_trainer.cli import EXIT_BAD_INPUT
+from dreambooth_trainer.digest import verify
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.trainer
+
+EXAMPLE = REPO / "examples" / "local-tiny.yaml"
+
+
+@pytest.fixture(autouse=True)
+def model_cache(shared_dir: Path, monkeypatch):
+    """Configs from a job name no cache_dir: keep the tests' models out of ~/.cache."""
+    monkeypatch.setenv("DREAMBOOTH_CACHE", str(shared_dir / "models"))
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(main, list(args), catch_exceptions=False)
+
+
+def test_local_run_of_the_example(tmp_path: Path):
+    """README's first command: priors -> train -> export -> samples, into --output."""
+    output = tmp_path / "out"
+    result = invoke("run", str(EXAMPLE), "--output", str(output))
+    assert result.exit_code == 0, result.output
+    digest = verify(output / "export")
+    assert f"digest: {digest}" in result.output
+    assert (output / "samples" / "final.png").is_file()
+    example = yaml.safe_load(EXAMPLE.read_text())["spec"]["training"]
+    steps, interval = example["maxSteps"], example["validation"]["interval"]
+    grids = sorted(p.name for p in (output / "samples").glob("step-*.png"))
+    assert grids == [f"step-{s:06d}.png" for s in range(interval, steps + 1, interval)]
+    assert list((output / "logs").glob("events.out.tfevents.*"))
+    config = json.loads((output / "config.json").read_text())
+    assert config["outputUri"] == str(output)
+    assert config["priorCacheUri"] == str(tmp_path / "priors")
+    # the per-phase commands the pods run work on the config the run wrote
+    config_file = str(output / "config.json")
+    assert invoke("priors", "--config", config_file).exit_code == 0  # complete: nothing to do
+    exported = invoke("export", "--config", config_file)
+    assert exported.exit_code == 0 and exported.output.strip() == digest  # deterministic
+    class_images = yaml.safe_load(EXAMPLE.read_text())["spec"]["priorPreservation"]
+    assert len(list((tmp_path / "priors").glob("*/class-*.png"))) == class_images["numClassImages"]
+
+
+def write(path: Path, document: dict) -> Path:
+    path.write_text(json.dumps(document))
+    return path
+
+
+def test_invalid_job_exits_2_naming_the_field(tmp_path: Path):
+    job = yaml.safe_load(EXAMPLE.read_text())
+    job["spec"]["training"]["mixedPrecision"] = "fp16"  # no GPUs in this job
+    result = invoke("run", str(write(tmp_path / "job.yaml", job)))
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "spec.training.mixedPrecision" in result.output
+
+
+def trainer_config(tmp_path: Path) -> dict:
+    from dreambooth_trainer.local import load_config
+
+    return json.loads(load_config(EXAMPLE, tmp_path / "out").to_json())
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        (lambda c: c["training"].update(resolution=100), "training.resolution"),
+        (lambda c: c["training"].update(learningRat=1e-4), "training.learningRat"),
+        (lambda c: c.pop("instance"), "instance"),
+    ],
+    ids=["bad-value", "unknown-field", "missing-section"],
+)
+def test_invalid_config_exits_2_naming_the_field(tmp_path: Path, change, field):
+    config = trainer_config(tmp_path)
+    change(config)
+    for command in ("train", "priors", "export"):
+        result = invoke(command, "--config", str(write(tmp_path / "config.json", config)))
+        assert result.exit_code == EXIT_BAD_INPUT, (command, result.output)
+        assert field in result.output
+
+
+def test_missing_subject_images_exit_2_naming_the_field(tmp_path: Path):
+    config = trainer_config(tmp_path)
+    config["instance"]["imagesUri"] = str(tmp_path / "nothing-here")
+    config["priorPreservation"]["enabled"] = False
+    result = invoke("train", "--config", str(write(tmp_path / "config.json", config)))
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "instance.imagesUri" in result.output
+
+
+def test_bad_shard_exits_2(tmp_path: Path):
+    config = write(tmp_path / "config.json", trainer_config(tmp_path))
+    result = invoke("priors", "--config", str(config), "--shard", "2/2")
+    assert result.exit_code == EXIT_BAD_INPUT
+    assert "--shard" in result.output

@@ -1,0 +1,234 @@
+"""TrainerConfig: the one mapping from a DreamBoothJob, and its wire format."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import BaseModel
+
+from dreambooth_operator.api import DreamBoothJobSpec
+from dreambooth_trainer.config import TrainerConfig, sibling_uri
+from dreambooth_trainer.priors_key import cache_key
+
+from .conftest import REPO, make_job, merged
+
+pytestmark = pytest.mark.trainer
+
+# Every spec section either reaches the trainer or is the operator's alone (pods, serving,
+# restarts): a new section fails test_every_spec_section_is_decided until someone decides.
+CARRIED_SECTIONS = {"base_model", "instance", "prior_preservation", "training"}
+OPERATOR_SECTIONS = {"resources", "storage", "inference", "run_policy"}
+
+# A job whose every trainer-relevant field differs from its default, so that a field dropped
+# on the way cannot pass unnoticed.
+FULL_SPEC: dict[str, Any] = {
+    "baseModel": {"uri": "org/model", "revision": "v2", "variant": "fp16"},
+    "instance": {"imagesUri": "s3://bucket/subject", "prompt": "a photo of zwx toy"},
+    "priorPreservation": {
+        "enabled": False,
+        "classPrompt": "a photo of toy",
+        "numClassImages": 321,
+        "lossWeight": 0.5,
+        "generation": {
+            "steps": 33,
+            "guidanceScale": 6.5,
+            "seed": 7,
+            "batchSize": 8,
+            "negativePrompt": "blurry",
+        },
+    },
+    "training": {
+        "method": "full",
+        "trainTextEncoder": True,
+        "maxSteps": 1234,
+        "learningRate": 3e-6,
+        "lrScheduler": "cosine",
+        "lrWarmupSteps": 50,
+        "batchSize": 2,
+        "gradientAccumulationSteps": 3,
+        "resolution": 768,
+        "centerCrop": True,
+        "mixedPrecision": "bf16",
+        "sharding": {"backend": "deepspeed", "zeroStage": 3},
+        "gradientCheckpointing": False,
+        "seed": 42,
+        "maxGradNorm": 0.5,
+        "use8bitAdam": True,
+        "offsetNoise": 0.1,
+        "snrGamma": 5.0,
+        "cacheLatents": False,
+        "checkpointing": {"interval": 25, "keep": 5},
+        "validation": {
+            "prompts": ["a photo of zwx toy on the moon"],
+            "interval": 77,
+            "numInferenceSteps": 12,
+            "guidanceScale": 4.0,
+            "seed": 9,
+        },
+    },
+    "resources": {"nodes": 2, "gpusPerNode": 4, "processesPerNode": 4},
+    "storage": {
+        "outputUri": "s3://bucket/jobs/run-1",
+        "s3": {
+            "endpoint": "http://minio:9000",
+            "region": "eu-west-1",
+            "credentialsSecret": {"name": "s3-creds"},
+        },
+    },
+}
+# Not the default, yet only one value is allowed today.
+SINGLE_VALUE_FIELDS = {"training.method", "training.sharding.backend"}
+
+
+def leaves(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    """Dotted field path -> value, for every field of `model` and its sub-models."""
+    found: dict[str, Any] = {}
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        path = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            found.update(leaves(value, path + "."))
+        else:
+            found[path] = value
+    return found
+
+
+def default_leaves(model: BaseModel, prefix: str = "") -> dict[str, Any]:
+    defaults: dict[str, Any] = {}
+    for name, info in type(model).model_fields.items():
+        value = getattr(model, name)
+        path = f"{prefix}{name}"
+        if isinstance(value, BaseModel):
+            defaults.update(default_leaves(value, path + "."))
+        elif not info.is_required():
+            defaults[path] = info.get_default(call_default_factory=True)
+    return defaults
+
+
+def test_every_spec_section_is_decided():
+    assert set(DreamBoothJobSpec.model_fields) == CARRIED_SECTIONS | OPERATOR_SECTIONS
+
+
+def test_the_full_job_sets_every_field_to_a_non_default():
+    spec = make_job(FULL_SPEC).spec
+    for section in CARRIED_SECTIONS:
+        model = getattr(spec, section)
+        defaults = default_leaves(model, section + ".")
+        same = [
+            path
+            for path, value in leaves(model, section + ".").items()
+            if path in defaults and value == defaults[path] and path not in SINGLE_VALUE_FIELDS
+        ]
+        assert not same, f"give these fields non-default values in FULL_SPEC: {same}"
+
+
+def test_from_job_carries_every_field_of_the_carried_sections():
+    job = make_job(FULL_SPEC)
+    config = TrainerConfig.from_job(job)
+    for section in CARRIED_SECTIONS:
+        expected = leaves(getattr(job.spec, section), section + ".")
+        actual = leaves(getattr(config, section), section + ".")
+        assert actual == expected, section
+
+
+def test_from_job_resolves_runtime_values():
+    job = make_job(FULL_SPEC)
+    config = TrainerConfig.from_job(job)
+    assert config.job_name == job.metadata.name
+    assert (config.nodes, config.processes_per_node, config.gpus_per_node) == (2, 4, 4)
+    assert config.world_size == 8
+    assert config.output_uri == "s3://bucket/jobs/run-1"
+    assert config.prior_cache_uri == "s3://bucket/jobs/priors"  # <outputUri>/../priors
+    assert (config.s3.endpoint, config.s3.region) == ("http://minio:9000", "eu-west-1")
+    assert config.s3.credentials_secret is None  # pods get credentials from env only
+    assert "s3-creds" not in config.to_json()
+
+
+def test_effective_learning_rate_is_resolved():
+    spec = merged(FULL_SPEC, {"training": {"learningRate": None, "trainTextEncoder": True}})
+    config = TrainerConfig.from_job(make_job(spec))
+    assert config.training.learning_rate == 2e-6
+    spec["training"]["trainTextEncoder"] = False
+    assert TrainerConfig.from_job(make_job(spec)).training.learning_rate == 5e-6
+
+
+def test_processes_default_to_gpus():
+    spec = merged(FULL_SPEC, {"resources": {"processesPerNode": None}})
+    assert TrainerConfig.from_job(make_job(spec)).processes_per_node == 4
+
+
+def test_wire_format_round_trips():
+    config = TrainerConfig.from_job(make_job(FULL_SPEC))
+    assert TrainerConfig.model_validate_json(config.to_json()) == config
+    assert TrainerConfig.model_validate_json(config.model_dump_json()) == config  # snake_case
+    assert '"use8bitAdam": true' in config.to_json()  # camelCase like the CR
+
+
+def test_relative_paths_resolve_against_base_dir(tmp_path: Path):
+    spec = merged(
+        FULL_SPEC,
+        {
+            "baseModel": {"uri": "./models/sd", "variant": None},
+            "instance": {"imagesUri": "photos"},
+            "storage": {"outputUri": "out/run", "s3": {}},
+        },
+    )
+    config = TrainerConfig.from_job(make_job(spec), base_dir=tmp_path)
+    assert config.base_model.uri == str(tmp_path / "models" / "sd")
+    assert config.instance.images_uri == str(tmp_path / "photos")
+    assert config.output_uri == str(tmp_path / "out" / "run")
+    assert config.prior_cache_uri == str(tmp_path / "out" / "priors")
+
+
+def test_hub_ids_and_remote_uris_stay_as_written(tmp_path: Path):
+    config = TrainerConfig.from_job(make_job(FULL_SPEC), base_dir=tmp_path)
+    assert config.base_model.uri == "org/model"
+    assert config.instance.images_uri == "s3://bucket/subject"
+
+
+def test_sibling_uri():
+    assert sibling_uri("s3://b/jobs/a/", "priors") == "s3://b/jobs/priors"
+    assert sibling_uri("/data/out", "priors") == "/data/priors"
+
+
+# -- the class-image cache key -----------------------------------------------------------------------
+
+
+def key_for(overrides: dict[str, Any]) -> str:
+    spec = make_job(merged(FULL_SPEC, overrides)).spec
+    return cache_key(spec.base_model, spec.prior_preservation, spec.training.resolution)
+
+
+def test_cache_key_is_stable_and_content_addressed():
+    key = key_for({})
+    assert key == key_for({}) and len(key) == 32
+    changes = [
+        {"baseModel": {"uri": "org/other"}},
+        {"baseModel": {"revision": "v3"}},
+        {"priorPreservation": {"classPrompt": "a photo of doll"}},
+        {"priorPreservation": {"numClassImages": 322}},
+        {"priorPreservation": {"generation": {"steps": 34}}},
+        {"priorPreservation": {"generation": {"guidanceScale": 7.0}}},
+        {"priorPreservation": {"generation": {"seed": 8}}},
+        {"priorPreservation": {"generation": {"negativePrompt": None}}},
+        {"training": {"resolution": 512}},
+    ]
+    keys = {key_for(change) for change in changes}
+    assert key not in keys and len(keys) == len(changes)
+
+
+def test_cache_key_ignores_what_does_not_change_pixels():
+    assert key_for({"priorPreservation": {"generation": {"batchSize": 1}}}) == key_for({})
+    assert key_for({"training": {"maxSteps": 99}, "storage": {"outputUri": "/x"}}) == key_for({})
+
+
+def test_operator_can_compute_the_key_and_config_without_torch():
+    code = (
+        "import sys; import dreambooth_trainer.priors_key, dreambooth_trainer.config; "
+        "assert 'torch' not in sys.modules, 'torch imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

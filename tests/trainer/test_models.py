@@ -1,0 +1,88 @@
+"""Random-weight models: deterministic, cached; the SD1.5 architecture has SD1.5's shape."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers.loaders.single_file_utils import (
+    CHECKPOINT_KEY_NAMES,
+    convert_ldm_unet_checkpoint,
+    convert_ldm_vae_checkpoint,
+    infer_diffusers_model_type,
+)
+from transformers import CLIPTextConfig, CLIPTextModel
+
+from dreambooth_trainer import random_models
+from dreambooth_trainer.single_file import convert_text_encoder, convert_unet, convert_vae
+from dreambooth_trainer.storage import local_files, sha256_file
+
+from .conftest import CLASS_PROMPT, INSTANCE_PROMPT
+
+pytestmark = pytest.mark.trainer
+
+
+def digests(directory: Path) -> dict[str, str]:
+    return {key: sha256_file(path) for path, key in local_files(directory)}
+
+
+def test_tiny_model_is_deterministic_and_small(tmp_path: Path):
+    first = random_models.materialize("random://tiny-sd", tmp_path / "a")
+    second = random_models.materialize("random://tiny-sd", tmp_path / "b")
+    assert digests(first) == digests(second)
+    size = sum(path.stat().st_size for path, _ in local_files(first))
+    assert size < 10 << 20
+
+
+def test_materialize_reuses_the_cache(tmp_path: Path, monkeypatch):
+    path = random_models.materialize("random://tiny-sd", tmp_path)
+    monkeypatch.setattr(random_models, "build_pipeline", lambda _: pytest.fail("rebuilt"))
+    assert random_models.materialize("random://tiny-sd", tmp_path) == path
+
+
+def test_unknown_random_model_is_named(tmp_path: Path):
+    with pytest.raises(ValueError, match="random://tiny-sd, random://sd15"):
+        random_models.materialize("random://huge", tmp_path)
+
+
+def test_tokenizer_knows_prompt_words():
+    tokenizer = random_models.build_tokenizer()
+    ids = tokenizer(INSTANCE_PROMPT).input_ids
+    # <start> a photo of sks cube <end>: one token per word
+    assert len(ids) == 7
+    assert tokenizer.decode(ids, skip_special_tokens=True) == INSTANCE_PROMPT
+    assert tokenizer(CLASS_PROMPT).input_ids != ids
+    assert tokenizer("zebra!").input_ids[1:-1]  # unknown words fall back to bytes
+
+
+def sd15_on_meta():
+    """SD1.5's networks without memory: parameter shapes only."""
+    architecture = random_models.SD15
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**architecture.unet)
+        vae = AutoencoderKL(**architecture.vae)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**architecture.text_encoder))
+    return unet, vae, text_encoder
+
+
+def count(module: torch.nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def test_sd15_architecture_has_sd15_size():
+    unet, vae, text_encoder = sd15_on_meta()
+    assert count(unet) == 859_520_964
+    assert count(vae) == 83_653_863
+    assert count(text_encoder) == 123_060_480
+
+
+def test_single_file_layout_is_what_sd15_tools_expect():
+    unet, vae, text_encoder = sd15_on_meta()
+    checkpoint = {**convert_unet(unet), **convert_vae(vae), **convert_text_encoder(text_encoder)}
+    assert infer_diffusers_model_type(checkpoint) == "v1"
+    assert CHECKPOINT_KEY_NAMES["clip"] in checkpoint
+    # diffusers' own loader maps every weight back to its diffusers name
+    assert set(convert_ldm_unet_checkpoint(checkpoint, unet.config)) == set(unet.state_dict())
+    assert set(convert_ldm_vae_checkpoint(checkpoint, vae.config)) == set(vae.state_dict())

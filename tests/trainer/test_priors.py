@@ -1,0 +1,76 @@
+"""Class priors: deterministic per image index, shardable, resumable, committed by a manifest."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dreambooth_trainer import priors
+from dreambooth_trainer.priors import PriorRequest, generate_shard, image_name
+from dreambooth_trainer.storage import LocalStore
+
+pytestmark = pytest.mark.trainer
+
+
+@pytest.fixture
+def request_of_eight(make_config) -> PriorRequest:
+    config = make_config(
+        {"priorPreservation": {"numClassImages": 8, "generation": {"batchSize": 4, "steps": 4}}}
+    )
+    return PriorRequest.from_config(config)
+
+
+def pixels(directory: Path, count: int) -> list[np.ndarray]:
+    return [np.asarray(Image.open(directory / image_name(i))) for i in range(count)]
+
+
+def test_two_halves_equal_one_pass(tiny_pipeline, request_of_eight, tmp_path: Path):
+    one_pass, halves = tmp_path / "one", tmp_path / "halves"
+    generate_shard(tiny_pipeline, request_of_eight, one_pass)
+    # Each half runs in a fresh "process": the pipeline carries no state between them.
+    generate_shard(tiny_pipeline, request_of_eight, halves, shard=1, shards=2)
+    assert sorted(p.name for p in halves.iterdir()) == [image_name(i) for i in range(4, 8)]
+    generate_shard(tiny_pipeline, request_of_eight, halves, shard=0, shards=2)
+    for whole, half in zip(pixels(one_pass, 8), pixels(halves, 8), strict=True):
+        assert np.array_equal(whole, half)
+    # and the images are not all the same picture
+    assert not np.array_equal(pixels(one_pass, 2)[0], pixels(one_pass, 2)[1])
+
+
+def test_generation_resumes_where_it_stopped(tiny_pipeline, request_of_eight, tmp_path: Path):
+    generate_shard(tiny_pipeline, request_of_eight, tmp_path)
+    before = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    lost = [image_name(1), image_name(6)]  # one image of each batch
+    for name in lost:
+        (tmp_path / name).unlink()
+    written = generate_shard(tiny_pipeline, request_of_eight, tmp_path)
+    assert sorted(p.name for p in written) == lost
+    after = {p.name: (p.read_bytes(), p.stat().st_mtime_ns) for p in tmp_path.iterdir()}
+    for name, (content, mtime) in before.items():
+        assert after[name][0] == content  # regenerated bit for bit
+        if name not in lost:
+            assert after[name][1] == mtime  # untouched
+
+
+def test_complete_set_has_a_manifest_and_is_reused(make_config, monkeypatch):
+    config = make_config({"priorPreservation": {"numClassImages": 3, "generation": {"seed": 11}}})
+    directory = priors.run_priors(config, shard=1, shards=2)
+    store = LocalStore(directory)
+    assert not store.exists(priors.MANIFEST)  # shard 1 of 2 alone is not the set
+    priors.run_priors(config, shard=0, shards=2)
+    manifest = json.loads(store.read_bytes(priors.MANIFEST))
+    assert manifest["key"] == config.priors_key
+    assert [entry["path"] for entry in manifest["images"]] == [image_name(i) for i in range(3)]
+    assert directory.name == config.priors_key
+    # a second job with the same class settings reuses them without loading a model
+    monkeypatch.setattr(priors, "load_pipeline", lambda *a, **k: pytest.fail("regenerated"))
+    assert priors.run_priors(config) == directory
+
+
+def test_no_priors_without_prior_preservation(make_config):
+    config = make_config({"priorPreservation": {"enabled": False}})
+    assert priors.run_priors(config) is None

@@ -1,0 +1,216 @@
+"""The training loop: it learns, it resumes exactly, every option runs, backends agree."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDPMScheduler
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from dreambooth_trainer import priors
+from dreambooth_trainer.callbacks import Callback, StepMetrics
+from dreambooth_trainer.loss import min_snr_weights
+from dreambooth_trainer.models import load_pipeline
+from dreambooth_trainer.parallel import World
+from dreambooth_trainer.samples import ValidationSamples
+from dreambooth_trainer.train import Trainer, build_trainer
+
+from .conftest import SUBJECT_DIR
+
+pytestmark = pytest.mark.trainer
+
+
+def trainer_for(config) -> Trainer:
+    class_dir = priors.run_priors(config)
+    return build_trainer(config, SUBJECT_DIR, class_dir, World())
+
+
+def unet_weights(trainer: Trainer) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in trainer.trained_model.unet.state_dict().items()}
+
+
+@torch.no_grad()
+def instance_loss(trainer: Trainer, draws: int = 32) -> float:
+    """Denoising loss on the subject images at fixed noise and timesteps (comparable over time)."""
+    generator = torch.Generator().manual_seed(1234)
+    instance = trainer.data.instance
+    indices = [i % len(instance.latents) for i in range(draws)]
+    latents = instance.latents.sample(indices, generator)
+    noise = torch.randn(latents.shape, generator=generator)
+    timesteps = torch.randint(0, 1000, (draws,), generator=generator)
+    scheduler = trainer.frozen.noise_scheduler
+    prediction = trainer.trained_model(
+        scheduler.add_noise(latents, noise, timesteps),
+        timesteps,
+        instance.condition.repeat(draws),
+        instance.condition.is_embedding,
+    )
+    return torch.nn.functional.mse_loss(prediction, noise).item()
+
+
+def test_loss_on_the_instance_images_falls(make_config):
+    config = make_config({"priorPreservation": {"enabled": False}, "training": {"maxSteps": 60}})
+    trainer = trainer_for(config)
+    before = instance_loss(trainer)
+    trainer.fit()
+    after = instance_loss(trainer)
+    assert after < 0.6 * before, (before, after)
+
+
+def test_resume_continues_exactly(make_config):
+    """N steps, state_dict, a fresh trainer, load, N more == 2N straight (bitwise on CPU)."""
+    config = make_config({"training": {"maxSteps": 4, "gradientAccumulationSteps": 2}})
+    straight = trainer_for(config)
+    straight.fit()
+
+    first = trainer_for(config)
+    first.train_step()
+    first.train_step()
+    state = copy.deepcopy(first.state_dict())
+    resumed = trainer_for(config)
+    resumed.load_state_dict(state)
+    resumed.fit()
+
+    assert resumed.step == straight.step == 4
+    assert resumed.micro_step == straight.micro_step == 8
+    expected, actual = unet_weights(straight), unet_weights(resumed)
+    assert all(torch.equal(expected[k], actual[k]) for k in expected)
+    assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
+
+
+def test_latent_cache_is_only_a_speed_up(make_config):
+    """Cached and per-step VAE encodings give the same latents, hence the same losses."""
+    trainers, losses = [], []
+    for cache in (True, False):
+        trainer = trainer_for(make_config({"training": {"cacheLatents": cache, "maxSteps": 3}}))
+        losses.append([trainer.train_step().loss for _ in range(3)])
+        trainers.append(trainer)
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    cached, encoded = (t.data.classes.latents for t in trainers)
+    indices = list(range(len(cached)))
+    draw = [s.sample(indices, torch.Generator().manual_seed(0)) for s in (cached, encoded)]
+    assert torch.allclose(*draw, atol=1e-5)
+
+
+@pytest.fixture
+def v_prediction_model(make_config, tmp_path: Path) -> str:
+    """The tiny model saved with a v-prediction scheduler (like SD 2.x 768)."""
+    config = make_config()
+    pipeline = load_pipeline(config.base_model, config.model_cache_dir())
+    pipeline.scheduler.register_to_config(prediction_type="v_prediction")
+    pipeline.save_pretrained(tmp_path / "tiny-v")
+    return str(tmp_path / "tiny-v")
+
+
+OPTIONS = {
+    "text-encoder+checkpointing+accumulation": {
+        "trainTextEncoder": True,
+        "gradientCheckpointing": True,
+        "gradientAccumulationSteps": 2,
+    },
+    "offset-noise+min-snr+cosine-warmup": {
+        "offsetNoise": 0.1,
+        "snrGamma": 5.0,
+        "lrScheduler": "cosine",
+        "lrWarmupSteps": 1,
+    },
+    "bf16+no-latent-cache+batch-2": {
+        "mixedPrecision": "bf16",
+        "cacheLatents": False,
+        "batchSize": 2,
+        "centerCrop": False,
+    },
+}
+
+
+@pytest.mark.parametrize("options", OPTIONS.values(), ids=OPTIONS.keys())
+def test_training_options(make_config, options):
+    config = make_config({"training": {"maxSteps": 3, **options}})
+    trainer = trainer_for(config)
+    unet_before = unet_weights(trainer)
+    text_before = copy.deepcopy(trainer.frozen.text_encoder.state_dict())
+    trainer.fit()
+    assert trainer.step == 3
+    unet_after = unet_weights(trainer)
+    assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+    assert all(v.dtype == torch.float32 for v in unet_after.values())  # trained in fp32
+    text_after = trainer.frozen.text_encoder.state_dict()
+    text_changed = any(not torch.equal(text_before[k], text_after[k]) for k in text_before)
+    assert text_changed == options.get("trainTextEncoder", False)
+
+
+def test_v_prediction_comes_from_the_model(make_config, v_prediction_model):
+    config = make_config({"baseModel": {"uri": v_prediction_model}, "training": {"snrGamma": 5}})
+    trainer = trainer_for(config)
+    assert trainer.objective.scheduler.config.prediction_type == "v_prediction"
+    metrics = trainer.train_step()
+    assert torch.isfinite(torch.tensor(metrics.loss))
+
+
+def test_min_snr_weights():
+    scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    timesteps = torch.tensor([0, 500, 999])
+    alphas = scheduler.alphas_cumprod[timesteps]
+    snr = alphas / (1 - alphas)
+    weights = min_snr_weights(scheduler, timesteps, gamma=5.0)
+    assert torch.allclose(weights, torch.clamp(snr, max=5.0) / snr)
+    assert weights[0] < 1 and weights[2] == pytest.approx(1.0)  # clipped only where SNR > 5
+    scheduler.register_to_config(prediction_type="v_prediction")
+    weights = min_snr_weights(scheduler, timesteps, gamma=5.0)
+    assert torch.allclose(weights, torch.clamp(snr, max=5.0) / (snr + 1))
+
+
+def test_metrics_report_throughput(make_config):
+    trainer = trainer_for(make_config({"training": {"batchSize": 2}}))
+    metrics = trainer.train_step()
+    assert metrics.images == 4  # 2 instance + 2 class
+    assert metrics.images_per_second > 0
+    assert metrics.learning_rate == pytest.approx(1e-3)
+
+
+def test_callbacks_see_every_step(make_config):
+    """The hook a checkpoint callback will use: state every N steps, start and end."""
+
+    class Recorder(Callback):
+        def __init__(self) -> None:
+            self.events: list[object] = []
+
+        def on_train_start(self, trainer: Trainer) -> None:
+            self.events.append("start")
+
+        def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
+            if trainer.step % 2 == 0:
+                self.events.append(trainer.state_dict()["step"])
+
+        def on_train_end(self, trainer: Trainer) -> None:
+            self.events.append("end")
+
+    recorder = Recorder()
+    config = make_config({"training": {"maxSteps": 4}})
+    build_trainer(config, SUBJECT_DIR, priors.run_priors(config), World(), [recorder]).fit()
+    assert recorder.events == ["start", 2, 4, "end"]
+
+
+def test_validation_grids_with_mixed_precision(make_config, tmp_path: Path):
+    prompts = ["a photo of sks cube", "a photo of cube"]
+    config = make_config(
+        {
+            "training": {
+                "maxSteps": 2,
+                "mixedPrecision": "bf16",
+                "validation": {"prompts": prompts, "interval": 1, "numInferenceSteps": 2},
+            }
+        }
+    )
+    writer = SummaryWriter(str(tmp_path / "logs"))
+    samples = ValidationSamples(config.validation, 64, tmp_path / "samples", writer)
+    build_trainer(config, SUBJECT_DIR, priors.run_priors(config), World(), [samples]).fit()
+    writer.close()
+    grids = sorted((tmp_path / "samples").iterdir())
+    assert [p.name for p in grids] == ["step-000001.png", "step-000002.png"]
+    assert Image.open(grids[0]).size == (64 * len(prompts), 64)
+    assert list((tmp_path / "logs").glob("events.out.tfevents.*"))

@@ -1,0 +1,155 @@
+"""Trainer subcommands of `dreambooth` (imported lazily by dreambooth_operator.cli).
+
+    dreambooth run JOB.yaml [--output DIR]       everything, locally
+    dreambooth priors --config FILE [--shard i/n] one shard of class images (a priors pod)
+    dreambooth train --config FILE               one torchrun rank (a training pod)
+    dreambooth export --config FILE              the artifact and its digest (the export pod)
+
+Exit codes: 0 done, 1 failed while running, 2 bad input (the message names the field).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import NoReturn
+
+import click
+
+EXIT_BAD_INPUT = 2
+
+# Quiet the libraries before they are imported: their import-time notices are noise here.
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+config_option = click.option(
+    "--config",
+    "config_file",
+    required=True,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="Trainer config (JSON, as the operator writes it into the job's ConfigMap).",
+)
+
+
+def configure_logging() -> None:
+    """Our log lines and progress bars; the libraries' per-file loading bars are noise."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    import diffusers.utils.logging
+    import huggingface_hub.utils
+    import transformers.utils.logging
+
+    diffusers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+
+
+def bad_input(lines: list[str]) -> NoReturn:
+    for line in lines:
+        click.echo(f"error: {line}", err=True)
+    sys.exit(EXIT_BAD_INPUT)
+
+
+@contextmanager
+def input_errors() -> Iterator[None]:
+    """Map every kind of bad input to exit code 2 with field-naming messages."""
+    from pydantic import ValidationError
+
+    from dreambooth_operator.validation import JobInvalid, problems
+
+    from .config import ConfigError, TrainerConfig
+
+    try:
+        yield
+    except JobInvalid as error:
+        bad_input(error.problems)
+    except ValidationError as error:
+        bad_input(problems(error, root=TrainerConfig))
+    except ConfigError as error:
+        bad_input([str(error)])
+
+
+def read_config(path: Path):
+    import yaml
+
+    from .config import TrainerConfig
+
+    try:
+        document = yaml.safe_load(path.read_text())  # JSON is YAML
+    except yaml.YAMLError as error:
+        bad_input([f"{path}: not JSON/YAML: {error}"])
+    return TrainerConfig.model_validate(document)
+
+
+def parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
+    if value is None:
+        return None
+    index, _, total = value.partition("/")
+    if not (index.isdigit() and total.isdigit() and int(index) < int(total)):
+        raise click.BadParameter("expected i/n with 0 <= i < n, e.g. 0/4")
+    return int(index), int(total)
+
+
+@click.command()
+@click.argument("job_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--output", type=click.Path(file_okay=False, path_type=Path), help="Output directory."
+)
+def run(job_file: Path, output: Path | None) -> None:
+    """Run a DreamBoothJob locally: priors, train, export, samples."""
+    configure_logging()
+    from .local import load_config, run_local
+
+    with input_errors():
+        config = load_config(job_file, output)
+        result = run_local(config)
+    click.echo(f"output: {result.output}")
+    click.echo(f"digest: {result.digest}")
+    click.echo(f"seconds: {result.seconds}")
+
+
+@click.command()
+@config_option
+@click.option(
+    "--shard", callback=parse_shard, help="Shard i/n of the class images (default: torchrun rank)."
+)
+def priors(config_file: Path, shard: tuple[int, int] | None) -> None:
+    """Generate class-prior images (one shard)."""
+    configure_logging()
+    from .parallel import World
+    from .priors import run_priors
+
+    with input_errors():
+        config = read_config(config_file)
+        if shard is None:
+            world = World.from_env()
+            shard = (world.rank, world.world_size)
+        run_priors(config, *shard, progress=True)
+
+
+@click.command()
+@config_option
+def train(config_file: Path) -> None:
+    """Train (one torchrun rank)."""
+    configure_logging()
+    from .train import run_training
+
+    with input_errors():
+        run_training(read_config(config_file))
+
+
+@click.command()
+@config_option
+def export(config_file: Path) -> None:
+    """Export the trained pipeline and print its digest."""
+    configure_logging()
+    from .export import run_export
+
+    with input_errors():
+        result = run_export(read_config(config_file))
+    click.echo(result.digest)

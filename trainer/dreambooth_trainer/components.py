@@ -1,0 +1,117 @@
+"""The base pipeline split into what trains (one module) and what stays frozen."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    SchedulerMixin,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from diffusers.models.attention_processor import AttnProcessor2_0
+from torch import nn
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from dreambooth_operator.api import TrainingSpec
+
+from .models import training_noise_scheduler
+
+
+class DreamBoothModel(nn.Module):
+    """The UNet and, when it trains, the text encoder, as ONE module.
+
+    Backends wrap one module (DDP, DeepSpeed's engine, FSDP2); training the text encoder as a
+    second wrapped model is what breaks diffusers' script under DeepSpeed.
+    """
+
+    def __init__(self, unet: UNet2DConditionModel, text_encoder: CLIPTextModel | None = None):
+        super().__init__()
+        self.unet = unet
+        self.text_encoder = text_encoder
+
+    def forward(
+        self,
+        noisy_latents: torch.Tensor,
+        timesteps: torch.Tensor,
+        condition: torch.Tensor,
+        condition_is_embedding: bool,
+    ) -> torch.Tensor:
+        hidden_states = condition if condition_is_embedding else self.text_encoder(condition)[0]
+        return self.unet(noisy_latents, timesteps, encoder_hidden_states=hidden_states).sample
+
+
+@dataclass
+class FrozenParts:
+    """What the loop uses but never trains, and what sampling needs besides the trained parts."""
+
+    vae: AutoencoderKL
+    tokenizer: CLIPTokenizer
+    text_encoder: CLIPTextModel  # the frozen one in use when the text encoder does not train
+    sampling_scheduler: SchedulerMixin
+    noise_scheduler: DDPMScheduler
+
+
+def frozen_dtype(mixed_precision: str) -> torch.dtype:
+    """Frozen modules run in the autocast dtype: half the memory, and no gradients to lose."""
+    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+
+
+def freeze(module: nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    module.requires_grad_(False).eval().to(device)
+    if dtype != torch.float32:  # diffusers warns about any dtype cast, even a no-op one
+        module.to(dtype=dtype)
+
+
+def enable_activation_checkpointing(text_encoder: CLIPTextModel) -> None:
+    # transformers 5 renamed gradient_checkpointing_enable (the old name warns).
+    enable = getattr(text_encoder, "activation_checkpointing_enable", None)
+    (enable or text_encoder.gradient_checkpointing_enable)()
+
+
+def split_pipeline(
+    pipeline: StableDiffusionPipeline, training: TrainingSpec, device: torch.device
+) -> tuple[DreamBoothModel, FrozenParts]:
+    """UNet (+ text encoder) trainable in fp32; VAE (+ text encoder) frozen, eval, on `device`."""
+    dtype = frozen_dtype(training.mixed_precision)
+    unet, text_encoder, vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
+    for module in (unet, vae):
+        module.set_attn_processor(AttnProcessor2_0())  # torch SDPA: flash / memory-efficient
+    unet.train().requires_grad_(True)
+    freeze(vae, device, dtype)
+    if training.train_text_encoder:
+        text_encoder.train().requires_grad_(True)
+    else:
+        freeze(text_encoder, device, dtype)
+    if training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if training.train_text_encoder:
+            enable_activation_checkpointing(text_encoder)
+    model = DreamBoothModel(unet, text_encoder if training.train_text_encoder else None)
+    frozen = FrozenParts(
+        vae=vae,
+        tokenizer=pipeline.tokenizer,
+        text_encoder=text_encoder,
+        sampling_scheduler=pipeline.scheduler,
+        noise_scheduler=training_noise_scheduler(pipeline),
+    )
+    return model, frozen
+
+
+def sampling_pipeline(model: DreamBoothModel, frozen: FrozenParts) -> StableDiffusionPipeline:
+    """A pipeline over the current weights (shares the modules, copies nothing)."""
+    pipeline = StableDiffusionPipeline(
+        vae=frozen.vae,
+        text_encoder=model.text_encoder or frozen.text_encoder,
+        tokenizer=frozen.tokenizer,
+        unet=model.unet,
+        scheduler=frozen.sampling_scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

@@ -1,0 +1,188 @@
+"""The trainer's configuration: the DreamBoothJob spec sections it needs plus runtime settings.
+
+The operator builds it with `TrainerConfig.from_job(job)` and ships `config.to_json()` in a
+ConfigMap; every trainer pod reads it back with `TrainerConfig.model_validate_json`. The spec
+sections are the API models themselves (api.py is the single source of truth), so a field added
+there reaches the trainer without being declared twice.
+
+Torch-free, like priors_key: the operator imports it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path, PurePosixPath
+
+from pydantic import Field, model_validator
+
+from dreambooth_operator.api import (
+    DNS_LABEL,
+    ApiModel,
+    BaseModelSpec,
+    DreamBoothJob,
+    FieldRuleError,
+    InstanceSpec,
+    PriorPreservationSpec,
+    S3Spec,
+    TrainingSpec,
+    ValidationSpec,
+)
+
+from .priors_key import cache_key
+
+CACHE_DIR_ENV = "DREAMBOOTH_CACHE"
+REMOTE_SCHEMES = ("s3://", "random://")
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; `field` is the wire-format path, e.g. instance.imagesUri."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class TrainerConfig(ApiModel):
+    """What one trainer process needs; spec sections verbatim, effective values resolved."""
+
+    job_name: str = Field(description="DreamBoothJob name.", pattern=DNS_LABEL, max_length=63)
+    namespace: str | None = Field(None, description="DreamBoothJob namespace (None locally).")
+    base_model: BaseModelSpec
+    instance: InstanceSpec
+    prior_preservation: PriorPreservationSpec
+    training: TrainingSpec
+    nodes: int = Field(1, ge=1, description="torchrun nodes (training pods).")
+    processes_per_node: int = Field(1, ge=1, description="torchrun processes per node.")
+    gpus_per_node: int = Field(0, ge=0, description="GPUs per training pod (0: CPU training).")
+    output_uri: str = Field(description="Checkpoints, trained weights, export, samples, logs.")
+    prior_cache_uri: str = Field(description="Root of the content-addressed class-image cache.")
+    s3: S3Spec = Field(S3Spec(), description="Endpoint and region; credentials from env only.")
+    cache_dir: str | None = Field(
+        None, description=f"Model download/build cache; default ${CACHE_DIR_ENV} or ~/.cache."
+    )
+    export_fp16_variant: bool = Field(
+        False, description="Also export fp16 weights (diffusers variant) and an fp16 single file."
+    )
+
+    @model_validator(mode="after")
+    def _no_secret_reference(self) -> TrainerConfig:
+        # Trainer pods get credentials as environment variables; the config never names them.
+        if self.s3.credentials_secret is not None:
+            raise FieldRuleError("s3.credentialsSecret", "must not be set in a trainer config")
+        return self
+
+    @classmethod
+    def from_job(cls, job: DreamBoothJob, base_dir: Path | None = None) -> TrainerConfig:
+        """THE mapping from a DreamBoothJob to the trainer's config.
+
+        `base_dir` resolves relative local paths (a local run passes the YAML file's directory);
+        the operator passes None and pods see the paths as written.
+        """
+        spec = job.spec
+
+        def resolve(uri: str) -> str:
+            return resolve_local_uri(uri, base_dir) if base_dir is not None else uri
+
+        model_uri = spec.base_model.uri
+        if is_local_model(model_uri):
+            model_uri = resolve(model_uri)
+
+        training = spec.training.model_copy(
+            update={"learning_rate": spec.training.effective_learning_rate}
+        )
+        output_uri = resolve(spec.storage.output_uri)
+        prior_cache_uri = (
+            resolve(spec.storage.prior_cache_uri)
+            if spec.storage.prior_cache_uri
+            else sibling_uri(output_uri, "priors")
+        )
+        base_model = spec.base_model.model_copy(update={"uri": model_uri})
+        instance = spec.instance.model_copy(
+            update={"images_uri": resolve(spec.instance.images_uri)}
+        )
+        return cls(
+            job_name=job.metadata.name,
+            namespace=job.metadata.namespace,
+            base_model=base_model,
+            instance=instance,
+            prior_preservation=spec.prior_preservation,
+            training=training,
+            nodes=spec.resources.nodes,
+            processes_per_node=spec.resources.processes,
+            gpus_per_node=spec.resources.gpus_per_node,
+            output_uri=output_uri,
+            prior_cache_uri=prior_cache_uri,
+            s3=spec.storage.s3.model_copy(update={"credentials_secret": None}),
+        )
+
+    def to_json(self) -> str:
+        """The wire format (camelCase, like the CR); `model_validate_json` reads it back."""
+        return self.model_dump_json(by_alias=True, indent=2)
+
+    # -- derived values ------------------------------------------------------------------------
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.processes_per_node
+
+    @property
+    def validation(self) -> ValidationSpec:
+        return self.training.validation
+
+    @property
+    def uses_priors(self) -> bool:
+        return self.prior_preservation.enabled
+
+    @property
+    def priors_key(self) -> str:
+        return cache_key(self.base_model, self.prior_preservation, self.training.resolution)
+
+    @property
+    def priors_uri(self) -> str:
+        return join_uri(self.prior_cache_uri, self.priors_key)
+
+    def output(self, *parts: str) -> str:
+        """URI of a path inside the output location (trained/, export/, samples/, logs/)."""
+        return join_uri(self.output_uri, *parts)
+
+    def model_cache_dir(self) -> Path:
+        if self.cache_dir:
+            return Path(self.cache_dir).expanduser()
+        return Path(os.environ.get(CACHE_DIR_ENV, "~/.cache/dreambooth")).expanduser()
+
+
+# -- URIs ------------------------------------------------------------------------------------------
+
+
+def is_remote(uri: str) -> bool:
+    return uri.startswith(REMOTE_SCHEMES)
+
+
+def is_local_model(uri: str) -> bool:
+    """Local model paths start with '/', '.' or '~'; 'org/name' is a hub id (api.MODEL_URI)."""
+    return uri.startswith(("/", ".", "~"))
+
+
+def resolve_local_uri(uri: str, base_dir: Path) -> str:
+    """Make a local path absolute against `base_dir`; s3:// and random:// URIs pass through."""
+    if is_remote(uri):
+        return uri
+    path = Path(uri).expanduser()
+    return str(path if path.is_absolute() else (base_dir / path).resolve())
+
+
+def join_uri(base: str, *parts: str) -> str:
+    parts = tuple(part.strip("/") for part in parts if part)
+    return "/".join([base.rstrip("/"), *parts]) if parts else base
+
+
+def sibling_uri(uri: str, name: str) -> str:
+    """`<uri>/../<name>` (the API's default prior cache), computed for s3 and paths alike."""
+    scheme, _, path = uri.rpartition("://")
+    parent = str(PurePosixPath(path.rstrip("/")).parent)
+    if scheme and "/" not in path.strip("/"):
+        raise ConfigError(
+            "storage.outputUri", f"needs a prefix below the bucket to place priors beside ({uri})"
+        )
+    return f"{scheme}://{parent}/{name}" if scheme else str(PurePosixPath(parent) / name)

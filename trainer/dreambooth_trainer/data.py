@@ -1,0 +1,292 @@
+"""Training data: subject and class images, VAE latents and prompt conditioning.
+
+Images are resized and cropped once (the crop is drawn from a seeded generator), so that the
+cached-latents path and the encode-every-step path see the same pixels. Data order comes from
+`ShuffledOrder`, a pure function of (seed, position): resuming needs only the position.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL
+from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+from PIL import Image, ImageOps
+from transformers import CLIPTextModel, CLIPTokenizer
+
+from .config import ConfigError, TrainerConfig
+from .seeds import derive_seed
+
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+VAE_ENCODE_BATCH = 8
+
+
+# -- images ----------------------------------------------------------------------------------------
+
+
+def list_images(directory: Path) -> list[Path]:
+    if not directory.is_dir():
+        return []
+    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def load_rgb(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        # Phone photos store their orientation in EXIF; apply it or subjects lie on their side.
+        return ImageOps.exif_transpose(image).convert("RGB")
+
+
+def to_training_tensor(
+    image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square, scale to [-1, 1]: [3, H, W]."""
+    scale = resolution / min(image.size)
+    size = (
+        max(resolution, round(image.width * scale)),
+        max(resolution, round(image.height * scale)),
+    )
+    image = image.resize(size, Image.Resampling.BILINEAR)
+    spare_x, spare_y = image.width - resolution, image.height - resolution
+    if center_crop:
+        left, top = spare_x // 2, spare_y // 2
+    else:
+        left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
+        top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
+    image = image.crop((left, top, left + resolution, top + resolution))
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+def load_training_images(
+    paths: list[Path], resolution: int, center_crop: bool, seed: int
+) -> torch.Tensor:
+    """[N, 3, H, W] in [-1, 1]; random crops depend only on `seed`."""
+    generator = torch.Generator().manual_seed(seed)
+    return torch.stack(
+        [to_training_tensor(load_rgb(p), resolution, center_crop, generator) for p in paths]
+    )
+
+
+# -- order -----------------------------------------------------------------------------------------
+
+
+class ShuffledOrder:
+    """An endless stream of dataset indices: epoch e is a permutation seeded by (seed, e)."""
+
+    def __init__(self, size: int, seed: int):
+        if size < 1:
+            raise ValueError("cannot draw from an empty dataset")
+        self.size = size
+        self.seed = seed
+
+    def take(self, start: int, count: int) -> list[int]:
+        """Indices at stream positions [start, start + count)."""
+        return [
+            self._permutation(p // self.size)[p % self.size] for p in range(start, start + count)
+        ]
+
+    @lru_cache(maxsize=4)  # noqa: B019 - tiny, and orders live as long as the trainer
+    def _permutation(self, epoch: int) -> list[int]:
+        generator = torch.Generator().manual_seed(derive_seed(self.seed, "epoch", epoch))
+        return torch.randperm(self.size, generator=generator).tolist()
+
+
+# -- latents ---------------------------------------------------------------------------------------
+
+
+class LatentSource(Protocol):
+    """Scaled VAE latents of dataset images, sampled from the encoder's distribution."""
+
+    def __len__(self) -> int: ...
+
+    def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor: ...
+
+
+@torch.no_grad()
+def encode_distribution(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """Mean and log-variance of the VAE posterior ([N, 2C, h, w], float32)."""
+    parameters = [
+        vae.encode(chunk.to(vae.device, vae.dtype)).latent_dist.parameters.float()
+        for chunk in pixels.split(VAE_ENCODE_BATCH)
+    ]
+    return torch.cat(parameters)
+
+
+def sample_latents(
+    parameters: torch.Tensor, vae: AutoencoderKL, generator: torch.Generator
+) -> torch.Tensor:
+    """Draw from the posterior with our generator (on the CPU: the same draw on any device)."""
+    distribution = DiagonalGaussianDistribution(parameters)
+    noise = torch.randn(distribution.mean.shape, generator=generator).to(parameters.device)
+    latents = distribution.mean + distribution.std * noise
+    shift = getattr(vae.config, "shift_factor", None) or 0.0
+    return (latents - shift) * vae.config.scaling_factor
+
+
+class CachedLatents:
+    """Encode every image once; each step only samples (the speed-up for frozen VAEs)."""
+
+    def __init__(self, vae: AutoencoderKL, pixels: torch.Tensor):
+        self.vae = vae
+        self.parameters = encode_distribution(vae, pixels)
+
+    def __len__(self) -> int:
+        return len(self.parameters)
+
+    def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        return sample_latents(self.parameters[indices], self.vae, generator)
+
+
+class EncodedEachStep:
+    """Run the VAE encoder on every step (what caching saves; kept for the benchmark)."""
+
+    def __init__(self, vae: AutoencoderKL, pixels: torch.Tensor):
+        self.vae = vae
+        self.pixels = pixels
+
+    def __len__(self) -> int:
+        return len(self.pixels)
+
+    def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        return sample_latents(
+            encode_distribution(self.vae, self.pixels[indices]), self.vae, generator
+        )
+
+
+def latent_source(vae: AutoencoderKL, pixels: torch.Tensor, cache: bool) -> LatentSource:
+    return CachedLatents(vae, pixels) if cache else EncodedEachStep(vae, pixels)
+
+
+# -- prompts ---------------------------------------------------------------------------------------
+
+
+def tokenize(tokenizer: CLIPTokenizer, prompt: str) -> torch.Tensor:
+    """Token ids padded to the model's length, as the pipeline does at inference: [1, L]."""
+    return tokenizer(
+        prompt,
+        padding="max_length",
+        max_length=tokenizer.model_max_length,
+        truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+@torch.no_grad()
+def encode_prompt(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
+    return text_encoder(input_ids.to(text_encoder.device))[0].float()
+
+
+@dataclass
+class Conditioning:
+    """A prompt as the trainable model consumes it: token ids, or cached hidden states.
+
+    With a frozen text encoder the embedding of each prompt never changes, so it is computed
+    once; when the text encoder trains, the ids go through it on every step.
+    """
+
+    value: torch.Tensor  # [1, L] ids or [1, L, D] hidden states
+    is_embedding: bool
+
+    @classmethod
+    def of(
+        cls, prompt: str, tokenizer: CLIPTokenizer, frozen_text_encoder: CLIPTextModel | None
+    ) -> Conditioning:
+        ids = tokenize(tokenizer, prompt)
+        if frozen_text_encoder is None:
+            return cls(ids, is_embedding=False)
+        return cls(encode_prompt(frozen_text_encoder, ids), is_embedding=True)
+
+    def repeat(self, count: int) -> torch.Tensor:
+        return self.value.expand(count, *self.value.shape[1:])
+
+
+# -- batches ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    latents: torch.Tensor  # instance rows first, then class rows
+    condition: torch.Tensor  # ids or hidden states, same row order
+    condition_is_embedding: bool
+    instance_rows: int
+
+
+@dataclass
+class Subset:
+    """Images of one kind (instance or class) with their prompt."""
+
+    latents: LatentSource
+    condition: Conditioning
+    order: ShuffledOrder
+
+
+@dataclass
+class DreamBoothData:
+    instance: Subset
+    classes: Subset | None  # None without prior preservation
+
+    def batch(
+        self, micro_step: int, per_rank: int, rank: int, world_size: int, generator: torch.Generator
+    ) -> Batch:
+        """The micro-batch of `rank` at global micro-step `micro_step` (a pure function of them)."""
+        start = (micro_step * world_size + rank) * per_rank
+        subsets = [s for s in (self.instance, self.classes) if s is not None]
+        latents, conditions = [], []
+        for subset in subsets:
+            latents.append(subset.latents.sample(subset.order.take(start, per_rank), generator))
+            conditions.append(subset.condition.repeat(per_rank))
+        return Batch(
+            latents=torch.cat(latents),
+            condition=torch.cat(conditions),
+            condition_is_embedding=self.instance.condition.is_embedding,
+            instance_rows=per_rank,
+        )
+
+
+def build_data(
+    config: TrainerConfig,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    frozen_text_encoder: CLIPTextModel | None,
+    instance_dir: Path,
+    class_dir: Path | None,
+) -> DreamBoothData:
+    """Instance (and class) images as latents, prompts as conditioning, seeded orders.
+
+    `frozen_text_encoder` is None when the text encoder trains (prompts stay token ids).
+    """
+    training = config.training
+
+    def subset(directory: Path, prompt: str, purpose: str, field: str) -> Subset:
+        paths = list_images(directory)
+        if not paths:
+            raise ConfigError(field, f"no images (png, jpg, webp) in {directory}")
+        pixels = load_training_images(
+            paths,
+            training.resolution,
+            training.center_crop,
+            seed=derive_seed(training.seed, "crop", purpose),
+        )
+        return Subset(
+            latents=latent_source(vae, pixels, cache=training.cache_latents),
+            condition=Conditioning.of(prompt, tokenizer, frozen_text_encoder),
+            order=ShuffledOrder(len(paths), derive_seed(training.seed, "order", purpose)),
+        )
+
+    instance = subset(instance_dir, config.instance.prompt, "instance", "instance.imagesUri")
+    if not config.uses_priors:
+        return DreamBoothData(instance=instance, classes=None)
+    if class_dir is None:
+        raise ConfigError("priorPreservation.enabled", "true, but there are no class images")
+    classes = subset(
+        class_dir,
+        config.prior_preservation.class_prompt,
+        "class",
+        "priorPreservation (class images: run the priors phase first)",
+    )
+    return DreamBoothData(instance=instance, classes=classes)

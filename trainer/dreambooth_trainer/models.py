@@ -1,0 +1,80 @@
+"""Load the base Stable Diffusion model from a hub id, a local directory, s3:// or random://."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+import warnings
+from pathlib import Path
+
+import torch
+from diffusers import DDPMScheduler, StableDiffusionPipeline
+
+from dreambooth_operator.api import BaseModelSpec, S3Spec
+
+from . import random_models
+from .config import is_local_model
+
+log = logging.getLogger(__name__)
+
+COMPLETE_MARKER = ".complete"
+
+
+def resolve_model_source(spec: BaseModelSpec, cache_dir: Path, s3: S3Spec | None = None) -> str:
+    """What `from_pretrained` should open: a local directory, or a hub id (needs network)."""
+    uri = spec.uri
+    if random_models.is_random_uri(uri):
+        return str(random_models.materialize(uri, cache_dir))
+    if uri.startswith("s3://"):
+        return str(download_s3_model(uri, cache_dir, s3 or S3Spec()))
+    if is_local_model(uri):
+        path = Path(uri).expanduser()
+        if not (path / "model_index.json").exists():
+            raise FileNotFoundError(f"{uri}: no diffusers pipeline here (model_index.json missing)")
+        return str(path)
+    return uri
+
+
+def download_s3_model(uri: str, cache_dir: Path, s3: S3Spec) -> Path:
+    """Copy a diffusers pipeline from s3:// into the cache once (keyed by its URI)."""
+    from .storage import open_store  # boto3 only when a model actually lives in S3
+
+    target = cache_dir / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    if (target / COMPLETE_MARKER).exists():
+        return target
+    shutil.rmtree(target, ignore_errors=True)
+    log.info("downloading %s to %s", uri, target)
+    open_store(uri, s3.endpoint, s3.region).download_dir("", target)
+    (target / COMPLETE_MARKER).touch()
+    return target
+
+
+def load_pipeline(
+    spec: BaseModelSpec,
+    cache_dir: Path,
+    s3: S3Spec | None = None,
+    torch_dtype: torch.dtype = torch.float32,
+) -> StableDiffusionPipeline:
+    """The base pipeline, safety checker off (class images and samples are ours to judge)."""
+    source = resolve_model_source(spec, cache_dir, s3)
+    options = {"revision": spec.revision} if spec.revision else {}
+    if spec.variant:
+        options["variant"] = spec.variant
+    with warnings.catch_warnings():
+        # diffusers >= 0.36 renamed torch_dtype to dtype; the old name works everywhere.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            source,
+            torch_dtype=torch_dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+            **options,
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def training_noise_scheduler(pipeline: StableDiffusionPipeline) -> DDPMScheduler:
+    """DDPM with the model's own schedule and prediction type (epsilon or v_prediction)."""
+    return DDPMScheduler.from_config(pipeline.scheduler.config)

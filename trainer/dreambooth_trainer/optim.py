@@ -1,0 +1,59 @@
+"""Optimizer and learning-rate schedule, as factories: backends build them after wrapping
+the model (FSDP2 and ZeRO-3 shard the parameters first)."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+import torch
+from diffusers.optimization import get_scheduler
+from torch import nn
+
+from dreambooth_operator.api import TrainingSpec
+
+from .parallel.base import OptimizerFactory, SchedulerFactory
+
+log = logging.getLogger(__name__)
+
+# diffusers' train_dreambooth.py defaults.
+ADAM_BETAS = (0.9, 0.999)
+WEIGHT_DECAY = 1e-2
+ADAM_EPSILON = 1e-8
+
+
+def optimizer_factory(training: TrainingSpec) -> OptimizerFactory:
+    def make(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        optimizer_class = adamw_8bit() if training.use_8bit_adam else None
+        return (optimizer_class or torch.optim.AdamW)(
+            parameters,
+            lr=training.effective_learning_rate,
+            betas=ADAM_BETAS,
+            weight_decay=WEIGHT_DECAY,
+            eps=ADAM_EPSILON,
+        )
+
+    return make
+
+
+def adamw_8bit() -> type[torch.optim.Optimizer] | None:
+    """bitsandbytes' AdamW8bit: optimizer state in 8 bits, a quarter of AdamW's memory."""
+    try:
+        import bitsandbytes
+    except ImportError:
+        log.warning("training.use8bitAdam: bitsandbytes is not installed; using 32-bit AdamW")
+        return None
+    return bitsandbytes.optim.AdamW8bit
+
+
+def scheduler_factory(training: TrainingSpec) -> SchedulerFactory:
+    def make(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
+        # Stepped once per optimizer step, so steps count optimizer steps (not micro-batches).
+        return get_scheduler(
+            training.lr_scheduler,
+            optimizer,
+            num_warmup_steps=training.lr_warmup_steps,
+            num_training_steps=training.max_steps,
+        )
+
+    return make

@@ -1,0 +1,137 @@
+"""What the training loop needs from a parallelism backend, and the process's place in the world.
+
+The loop is written against `Backend` only: single process, DDP, DeepSpeed ZeRO and FSDP2 differ
+in how they wrap the model, build the optimizer over (possibly sharded) parameters, reduce
+gradients, clip, step and save state; the loop does not care which one runs.
+
+Per optimizer step the loop does::
+
+    for micro_step in range(accumulation):
+        with backend.accumulate(sync=last), backend.autocast():
+            loss = compute(model(...))
+        backend.backward(loss)      # the backend divides by the accumulation steps (or DS does)
+    grad_norm = backend.step()      # clip, optimizer step, LR step, zero grads
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import torch
+from torch import nn
+
+MixedPrecision = Literal["fp16", "bf16", "no"]
+OptimizerFactory = Callable[[Iterable[nn.Parameter]], torch.optim.Optimizer]
+SchedulerFactory = Callable[[torch.optim.Optimizer], torch.optim.lr_scheduler.LRScheduler]
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's rank among all training processes (torchrun's environment)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @classmethod
+    def from_env(cls) -> World:
+        return cls(
+            rank=int(os.environ.get("RANK", 0)),
+            world_size=int(os.environ.get("WORLD_SIZE", 1)),
+            local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+        )
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def device(self) -> torch.device:
+        if torch.cuda.is_available():
+            return torch.device("cuda", self.local_rank)
+        return torch.device("cpu")
+
+    def init_process_group(self) -> None:
+        """Join torchrun's rendezvous (MASTER_ADDR/PORT from the env): nccl on GPU, gloo on CPU."""
+        import torch.distributed as dist
+
+        if not self.distributed or dist.is_initialized():
+            return
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(
+            "nccl" if self.device.type == "cuda" else "gloo",
+            rank=self.rank,
+            world_size=self.world_size,
+        )
+
+    def barrier(self) -> None:
+        import torch.distributed as dist
+
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+
+
+@dataclass(frozen=True)
+class BackendOptions:
+    gradient_accumulation_steps: int = 1
+    max_grad_norm: float | None = 1.0
+    mixed_precision: MixedPrecision = "no"
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision)
+
+
+class Backend(Protocol):
+    world: World
+    options: BackendOptions
+
+    def prepare(
+        self,
+        model: nn.Module,
+        make_optimizer: OptimizerFactory,
+        make_scheduler: SchedulerFactory,
+    ) -> nn.Module:
+        """Wrap `model`, then build optimizer and LR scheduler over the wrapped parameters
+        (FSDP2 and ZeRO-3 shard them first); return the module to call forward on."""
+        ...
+
+    def unwrap(self) -> nn.Module:
+        """The plain module (for validation samples and export); full weights on rank 0."""
+        ...
+
+    def autocast(self) -> AbstractContextManager[Any]: ...
+
+    def accumulate(self, sync: bool) -> AbstractContextManager[Any]:
+        """Around forward and backward of a micro-step; sync=False skips gradient reduction."""
+        ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> float:
+        """Clip, step optimizer and LR scheduler, zero gradients; the pre-clip gradient norm."""
+        ...
+
+    @property
+    def learning_rate(self) -> float: ...
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        """Mean over ranks, for logging (not for gradients)."""
+        ...
+
+    def state_dict(self) -> dict[str, Any]:
+        """Model, optimizer, LR scheduler and loss-scaler state, for checkpoints."""
+        ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,93 @@
+"""One process, one device: the reference backend (and the base of DDP)."""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
+
+import torch
+from torch import nn
+
+from .base import BackendOptions, OptimizerFactory, SchedulerFactory, World
+
+
+class SingleProcessBackend:
+    def __init__(self, world: World, options: BackendOptions):
+        self.world = world
+        self.options = options
+        self.device = world.device
+        if options.mixed_precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 mixed precision needs a GPU; use bf16 or no on the CPU")
+        # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+        self.scaler = torch.amp.GradScaler("cuda") if options.mixed_precision == "fp16" else None
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def prepare(
+        self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
+    ) -> nn.Module:
+        self.model = self.wrap(model.to(self.device))
+        trainable = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = make_optimizer(trainable)
+        self.lr_scheduler = make_scheduler(self.optimizer)
+        return self.model
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        return model
+
+    def unwrap(self) -> nn.Module:
+        return self.model
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        dtype = self.options.autocast_dtype
+        if dtype is None:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def accumulate(self, sync: bool) -> AbstractContextManager[Any]:
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.options.gradient_accumulation_steps
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> float:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.options.max_grad_norm or float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(grad_norm)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return value
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.unwrap().state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+            "grad_scaler": self.scaler.state_dict() if self.scaler else None,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.unwrap().load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+    def close(self) -> None:
+        pass

@@ -1,0 +1,72 @@
+"""Sample grids: how users judge a run. Fixed seeds, so grids from different steps compare."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import make_image_grid
+from PIL import Image
+from torch.utils.tensorboard import SummaryWriter
+
+from dreambooth_operator.api import ValidationSpec
+
+from .callbacks import Callback, StepMetrics
+
+if TYPE_CHECKING:
+    from .train import Trainer
+
+
+@torch.inference_mode()
+def render_grid(
+    pipeline: StableDiffusionPipeline,
+    prompts: list[str],
+    spec: ValidationSpec,
+    resolution: int,
+) -> Image.Image:
+    """One image per prompt, side by side; prompt i always starts from the noise of seed + i."""
+    generators = [torch.Generator().manual_seed(spec.seed + i) for i in range(len(prompts))]
+    images = pipeline(
+        prompts,
+        height=resolution,
+        width=resolution,
+        num_inference_steps=spec.num_inference_steps,
+        guidance_scale=spec.guidance_scale,
+        generator=generators,
+    ).images
+    return make_image_grid(images, rows=1, cols=len(images))
+
+
+class ValidationSamples(Callback):
+    """Every `validation.interval` steps and after the last: a PNG grid and TensorBoard."""
+
+    def __init__(
+        self,
+        spec: ValidationSpec,
+        resolution: int,
+        directory: Path,
+        writer: SummaryWriter | None = None,
+    ):
+        self.spec = spec
+        self.resolution = resolution
+        self.directory = directory
+        self.writer = writer
+
+    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
+        due = trainer.step % self.spec.interval == 0 or trainer.step == trainer.max_steps
+        if due and self.spec.prompts:
+            self.render(trainer)
+
+    def render(self, trainer: Trainer) -> Path:
+        with trainer.backend.autocast():
+            grid = render_grid(trainer.pipeline(), self.spec.prompts, self.spec, self.resolution)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / f"step-{trainer.step:06d}.png"
+        grid.save(path)
+        if self.writer is not None:
+            pixels = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
+            self.writer.add_image("samples", pixels, trainer.step)
+        return path

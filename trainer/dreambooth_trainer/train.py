@@ -1,0 +1,254 @@
+"""The training loop: a Stateful `Trainer`, and the training phase (`run_training`).
+
+All randomness (crops, latent sampling, noise, timesteps) comes from seeded `torch.Generator`s
+whose state is part of `Trainer.state_dict()`, and data order is a pure function of the step, so
+a run resumed from a checkpoint continues exactly where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+from torch.utils.tensorboard import SummaryWriter
+
+from .callbacks import Callback, ProgressBar, StepMetrics, TensorBoardScalars
+from .components import DreamBoothModel, FrozenParts, sampling_pipeline, split_pipeline
+from .config import TrainerConfig
+from .data import DreamBoothData, build_data
+from .locations import fetch_dir, publish_dir, store_for, working_dir
+from .loss import DreamBoothObjective
+from .models import load_pipeline
+from .optim import optimizer_factory, scheduler_factory
+from .parallel import Backend, BackendOptions, World, create_backend
+from .priors import PriorRequest, is_complete
+from .samples import ValidationSamples
+from .seeds import derive_seed
+
+log = logging.getLogger(__name__)
+
+# Inside the output location.
+TRAINED_DIR = "trained"
+SAMPLES_DIR = "samples"
+LOGS_DIR = "logs"
+
+
+class Trainer:
+    """Runs optimizer steps; `state_dict()` covers weights, optimizer, step, RNG, data position."""
+
+    def __init__(
+        self,
+        config: TrainerConfig,
+        model: DreamBoothModel,
+        frozen: FrozenParts,
+        data: DreamBoothData,
+        backend: Backend,
+        callbacks: Sequence[Callback] = (),
+    ):
+        self.config = config
+        self.training = config.training
+        self.frozen = frozen
+        self.data = data
+        self.backend = backend
+        self.callbacks = list(callbacks)
+        self.world = backend.world
+        self.objective = DreamBoothObjective(
+            frozen.noise_scheduler,
+            prior_loss_weight=config.prior_preservation.loss_weight,
+            offset_noise=self.training.offset_noise,
+            snr_gamma=self.training.snr_gamma,
+        )
+        self.step = 0
+        self.micro_step = 0  # micro-batches consumed by every rank: the data position
+        # Each rank draws its own noise, all of it from this one generator.
+        self.generator = torch.Generator().manual_seed(
+            derive_seed(self.training.seed, "noise", self.world.rank)
+        )
+        self.model = backend.prepare(
+            model, optimizer_factory(self.training), scheduler_factory(self.training)
+        )
+
+    @property
+    def max_steps(self) -> int:
+        return self.training.max_steps
+
+    @property
+    def images_per_step(self) -> int:
+        """Instance and class images all ranks process in one optimizer step."""
+        kinds = 1 if self.data.classes is None else 2
+        training = self.training
+        return (
+            kinds
+            * training.batch_size
+            * training.gradient_accumulation_steps
+            * self.world.world_size
+        )
+
+    def fit(self) -> None:
+        for callback in self.callbacks:
+            callback.on_train_start(self)
+        while self.step < self.max_steps:
+            metrics = self.train_step()
+            for callback in self.callbacks:
+                callback.on_step_end(self, metrics)
+        for callback in self.callbacks:
+            callback.on_train_end(self)
+
+    def train_step(self) -> StepMetrics:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches."""
+        started = time.perf_counter()
+        accumulation = self.training.gradient_accumulation_steps
+        totals = torch.zeros(3)
+        for micro in range(accumulation):
+            batch = self.data.batch(
+                self.micro_step,
+                self.training.batch_size,
+                self.world.rank,
+                self.world.world_size,
+                self.generator,
+            )
+            with self.backend.accumulate(sync=micro == accumulation - 1):
+                with self.backend.autocast():
+                    losses = self.objective(self.model, batch, self.generator, self.world.device)
+                self.backend.backward(losses.total)
+            totals += losses.detached().cpu()
+            self.micro_step += 1
+        grad_norm = self.backend.step()
+        self.step += 1
+        loss, instance_loss, prior_loss = self.backend.all_reduce_mean(totals / accumulation)
+        return StepMetrics(
+            step=self.step,
+            loss=float(loss),
+            instance_loss=float(instance_loss),
+            prior_loss=float(prior_loss),
+            grad_norm=grad_norm,
+            learning_rate=self.backend.learning_rate,
+            images=self.images_per_step,
+            seconds=time.perf_counter() - started,
+        )
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's full training state (weights and optimizer through the backend)."""
+        return {
+            "step": self.step,
+            "micro_step": self.micro_step,
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "backend": self.backend.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.step = state["step"]
+        self.micro_step = state["micro_step"]
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        self.backend.load_state_dict(state["backend"])
+
+    # -- results -----------------------------------------------------------------------------------
+
+    @property
+    def trained_model(self) -> DreamBoothModel:
+        return self.backend.unwrap()
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """A sampling pipeline over the current weights."""
+        return sampling_pipeline(self.trained_model, self.frozen)
+
+    def save_trained(self, directory: Path) -> None:
+        """The trained components in diffusers layout: what the export phase starts from."""
+        model = self.trained_model
+        model.unet.save_pretrained(directory / "unet", safe_serialization=True)
+        if model.text_encoder is not None:
+            model.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
+
+
+def build_trainer(
+    config: TrainerConfig,
+    instance_dir: Path,
+    class_dir: Path | None,
+    world: World | None = None,
+    callbacks: Sequence[Callback] = (),
+) -> Trainer:
+    """Load the base model, prepare data and backend: a Trainer ready to `fit()`."""
+    world = world or World.from_env()
+    training = config.training
+    torch.manual_seed(derive_seed(training.seed, "torch", world.rank))
+    options = BackendOptions(
+        gradient_accumulation_steps=training.gradient_accumulation_steps,
+        max_grad_norm=training.max_grad_norm,
+        mixed_precision=training.mixed_precision,
+    )
+    backend = create_backend(training.sharding.backend, world, options)
+    pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3)
+    model, frozen = split_pipeline(pipeline, training, world.device)
+    data = build_data(
+        config,
+        frozen.vae,
+        frozen.tokenizer,
+        None if training.train_text_encoder else frozen.text_encoder,
+        instance_dir,
+        class_dir,
+    )
+    return Trainer(config, model, frozen, data, backend, callbacks)
+
+
+# -- the phase -------------------------------------------------------------------------------------
+
+
+def class_images_dir(config: TrainerConfig, cache_dir: Path) -> Path | None:
+    """The committed class-image set, local (downloaded when it lives in S3)."""
+    if not config.uses_priors:
+        return None
+    store = store_for(config.priors_uri, config.s3)
+    if not is_complete(store, PriorRequest.from_config(config)):
+        raise RuntimeError(f"class images {config.priors_uri}: no manifest; run the priors phase")
+    return fetch_dir(config.priors_uri, config.s3, cache_dir)
+
+
+def main_rank_callbacks(config: TrainerConfig, output: Path, progress: bool) -> list[Callback]:
+    writer = SummaryWriter(str(output / LOGS_DIR))
+    callbacks: list[Callback] = [ProgressBar()] if progress else []
+    resolution = config.training.resolution
+    callbacks += [
+        TensorBoardScalars(writer),
+        ValidationSamples(config.validation, resolution, output / SAMPLES_DIR, writer),
+    ]
+    return callbacks
+
+
+def run_training(
+    config: TrainerConfig,
+    world: World | None = None,
+    progress: bool = True,
+    callbacks: Sequence[Callback] = (),
+) -> Path:
+    """The training phase on this rank; returns the local output directory.
+
+    Rank 0 logs to TensorBoard, renders sample grids and at the end saves the trained weights
+    (<output>/trained) that the export phase starts from.
+    """
+    world = world or World.from_env()
+    cache = config.model_cache_dir()
+    instance_dir = fetch_dir(config.instance.images_uri, config.s3, cache)
+    class_dir = class_images_dir(config, cache)
+    output = working_dir(config.output_uri, cache)
+    callbacks = list(callbacks)
+    if world.is_main:
+        callbacks += main_rank_callbacks(config, output, progress)
+    trainer = build_trainer(config, instance_dir, class_dir, world, callbacks)
+    try:
+        trainer.fit()
+        if world.is_main:
+            trainer.save_trained(output / TRAINED_DIR)
+            publish_dir(output, config.output_uri, config.s3)
+        world.barrier()
+    finally:
+        trainer.backend.close()
+    return output
