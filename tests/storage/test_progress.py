@@ -183,3 +183,16 @@ def test_reporter_from_env(monkeypatch, tmp_path):
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert type(progress.reporter_from_env(10)) is progress.NullReporter
+
+
+def test_artifact_report_is_sent_at_once_in_the_wire_format():
+    sent: list[dict] = []
+
+    class Recording(progress.ProgressReporter):
+        def _send(self, patch):
+            sent.append(patch)
+
+    Recording(total_steps=10).report_artifact("s3://runs/dog/export", "sha256:abc")
+    assert sent == [
+        {"status": {"artifact": {"uri": "s3://runs/dog/export", "digest": "sha256:abc"}}}
+    ]

@@ -149,7 +149,11 @@ def export(config_file: Path) -> None:
     """Export the trained pipeline and print its digest."""
     configure_logging()
     from .export import run_export
+    from .progress import reporter_from_env
 
     with input_errors():
-        result = run_export(read_config(config_file))
+        config = read_config(config_file)
+        result = run_export(config)
+    with reporter_from_env(config.training.max_steps) as reporter:
+        reporter.report_artifact(result.uri, result.digest)
     click.echo(result.digest)

@@ -32,7 +32,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from dreambooth_operator.api import GROUP, PLURAL, VERSION, CheckpointStatus, Progress
+from dreambooth_operator.api import (
+    GROUP,
+    PLURAL,
+    VERSION,
+    ArtifactStatus,
+    CheckpointStatus,
+    Progress,
+)
 
 from .checkpoint import CheckpointInfo
 from .storage import LocalStore
@@ -86,14 +93,17 @@ def checkpoint_model(info: CheckpointInfo) -> CheckpointStatus:
 
 
 def status_patch(
-    progress: Progress | None = None, checkpoint: CheckpointStatus | None = None
+    progress: Progress | None = None,
+    checkpoint: CheckpointStatus | None = None,
+    artifact: ArtifactStatus | None = None,
 ) -> Patch:
     """A JSON merge patch ``{"status": {...}}`` in the CRD's camelCase wire format."""
-    status: Patch = {}
-    if progress is not None:
-        status["progress"] = progress.model_dump(mode="json", by_alias=True, exclude_none=True)
-    if checkpoint is not None:
-        status["checkpoint"] = checkpoint.model_dump(mode="json", by_alias=True, exclude_none=True)
+    parts = {"progress": progress, "checkpoint": checkpoint, "artifact": artifact}
+    status: Patch = {
+        key: value.model_dump(mode="json", by_alias=True, exclude_none=True)
+        for key, value in parts.items()
+        if value is not None
+    }
     return {"status": status}
 
 
@@ -149,6 +159,11 @@ class ProgressReporter:
     def report_checkpoint(self, info: CheckpointInfo) -> None:
         """Always sent at once, with the latest progress (the operator shows both together)."""
         self._deliver(status_patch(self._latest, checkpoint_model(info)), self._clock())
+
+    def report_artifact(self, uri: str, digest: str) -> None:
+        """The exported pipeline; the operator serves exactly this digest."""
+        patch = status_patch(artifact=ArtifactStatus(uri=uri, digest=digest))
+        self._deliver(patch, self._clock())
 
     def close(self) -> None:
         """Send the final progress, whatever the rate limit, and release resources."""
