@@ -1,0 +1,208 @@
+"""The product's main job on the test cluster: the real operator, the real trainer in "pods".
+
+etcd + kube-apiserver + kube-controller-manager, a test node that runs each pod's command as a
+local process, moto's S3 server for the subject photos, class images, checkpoints and export,
+and Prometheus scraping the operator and the trainers.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import signal
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import kubernetes
+import pytest
+import yaml
+
+from tests.e2e.conftest import wait_until
+
+pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
+
+REPO = Path(__file__).resolve().parents[2]
+SUBJECT = REPO / "examples" / "local" / "subject"
+SECRET = "s3-credentials"
+
+
+@pytest.fixture
+def s3_job(s3_server, s3_bucket, namespace, kube_api):
+    """Builds DreamBoothJobs from the local example, moved to S3 (photos uploaded, Secret made)."""
+    client = s3_server.client()
+    for photo in sorted(SUBJECT.iterdir()):
+        client.upload_file(str(photo), s3_bucket, f"subject/{photo.name}")
+    kubernetes.client.CoreV1Api(kube_api).create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": SECRET},
+            "stringData": {
+                "AWS_ACCESS_KEY_ID": s3_server.access_key,
+                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+            },
+        },
+    )
+
+    def build(name: str, **spec_changes) -> dict:
+        document = yaml.safe_load((REPO / "examples" / "local-tiny.yaml").read_text())
+        document["metadata"] = {"name": name}
+        spec = document["spec"]
+        spec["instance"]["imagesUri"] = f"s3://{s3_bucket}/subject"
+        spec["priorPreservation"]["numClassImages"] = 4
+        spec["training"].update(maxSteps=24, checkpointing={"interval": 8, "keep": 2})
+        spec["training"]["validation"] = {"prompts": [], "interval": 1000}
+        spec["training"]["sharding"] = {"backend": "ddp"}
+        spec["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1}
+        spec["storage"] = {
+            "outputUri": f"s3://{s3_bucket}/runs/{name}",
+            "priorCacheUri": f"s3://{s3_bucket}/priors",
+            "s3": {
+                "endpoint": s3_server.endpoint_url,
+                "region": s3_server.region,
+                "credentialsSecret": {"name": SECRET},
+            },
+        }
+        for section, values in spec_changes.items():
+            spec.setdefault(section, {}).update(values)
+        return document
+
+    return build
+
+
+class StatusRecorder(threading.Thread):
+    """Keeps every distinct status.progress and status.checkpoint seen while the job runs."""
+
+    def __init__(self, jobs, name: str):
+        super().__init__(daemon=True)
+        self.jobs, self.name = jobs, name
+        self.progress: list[dict] = []
+        self.checkpoints: list[dict] = []
+        self.phases: list[str] = []
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            status = self.jobs.status(self.name)
+            for key, seen in (("progress", self.progress), ("checkpoint", self.checkpoints)):
+                if status.get(key) and status[key] not in seen:
+                    seen.append(status[key])
+            if status.get("phase") and (not self.phases or self.phases[-1] != status["phase"]):
+                self.phases.append(status["phase"])
+            time.sleep(0.3)
+
+
+def _pod_logs(node, jobs, lines: int = 60) -> str:
+    """The end of every pod's log, to explain a failed run."""
+    out = []
+    for pod in jobs.pods():
+        try:
+            text = node.logs(jobs.namespace, pod.metadata.name)
+        except KeyError:
+            continue
+        out.append(f"--- {pod.metadata.name} ---\n" + "\n".join(text.splitlines()[-lines:]))
+    return "\n".join(out)
+
+
+def _finished(status: dict) -> bool:
+    return status.get("phase") in ("Succeeded", "Failed", "Serving")
+
+
+def test_local_example_trains_on_two_nodes_exports_and_serves(
+    operator_factory, kube_node, jobs, namespace, s3_job, prometheus, s3_server, s3_bucket
+):
+    operator = operator_factory(namespace)
+    jobs.create(s3_job("toy", inference={"enabled": True, "gpus": 0, "replicas": 1}))
+    recorder = StatusRecorder(jobs, "toy")
+    recorder.start()
+    wait_until("trainer rank 0 running", lambda: _running(jobs, "toy-train-0"), 300, operator.log)
+    prom = prometheus(
+        [f"127.0.0.1:{operator.metrics_port}", "127.0.0.1:9400"], scrape_interval="1s"
+    )
+    status = jobs.wait("toy", _finished, "Serving", 600, operator.log)
+    recorder.stop.set()
+    assert status["phase"] == "Serving", _pod_logs(kube_node, jobs)
+    assert recorder.phases[:1] == ["Pending"] and "Training" in recorder.phases
+    assert {"GeneratingPriors", "Exporting"} <= set(recorder.phases), recorder.phases
+    steps = [p["step"] for p in recorder.progress]
+    assert steps and max(steps) >= 8 and recorder.progress[-1]["totalSteps"] == 24
+    assert any(
+        c["step"] >= 8 and c["uri"].startswith(f"s3://{s3_bucket}/") for c in recorder.checkpoints
+    )
+    assert status["artifact"]["digest"].startswith("sha256:")
+    assert prom.value("max_over_time(dreambooth_trainer_step[10m])") >= 8
+    prom.wait_for_value('dreambooth_operator_jobs{phase="Serving"}', lambda v: v == 1, timeout=30)
+    # A request through the inference pod returns an image.
+    inference = wait_until(
+        "inference ready",
+        lambda: (jobs.status("toy").get("inference") or {}).get("readyReplicas"),
+        300,
+        operator.log,
+    )
+    assert inference == 1
+    image = _generate(kube_node, namespace)
+    assert image[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def _running(jobs, job_name: str) -> str | None:
+    """Name of the running pod of a batch Job, if any."""
+    running = [p for p in jobs.pods(f"job-name={job_name}") if p.status.phase == "Running"]
+    return running[0].metadata.name if running else None
+
+
+def _generate(node, namespace: str) -> bytes:
+    """POST /v1/images/generations to the inference pod (all pods share loopback here)."""
+    body = json.dumps(
+        {
+            "prompt": "a photo of sks cube",
+            "size": "64x64",
+            "response_format": "b64_json",
+            "num_inference_steps": 4,
+        }
+    ).encode()
+    request = urllib.request.Request(
+        "http://127.0.0.1:8000/v1/images/generations", body, {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=120) as response:
+        return base64.b64decode(json.loads(response.read())["data"][0]["b64_json"])
+
+
+def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(
+    operator_factory, kube_node, jobs, namespace, s3_job
+):
+    operator = operator_factory(namespace)
+    jobs.create(s3_job("toy", training={"maxSteps": 40}))
+    status = jobs.wait(
+        "toy",
+        lambda s: (s.get("checkpoint") or {}).get("step", 0) >= 8,
+        "a checkpoint",
+        600,
+        operator.log,
+    )
+    killed_at = status["checkpoint"]["step"]
+    rank1 = _running(jobs, "toy-train-1")
+    assert rank1, "rank 1 is not running"
+    kube_node.kill(namespace, rank1, signal.SIGKILL)
+    status = jobs.wait("toy", _finished, "finished", 600, operator.log)
+    assert status["phase"] == "Succeeded", _pod_logs(kube_node, jobs)
+    assert status["restarts"] == 1
+    restarted = max(jobs.pods("job-name=toy-train-0"), key=lambda p: p.metadata.creation_timestamp)
+    log = kube_node.logs(namespace, restarted.metadata.name)
+    assert f"resuming from step {killed_at}" in log.lower() or "resum" in log.lower(), log[-3000:]
+
+
+def test_second_job_with_the_same_class_skips_prior_generation(
+    operator_factory, kube_node, jobs, namespace, s3_job
+):
+    operator = operator_factory(namespace)
+    jobs.create(s3_job("first", training={"maxSteps": 4}))
+    jobs.wait("first", _finished, "first finished", 600, operator.log)
+    jobs.create(s3_job("second", training={"maxSteps": 4}))
+    status = jobs.wait("second", _finished, "second finished", 600, operator.log)
+    assert status["phase"] == "Succeeded"
+    ready = next(c for c in status["conditions"] if c["type"] == "PriorsReady")
+    assert ready["reason"] == "CacheHit", status["conditions"]
+    assert not [
+        j for j in jobs.batch_jobs("dreambooth.dev/job=second,dreambooth.dev/component=priors")
+    ]
