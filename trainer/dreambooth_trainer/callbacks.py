@@ -1,15 +1,25 @@
-"""Hooks into the training loop, and the standard ones: progress bar, TensorBoard scalars."""
+"""Hooks into the training loop, and the standard ones: progress bar, TensorBoard scalars,
+status for the operator and Prometheus."""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
 
+from .metrics import TrainerMetrics, start_exporter
+from .progress import ProgressReporter, reporter_from_env
+
 if TYPE_CHECKING:
+    from wsgiref.simple_server import WSGIServer
+
+    from .checkpoint import CheckpointInfo
     from .train import Trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -37,8 +47,11 @@ class Callback:
     def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
         """After each optimizer step (trainer.step is already incremented)."""
 
+    def on_checkpoint(self, trainer: Trainer, info: CheckpointInfo, seconds: float) -> None:
+        """On rank 0, after a checkpoint was committed (`seconds` to save and commit it)."""
+
     def on_train_end(self, trainer: Trainer) -> None:
-        """After the last step."""
+        """After the last step (or the step at which training was asked to stop)."""
 
 
 class ProgressBar(Callback):
@@ -74,3 +87,40 @@ class TensorBoardScalars(Callback):
 
     def on_train_end(self, trainer: Trainer) -> None:
         self.writer.close()
+
+
+class StatusReport(Callback):
+    """Rank 0's report: progress and checkpoints for the operator (`progress.reporter_from_env`)
+    and Prometheus metrics on /metrics (`metrics.start_exporter`)."""
+
+    def __init__(self, metrics: TrainerMetrics | None = None):
+        self.metrics = metrics or TrainerMetrics()
+        self.reporter: ProgressReporter | None = None
+        self.server: WSGIServer | None = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        self.reporter = reporter_from_env(trainer.max_steps, trainer.world.rank)
+        self.metrics.total_steps.set(trainer.max_steps)
+        self.metrics.step.set(trainer.step)
+        try:
+            self.server = start_exporter(self.metrics, trainer.world.rank)
+        except OSError as exc:  # the port is taken (another trainer on this host): go on
+            log.warning("trainer metrics not served: %s", exc)
+        self.reporter.report(trainer.step)  # a resumed run says where it starts at once
+
+    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
+        self.reporter.report(
+            metrics.step, loss=metrics.loss, images_per_second=metrics.images_per_second
+        )
+        self.metrics.observe_step(metrics.step, metrics.loss, metrics.images_per_second)
+
+    def on_checkpoint(self, trainer: Trainer, info: CheckpointInfo, seconds: float) -> None:
+        self.reporter.report_checkpoint(info)
+        self.metrics.checkpoint_save_seconds.observe(seconds)
+        self.metrics.checkpoint_step.set(info.step)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.reporter.close()
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()

@@ -5,7 +5,8 @@
     dreambooth train --config FILE               one torchrun rank (a training pod)
     dreambooth export --config FILE              the artifact and its digest (the export pod)
 
-Exit codes: 0 done, 1 failed while running, 2 bad input (the message names the field).
+Exit codes: 0 done, 1 failed while running, 2 bad input (the message names the field), 143
+stopped by SIGTERM after saving a checkpoint (train).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import NoReturn
 import click
 
 EXIT_BAD_INPUT = 2
+EXIT_TERMINATED = 143
 
 # Quiet the libraries before they are imported: their import-time notices are noise here.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
@@ -137,10 +139,15 @@ def priors(config_file: Path, shard: tuple[int, int] | None) -> None:
 def train(config_file: Path) -> None:
     """Train (one torchrun rank)."""
     configure_logging()
-    from .train import run_training
+    from .train import TrainingInterrupted, run_training
 
     with input_errors():
-        run_training(read_config(config_file))
+        try:
+            run_training(read_config(config_file))
+        except TrainingInterrupted as stopped:
+            # 128 + SIGTERM, as if the signal had ended the process, but after a checkpoint.
+            click.echo(f"interrupted: {stopped}", err=True)
+            sys.exit(EXIT_TERMINATED)
 
 
 @click.command()

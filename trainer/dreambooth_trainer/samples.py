@@ -41,7 +41,9 @@ def render_grid(
 
 
 class ValidationSamples(Callback):
-    """Every `validation.interval` steps and after the last: a PNG grid and TensorBoard."""
+    """Every `validation.interval` steps and after the last: a PNG grid and TensorBoard.
+
+    On every rank: sharded backends gather the weights collectively; rank 0 renders."""
 
     def __init__(
         self,
@@ -60,9 +62,13 @@ class ValidationSamples(Callback):
         if due and self.spec.prompts:
             self.render(trainer)
 
-    def render(self, trainer: Trainer) -> Path:
+    def render(self, trainer: Trainer) -> Path | None:
+        """Every rank calls it (sharded weights are gathered); rank 0 renders and saves."""
+        pipeline = trainer.pipeline()
+        if not trainer.world.is_main:
+            return None
         with trainer.backend.autocast():
-            grid = render_grid(trainer.pipeline(), self.spec.prompts, self.spec, self.resolution)
+            grid = render_grid(pipeline, self.spec.prompts, self.spec, self.resolution)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step-{trainer.step:06d}.png"
         grid.save(path)

@@ -3,6 +3,9 @@
 All randomness (crops, latent sampling, noise, timesteps) comes from seeded `torch.Generator`s
 whose state is part of `Trainer.state_dict()`, and data order is a pure function of the step, so
 a run resumed from a checkpoint continues exactly where it stopped.
+
+Every rank runs the same loop. Calls that gather sharded weights (`trained_model`, `pipeline`,
+`save_trained`) and state saving are collective: all ranks make them, rank 0 uses the result.
 """
 
 from __future__ import annotations
@@ -17,11 +20,12 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch.utils.tensorboard import SummaryWriter
 
-from .callbacks import Callback, ProgressBar, StepMetrics, TensorBoardScalars
+from .callbacks import Callback, ProgressBar, StatusReport, StepMetrics, TensorBoardScalars
+from .checkpointing import CHECKPOINTS_DIR, Checkpointing
 from .components import DreamBoothModel, FrozenParts, sampling_pipeline, split_pipeline
 from .config import TrainerConfig
 from .data import DreamBoothData, build_data
-from .locations import fetch_dir, publish_dir, store_for, working_dir
+from .locations import fetch_dir, publish_dir, staging_dir, store_for, working_dir
 from .loss import DreamBoothObjective
 from .models import load_pipeline
 from .optim import optimizer_factory, scheduler_factory
@@ -36,6 +40,13 @@ log = logging.getLogger(__name__)
 TRAINED_DIR = "trained"
 SAMPLES_DIR = "samples"
 LOGS_DIR = "logs"
+# Inside a checkpoint (see checkpointing.py).
+STATE_DIR = "trainer"
+BACKEND_DIR = "backend"
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped early (SIGTERM) after saving a checkpoint; a restart resumes it."""
 
 
 class Trainer:
@@ -65,6 +76,7 @@ class Trainer:
         )
         self.step = 0
         self.micro_step = 0  # micro-batches consumed by every rank: the data position
+        self.stop_reason: str | None = None
         # Each rank draws its own noise, all of it from this one generator.
         self.generator = torch.Generator().manual_seed(
             derive_seed(self.training.seed, "noise", self.world.rank)
@@ -92,12 +104,16 @@ class Trainer:
     def fit(self) -> None:
         for callback in self.callbacks:
             callback.on_train_start(self)
-        while self.step < self.max_steps:
+        while self.step < self.max_steps and self.stop_reason is None:
             metrics = self.train_step()
             for callback in self.callbacks:
                 callback.on_step_end(self, metrics)
         for callback in self.callbacks:
             callback.on_train_end(self)
+
+    def request_stop(self, reason: str) -> None:
+        """End `fit()` after the current step (callbacks call it; every rank must agree)."""
+        self.stop_reason = reason
 
     def train_step(self) -> StepMetrics:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
@@ -136,34 +152,76 @@ class Trainer:
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's full training state (weights and optimizer through the backend)."""
-        return {
+        return {**self.loop_state_dict(), "backend": self.backend.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.load_loop_state_dict(state)
+        self.backend.load_state_dict(state["backend"])
+
+    def loop_state_dict(self) -> dict[str, Any]:
+        """Position and randomness of this rank's loop: everything but the backend's state."""
+        state = {
             "step": self.step,
             "micro_step": self.micro_step,
             "generator": self.generator.get_state(),
             "torch_rng": torch.get_rng_state(),
-            "backend": self.backend.state_dict(),
         }
+        if self.world.device.type == "cuda":
+            state["cuda_rng"] = torch.cuda.get_rng_state(self.world.device)
+        return state
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
+    def load_loop_state_dict(self, state: dict[str, Any]) -> None:
         self.step = state["step"]
         self.micro_step = state["micro_step"]
         self.generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
-        self.backend.load_state_dict(state["backend"])
+        if "cuda_rng" in state and self.world.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.world.device)
+
+    # The same state as files, for checkpoints: the backend's under backend/ (shards per rank
+    # for sharded backends) and each rank's loop state under trainer/.
+
+    @property
+    def state_file(self) -> str:
+        return f"{STATE_DIR}/rank-{self.world.rank:05d}.pt"
+
+    def save_state(self, directory: Path) -> None:
+        """Collective. This rank's files of the full training state, under `directory`."""
+        self.backend.save_to_dir(directory / BACKEND_DIR)
+        path = directory / self.state_file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self.loop_state_dict(), path)
+
+    def load_state(self, directory: Path) -> None:
+        """Collective. Load what `save_state` wrote; `directory` holds this rank's files."""
+        state = torch.load(directory / self.state_file, weights_only=True)
+        self.load_loop_state_dict(state)
+        self.backend.load_from_dir(directory / BACKEND_DIR)
+
+    def needs_file(self, path: str) -> bool:
+        """Whether this rank reads `path` (relative to a saved state's directory) to load it."""
+        head, _, rest = path.partition("/")
+        if head == BACKEND_DIR:
+            return self.backend.needs_file(rest)
+        return path == self.state_file
 
     # -- results -----------------------------------------------------------------------------------
 
     @property
     def trained_model(self) -> DreamBoothModel:
+        """Collective. The trained module with full weights on rank 0."""
         return self.backend.unwrap()
 
     def pipeline(self) -> StableDiffusionPipeline:
-        """A sampling pipeline over the current weights."""
+        """Collective. A sampling pipeline over the current weights (usable on rank 0)."""
         return sampling_pipeline(self.trained_model, self.frozen)
 
     def save_trained(self, directory: Path) -> None:
-        """The trained components in diffusers layout: what the export phase starts from."""
+        """Collective. Rank 0 writes the trained components in diffusers layout: what the
+        export phase starts from."""
         model = self.trained_model
+        if not self.world.is_main:
+            return
         model.unet.save_pretrained(directory / "unet", safe_serialization=True)
         if model.text_encoder is not None:
             model.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
@@ -184,9 +242,14 @@ def build_trainer(
         gradient_accumulation_steps=training.gradient_accumulation_steps,
         max_grad_norm=training.max_grad_norm,
         mixed_precision=training.mixed_precision,
+        micro_batch_size=training.batch_size * (2 if config.uses_priors else 1),
     )
-    backend = create_backend(training.sharding.backend, world, options)
+    # Load before joining the process group: transformers writes files only on global rank
+    # 0 once torch.distributed is up, so a node's first build of a random model (or any
+    # save into its own cache) would come out empty on the other nodes.
     pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3)
+    sharding = training.sharding
+    backend = create_backend(sharding.backend, world, options, sharding.zero_stage)
     model, frozen = split_pipeline(pipeline, training, world.device)
     data = build_data(
         config,
@@ -212,15 +275,33 @@ def class_images_dir(config: TrainerConfig, cache_dir: Path) -> Path | None:
     return fetch_dir(config.priors_uri, config.s3, cache_dir)
 
 
-def main_rank_callbacks(config: TrainerConfig, output: Path, progress: bool) -> list[Callback]:
-    writer = SummaryWriter(str(output / LOGS_DIR))
-    callbacks: list[Callback] = [ProgressBar()] if progress else []
+def checkpointing(config: TrainerConfig) -> Checkpointing:
+    """Checkpoints in <outputUri>/checkpoints, staged in a local directory per rank."""
+    spec = config.training.checkpointing
+    return Checkpointing(
+        store=store_for(config.output_uri, config.s3),
+        staging=staging_dir(config.output(CHECKPOINTS_DIR), config.model_cache_dir()),
+        interval=spec.interval,
+        keep=spec.keep,
+        metadata={"job": config.job_name},
+    )
+
+
+def rank_callbacks(
+    config: TrainerConfig, world: World, output: Path, progress: bool
+) -> tuple[list[Callback], SummaryWriter | None]:
+    """Checkpoints (resume first, so the others see the resumed step), samples (collective:
+    all ranks gather the weights, rank 0 renders), and on rank 0 progress, status, TensorBoard."""
+    writer = SummaryWriter(str(output / LOGS_DIR)) if world.is_main else None
     resolution = config.training.resolution
-    callbacks += [
-        TensorBoardScalars(writer),
+    callbacks: list[Callback] = [
+        checkpointing(config),
         ValidationSamples(config.validation, resolution, output / SAMPLES_DIR, writer),
     ]
-    return callbacks
+    if world.is_main:
+        callbacks += [ProgressBar()] if progress else []
+        callbacks += [StatusReport(), TensorBoardScalars(writer)]
+    return callbacks, writer
 
 
 def run_training(
@@ -231,24 +312,28 @@ def run_training(
 ) -> Path:
     """The training phase on this rank; returns the local output directory.
 
-    Rank 0 logs to TensorBoard, renders sample grids and at the end saves the trained weights
-    (<output>/trained) that the export phase starts from.
+    Resumes from the newest committed checkpoint, checkpoints every `checkpointing.interval`
+    steps and on SIGTERM (then raises TrainingInterrupted). At the end rank 0 saves the trained
+    weights (<output>/trained) that the export phase starts from.
     """
     world = world or World.from_env()
     cache = config.model_cache_dir()
     instance_dir = fetch_dir(config.instance.images_uri, config.s3, cache)
     class_dir = class_images_dir(config, cache)
     output = working_dir(config.output_uri, cache)
-    callbacks = list(callbacks)
-    if world.is_main:
-        callbacks += main_rank_callbacks(config, output, progress)
-    trainer = build_trainer(config, instance_dir, class_dir, world, callbacks)
+    ours, writer = rank_callbacks(config, world, output, progress)
+    trainer = build_trainer(config, instance_dir, class_dir, world, [*ours, *callbacks])
     try:
         trainer.fit()
-        if world.is_main:
+        if trainer.stop_reason is None:
             trainer.save_trained(output / TRAINED_DIR)
-            publish_dir(output, config.output_uri, config.s3)
+            if world.is_main:
+                publish_dir(output, config.output_uri, config.s3)
         world.barrier()
     finally:
+        if writer is not None:
+            writer.close()
         trainer.backend.close()
+    if trainer.stop_reason is not None:
+        raise TrainingInterrupted(f"stopped at step {trainer.step} ({trainer.stop_reason})")
     return output

@@ -3,28 +3,43 @@
 from __future__ import annotations
 
 import importlib
-import logging
+from enum import Enum
 
 from .base import Backend, BackendOptions, World
 from .single import SingleProcessBackend
 
-log = logging.getLogger(__name__)
+# backend name (api.ShardingBackend) -> "module:class", imported on use: DeepSpeed is a heavy
+# import that DDP and FSDP runs need not pay.
+DISTRIBUTED_BACKENDS = {
+    "deepspeed": "dreambooth_trainer.parallel.deepspeed:DeepSpeedBackend",
+    "ddp": "dreambooth_trainer.parallel.ddp:DDPBackend",
+    "fsdp": "dreambooth_trainer.parallel.fsdp:FSDPBackend",
+}
+DEFAULT_ZERO_STAGE = 2
 
-# backend name (api.ShardingBackend) -> "module:class", imported on use.
-# DeepSpeed ZeRO and FSDP2 join here in the distributed-training issue.
-DISTRIBUTED_BACKENDS = {"ddp": "dreambooth_trainer.parallel.ddp:DDPBackend"}
-FALLBACK = "ddp"
 
+def create_backend(
+    name: str | Enum,
+    world: World,
+    options: BackendOptions,
+    zero_stage: int | None = None,
+) -> Backend:
+    """The backend for `name` (training.sharding.backend; `zero_stage` for deepspeed).
 
-def create_backend(name: str, world: World, options: BackendOptions) -> Backend:
-    """The backend for `name`; a single process needs no parallelism whatever the name."""
+    A single process needs no parallelism whatever the name.
+    """
+    name = name.value if isinstance(name, Enum) else name
+    if name not in DISTRIBUTED_BACKENDS:
+        raise ValueError(
+            f"unknown sharding backend {name!r}; known: {sorted(DISTRIBUTED_BACKENDS)}"
+        )
     if not world.distributed:
         return SingleProcessBackend(world, options)
-    if name not in DISTRIBUTED_BACKENDS:
-        log.warning("backend %r is not available yet; using %s", name, FALLBACK)
-        name = FALLBACK
     module_name, class_name = DISTRIBUTED_BACKENDS[name].split(":")
-    return getattr(importlib.import_module(module_name), class_name)(world, options)
+    backend_class = getattr(importlib.import_module(module_name), class_name)
+    if name == "deepspeed":
+        return backend_class(world, options, zero_stage=zero_stage or DEFAULT_ZERO_STAGE)
+    return backend_class(world, options)
 
 
 __all__ = ["Backend", "BackendOptions", "World", "create_backend"]

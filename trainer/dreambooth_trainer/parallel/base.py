@@ -11,6 +11,15 @@ Per optimizer step the loop does::
             loss = compute(model(...))
         backend.backward(loss)      # the backend divides by the accumulation steps (or DS does)
     grad_norm = backend.step()      # clip, optimizer step, LR step, zero grads
+
+Checkpoints go through files: every rank calls ``save_to_dir`` with a directory of its own (no
+shared filesystem needed); what all ranks wrote together is one checkpoint. To load, each rank
+gathers the files it ``needs_file`` into a directory and calls ``load_from_dir``. Sharded
+backends write one shard per rank; replicated ones write from rank 0 only.
+
+Collective calls (every rank must make them, in the same order): ``prepare``, ``unwrap``,
+``all_reduce_mean``, ``save_to_dir``, ``load_from_dir``, and for sharded backends ``state_dict``
+and ``load_state_dict``.
 """
 
 from __future__ import annotations
@@ -19,6 +28,7 @@ import os
 from collections.abc import Callable, Iterable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import torch
@@ -80,11 +90,21 @@ class World:
             dist.barrier()
 
 
+def mean_over_ranks(value: torch.Tensor, world: World, device: torch.device) -> torch.Tensor:
+    """Mean of `value` over all ranks, for logging; reduced on `device` (nccl needs the GPU)."""
+    import torch.distributed as dist
+
+    reduced = value.detach().to(device, copy=True)
+    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)  # gloo has no AVG
+    return (reduced / world.world_size).to(value.device)
+
+
 @dataclass(frozen=True)
 class BackendOptions:
     gradient_accumulation_steps: int = 1
     max_grad_norm: float | None = 1.0
     mixed_precision: MixedPrecision = "no"
+    micro_batch_size: int = 1  # per rank and micro-step (DeepSpeed counts samples with it)
 
     @property
     def autocast_dtype(self) -> torch.dtype | None:
@@ -133,5 +153,18 @@ class Backend(Protocol):
         ...
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    def save_to_dir(self, directory: Path) -> None:
+        """This rank's part of `state_dict()` as files under `directory` (paths never collide
+        with other ranks' files)."""
+        ...
+
+    def load_from_dir(self, directory: Path) -> None:
+        """Load what all ranks saved; `directory` holds the files `needs_file` selected."""
+        ...
+
+    def needs_file(self, path: str) -> bool:
+        """Whether this rank reads `path` (relative to the save directory) in `load_from_dir`."""
+        ...
 
     def close(self) -> None: ...

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .base import BackendOptions, World
+from .base import BackendOptions, World, mean_over_ranks
 from .single import SingleProcessBackend
 
 
@@ -31,9 +31,7 @@ class DDPBackend(SingleProcessBackend):
         return nullcontext() if sync else self.model.no_sync()
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        value = value.detach().clone()
-        dist.all_reduce(value, op=dist.ReduceOp.SUM)  # gloo has no AVG
-        return value / self.world.world_size
+        return mean_over_ranks(value, self.world, self.device)
 
     def close(self) -> None:
         if dist.is_initialized():

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
 from .base import BackendOptions, OptimizerFactory, SchedulerFactory, World
+
+STATE_FILE = "state.pt"
 
 
 class SingleProcessBackend:
@@ -88,6 +91,20 @@ class SingleProcessBackend:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.scaler and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])
+
+    # Every rank holds the same state, so rank 0 alone writes it and every rank reads it.
+
+    def save_to_dir(self, directory: Path) -> None:
+        if self.world.is_main:
+            Path(directory).mkdir(parents=True, exist_ok=True)
+            torch.save(self.state_dict(), Path(directory, STATE_FILE))
+
+    def load_from_dir(self, directory: Path) -> None:
+        state = torch.load(Path(directory, STATE_FILE), map_location=self.device, weights_only=True)
+        self.load_state_dict(state)
+
+    def needs_file(self, path: str) -> bool:
+        return path == STATE_FILE
 
     def close(self) -> None:
         pass

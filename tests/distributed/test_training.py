@@ -1,0 +1,195 @@
+"""The real trainer under `torchrun --nproc-per-node 2` (gloo, CPU) on the tiny SD model, with
+checkpoints in S3 (moto): ZeRO-2/3 with the text encoder, exact resume after a crash, broken
+checkpoints skipped, SIGTERM saving a checkpoint before the exit."""
+
+from __future__ import annotations
+
+import re
+import signal
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from dreambooth_trainer import checkpoint, random_models
+from dreambooth_trainer.checkpointing import CHECKPOINTS_DIR
+from dreambooth_trainer.storage import join
+
+from . import harness
+from .jobs import (
+    TRAINED_FILES,
+    Job,
+    kill_all,
+    make_job,
+    same_weights,
+    wait_for_manifest,
+    wait_for_step,
+)
+
+pytestmark = pytest.mark.distributed
+
+TINY_SD = "random://tiny-sd"
+
+
+@pytest.fixture(scope="session")
+def model_cache(tmp_path_factory) -> Path:
+    """The tiny model built once (ranks and runs load the same files)."""
+    cache = tmp_path_factory.mktemp("models")
+    random_models.materialize(TINY_SD, cache)
+    return cache
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """Credentials from the environment as in a pod; the endpoint only from the job's config."""
+    env = {k: v for k, v in s3_server.env().items() if not k.startswith("AWS_ENDPOINT_URL")}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    for name in ("AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    return env
+
+
+@pytest.fixture
+def new_job(
+    tmp_path, s3_server, s3_bucket, s3_env, model_cache, deepspeed_ops
+) -> Callable[..., Job]:
+    def new(name: str, overrides: dict | None = None) -> Job:
+        return make_job(
+            name, tmp_path / name, s3_bucket, s3_server.endpoint_url, model_cache, s3_env, overrides
+        )
+
+    return new
+
+
+def base_weights(cache: Path, name: str) -> dict[str, torch.Tensor]:
+    directory = random_models.materialize(TINY_SD, cache)
+    return load_file(directory / TRAINED_FILES[name])
+
+
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_zero_trains_unet_and_text_encoder_with_checkpoints_in_s3(new_job, model_cache, zero_stage):
+    job = new_job(
+        f"zero{zero_stage}",
+        {
+            "training": {
+                "maxSteps": 4,
+                "sharding": {"zeroStage": zero_stage},
+                "checkpointing": {"interval": 2, "keep": 1},
+                # Samples gather the sharded weights on every rank mid-training.
+                "validation": {
+                    "prompts": ["a photo of sks cube"],
+                    "interval": 2,
+                    "numInferenceSteps": 2,
+                },
+            }
+        },
+    )
+    job.train()
+    assert [o.key for o in job.store.list("samples")] == [
+        "samples/step-000002.png",
+        "samples/step-000004.png",
+    ]
+
+    assert job.checkpoint_steps() == [4]  # keep 1: the one at step 2 was retired
+    info = job.verified(4)
+    assert info.metadata["worldSize"] == 2 and info.metadata["backend"] == "DeepSpeedBackend"
+    paths = [f.path for f in info.files]
+    for rank in range(2):
+        assert f"trainer/rank-{rank:05d}.pt" in paths
+        assert any(re.search(rf"backend/zero/.*zero_pp_rank_{rank}_", p) for p in paths), paths
+
+    trained = job.trained_weights()
+    for name in ("unet", "text_encoder"):
+        before = base_weights(model_cache, name)
+        assert trained[name].keys() == before.keys()
+        assert all(t.dtype == torch.float32 for t in trained[name].values())
+        assert not same_weights(trained[name], before), f"{name} did not train"
+
+    status = job.progress()
+    assert status["progress"]["step"] == 4
+    assert status["checkpoint"]["step"] == 4 and status["checkpoint"]["uri"] == info.uri
+
+
+def test_exact_resume_after_a_crash_skips_broken_checkpoints(new_job):
+    """6 steps straight == 3 steps, SIGKILL, restart, 3 more: bitwise. Before the restart a
+    newer checkpoint 5 lost its manifest (upload cut off) and one of rank 1's files in a newer
+    checkpoint 6 has the wrong content: only rank 1 downloads it, all ranks must skip it."""
+    overrides = {"training": {"maxSteps": 6, "checkpointing": {"interval": 3, "keep": 2}}}
+    straight = new_job("straight", overrides)
+    straight.train()
+    assert straight.checkpoint_steps() == [6, 3]
+
+    resumed = new_job("resumed", overrides)
+    proc = resumed.launch()
+    wait_for_manifest(resumed, 3, proc)
+    kill_all(proc)
+    assert resumed.checkpoint_steps() == [3], "killed too late"
+
+    plant_cut_off_checkpoint(resumed, from_step=3, step=5)
+    plant_corrupt_checkpoint(straight, resumed, step=6, rank=1)
+    resumed.train()
+
+    log = resumed.log(resumed.launches).read_text()
+    assert re.search(r"skipping checkpoint .*checkpoint-00000006.*sha256", log), log[-3000:]
+    assert re.search(r"skipping checkpoint .*checkpoint-00000005.*no manifest", log)
+    assert re.search(r"resumed from .*checkpoint-00000003 at step 3", log)
+    expected, actual = straight.trained_weights(), resumed.trained_weights()
+    for name in TRAINED_FILES:
+        assert same_weights(actual[name], expected[name]), f"{name} differs after resume"
+    assert resumed.checkpoint_steps() == [6, 3]  # 6 saved anew, debris 5 retired
+    resumed.verified(6)
+
+
+def plant_cut_off_checkpoint(job: Job, from_step: int, step: int) -> None:
+    """A checkpoint whose files arrived but whose manifest never did."""
+    store, source = job.store, checkpoint.checkpoint_key(CHECKPOINTS_DIR, from_step)
+    target = checkpoint.checkpoint_key(CHECKPOINTS_DIR, step)
+    for obj in store.list(source):
+        rel = obj.key[len(source) + 1 :]
+        if rel != checkpoint.MANIFEST:
+            store.write_bytes(join(target, rel), store.read_bytes(obj.key))
+
+
+def plant_corrupt_checkpoint(source_job: Job, job: Job, step: int, rank: int) -> None:
+    """A committed-looking checkpoint (manifest, right sizes) with one rank's file corrupted."""
+    source, store = source_job.store, job.store
+    prefix = checkpoint.checkpoint_key(CHECKPOINTS_DIR, step)
+    victim = None
+    for obj in source.list(prefix):
+        data = source.read_bytes(obj.key)
+        if victim is None and f"zero_pp_rank_{rank}_" in obj.key:
+            victim = obj.key
+            data = data[:-64] + bytes(64)  # same size, other bytes: only the hash can tell
+        store.write_bytes(obj.key, data)
+    assert victim is not None
+
+
+def test_sigterm_commits_a_checkpoint_before_exit(new_job):
+    """What Kubernetes does to a pod: SIGTERM to PID 1 (torchrun), which forwards it."""
+    job = new_job(
+        "sigterm",
+        {
+            "training": {
+                "maxSteps": 1000,
+                "sharding": {"backend": "fsdp", "zeroStage": None},
+                "checkpointing": {"interval": 1000},
+            }
+        },
+    )
+    proc = job.launch()
+    wait_for_step(job, 2, proc)
+    proc.proc.send_signal(signal.SIGTERM)
+    code = harness.wait(proc, timeout=90)
+    proc.stop()
+    steps = job.checkpoint_steps()
+    assert len(steps) == 1 and 2 <= steps[0] < 1000, (steps, proc.log_tail(60))
+    info = job.verified(steps[0])
+    assert info.metadata["backend"] == "FSDPBackend"
+    assert code != 0  # stopped early: the pod must not look like a finished run
+    log = job.log(1).read_text()
+    assert "SIGTERM: saving a checkpoint" in log and "interrupted: stopped at step" in log
+    assert job.progress()["checkpoint"]["step"] == steps[0]
+    assert not job.store.list("trained")  # no final weights from an interrupted run

@@ -1,0 +1,181 @@
+"""FSDP2 (`fully_shard`): parameters, gradients and optimizer state sharded as DTensors.
+
+Each block (UNet down/mid/up block, text-encoder layer) is its own FSDP unit, so only one
+block's parameters are gathered at a time; the root unit holds what is left (embeddings, the
+UNet's input and output convolutions). Mixed precision is FSDP's own: fp32 shards, compute in
+the 16-bit type, gradients reduced in fp32.
+
+State: `state_dict()` is the sharded (DTensor) model and optimizer state from
+`torch.distributed.checkpoint.state_dict`; `save_to_dir` writes it with torch.distributed.checkpoint
+(one file per rank plus metadata), which can also load into a different number of ranks.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
+from torch.distributed.tensor import DTensor
+
+from .base import BackendOptions, OptimizerFactory, SchedulerFactory, World, mean_over_ranks
+from .full_weights import FullWeights
+
+ShardUnit = Callable[[str, nn.Module], bool]
+# diffusers' UNet blocks and transformers' encoder layers, by their qualified names.
+BLOCK_NAME = re.compile(r"(^|\.)((down_blocks|up_blocks|layers)\.\d+|mid_block)$")
+
+
+def is_block(name: str, module: nn.Module) -> bool:
+    """The default FSDP units: UNet down/mid/up blocks and (text-encoder) layers."""
+    return bool(BLOCK_NAME.search(name))
+
+
+def shard_units(model: nn.Module, is_unit: ShardUnit) -> Iterator[nn.Module]:
+    """Submodules to shard on their own, innermost first (fully_shard goes bottom-up)."""
+    for name, module in reversed(list(model.named_modules())):
+        if name and is_unit(name, module):
+            yield module
+
+
+class FSDPBackend:
+    def __init__(self, world: World, options: BackendOptions, is_unit: ShardUnit = is_block):
+        self.world = world
+        self.options = options
+        self.device = world.device
+        self.is_unit = is_unit
+        if options.mixed_precision == "fp16" and self.device.type != "cuda":
+            raise ValueError("fp16 mixed precision needs a GPU; use bf16 or no on the CPU")
+        world.init_process_group()
+        self.mesh = init_device_mesh(self.device.type, (world.world_size,))
+        # With sharded gradients no rank sees them all: this scaler agrees on overflows.
+        self.scaler = ShardedGradScaler() if options.mixed_precision == "fp16" else None
+        self.model: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+        self.full_weights: FullWeights | None = None
+
+    def prepare(
+        self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
+    ) -> nn.Module:
+        model = model.to(self.device)
+        self.full_weights = FullWeights(model)
+        dtype = self.options.autocast_dtype
+        policy = MixedPrecisionPolicy(
+            param_dtype=dtype, reduce_dtype=torch.float32 if dtype else None
+        )
+        for unit in shard_units(model, self.is_unit):
+            fully_shard(unit, mesh=self.mesh, mp_policy=policy)
+        fully_shard(model, mesh=self.mesh, mp_policy=policy)
+        self.model = model
+        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
+        self.lr_scheduler = make_scheduler(self.optimizer)
+        return model
+
+    def unwrap(self) -> nn.Module:
+        """Collective: every rank must call it. Rank 0 gets the full fp32 weights."""
+        options = StateDictOptions(
+            full_state_dict=True, cpu_offload=True, ignore_frozen_params=True
+        )
+        full = get_model_state_dict(self.model, options=options)  # only rank 0 gets tensors
+        if not self.world.is_main:
+            return self.full_weights.load(None, self.model)
+        # Buffers come along too; FullWeights takes them from the live model.
+        trainable = {name: full[name].to(self.device) for name in self.full_weights.trainable}
+        return self.full_weights.load(trainable, self.model)
+
+    def autocast(self) -> AbstractContextManager[Any]:
+        # The mixed-precision policy casts parameters and forward inputs; no autocast needed.
+        return nullcontext()
+
+    def accumulate(self, sync: bool) -> AbstractContextManager[Any]:
+        # Without sync, gradients accumulate unreduced; the last micro-step reduce-scatters.
+        self.model.set_requires_gradient_sync(sync)
+        return nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss = loss / self.options.gradient_accumulation_steps
+        (self.scaler.scale(loss) if self.scaler else loss).backward()
+
+    def step(self) -> float:
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        parameters = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.options.max_grad_norm or float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)  # DTensor-aware
+        if isinstance(norm, DTensor):
+            norm = norm.full_tensor()
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.lr_scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    @property
+    def learning_rate(self) -> float:
+        return self.lr_scheduler.get_last_lr()[0]
+
+    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
+        return mean_over_ranks(value, self.world, self.device)
+
+    # -- state -------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's shards of model and optimizer state, and the scheduler (and scaler)."""
+        model, optimizer = get_state_dict(self.model, self.optimizer)
+        state = {
+            "model": model,
+            "optimizer": optimizer,
+            "lr_scheduler": self.lr_scheduler.state_dict(),
+        }
+        if self.scaler:
+            state["grad_scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=state["model"],
+            optim_state_dict=state["optimizer"],
+        )
+        self.lr_scheduler.load_state_dict(state["lr_scheduler"])
+        if self.scaler and state.get("grad_scaler"):
+            self.scaler.load_state_dict(state["grad_scaler"])
+
+    def save_to_dir(self, directory: Path | str) -> None:
+        """Collective. This rank's shards; rank 0 also writes the metadata file."""
+        dcp.save(self.state_dict(), checkpoint_id=str(directory))
+
+    def load_from_dir(self, directory: Path | str) -> None:
+        """Collective. `directory` must hold every file of the checkpoint (see `needs_file`)."""
+        state = self.state_dict()  # the structure to load into, shards placed like ours
+        dcp.load(state, checkpoint_id=str(directory))
+        self.load_state_dict(state)
+
+    def needs_file(self, path: str) -> bool:
+        # The planner may store an item every rank holds (scheduler, step counts) in any
+        # rank's file, so a loading rank may read from all of them.
+        return True
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
