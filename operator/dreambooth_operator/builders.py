@@ -197,7 +197,10 @@ def _trainer_command(subcommand: str, torchrun: str) -> tuple[list[str], list[st
             "--master-addr=$(MASTER_ADDR)",
             "--master-port=$(MASTER_PORT)",
         ]
-    args = [*rendezvous, "--nproc-per-node=$(NPROC_PER_NODE)", "--no-python"]
+    # torchrun's own default gives workers 30 s after SIGTERM; ours need the pod's grace
+    # period to commit a checkpoint.
+    shutdown = f"--shutdown-timeout={TERMINATION_GRACE_SECONDS - 10}"
+    args = [*rendezvous, "--nproc-per-node=$(NPROC_PER_NODE)", shutdown, "--no-python"]
     return ["torchrun"], [*args, "dreambooth", subcommand, "--config", config]
 
 
