@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 # Modules that register benchmarks; add yours here.
-MODULES = ["bench.training"]
+MODULES = ["bench.training", "bench.inference", "bench.operator"]
 
 
 @dataclass(frozen=True)

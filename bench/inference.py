@@ -27,6 +27,8 @@ from typing import Any
 
 import httpx
 
+from bench import Settings, benchmark
+
 MODEL = "random://tiny-sd"
 SIZE = "64x64"
 # Enough denoising steps that the UNet, not HTTP, dominates (real requests use 20 to 50).
@@ -157,6 +159,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         },
         "batching_speedup_at_8_clients": round(at_8["batching"] / at_8["one_at_a_time"], 2),
     }
+
+
+@benchmark("inference")
+def inference_benchmark(settings: Settings) -> dict[str, Any]:
+    return run(settings.quick)
 
 
 def main() -> None:

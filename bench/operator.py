@@ -20,6 +20,7 @@ from typing import Any
 import kubernetes
 import urllib3
 
+from bench import Settings, benchmark
 from dreambooth_operator import api, names
 
 RANKS = 2  # nodes per job: "all rank pods" means both priors pods of each job
@@ -140,6 +141,12 @@ def run(job_counts: tuple[int, ...] = (1, 100)) -> dict[str, Any]:
         finally:
             plane.stop()
     return {"apply_to_rank_pods": results, "operator_peak_rss_mib": round(peak_rss / 2**20, 1)}
+
+
+@benchmark("operator")
+def operator_benchmark(settings: Settings) -> dict[str, Any]:
+    # 100 jobs is the figure that matters; quick mode only trims the single-job warm-up.
+    return run((100,) if settings.quick else (1, 100))
 
 
 def main() -> None:
