@@ -22,24 +22,9 @@ import urllib3
 
 from bench import Settings, benchmark
 from dreambooth_operator import api, names
+from tests.e2e.harness import job_document
 
 RANKS = 2  # nodes per job: "all rank pods" means both priors pods of each job
-
-
-def job_document(name: str) -> dict[str, Any]:
-    return {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": {"uri": "random://tiny-sd"},
-            "instance": {"imagesUri": "s3://data/subject", "prompt": "a photo of sks toy"},
-            "priorPreservation": {"classPrompt": "a photo of a toy", "numClassImages": 4},
-            "training": {"maxSteps": 4, "resolution": 64, "mixedPrecision": "no"},
-            "resources": {"nodes": RANKS, "gpusPerNode": 0, "processesPerNode": 1},
-            "storage": {"outputUri": f"s3://runs/{name}"},
-        },
-    }
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -81,7 +66,11 @@ def apply_and_measure(
     for index in range(count):
         name = f"bench-{index:03d}"
         custom.create_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, job_document(name)
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            job_document(name, resources={"nodes": RANKS}),
         )
         applied[name] = time.monotonic()
     deadline = time.monotonic() + timeout

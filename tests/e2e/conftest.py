@@ -11,7 +11,7 @@ import kubernetes
 import pytest
 
 from dreambooth_operator import api
-from tests.e2e.harness import OperatorProcess
+from tests.e2e.harness import OperatorProcess, job_document
 from tests.support.procs import wait_for
 
 
@@ -92,26 +92,6 @@ class Jobs:
 @pytest.fixture
 def jobs(kube_api, namespace) -> Jobs:
     return Jobs(kube_api, namespace)
-
-
-def job_document(name: str, **spec: Any) -> dict[str, Any]:
-    """A DreamBoothJob that needs nothing outside the cluster to be accepted."""
-    document = {
-        "apiVersion": api.API_VERSION,
-        "kind": api.KIND,
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": {"uri": "random://tiny-sd"},
-            "instance": {"imagesUri": "s3://data/subject", "prompt": "a photo of sks toy"},
-            "priorPreservation": {"classPrompt": "a photo of a toy", "numClassImages": 4},
-            "training": {"maxSteps": 4, "resolution": 64, "mixedPrecision": "no"},
-            "resources": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1},
-            "storage": {"outputUri": f"s3://runs/{name}"},
-        },
-    }
-    for section, values in spec.items():
-        document["spec"].setdefault(section, {}).update(values)
-    return document
 
 
 def wait_until(what: str, probe: Callable[[], Any], timeout: float = 60.0, on_timeout=None):

@@ -7,10 +7,32 @@ import sys
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from dreambooth_operator import api
 from tests.support.procs import ManagedProcess, free_port, port_open, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def job_document(name: str, **spec: Any) -> dict[str, Any]:
+    """A DreamBoothJob that needs nothing outside the cluster to be accepted."""
+    document = {
+        "apiVersion": api.API_VERSION,
+        "kind": api.KIND,
+        "metadata": {"name": name},
+        "spec": {
+            "baseModel": {"uri": "random://tiny-sd"},
+            "instance": {"imagesUri": "s3://data/subject", "prompt": "a photo of sks toy"},
+            "priorPreservation": {"classPrompt": "a photo of a toy", "numClassImages": 4},
+            "training": {"maxSteps": 4, "resolution": 64, "mixedPrecision": "no"},
+            "resources": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1},
+            "storage": {"outputUri": f"s3://runs/{name}"},
+        },
+    }
+    for section, values in spec.items():
+        document["spec"].setdefault(section, {}).update(values)
+    return document
 
 
 @dataclass

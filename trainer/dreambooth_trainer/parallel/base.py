@@ -168,3 +168,18 @@ class Backend(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def apply_update(
+    optimizer: torch.optim.Optimizer,
+    lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
+    scaler: torch.amp.GradScaler | None,
+) -> None:
+    """Optimizer step (through the fp16 loss scaler when there is one), LR step, zero grads."""
+    if scaler:
+        scaler.step(optimizer)
+        scaler.update()
+    else:
+        optimizer.step()
+    lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)

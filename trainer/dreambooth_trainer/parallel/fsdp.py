@@ -33,7 +33,14 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
-from .base import BackendOptions, OptimizerFactory, SchedulerFactory, World, mean_over_ranks
+from .base import (
+    BackendOptions,
+    OptimizerFactory,
+    SchedulerFactory,
+    World,
+    apply_update,
+    mean_over_ranks,
+)
 from .full_weights import FullWeights
 
 ShardUnit = Callable[[str, nn.Module], bool]
@@ -120,13 +127,7 @@ class FSDPBackend:
         norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)  # DTensor-aware
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_update(self.optimizer, self.lr_scheduler, self.scaler)
         return float(norm)
 
     @property

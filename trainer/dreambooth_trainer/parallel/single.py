@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BackendOptions, OptimizerFactory, SchedulerFactory, World
+from .base import BackendOptions, OptimizerFactory, SchedulerFactory, World, apply_update
 
 STATE_FILE = "state.pt"
 
@@ -61,13 +61,7 @@ class SingleProcessBackend:
         parameters = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.options.max_grad_norm or float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
-        if self.scaler:
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-        else:
-            self.optimizer.step()
-        self.lr_scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        apply_update(self.optimizer, self.lr_scheduler, self.scaler)
         return float(grad_norm)
 
     @property
