@@ -14,16 +14,52 @@ from dreambooth_operator import api
 from tests.e2e.harness import OperatorProcess, job_document
 from tests.support.procs import wait_for
 
+CHART = Path(__file__).resolve().parents[2] / "charts" / "dreambooth-operator"
+OPERATOR_NAMESPACE = "dreambooth-e2e"
+# A release name of its own: the chart tests install "dreambooth-operator" (cluster-scoped RBAC).
+OPERATOR_RELEASE = "e2e-dreambooth-operator"
+
+
+@pytest.fixture(scope="session")
+def operator_kubeconfig(control_plane, kubectl, helm_bin, tmp_path_factory) -> Path:
+    """A kubeconfig with the chart's operator ServiceAccount token: the e2e operator runs with
+    exactly the chart's RBAC, not as admin."""
+    import json
+    import subprocess
+
+    kubectl("create", "namespace", OPERATOR_NAMESPACE, check=False)
+    show = ["--show-only", "templates/serviceaccount.yaml", "--show-only", "templates/rbac.yaml"]
+    rendered = subprocess.run(
+        [str(helm_bin), "template", OPERATOR_RELEASE, str(CHART), "-n", OPERATOR_NAMESPACE, *show],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    kubectl("apply", "-n", OPERATOR_NAMESPACE, "-f", "-", input=rendered)
+    token = control_plane.service_account_token(OPERATOR_NAMESPACE, OPERATOR_RELEASE)
+    cluster = {"server": control_plane.server, "certificate-authority": str(control_plane.ca_file)}
+    config = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "test", "cluster": cluster}],
+        "users": [{"name": "operator", "user": {"token": token}}],
+        "contexts": [{"name": "operator", "context": {"cluster": "test", "user": "operator"}}],
+        "current-context": "operator",
+    }
+    path = tmp_path_factory.mktemp("operator") / "kubeconfig"
+    path.write_text(json.dumps(config))
+    return path
+
 
 @pytest.fixture
 def operator_factory(
-    control_plane, dreambooth_crd, tmp_path
+    control_plane, dreambooth_crd, operator_kubeconfig, tmp_path
 ) -> Iterator[Callable[..., OperatorProcess]]:
     started: list[OperatorProcess] = []
 
     def start(*namespaces: str, kubeconfig: Path | None = None) -> OperatorProcess:
         operator = OperatorProcess(
-            kubeconfig or control_plane.kubeconfig, namespaces, tmp_path / "operator"
+            kubeconfig or operator_kubeconfig, namespaces, tmp_path / "operator"
         )
         started.append(operator.start())
         return operator

@@ -170,3 +170,14 @@ def test_operator_metrics_pass_promtool_and_prometheus_scrapes_them(
     )
     assert pending == 1
     assert prom.value("dreambooth_operator_jobs_created_total") == 1
+
+
+def test_the_operator_runs_with_the_charts_token_which_cannot_read_secrets(operator_kubeconfig):
+    import kubernetes
+
+    client = kubernetes.config.new_client_from_config(str(operator_kubeconfig))
+    custom = kubernetes.client.CustomObjectsApi(client)
+    custom.list_cluster_custom_object("dreambooth.dev", "v1alpha1", "dreamboothjobs")
+    with pytest.raises(kubernetes.client.ApiException) as forbidden:
+        kubernetes.client.CoreV1Api(client).list_secret_for_all_namespaces()
+    assert forbidden.value.status == 403
