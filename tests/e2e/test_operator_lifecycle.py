@@ -172,7 +172,9 @@ def test_operator_metrics_pass_promtool_and_prometheus_scrapes_them(
     assert prom.value("dreambooth_operator_jobs_created_total") == 1
 
 
-def test_the_operator_runs_with_the_charts_token_which_cannot_read_secrets(operator_kubeconfig):
+def test_the_operator_runs_with_the_charts_token_which_cannot_read_secrets(
+    operator_kubeconfig, dreambooth_crd
+):
     import kubernetes
 
     client = kubernetes.config.new_client_from_config(str(operator_kubeconfig))
