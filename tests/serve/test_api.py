@@ -156,3 +156,21 @@ def test_metrics_count_images_latency_and_rejections(url, http):
     assert metric(url, "dreambooth_inference_request_duration_seconds_count") >= 1
     assert metric(url, "dreambooth_inference_queue_depth") == 0
     assert metric(url, "dreambooth_inference_model_ready") == 1
+
+
+def test_metrics_exposition_passes_promtool(url, http, promtool_bin):
+    import subprocess
+
+    http.post("/v1/images/generations", json={"prompt": "a dog", **FAST})
+    exposition = http.get("/metrics").text
+    for family in (
+        "request_duration_seconds",
+        "images_generated_total",
+        "queue_depth",
+        "batch_size",
+    ):
+        assert f"\ndreambooth_inference_{family}" in exposition, family
+    checked = subprocess.run(
+        [str(promtool_bin), "check", "metrics"], input=exposition, capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
