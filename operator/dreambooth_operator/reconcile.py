@@ -143,6 +143,9 @@ Action = Create | Update | Delete | DeleteSelf | Event
 class Decision:
     status: DreamBoothJobStatus
     actions: list[Action] = field(default_factory=list)
+    # The trainers own status.progress; the operator writes it only to start it at step 0
+    # (sending its possibly older copy later could overwrite a newer report).
+    progress_started: bool = False
 
     def status_patch(self) -> dict[str, Any]:
         """The operator's part of the status (the trainers own progress and checkpoint)."""
@@ -160,7 +163,7 @@ class Decision:
                 "inference",
             },
         )
-        if self.status.progress is not None:
+        if self.progress_started and self.status.progress is not None:
             owned["progress"] = self.status.progress.model_dump(
                 mode="json", by_alias=True, exclude_none=True
             )
@@ -442,6 +445,7 @@ class _Reconciler:
         if self.status.progress is None:
             total = self.spec.training.max_steps
             self.status.progress = Progress(step=0, total_steps=total)
+            self.decision.progress_started = True
         if not self.milestone(names.TRAIN, f"trained {self.spec.training.max_steps} steps"):
             return self.failed_or(self.phase_in_progress(names.TRAIN))
         if not self.milestone(names.EXPORT, "pipeline exported"):

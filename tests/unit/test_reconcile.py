@@ -330,3 +330,13 @@ def test_enabling_inference_on_a_succeeded_job_starts_serving():
     decision, _ = step(job_with(status=status, inference={"enabled": True}))
     assert decision.status.phase == "Serving"
     assert created(decision, "Deployment") == ["dog-inference"]
+
+
+def test_operator_writes_progress_only_to_start_it():
+    decision = reconcile(job_with(priorPreservation={"enabled": False}), Observed(now=NOW))
+    assert decision.status_patch()["progress"]["summary"] == "0/10"
+    reported = {"progress": {"step": 7, "totalSteps": 10}, "conditions": DONE[:1]}
+    decision = reconcile(
+        job_with(status=reported, priorPreservation={"enabled": False}), Observed(now=NOW)
+    )
+    assert "progress" not in decision.status_patch()
