@@ -10,6 +10,7 @@ import time
 import pytest
 
 from tests.e2e.conftest import job_document, wait_until
+from tests.support.tools import promtool_check_metrics
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]
 
@@ -145,8 +146,6 @@ def test_deleting_a_job_removes_everything_it_owns(operator_factory, jobs, names
 def test_operator_metrics_pass_promtool_and_prometheus_scrapes_them(
     operator_factory, jobs, namespace, prometheus, promtool_bin
 ):
-    import subprocess
-
     operator = operator_factory(namespace)
     jobs.create(job_document("toy"))
     wait_until(
@@ -160,10 +159,7 @@ def test_operator_metrics_pass_promtool_and_prometheus_scrapes_them(
         "dreambooth_operator_time_to_first_step_seconds",
     ):
         assert f"# TYPE {family} " in exposition, family
-    checked = subprocess.run(
-        [str(promtool_bin), "check", "metrics"], input=exposition, capture_output=True, text=True
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    promtool_check_metrics(promtool_bin, exposition)
     prom = prometheus([f"127.0.0.1:{operator.metrics_port}"])
     pending = prom.wait_for_value(
         'dreambooth_operator_jobs{phase="Pending"}', lambda v: v == 1, timeout=30

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from dreambooth_trainer.serve.app import create_app
+from tests.support.tools import promtool_check_metrics
 
 from .conftest import FAST, MODEL_ID, settings
 from .harness import HTTP_TIMEOUT, metric, running
@@ -159,8 +160,6 @@ def test_metrics_count_images_latency_and_rejections(url, http):
 
 
 def test_metrics_exposition_passes_promtool(url, http, promtool_bin):
-    import subprocess
-
     http.post("/v1/images/generations", json={"prompt": "a dog", **FAST})
     exposition = http.get("/metrics").text
     for family in (
@@ -170,7 +169,4 @@ def test_metrics_exposition_passes_promtool(url, http, promtool_bin):
         "batch_size",
     ):
         assert f"\ndreambooth_inference_{family}" in exposition, family
-    checked = subprocess.run(
-        [str(promtool_bin), "check", "metrics"], input=exposition, capture_output=True, text=True
-    )
-    assert checked.returncode == 0, checked.stdout + checked.stderr
+    promtool_check_metrics(promtool_bin, exposition)

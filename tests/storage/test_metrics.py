@@ -10,6 +10,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from dreambooth_trainer.metrics import PREFIX, TrainerMetrics, start_exporter
+from tests.support.tools import promtool_check_metrics
 
 
 def exposition(metrics: TrainerMetrics) -> str:
@@ -56,16 +57,7 @@ def test_values_recorded():
 
 
 def test_promtool_accepts_the_metrics(promtool_bin):
-    result = subprocess.run(
-        [str(promtool_bin), "check", "metrics"],
-        input=exposition(populated()),
-        capture_output=True,
-        text=True,
-    )
-    assert result.returncode == 0, result.stdout + result.stderr
-    assert result.stdout.strip() == "" and result.stderr.strip() == "", (
-        result.stdout + result.stderr
-    )
+    promtool_check_metrics(promtool_bin, exposition(populated()))
 
 
 def test_exporter_serves_on_rank_zero_only(monkeypatch):

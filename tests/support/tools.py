@@ -47,3 +47,14 @@ class CLI:
         import json
 
         return json.loads(self(*args, "-o", "json", **kwargs).stdout)
+
+
+def promtool_check_metrics(promtool: Path, exposition: str) -> None:
+    """Fail with promtool's own words unless the /metrics text passes `promtool check metrics`."""
+    checked = subprocess.run(
+        [str(promtool), "check", "metrics"], input=exposition, capture_output=True, text=True
+    )
+    # Lint findings (naming, units) come back as output even when the exit code is 0.
+    assert checked.returncode == 0 and not (checked.stdout + checked.stderr).strip(), (
+        checked.stdout + checked.stderr
+    )

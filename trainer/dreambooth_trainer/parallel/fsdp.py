@@ -40,6 +40,7 @@ from .base import (
     World,
     apply_update,
     mean_over_ranks,
+    unscale_and_clip,
 )
 from .full_weights import FullWeights
 
@@ -120,11 +121,7 @@ class FSDPBackend:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> float:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.options.max_grad_norm or float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)  # DTensor-aware
+        norm = unscale_and_clip(self.model, self.optimizer, self.scaler, self.options.max_grad_norm)
         if isinstance(norm, DTensor):
             norm = norm.full_tensor()
         apply_update(self.optimizer, self.lr_scheduler, self.scaler)

@@ -9,7 +9,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from .base import BackendOptions, OptimizerFactory, SchedulerFactory, World, apply_update
+from .base import (
+    BackendOptions,
+    OptimizerFactory,
+    SchedulerFactory,
+    World,
+    apply_update,
+    unscale_and_clip,
+)
 
 STATE_FILE = "state.pt"
 
@@ -56,11 +63,8 @@ class SingleProcessBackend:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> float:
-        if self.scaler:
-            self.scaler.unscale_(self.optimizer)
-        parameters = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.options.max_grad_norm or float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(parameters, max_norm)
+        max_norm = self.options.max_grad_norm
+        grad_norm = unscale_and_clip(self.model, self.optimizer, self.scaler, max_norm)
         apply_update(self.optimizer, self.lr_scheduler, self.scaler)
         return float(grad_norm)
 
