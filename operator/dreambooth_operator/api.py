@@ -243,6 +243,11 @@ class TrainingSpec(ApiModel):
         None, description="Min-SNR weighting gamma (5.0 is usual).", gt=0
     )
     cache_latents: bool = field(True, description="Encode images with the VAE once, not per step.")
+    cache_text_embeddings: bool = field(
+        True,
+        description="Encode prompts with the frozen text encoder once, not per step "
+        "(no effect when trainTextEncoder is true).",
+    )
     checkpointing: CheckpointSpec = field(CheckpointSpec, description="Checkpoints and retention.")
     validation: ValidationSpec = field(ValidationSpec, description="Sample grids during training.")
 

@@ -82,18 +82,31 @@ def test_resume_continues_exactly(make_config):
     assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
 
 
+def losses_with(make_config, training: dict) -> tuple[Trainer, list[float]]:
+    trainer = trainer_for(make_config({"training": {**training, "maxSteps": 3}}))
+    return trainer, [trainer.train_step().loss for _ in range(3)]
+
+
 def test_latent_cache_is_only_a_speed_up(make_config):
     """Cached and per-step VAE encodings give the same latents, hence the same losses."""
-    trainers, losses = [], []
-    for cache in (True, False):
-        trainer = trainer_for(make_config({"training": {"cacheLatents": cache, "maxSteps": 3}}))
-        losses.append([trainer.train_step().loss for _ in range(3)])
-        trainers.append(trainer)
-    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
-    cached, encoded = (t.data.classes.latents for t in trainers)
+    (cached_run, cached_losses), (encoded_run, encoded_losses) = (
+        losses_with(make_config, {"cacheLatents": cache}) for cache in (True, False)
+    )
+    assert cached_losses == pytest.approx(encoded_losses, rel=1e-5)
+    cached, encoded = (t.data.classes.latents for t in (cached_run, encoded_run))
     indices = list(range(len(cached)))
     draw = [s.sample(indices, torch.Generator().manual_seed(0)) for s in (cached, encoded)]
     assert torch.allclose(*draw, atol=1e-5)
+
+
+def test_text_embedding_cache_is_only_a_speed_up(make_config):
+    """Prompts encoded once or on every step condition the UNet identically."""
+    (cached_run, cached), (encoded_run, encoded) = (
+        losses_with(make_config, {"cacheTextEmbeddings": cache}) for cache in (True, False)
+    )
+    assert cached == pytest.approx(encoded, rel=1e-6)
+    assert cached_run.data.instance.condition.cached is not None
+    assert encoded_run.data.instance.condition.cached is None
 
 
 @pytest.fixture

@@ -131,8 +131,8 @@ BAD_SPECS = [
     (
         "typo-in-training",
         spec_with(spec__training={"learningrate": 1e-6}),
-        "spec.training.learningrate: unknown field; allowed: batchSize, cacheLatents, centerCrop, "
-        "checkpointing, gradientAccumulationSteps, gradientCheckpointing, learningRate, lrScheduler, "
+        "spec.training.learningrate: unknown field; allowed: batchSize, cacheLatents, "
+        "cacheTextEmbeddings, centerCrop, checkpointing, gradientAccumulationSteps, gradientCheckpointing, learningRate, lrScheduler, "
         "lrWarmupSteps, maxGradNorm, maxSteps, method, mixedPrecision, offsetNoise, resolution, seed, "
         "sharding, snrGamma, trainTextEncoder, use8bitAdam, validation",
     ),

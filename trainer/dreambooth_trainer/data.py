@@ -183,26 +183,45 @@ def encode_prompt(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch
 
 @dataclass
 class Conditioning:
-    """A prompt as the trainable model consumes it: token ids, or cached hidden states.
+    """A prompt as the trainable model consumes it: token ids, or hidden states.
 
-    With a frozen text encoder the embedding of each prompt never changes, so it is computed
-    once; when the text encoder trains, the ids go through it on every step.
+    When the text encoder trains, the ids go through it inside the model on every step. A frozen
+    encoder gives the same hidden states every time, so they are computed once, unless
+    `cache=False` asks for an encoder pass per step (what caching saves; kept for the benchmark).
     """
 
-    value: torch.Tensor  # [1, L] ids or [1, L, D] hidden states
-    is_embedding: bool
+    ids: torch.Tensor  # [1, L]
+    frozen_text_encoder: CLIPTextModel | None
+    cached: torch.Tensor | None = None  # [1, L, D]
 
     @classmethod
     def of(
-        cls, prompt: str, tokenizer: CLIPTokenizer, frozen_text_encoder: CLIPTextModel | None
+        cls,
+        prompt: str,
+        tokenizer: CLIPTokenizer,
+        frozen_text_encoder: CLIPTextModel | None,
+        cache: bool = True,
     ) -> Conditioning:
         ids = tokenize(tokenizer, prompt)
-        if frozen_text_encoder is None:
-            return cls(ids, is_embedding=False)
-        return cls(encode_prompt(frozen_text_encoder, ids), is_embedding=True)
+        conditioning = cls(ids, frozen_text_encoder)
+        if frozen_text_encoder is not None and cache:
+            conditioning.cached = encode_prompt(frozen_text_encoder, ids)
+        return conditioning
+
+    @property
+    def is_embedding(self) -> bool:
+        return self.frozen_text_encoder is not None
+
+    def value(self) -> torch.Tensor:
+        if not self.is_embedding:
+            return self.ids
+        if self.cached is not None:
+            return self.cached
+        return encode_prompt(self.frozen_text_encoder, self.ids)
 
     def repeat(self, count: int) -> torch.Tensor:
-        return self.value.expand(count, *self.value.shape[1:])
+        value = self.value()
+        return value.expand(count, *value.shape[1:])
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -274,7 +293,9 @@ def build_data(
         )
         return Subset(
             latents=latent_source(vae, pixels, cache=training.cache_latents),
-            condition=Conditioning.of(prompt, tokenizer, frozen_text_encoder),
+            condition=Conditioning.of(
+                prompt, tokenizer, frozen_text_encoder, cache=training.cache_text_embeddings
+            ),
             order=ShuffledOrder(len(paths), derive_seed(training.seed, "order", purpose)),
         )
 
