@@ -132,6 +132,12 @@ def test_local_example_trains_on_two_nodes_exports_and_serves(
         c["step"] >= 8 and c["uri"].startswith(f"s3://{s3_bucket}/") for c in recorder.checkpoints
     )
     assert status["artifact"]["digest"].startswith("sha256:")
+    # The two priors pods split the class images between them.
+    priors_logs = "".join(
+        kube_node.logs(namespace, pod.metadata.name)
+        for pod in jobs.pods("dreambooth.dev/component=priors")
+    )
+    assert "shard 0 of 2" in priors_logs and "shard 1 of 2" in priors_logs, priors_logs
     # Rank 0's exporter was scraped while it trained (it exits with the pod).
     assert 1 <= prom.value("max_over_time(dreambooth_trainer_step[10m])") <= 24
     prom.wait_for_value('dreambooth_operator_jobs{phase="Serving"}', lambda v: v == 1, timeout=30)

@@ -74,3 +74,16 @@ def test_complete_set_has_a_manifest_and_is_reused(make_config, monkeypatch):
 def test_no_priors_without_prior_preservation(make_config):
     config = make_config({"priorPreservation": {"enabled": False}})
     assert priors.run_priors(config) is None
+
+
+def test_priors_pods_split_the_set_between_them():
+    """2 pods x 3 torchrun processes: six distinct shards of six, whatever the pod."""
+    shards = {
+        priors.shard_from_env(
+            {"RANK": str(local), "WORLD_SIZE": "3", "NODE_RANK": str(node), "NNODES": "2"}
+        )
+        for node in range(2)
+        for local in range(3)
+    }
+    assert shards == {(index, 6) for index in range(6)}
+    assert priors.shard_from_env({}) == (0, 1)  # `dreambooth priors` run by hand

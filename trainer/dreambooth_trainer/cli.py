@@ -118,20 +118,18 @@ def run(job_file: Path, output: Path | None) -> None:
 @click.command()
 @config_option
 @click.option(
-    "--shard", callback=parse_shard, help="Shard i/n of the class images (default: torchrun rank)."
+    "--shard",
+    callback=parse_shard,
+    help="Shard i/n of the class images (default: from the torchrun and pod rank).",
 )
 def priors(config_file: Path, shard: tuple[int, int] | None) -> None:
     """Generate class-prior images (one shard)."""
     configure_logging()
-    from .parallel import World
-    from .priors import run_priors
+    from .priors import run_priors, shard_from_env
 
     with input_errors():
         config = read_config(config_file)
-        if shard is None:
-            world = World.from_env()
-            shard = (world.rank, world.world_size)
-        run_priors(config, *shard, progress=True)
+        run_priors(config, *(shard or shard_from_env()), progress=True)
 
 
 @click.command()

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -74,6 +76,17 @@ class PriorRequest:
     def shard(self, index: int, total: int) -> list[range]:
         """Batches of shard `index` of `total` (round robin: shards finish at the same time)."""
         return self.batches()[index::total]
+
+
+def shard_from_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
+    """(shard, shards) of this process in the operator's priors phase.
+
+    The operator starts one priors pod per node, each running `torchrun --standalone`: RANK and
+    WORLD_SIZE count only the pod's own processes, NODE_RANK of NNODES says which pod it is.
+    """
+    local_rank, per_node = int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
+    node_rank, nodes = int(environ.get("NODE_RANK", 0)), int(environ.get("NNODES", 1))
+    return node_rank * per_node + local_rank, nodes * per_node
 
 
 def image_name(index: int) -> str:
@@ -188,6 +201,7 @@ def run_priors(
         log.info("class images %s: already complete", config.priors_uri)
         return fetch_dir(config.priors_uri, config.s3, config.model_cache_dir())
     local = shard_dir(store, request, shard, shards, config)
+    log.info("class images %s: shard %d of %d", config.priors_uri, shard, shards)
     device, dtype = generation_device()
     pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3, dtype)
     written = generate_shard(pipeline.to(device), request, local, shard, shards, progress)
