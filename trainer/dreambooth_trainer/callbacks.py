@@ -4,7 +4,7 @@ status for the operator and Prometheus."""
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from torch.utils.tensorboard import SummaryWriter
@@ -32,6 +32,8 @@ class StepMetrics:
     learning_rate: float
     images: int  # images (instance + class) processed by all ranks in this step
     seconds: float
+    # data/forward/backward/optimizer seconds when the trainer times phases (timing.PhaseClock)
+    phase_seconds: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:

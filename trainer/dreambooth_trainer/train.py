@@ -33,6 +33,7 @@ from .parallel import Backend, BackendOptions, World, create_backend
 from .priors import PriorRequest, is_complete
 from .samples import ValidationSamples
 from .seeds import derive_seed
+from .timing import PhaseClock
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +78,9 @@ class Trainer:
         self.step = 0
         self.micro_step = 0  # micro-batches consumed by every rank: the data position
         self.stop_reason: str | None = None
+        # Split each step's time into data/forward/backward/optimizer (StepMetrics.phase_seconds);
+        # on a GPU this synchronizes at every phase, so only benchmarks turn it on.
+        self.time_phases = False
         # Each rank draws its own noise, all of it from this one generator.
         self.generator = torch.Generator().manual_seed(
             derive_seed(self.training.seed, "noise", self.world.rank)
@@ -118,6 +122,7 @@ class Trainer:
     def train_step(self) -> StepMetrics:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         started = time.perf_counter()
+        clock = PhaseClock(self.world.device, enabled=self.time_phases)
         accumulation = self.training.gradient_accumulation_steps
         totals = torch.zeros(3)
         for micro in range(accumulation):
@@ -128,13 +133,17 @@ class Trainer:
                 self.world.world_size,
                 self.generator,
             )
+            clock.lap("data")
             with self.backend.accumulate(sync=micro == accumulation - 1):
                 with self.backend.autocast():
                     losses = self.objective(self.model, batch, self.generator, self.world.device)
+                clock.lap("forward")
                 self.backend.backward(losses.total)
+                clock.lap("backward")
             totals += losses.detached().cpu()
             self.micro_step += 1
         grad_norm = self.backend.step()
+        clock.lap("optimizer")
         self.step += 1
         loss, instance_loss, prior_loss = self.backend.all_reduce_mean(totals / accumulation)
         return StepMetrics(
@@ -146,6 +155,7 @@ class Trainer:
             learning_rate=self.backend.learning_rate,
             images=self.images_per_step,
             seconds=time.perf_counter() - started,
+            phase_seconds=clock.seconds,
         )
 
     # -- state -------------------------------------------------------------------------------------

@@ -46,6 +46,9 @@ class World:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    # A lone process normally runs without a process group or a parallel backend; set this to
+    # run the configured backend anyway (benchmarks of ZeRO or FSDP on a single GPU).
+    alone_with_backend: bool = False
 
     @classmethod
     def from_env(cls) -> World:
@@ -61,7 +64,7 @@ class World:
 
     @property
     def distributed(self) -> bool:
-        return self.world_size > 1
+        return self.world_size > 1 or self.alone_with_backend
 
     @property
     def device(self) -> torch.device:
