@@ -61,6 +61,7 @@ FULL_SPEC: dict[str, Any] = {
         "offsetNoise": 0.1,
         "snrGamma": 5.0,
         "cacheLatents": False,
+        "cacheTextEmbeddings": False,
         "checkpointing": {"interval": 25, "keep": 5},
         "validation": {
             "prompts": ["a photo of zwx toy on the moon"],
