@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 # Modules that register benchmarks; add yours here.
-MODULES = ["bench.training", "bench.inference", "bench.operator"]
+MODULES = ["bench.training", "bench.priors", "bench.inference", "bench.operator"]
 
 
 @dataclass(frozen=True)
@@ -35,3 +35,9 @@ def benchmark(name: str) -> Callable[[Benchmark], Benchmark]:
         return function
 
     return register
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    """Nearest-rank percentile (`fraction` in [0, 1]) of a non-empty list."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]

@@ -1,4 +1,5 @@
-"""python -m bench [--quick] [--model URI] [--resolution PX] [NAME ...] -> JSON on stdout."""
+"""python -m bench [--quick] [--model URI] [--resolution PX] [NAME ...] -> JSON on stdout,
+PNG plots in --plots."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", default=Settings.model, help="e.g. random://sd15 on a GPU")
     parser.add_argument("--resolution", type=int, default=Settings.resolution)
     parser.add_argument("--work-dir", type=Path, default=Settings().work_dir)
+    parser.add_argument(
+        "--plots", type=Path, help="directory for the PNG plots (default: <work-dir>/plots)"
+    )
     parser.add_argument("--list", action="store_true", help="list benchmarks and exit")
     return parser.parse_args(argv)
 
@@ -61,7 +65,11 @@ def main(argv: list[str] | None = None) -> int:
             started = time.perf_counter()
             results[name] = BENCHMARKS[name](settings)
             results[name]["wall_seconds"] = round(time.perf_counter() - started, 2)
-    print(json.dumps({"environment": environment(settings), "benchmarks": results}, indent=2))
+    report = {"environment": environment(settings), "benchmarks": results}
+    from .plots import write_plots  # matplotlib: only once there is something to draw
+
+    report["plots"] = write_plots(report, args.plots or settings.work_dir / "plots")
+    print(json.dumps(report, indent=2))
     return 0
 
 

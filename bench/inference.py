@@ -27,7 +27,7 @@ from typing import Any
 
 import httpx
 
-from bench import Settings, benchmark
+from bench import Settings, benchmark, percentile
 
 MODEL = "random://tiny-sd"
 SIZE = "64x64"
@@ -45,11 +45,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, round(fraction * (len(ordered) - 1)))]
 
 
 @contextmanager
@@ -132,8 +127,8 @@ def measure(url: str, concurrency: int, requests_per_client: int) -> dict[str, A
         "concurrency": concurrency,
         "requests": len(latencies),
         "images_per_s": round(len(latencies) / wall, 2),
-        "latency_p50_s": round(_percentile(latencies, 0.50), 4),
-        "latency_p95_s": round(_percentile(latencies, 0.95), 4),
+        "latency_p50_s": round(percentile(latencies, 0.50), 4),
+        "latency_p95_s": round(percentile(latencies, 0.95), 4),
         "mean_batch_size": round((images_after - images_before) / (calls_after - calls_before), 2),
     }
 

@@ -1,9 +1,23 @@
-"""Training throughput with and without latent caching, and class-image generation speed."""
+"""Training throughput, per-step time split, peak memory and FLOPs per parallel backend.
+
+Every configuration (a `TrainingRun`) trains in processes of its own, through torchrun for the
+parallel backends (`bench.training_worker`), so that each peak-memory figure is its own and a
+backend is measured as the trainer really runs it. On a CPU the parallel backends run 2 ranks
+(gloo, one thread each); on CUDA one rank per GPU, and with a single GPU the backend still wraps
+the model (ZeRO-3 on one GPU is what its memory figure is about).
+
+    python -m bench training [--quick] [--model random://sd15 --resolution 512]
+"""
 
 from __future__ import annotations
 
-import time
-from dataclasses import replace
+import itertools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -11,14 +25,51 @@ from . import Settings, benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 SUBJECT_DIR = REPO / "examples" / "local" / "subject"
-WARMUP_STEPS = 2
+BACKENDS = ("single", "ddp", "zero2", "zero3", "fsdp")
+# backend name -> training.sharding
+SHARDING = {
+    "single": {"backend": "ddp"},  # one process: the trainer needs no parallel backend
+    "ddp": {"backend": "ddp"},
+    "zero2": {"backend": "deepspeed", "zeroStage": 2},
+    "zero3": {"backend": "deepspeed", "zeroStage": 3},
+    "fsdp": {"backend": "fsdp"},
+}
+RUN_TIMEOUT = 1200.0
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """One configuration to measure."""
+
+    backend: str = "single"
+    precision: str = "bf16"
+    cache_latents: bool = True
+    cache_text_embeddings: bool = True
+    batch_size: int = 1
+    train_text_encoder: bool = False
+    gradient_checkpointing: bool = False
+
+    def training_spec(self) -> dict[str, Any]:
+        return {
+            "sharding": SHARDING[self.backend],
+            "mixedPrecision": self.precision,
+            "cacheLatents": self.cache_latents,
+            "cacheTextEmbeddings": self.cache_text_embeddings,
+            "batchSize": self.batch_size,
+            "trainTextEncoder": self.train_text_encoder,
+            "gradientCheckpointing": self.gradient_checkpointing,
+            "maxSteps": 10**6,
+        }
 
 
 def config_for(settings: Settings, training: dict[str, Any], class_images: int = 4):
     """A TrainerConfig for `settings.model` (through the same mapping the operator uses)."""
+    import torch
+
     from dreambooth_operator.api import DreamBoothJob
     from dreambooth_trainer.config import TrainerConfig
 
+    gpus_per_node = 1 if torch.cuda.is_available() else 0  # fp16 is refused without GPUs
     spec = {
         "baseModel": {"uri": settings.model},
         "instance": {"imagesUri": str(SUBJECT_DIR), "prompt": "a photo of sks cube"},
@@ -34,73 +85,126 @@ def config_for(settings: Settings, training: dict[str, Any], class_images: int =
             "validation": {"prompts": []},
             **training,
         },
-        "resources": {"gpusPerNode": 0, "processesPerNode": 1},
-        "storage": {"outputUri": str(settings.work_dir / "output")},
+        "resources": {"gpusPerNode": gpus_per_node, "processesPerNode": 1},
+        "storage": {"outputUri": str(settings.work_dir.resolve() / "output")},
     }
     job = DreamBoothJob.model_validate(
         {"apiVersion": "dreambooth.dev/v1alpha1", "kind": "DreamBoothJob",
          "metadata": {"name": "bench"}, "spec": spec}
     )  # fmt: skip
     config = TrainerConfig.from_job(job)
-    return config.model_copy(update={"cache_dir": str(settings.work_dir / "models")})
+    return config.model_copy(update={"cache_dir": str(settings.work_dir.resolve() / "models")})
 
 
-def steps_per_second(trainer, steps: int) -> float:
-    for _ in range(WARMUP_STEPS):
-        trainer.train_step()
-    started = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step()
-    return steps / (time.perf_counter() - started)
+# -- which runs --------------------------------------------------------------------------------
+
+
+def precisions(on_gpu: bool) -> tuple[str, ...]:
+    """fp16 needs a GPU (loss scaling); a CPU gets bf16 and plain fp32."""
+    return ("fp16", "bf16") if on_gpu else ("bf16", "no")
+
+
+def planned_runs(quick: bool, on_gpu: bool) -> dict[str, list[TrainingRun]]:
+    """Sweeps by what they vary. Quick: each backend once, then caches and precision on the
+    first; full: every backend x caches on/off x precision, and batch 4."""
+    first, *other_precisions = precisions(on_gpu)
+    caches = [(True, True), (False, True), (True, False), (False, False)]
+    if quick:
+        plan = {
+            "backends": [TrainingRun(backend=b, precision=first) for b in BACKENDS],
+            "caches": [
+                TrainingRun(precision=first, cache_latents=lat, cache_text_embeddings=txt)
+                for lat, txt in caches[1:]
+            ],
+            "precision": [TrainingRun(precision=p) for p in other_precisions],
+        }
+    else:
+        plan = {
+            "backends": [
+                TrainingRun(backend=b, precision=p, cache_latents=c, cache_text_embeddings=c)
+                for b, p, c in itertools.product(BACKENDS, precisions(on_gpu), (True, False))
+            ],
+            "caches": [
+                TrainingRun(precision=first, cache_latents=lat, cache_text_embeddings=txt)
+                for lat, txt in caches[1:]
+            ],
+            "batch_size": [TrainingRun(precision=first, batch_size=4)],
+        }
+    # The memory figure the issue asks for: UNet and text encoder fine-tuned together, batch 1,
+    # ZeRO-3 sharding, gradient checkpointing (at 512 px with --model random://sd15).
+    plan["full_finetune_memory"] = [
+        TrainingRun(
+            backend="zero3",
+            precision=first,
+            train_text_encoder=True,
+            gradient_checkpointing=True,
+        )
+    ]
+    return plan
+
+
+# -- running one -------------------------------------------------------------------------------
+
+
+def processes_for(run: TrainingRun, gpus: int) -> int:
+    if run.backend == "single":
+        return 1
+    return gpus if gpus else 2
+
+
+def worker_env(processes: int, gpus: int) -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
+    if not gpus:  # share the cores between the ranks instead of oversubscribing them
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // processes))
+    env.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    return env
+
+
+def measure(run: TrainingRun, settings: Settings, steps: int, gpus: int) -> dict[str, Any]:
+    """Train `run` in its own processes; its figures, or an error with the log's tail."""
+    processes = processes_for(run, gpus)
+    with tempfile.TemporaryDirectory(prefix="bench-training-") as scratch:
+        result_path, log_path = Path(scratch) / "result.json", Path(scratch) / "log"
+        argv = [
+            sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc-per-node={processes}", "-m", "bench.training_worker",
+            "--training-run", json.dumps(asdict(run)), "--steps", str(steps),
+            "--out", str(result_path),
+            "--model", settings.model, "--resolution", str(settings.resolution),
+            "--work-dir", str(settings.work_dir),
+        ]  # fmt: skip
+        with open(log_path, "wb") as log:
+            try:
+                code = subprocess.run(
+                    argv, env=worker_env(processes, gpus), cwd=REPO, stdout=log,
+                    stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT,
+                ).returncode  # fmt: skip
+            except subprocess.TimeoutExpired:
+                code = "timeout"
+        if code != 0 or not result_path.exists():
+            tail = log_path.read_text(errors="replace").splitlines()[-15:]
+            return {**asdict(run), "error": f"exit {code}", "log_tail": tail}
+        return json.loads(result_path.read_text())
+
+
+def prepare_class_images(settings: Settings) -> None:
+    """The class images every run trains with, generated once (the priors phase)."""
+    from dreambooth_trainer import priors
+
+    priors.run_priors(config_for(settings, {}))
 
 
 @benchmark("training")
 def training(settings: Settings) -> dict[str, Any]:
-    """Optimizer steps/s and images/s (instance + class), VAE latents cached or encoded per step."""
-    from dreambooth_trainer import priors
-    from dreambooth_trainer.parallel import World
-    from dreambooth_trainer.train import build_trainer
+    """Steps/s, images/s, step-time split, peak memory and FLOPs for each planned run."""
+    import torch
 
-    steps = 5 if settings.quick else 20
-    runs = []
-    for batch_size in (1,) if settings.quick else (1, 4):
-        for cache_latents in (True, False):
-            config = config_for(
-                settings,
-                {"batchSize": batch_size, "cacheLatents": cache_latents, "maxSteps": 10**6},
-            )
-            trainer = build_trainer(config, SUBJECT_DIR, priors.run_priors(config), World())
-            rate = steps_per_second(trainer, steps)
-            runs.append(
-                {
-                    "batch_size": batch_size,
-                    "cache_latents": cache_latents,
-                    "steps_per_second": round(rate, 3),
-                    "images_per_second": round(rate * trainer.images_per_step, 2),
-                }
-            )
-    return {"steps_measured": steps, "runs": runs}
-
-
-@benchmark("priors")
-def class_images(settings: Settings) -> dict[str, Any]:
-    """Class images/s by batch size (classifier-free guidance: 2 UNet passes' worth per image)."""
-    from dreambooth_trainer.models import load_pipeline
-    from dreambooth_trainer.priors import PriorRequest, generate_batch, generation_device
-
-    inference_steps = 10 if settings.quick else 25
-    images = 8 if settings.quick else 16
-    config = config_for(settings, {}, class_images=images)
-    device, dtype = generation_device()
-    pipeline = load_pipeline(config.base_model, config.model_cache_dir(), torch_dtype=dtype)
-    pipeline.to(device)
-    request = replace(PriorRequest.from_config(config), steps=inference_steps)
-    runs = []
-    for batch_size in (1, 4, 8):
-        generate_batch(pipeline, request, range(batch_size))  # warm-up
-        started = time.perf_counter()
-        for start in range(0, images, batch_size):
-            generate_batch(pipeline, request, range(start, start + batch_size))
-        rate = images / (time.perf_counter() - started)
-        runs.append({"batch_size": batch_size, "images_per_second": round(rate, 2)})
-    return {"images": images, "inference_steps": inference_steps, "runs": runs}
+    gpus = torch.cuda.device_count()
+    steps = 20 if settings.quick else 50
+    prepare_class_images(settings)
+    sweeps = {
+        sweep: [measure(run, settings, steps, gpus) for run in runs]
+        for sweep, runs in planned_runs(settings.quick, gpus > 0).items()
+    }
+    return {"steps_measured": steps, "gpus": gpus, "sweeps": sweeps}

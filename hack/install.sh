@@ -34,5 +34,5 @@ fi
 export VIRTUAL_ENV="$PWD/.venv"
 uv pip install --quiet "${find_links[@]}" -c "$constraints" torch setuptools wheel
 uv pip install --quiet "${find_links[@]}" -c "$constraints" \
-  --no-build-isolation-package deepspeed -e ".[train,serve,test]"
+  --no-build-isolation-package deepspeed -e ".[train,serve,test,bench]"
 log "ready: $(.venv/bin/python -c 'import torch; print("torch", torch.__version__)')"

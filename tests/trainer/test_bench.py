@@ -1,26 +1,94 @@
-"""The benchmark entry point prints JSON with the figures the issue asks for."""
+"""The benchmarks measure what they say: one training run end to end, the plan, the plots."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
+from bench import Settings
 from bench.__main__ import main
+from bench.plots import write_plots
+from bench.training import BACKENDS, TrainingRun, measure, planned_runs, prepare_class_images
 
 pytestmark = pytest.mark.trainer
 
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
-def test_training_benchmark_prints_json(capsys, tmp_path: Path):
-    assert main(["--quick", "--work-dir", str(tmp_path), "training"]) == 0
-    report = json.loads(capsys.readouterr().out)
-    runs = report["benchmarks"]["training"]["runs"]
-    assert {run["cache_latents"] for run in runs} == {True, False}
-    assert all(run["steps_per_second"] > 0 and run["images_per_second"] > 0 for run in runs)
-    assert report["environment"]["model"] == "random://tiny-sd"
+
+def test_a_training_run_reports_throughput_split_memory_and_flops(tmp_path: Path):
+    settings = Settings(quick=True, work_dir=tmp_path)
+    prepare_class_images(settings)
+    figures = measure(TrainingRun(cache_latents=False), settings, steps=3, gpus=0)
+    assert "error" not in figures, figures
+    assert figures["world_size"] == 1 and figures["cache_latents"] is False
+    assert figures["steps_per_second"] > 0 and figures["images_per_second"] > 0
+    split = figures["phase_seconds"]
+    assert set(split) == {"data", "forward", "backward", "optimizer", "other"}
+    # Without the latent cache the VAE encodes every step, inside the data phase.
+    assert split["data"] > 0 and split["forward"] > 0 and split["backward"] > 0
+    assert sum(split.values()) == pytest.approx(figures["step_seconds"], rel=0.5)
+    assert figures["peak_rss_mib"] > 100
+    assert figures["model_tflop_per_step"] > 0 and figures["mfu"] is None  # no peak for a CPU
+
+
+def test_a_failing_run_is_reported_not_raised(tmp_path: Path):
+    settings = Settings(model=str(tmp_path / "no-such-model"), work_dir=tmp_path)
+    figures = measure(TrainingRun(), settings, steps=1, gpus=0)
+    assert figures["error"].startswith("exit ") and figures["log_tail"]
+
+
+def test_the_quick_plan_covers_every_backend_cache_and_precision():
+    plan = planned_runs(quick=True, on_gpu=False)
+    assert [run.backend for run in plan["backends"]] == list(BACKENDS)
+    runs = [run for runs in plan.values() for run in runs]
+    assert {(r.cache_latents, r.cache_text_embeddings) for r in runs} == {
+        (True, True), (True, False), (False, True), (False, False)
+    }  # fmt: skip
+    assert {r.precision for r in runs} == {"bf16", "no"}
+    assert {r.precision for r in planned_runs(quick=True, on_gpu=True)["backends"]} == {"fp16"}
+    (memory,) = plan["full_finetune_memory"]
+    assert memory.backend == "zero3" and memory.train_text_encoder
+    assert memory.gradient_checkpointing and memory.batch_size == 1
+
+
+def test_plots_are_pngs(tmp_path: Path):
+    phases = {"data": 0.001, "forward": 0.01, "backward": 0.02, "optimizer": 0.005, "other": 0.0}
+    rows = [{"concurrency": c, "images_per_s": c, "latency_p95_s": 0.1 * c} for c in (1, 4, 8)]
+    report = {
+        "environment": {"device": "cpu"},
+        "benchmarks": {
+            "priors": {
+                "inference_steps": 10,
+                "runs": [{"batch_size": b, "images_per_second": b} for b in (1, 2, 4)],
+            },
+            "inference": {"modes": {"batching": {"max_batch_size": 8, "results": rows}}},
+            "training": {
+                "sweeps": {
+                    "backends": [
+                        {
+                            "backend": b,
+                            "precision": "bf16",
+                            "world_size": 2,
+                            "phase_seconds": phases,
+                        }
+                        for b in BACKENDS
+                    ]
+                }
+            },
+            "operator": {"skipped": "no control plane"},
+        },
+    }
+    written = write_plots(report, tmp_path)
+    assert sorted(Path(p).name for p in written) == ["inference.png", "priors.png", "training.png"]
+    assert all(Path(p).read_bytes()[:8] == PNG_SIGNATURE for p in written)
 
 
 def test_unknown_benchmark_is_refused(capsys):
     assert main(["no-such-benchmark"]) == 2
     assert "known:" in capsys.readouterr().err
+
+
+def test_list_names_every_benchmark(capsys):
+    assert main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == ["inference", "operator", "priors", "training"]

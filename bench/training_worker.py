@@ -1,0 +1,157 @@
+"""One training benchmark run, on every rank torchrun starts (bench/training.py launches it).
+
+Rank 0 writes the run's figures as JSON to --out: throughput with the phase clock off, the
+data/forward/backward/optimizer split with it on (it synchronizes CUDA at every phase), peak
+memory over the ranks, and model FLOPs (3 x the forward pass's, counted by torch's
+FlopCounterMode) with their utilisation of the GPU's peak.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import time
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch.utils.flop_counter import FlopCounterMode
+
+from bench import Settings
+from bench.training import SUBJECT_DIR, TrainingRun, config_for
+from dreambooth_trainer.parallel import World
+from dreambooth_trainer.timing import PHASES
+from dreambooth_trainer.train import Trainer, build_trainer, class_images_dir
+
+WARMUP_STEPS = 2
+# Dense bf16/fp16 tensor-core peak of one GPU in TFLOP/s (vendor datasheets); the first name
+# contained in torch.cuda.get_device_name() wins, so the PCIe H100 comes before the SXM one.
+PEAK_TFLOPS = (("H100 PCIe", 756.0), ("H100", 989.0), ("H200", 989.0), ("A100", 312.0))
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((peak for key, peak in PEAK_TFLOPS if key in name), None)
+
+
+def forward_flops(trainer: Trainer) -> int:
+    """FLOPs of one micro-batch's forward pass through the trained model on this rank.
+
+    Counted without gradients and with a generator of its own, so the trainer's state is
+    untouched; collective under ZeRO-3 and FSDP (the forward gathers parameters).
+    """
+    generator = torch.Generator().manual_seed(0)
+    world = trainer.world
+    batch = trainer.data.batch(
+        0, trainer.training.batch_size, world.rank, world.world_size, generator
+    )
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter, trainer.backend.autocast():
+        trainer.objective(trainer.model, batch, generator, world.device)
+    return counter.get_total_flops()
+
+
+def timed_steps(trainer: Trainer, steps: int, time_phases: bool) -> list:
+    trainer.time_phases = time_phases
+    return [trainer.train_step() for _ in range(steps)]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> dict[str, float]:
+    """CUDA: the allocator's peaks since the reset; CPU: the process's peak RSS (since start)."""
+    if device.type == "cuda":
+        return {
+            "peak_allocated_mib": torch.cuda.max_memory_allocated(device) / 2**20,
+            "peak_reserved_mib": torch.cuda.max_memory_reserved(device) / 2**20,
+        }
+    return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def max_over_ranks(values: dict[str, float]) -> dict[str, float]:
+    if not dist.is_initialized():
+        return {key: round(value, 1) for key, value in values.items()}
+    gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, values)
+    return {key: round(max(rank[key] for rank in gathered), 1) for key in values}
+
+
+def phase_split(metrics: list) -> dict[str, float]:
+    """Mean seconds per step in each phase; `other` is the rest (loss all-reduce, bookkeeping)."""
+    split = {p: statistics.mean(m.phase_seconds.get(p, 0.0) for m in metrics) for p in PHASES}
+    split["other"] = max(0.0, statistics.mean(m.seconds for m in metrics) - sum(split.values()))
+    return {phase: round(seconds, 5) for phase, seconds in split.items()}
+
+
+def significant(value: float, digits: int = 4) -> float:
+    return float(f"{value:.{digits}g}")
+
+
+def measure(trainer: Trainer, steps: int) -> dict[str, Any]:
+    device = trainer.world.device
+    flops_per_step = (
+        3 * forward_flops(trainer)  # backward costs about twice the forward
+        * trainer.training.gradient_accumulation_steps
+        * trainer.world.world_size
+    )  # fmt: skip
+    timed_steps(trainer, WARMUP_STEPS, time_phases=False)
+    reset_peak_memory(device)
+    started = time.perf_counter()
+    timed_steps(trainer, steps, time_phases=False)
+    steps_per_second = steps / (time.perf_counter() - started)
+    split = phase_split(timed_steps(trainer, steps, time_phases=True))
+    memory = max_over_ranks(peak_memory_mib(device))
+    achieved = flops_per_step * steps_per_second / 1e12
+    peak = peak_tflops(device)
+    world_size = trainer.world.world_size
+    return {
+        "world_size": world_size,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "steps_per_second": round(steps_per_second, 3),
+        "images_per_second": round(steps_per_second * trainer.images_per_step, 2),
+        "step_seconds": round(1 / steps_per_second, 5),
+        "phase_seconds": split,
+        **memory,
+        "model_tflop_per_step": significant(flops_per_step / 1e12),
+        "achieved_tflops": significant(achieved),
+        "mfu": significant(achieved / (peak * world_size)) if peak else None,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--training-run", required=True, help="a TrainingRun as JSON")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--model", default=Settings.model)
+    parser.add_argument("--resolution", type=int, default=Settings.resolution)
+    parser.add_argument("--work-dir", type=Path, default=Settings().work_dir)
+    args = parser.parse_args()
+    run = TrainingRun(**json.loads(args.training_run))
+    settings = Settings(model=args.model, resolution=args.resolution, work_dir=args.work_dir)
+    config = config_for(settings, run.training_spec())
+    world = World.from_env()
+    if run.backend != "single" and not world.distributed:
+        world = replace(world, alone_with_backend=True)  # ZeRO or FSDP on a single GPU
+    class_dir = class_images_dir(config, config.model_cache_dir())
+    trainer = build_trainer(config, SUBJECT_DIR, class_dir, world)
+    try:
+        figures = measure(trainer, args.steps)
+    finally:
+        trainer.backend.close()
+    if world.is_main:
+        args.out.write_text(json.dumps({**asdict(run), **figures}))
+
+
+if __name__ == "__main__":
+    main()
