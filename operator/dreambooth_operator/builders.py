@@ -152,7 +152,7 @@ def _resources(requirements: ResourceRequirements, gpus: int) -> dict[str, Any]:
     return {k: v for k, v in (("requests", requests), ("limits", limits)) if v}
 
 
-def _env(job: DreamBoothJob, rank: int) -> list[dict[str, Any]]:
+def _env(job: DreamBoothJob, rank: int, component: str) -> list[dict[str, Any]]:
     spec, meta = job.spec, job.metadata
     env: list[dict[str, Any]] = [
         {"name": "NNODES", "value": str(spec.resources.nodes)},
@@ -168,6 +168,10 @@ def _env(job: DreamBoothJob, rank: int) -> list[dict[str, Any]]:
         {"name": "HOME", "value": "/cache"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
     ]
+    if component == names.PRIORS:
+        # Every process of a priors pod generates: prometheus_client's multiprocess mode lets
+        # the first one serve their summed counts (on the pod's own /tmp emptyDir).
+        env.append({"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/tmp/prometheus"})
     secret = spec.storage.s3.credentials_secret
     if secret:
         for variable, key in (
@@ -228,7 +232,7 @@ def pod_template(
                 "imagePullPolicy": spec.resources.image_pull_policy,
                 "command": command,
                 "args": args,
-                "env": _env(job, rank),
+                "env": _env(job, rank, component),
                 "ports": [
                     {"name": "rendezvous", "containerPort": names.RENDEZVOUS_PORT},
                     {"name": "metrics", "containerPort": names.TRAINER_METRICS_PORT},
@@ -356,7 +360,7 @@ def inference_deployment(job: DreamBoothJob, artifact_uri: str, digest: str) -> 
         "args": _serve_args(job, artifact_uri, digest),
         "env": [
             e
-            for e in _env(job, 0)
+            for e in _env(job, 0, names.INFERENCE)
             if e["name"]
             in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HOME", "PYTHONUNBUFFERED")
         ],

@@ -118,9 +118,17 @@ def test_pod_monitors_match_the_operators_pods(render):
     (endpoint,) = trainers["podMetricsEndpoints"]
     assert endpoint["port"] == "metrics"  # containerPort names.TRAINER_METRICS_PORT
     keep = endpoint["relabelings"][0]
-    assert keep["sourceLabels"] == [meta_label(names.LABEL_RANK)]
-    assert keep["action"] == "keep" and re.fullmatch(keep["regex"], "0")
-    assert not re.fullmatch(keep["regex"], "1") and re.fullmatch(keep["regex"], "")
+    assert keep["sourceLabels"] == [meta_label(names.LABEL_COMPONENT), meta_label(names.LABEL_RANK)]
+    assert keep["action"] == "keep"
+    kept = {  # Prometheus anchors relabel regexes, as fullmatch does
+        (component, rank)
+        for component in (names.PRIORS, names.TRAIN, names.EXPORT)
+        for rank in ("", "0", "1", "10")
+        if re.fullmatch(keep["regex"], f"{component}{keep['separator']}{rank}")
+    }
+    assert kept == {(names.PRIORS, rank) for rank in ("", "0", "1", "10")} | {
+        (component, rank) for component in (names.TRAIN, names.EXPORT) for rank in ("", "0")
+    }
     assert inference["selector"]["matchLabels"][names.LABEL_COMPONENT] == names.INFERENCE
     assert inference["podMetricsEndpoints"][0]["port"] == "http"
     assert inference["podMetricsEndpoints"][0]["path"] == "/metrics"
@@ -193,14 +201,18 @@ def exported_names() -> set[str]:
     from prometheus_client.metrics import MetricWrapperBase
 
     from dreambooth_operator import metrics as operator_metrics
-    from dreambooth_trainer.metrics import TrainerMetrics
+    from dreambooth_trainer.metrics import PriorMetrics, TrainerMetrics
 
     registry = CollectorRegistry()
     for value in vars(operator_metrics).values():
         if isinstance(value, MetricWrapperBase):
             registry.register(value)
     registry.register(operator_metrics.PhaseCollector(lambda: []))
-    families = [*registry.collect(), *TrainerMetrics().registry.collect()]
+    families = [
+        *registry.collect(),
+        *TrainerMetrics().registry.collect(),
+        *PriorMetrics().registry.collect(),
+    ]
     names = set()
     for family in families:
         suffixes = {

@@ -21,7 +21,6 @@ def populated() -> TrainerMetrics:
     m = TrainerMetrics()
     m.total_steps.set(800)
     m.observe_step(12, loss=0.3, images_per_second=5.5)
-    m.add_prior_images(4)
     with m.checkpoint_save(12):
         pass
     return m
@@ -34,7 +33,6 @@ def test_names_follow_prometheus_conventions():
         f"{PREFIX}_loss",
         f"{PREFIX}_images_per_second",
         f"{PREFIX}_checkpoint_save_seconds",
-        f"{PREFIX}_prior_images_generated",
     }
     for family in families.values():
         assert family.name.startswith(f"{PREFIX}_")
@@ -51,7 +49,6 @@ def test_values_recorded():
         for s in f.samples
     }
     assert samples[f"{PREFIX}_step"] == 12
-    assert samples[f"{PREFIX}_prior_images_generated_total"] == 4
     assert samples[f"{PREFIX}_checkpoint_save_seconds_count"] == 1
     assert samples[f"{PREFIX}_checkpoint_step"] == 12
 
@@ -84,3 +81,26 @@ def test_storage_side_imports_no_torch():
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_priors_pod_serves_the_sum_of_its_processes(tmp_path, promtool_bin):
+    """prometheus_client's multiprocess mode: each generating process writes its count under
+    PROMETHEUS_MULTIPROC_DIR, and the pod's exporter serves their sum (promtool-clean)."""
+    env = {"PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prometheus"), "PYTHONPATH": "."}
+    generate = (
+        "import sys; from dreambooth_trainer.metrics import PriorMetrics, prepare_multiprocess_dir;"
+        "prepare_multiprocess_dir(); PriorMetrics().images_generated.inc(int(sys.argv[1]))"
+    )
+    for count in (3, 5):  # two processes, one after the other: files outlive them
+        subprocess.run([sys.executable, "-c", generate, str(count)], env=env, check=True)
+    serve = (
+        "from prometheus_client import generate_latest;"
+        "from dreambooth_trainer.metrics import PriorMetrics;"
+        "print(generate_latest(PriorMetrics().served_registry()).decode())"
+    )
+    text = subprocess.run(
+        [sys.executable, "-c", serve], env=env, check=True, capture_output=True, text=True
+    ).stdout
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples[f"{PREFIX}_prior_images_generated_total"] == 8
+    promtool_check_metrics(promtool_bin, text)

@@ -125,11 +125,17 @@ def run(job_file: Path, output: Path | None) -> None:
 def priors(config_file: Path, shard: tuple[int, int] | None) -> None:
     """Generate class-prior images (one shard)."""
     configure_logging()
+    from .metrics import PriorMetrics, exporting, prepare_multiprocess_dir
     from .priors import run_priors, shard_from_env
 
-    with input_errors():
+    prepare_multiprocess_dir()
+    metrics = PriorMetrics()
+    # One exporter per pod: its first process (local rank 0) serves every process's count.
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    with input_errors(), exporting(metrics.served_registry(), rank=local_rank):
         config = read_config(config_file)
-        run_priors(config, *(shard or shard_from_env()), progress=True)
+        shard_of = shard or shard_from_env()
+        run_priors(config, *shard_of, progress=True, on_written=metrics.images_generated.inc)
 
 
 @click.command()

@@ -21,6 +21,7 @@ from contextlib import contextmanager
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 from dreambooth_operator.names import TRAINER_METRICS_PORT
 
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 PREFIX = "dreambooth_trainer"
 ENV_PORT = "DREAMBOOTH_METRICS_PORT"
 DEFAULT_PORT = TRAINER_METRICS_PORT
+MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
 DISABLED = frozenset({"", "0", "off", "false", "no"})
 # Checkpoint saves range from under a second (tiny model, local disk) to many minutes
 # (SD1.5 with optimizer state to S3).
@@ -56,11 +58,6 @@ class TrainerMetrics:
             buckets=SAVE_BUCKETS,
             registry=r,
         )
-        self.prior_images_generated = Counter(
-            f"{PREFIX}_prior_images_generated",
-            "Class images generated for prior preservation.",
-            registry=r,
-        )
 
     def observe_step(
         self, step: int, loss: float | None = None, images_per_second: float | None = None
@@ -79,8 +76,39 @@ class TrainerMetrics:
             yield
         self.checkpoint_step.set(step)
 
-    def add_prior_images(self, count: int) -> None:
-        self.prior_images_generated.inc(count)
+
+class PriorMetrics:
+    """The priors phase's counter.
+
+    A priors pod runs one process per GPU. With ``PROMETHEUS_MULTIPROC_DIR`` set (the operator
+    sets it on priors pods) every process writes its count to a file there and the pod's first
+    process serves their sum (prometheus_client's multiprocess mode); without it, the first
+    process serves its own count.
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self.images_generated = Counter(
+            f"{PREFIX}_prior_images_generated",
+            "Class images generated for prior preservation.",
+            registry=self.registry,
+        )
+
+    def served_registry(self) -> CollectorRegistry:
+        """What the pod's exporter serves: every process's counts in multiprocess mode."""
+        directory = os.environ.get(MULTIPROCESS_DIR_ENV)
+        if not directory:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=directory)
+        return registry
+
+
+def prepare_multiprocess_dir() -> None:
+    """Create ``PROMETHEUS_MULTIPROC_DIR`` if it is set: counters write there once created."""
+    directory = os.environ.get(MULTIPROCESS_DIR_ENV)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
 
 
 def metrics_port_from_env() -> int | None:
@@ -90,7 +118,10 @@ def metrics_port_from_env() -> int | None:
 
 
 def start_exporter(
-    metrics: TrainerMetrics, rank: int = 0, port: int | None = None, addr: str = "0.0.0.0"
+    metrics: TrainerMetrics | CollectorRegistry,
+    rank: int = 0,
+    port: int | None = None,
+    addr: str = "0.0.0.0",
 ) -> WSGIServer | None:
     """Serve ``/metrics`` on rank 0 (port from the argument, else the environment; 0 = any).
 
@@ -102,6 +133,24 @@ def start_exporter(
     port = metrics_port_from_env() if port is None else port
     if port is None:
         return None
-    server, _thread = start_http_server(port, addr=addr, registry=metrics.registry)
+    registry = metrics if isinstance(metrics, CollectorRegistry) else metrics.registry
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
     log.info("trainer metrics on http://%s:%d/metrics", addr, server.server_port)
     return server
+
+
+@contextmanager
+def exporting(metrics: TrainerMetrics | CollectorRegistry, rank: int = 0) -> Iterator[None]:
+    """`start_exporter` for the length of a block; a taken port (another trainer process on
+    this host) costs the metrics, not the work."""
+    try:
+        server = start_exporter(metrics, rank)
+    except OSError as exc:
+        log.warning("metrics not served: %s", exc)
+        server = None
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.shutdown()
+            server.server_close()

@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -121,8 +121,10 @@ def generate_shard(
     shard: int = 0,
     shards: int = 1,
     progress: bool = False,
+    on_written: Callable[[int], object] | None = None,
 ) -> list[Path]:
-    """Generate the missing images of one shard into `directory`; return the files written."""
+    """Generate the missing images of one shard into `directory`; return the files written
+    (`on_written` hears how many after each batch)."""
     directory.mkdir(parents=True, exist_ok=True)
     batches = request.shard(shard, shards)
     written: list[Path] = []
@@ -135,6 +137,8 @@ def generate_shard(
                 for index, image in zip(indices, images, strict=True):
                     if index in missing:
                         written.append(save_atomically(image, directory / image_name(index)))
+                if on_written:
+                    on_written(len(missing))
             bar.update(len(indices))
     return written
 
@@ -185,7 +189,11 @@ def commit_if_complete(store: Store, request: PriorRequest) -> bool:
 
 
 def run_priors(
-    config: TrainerConfig, shard: int = 0, shards: int = 1, progress: bool = False
+    config: TrainerConfig,
+    shard: int = 0,
+    shards: int = 1,
+    progress: bool = False,
+    on_written: Callable[[int], object] | None = None,
 ) -> Path | None:
     """Generate shard `shard` of `shards` of the class images; the local directory of the set.
 
@@ -204,7 +212,9 @@ def run_priors(
     log.info("class images %s: shard %d of %d", config.priors_uri, shard, shards)
     device, dtype = generation_device()
     pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3, dtype)
-    written = generate_shard(pipeline.to(device), request, local, shard, shards, progress)
+    written = generate_shard(
+        pipeline.to(device), request, local, shard, shards, progress, on_written
+    )
     if not isinstance(store, LocalStore):
         store.upload_files([(path, path.name) for path in written])
     if commit_if_complete(store, request):
