@@ -23,6 +23,8 @@ from .api import (
     Progress,
 )
 
+# Phases after the batch work, which activeDeadlineSeconds does not bound.
+UNBOUNDED_PHASES = (*TERMINAL_PHASES, Phase.serving.value)
 # Spec sections that may change while a job runs; everything else is fixed at start.
 MUTABLE_SPEC_SECTIONS = ("runPolicy", "inference")
 
@@ -376,9 +378,16 @@ class _Reconciler:
         return True
 
     def past_deadline(self) -> bool:
+        """activeDeadlineSeconds bounds the batch work, as a Job's does: not a suspended job
+        (whose clock restarts on resume) and not serving, which may last as long as it is
+        wanted."""
         deadline = self.spec.run_policy.active_deadline_seconds
         started = self.status.start_time
         if deadline is None or started is None or _elapsed(started, self.observed.now) < deadline:
+            return False
+        # Still marked Suspended: this pass resumes it (suspended() restarts the clock).
+        paused = self.spec.run_policy.suspend or self.conditions.is_true(COND_SUSPENDED)
+        if paused or self.status.phase in UNBOUNDED_PHASES:
             return False
         self.fail("DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={deadline}")
         return True
@@ -394,6 +403,7 @@ class _Reconciler:
             self.conditions.set(
                 COND_SUSPENDED, False, "Resumed", "resuming from the newest checkpoint"
             )
+            self.status.start_time = None  # the deadline counts from the resumed pods' start
         return False
 
     def check_spec_changes(self) -> None:

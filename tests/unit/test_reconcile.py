@@ -236,6 +236,22 @@ def test_deadline_fails_a_running_job():
     assert sorted(deleted(decision)) == ["dog-priors-0", "dog-priors-1"]
 
 
+def test_deadline_spares_serving_suspended_and_resumed_jobs():
+    long_ago = {"startTime": (NOW - timedelta(hours=5)).isoformat()}
+    deadline = {"activeDeadlineSeconds": 3600}
+    serving = {**long_ago, "phase": "Serving"}
+    decision, _ = step(job_with(status=serving, runPolicy=deadline))
+    assert decision.status.phase != "Failed"
+    suspended = job_with(status=long_ago, runPolicy={**deadline, "suspend": True})
+    decision, _ = step(suspended, jobs=jobs(names.TRAIN))
+    assert decision.status.phase == "Suspended"
+    document = suspended.model_dump(mode="json", by_alias=True, exclude_none=True)
+    document["status"] = decision.status.model_dump(mode="json", by_alias=True, exclude_none=True)
+    document["spec"]["runPolicy"]["suspend"] = False
+    decision, _ = step(parse_job(document))
+    assert decision.status.phase != "Failed" and decision.status.start_time is None
+
+
 def test_ttl_deletes_a_finished_job_only_when_due():
     status = {"phase": "Succeeded", "completionTime": (NOW - timedelta(seconds=30)).isoformat()}
     decision, _ = step(job_with(status=status, runPolicy={"ttlSecondsAfterFinished": 60}))
