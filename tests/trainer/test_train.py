@@ -227,3 +227,16 @@ def test_validation_grids_with_mixed_precision(make_config, tmp_path: Path):
     assert [p.name for p in grids] == ["step-000001.png", "step-000002.png"]
     assert Image.open(grids[0]).size == (64 * len(prompts), 64)
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.parametrize("train_text_encoder", [False, True])
+def test_a_16_bit_model_takes_float32_inputs_without_autocast(make_config, train_text_encoder):
+    """What DeepSpeed does on CUDA: 16-bit weights, the caller's autocast switched off in the
+    engine's forward, float32 latents and cached embeddings from the data."""
+    config = make_config({"training": {"trainTextEncoder": train_text_encoder}})
+    trainer = trainer_for(config)
+    model = copy.deepcopy(trainer.model).to(torch.bfloat16)
+    batch = trainer.data.batch(0, 1, 0, 1, torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([10, 500])
+    prediction = model(batch.latents, timesteps, batch.condition, batch.condition_is_embedding)
+    assert prediction.dtype == torch.bfloat16 and prediction.shape == batch.latents.shape

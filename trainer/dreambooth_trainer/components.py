@@ -41,7 +41,12 @@ class DreamBoothModel(nn.Module):
         condition_is_embedding: bool,
     ) -> torch.Tensor:
         hidden_states = condition if condition_is_embedding else self.text_encoder(condition)[0]
-        return self.unet(noisy_latents, timesteps, encoder_hidden_states=hidden_states).sample
+        # Inputs in the UNet's own dtype: DeepSpeed's engine holds 16-bit weights and turns the
+        # caller's CUDA autocast off inside its forward, so float32 latents would not match.
+        dtype = self.unet.dtype
+        return self.unet(
+            noisy_latents.to(dtype), timesteps, encoder_hidden_states=hidden_states.to(dtype)
+        ).sample
 
 
 @dataclass
