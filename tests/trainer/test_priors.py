@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from dreambooth_trainer import priors
@@ -87,3 +88,9 @@ def test_priors_pods_split_the_set_between_them():
     }
     assert shards == {(index, 6) for index in range(6)}
     assert priors.shard_from_env({}) == (0, 1)  # `dreambooth priors` run by hand
+
+
+def test_each_process_of_a_priors_pod_generates_on_its_own_gpu(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here: only the choice
+    assert priors.generation_device({"LOCAL_RANK": "3"}) == (torch.device("cuda", 3), torch.float16)
+    assert priors.generation_device({})[0] == torch.device("cuda", 0)

@@ -234,7 +234,8 @@ def shard_dir(
     return local
 
 
-def generation_device() -> tuple[torch.device, torch.dtype]:
+def generation_device(environ: Mapping[str, str] = os.environ) -> tuple[torch.device, torch.dtype]:
+    """Each process of a priors pod on its own GPU (torchrun's LOCAL_RANK), in fp16."""
     if torch.cuda.is_available():
-        return torch.device("cuda", torch.cuda.current_device()), torch.float16
+        return torch.device("cuda", int(environ.get("LOCAL_RANK", 0))), torch.float16
     return torch.device("cpu"), torch.float32
