@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 import warnings
 from pathlib import Path
 
@@ -14,6 +13,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 from dreambooth_operator.api import BaseModelSpec, S3Spec
 
 from . import random_models
+from .cache_dirs import build_once
 from .config import is_local_model
 
 log = logging.getLogger(__name__)
@@ -41,13 +41,14 @@ def download_s3_model(uri: str, cache_dir: Path, s3: S3Spec) -> Path:
     from .storage import open_store  # boto3 only when a model actually lives in S3
 
     target = cache_dir / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
-    if (target / COMPLETE_MARKER).exists():
-        return target
-    shutil.rmtree(target, ignore_errors=True)
-    log.info("downloading %s to %s", uri, target)
-    open_store(uri, s3.endpoint, s3.region).download_dir("", target)
-    (target / COMPLETE_MARKER).touch()
-    return target
+
+    def download(directory: Path) -> None:
+        log.info("downloading %s to %s", uri, target)
+        open_store(uri, s3.endpoint, s3.region).download_dir("", directory)
+        (directory / COMPLETE_MARKER).touch()
+
+    # The processes of a pod share the cache: one download must not delete another's.
+    return build_once(target, download, marker=COMPLETE_MARKER)
 
 
 def load_pipeline(

@@ -12,8 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,8 @@ import torch
 from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from .cache_dirs import build_once
 
 RANDOM_SCHEME = "random://"
 
@@ -203,22 +203,13 @@ def build_pipeline(architecture: RandomArchitecture) -> StableDiffusionPipeline:
 def materialize(uri: str, cache_dir: Path) -> Path:
     """The directory of the random model `uri`, building and saving it on first use.
 
-    Several processes may race to build it: each writes a private temporary directory and
-    renames it into place; the loser discards its copy (both are identical anyway).
+    Several processes may race to build it (`build_once`); their copies are identical anyway.
     """
     architecture = architecture_for(uri)
     name = uri.removeprefix(RANDOM_SCHEME)
     target = cache_dir / "random" / f"{name}-{architecture.fingerprint()}"
-    if (target / "model_index.json").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    shutil.rmtree(staging, ignore_errors=True)
-    build_pipeline(architecture).save_pretrained(staging, safe_serialization=True)
-    try:
-        staging.rename(target)
-    except OSError:
-        if not (target / "model_index.json").exists():
-            raise
-        shutil.rmtree(staging, ignore_errors=True)
-    return target
+
+    def build(directory: Path) -> None:
+        build_pipeline(architecture).save_pretrained(directory, safe_serialization=True)
+
+    return build_once(target, build, marker="model_index.json")
