@@ -15,6 +15,7 @@ from torch.utils.tensorboard import SummaryWriter
 from dreambooth_operator.api import ValidationSpec
 
 from .callbacks import Callback, StepMetrics
+from .parallel.base import mixed_precision_autocast
 
 if TYPE_CHECKING:
     from .train import Trainer
@@ -67,7 +68,10 @@ class ValidationSamples(Callback):
         pipeline = trainer.pipeline()
         if not trainer.world.is_main:
             return None
-        with trainer.backend.autocast():
+        # Autocast whatever the backend (FSDP2 trains without it): the gathered weights are
+        # float32 and the frozen VAE and text encoder run in the mixed-precision dtype.
+        dtype = trainer.backend.options.autocast_dtype
+        with mixed_precision_autocast(trainer.world.device, dtype):
             grid = render_grid(pipeline, self.spec.prompts, self.spec, self.resolution)
         self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / f"step-{trainer.step:06d}.png"

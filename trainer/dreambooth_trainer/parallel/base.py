@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -112,6 +112,13 @@ class BackendOptions:
     @property
     def autocast_dtype(self) -> torch.dtype | None:
         return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.mixed_precision)
+
+
+def mixed_precision_autocast(
+    device: torch.device, dtype: torch.dtype | None
+) -> AbstractContextManager[Any]:
+    """torch.autocast in `dtype` on `device`, or nothing for full precision."""
+    return nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 class Backend(Protocol):

@@ -27,7 +27,14 @@ import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from torch import nn
 
-from .base import BackendOptions, OptimizerFactory, SchedulerFactory, World, mean_over_ranks
+from .base import (
+    BackendOptions,
+    OptimizerFactory,
+    SchedulerFactory,
+    World,
+    mean_over_ranks,
+    mixed_precision_autocast,
+)
 from .full_weights import FullWeights
 
 log = logging.getLogger(__name__)
@@ -139,8 +146,7 @@ class DeepSpeedBackend:
     def autocast(self) -> AbstractContextManager[Any]:
         # The engine holds 16-bit weights; autocast runs the float32 inputs (latents, frozen
         # embeddings) in the same precision and keeps precision-sensitive ops in float32.
-        dtype = self.options.autocast_dtype
-        return nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
+        return mixed_precision_autocast(self.device, self.options.autocast_dtype)
 
     def accumulate(self, sync: bool) -> AbstractContextManager[Any]:
         # ZeRO reduces (and partitions) gradients on every backward; there is no no_sync. The

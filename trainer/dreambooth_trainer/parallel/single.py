@@ -15,6 +15,7 @@ from .base import (
     SchedulerFactory,
     World,
     apply_update,
+    mixed_precision_autocast,
     unscale_and_clip,
 )
 
@@ -50,10 +51,7 @@ class SingleProcessBackend:
         return self.model
 
     def autocast(self) -> AbstractContextManager[Any]:
-        dtype = self.options.autocast_dtype
-        if dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
+        return mixed_precision_autocast(self.device, self.options.autocast_dtype)
 
     def accumulate(self, sync: bool) -> AbstractContextManager[Any]:
         return nullcontext()
