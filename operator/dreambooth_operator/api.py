@@ -37,6 +37,8 @@ SHORT_NAMES = ["dbj"]
 # names end up in label values and pod hostnames (63 characters at most).
 MAX_JOB_NAME_LENGTH = 40
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+# Job names also name Services, which must be DNS-1035 labels: a letter first.
+JOB_NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 # Models with random weights, built in code: the only models this project can use without a hub.
@@ -528,7 +530,7 @@ class ObjectMeta(BaseModel):
         description="Job name (DNS label).",
         min_length=1,
         max_length=MAX_JOB_NAME_LENGTH,
-        pattern=DNS_LABEL,
+        pattern=JOB_NAME,
     )
     namespace: str | None = Field(None, max_length=63, pattern=DNS_LABEL)
     labels: dict[str, str] = Field(default_factory=dict)
@@ -538,12 +540,12 @@ class ObjectMeta(BaseModel):
     @classmethod
     def _explain_name(cls, value):
         if isinstance(value, str) and (
-            len(value) > MAX_JOB_NAME_LENGTH or not re.match(DNS_LABEL, value)
+            len(value) > MAX_JOB_NAME_LENGTH or not re.match(JOB_NAME, value)
         ):
             raise ValueError(
-                f"must be a DNS label (lower-case letters, digits and '-', starting and ending "
-                f"with a letter or digit) of at most {MAX_JOB_NAME_LENGTH} characters, so that "
-                f"child names fit"
+                f"must be a DNS-1035 label (lower-case letters, digits and '-', starting with a "
+                f"letter, ending with a letter or digit) of at most {MAX_JOB_NAME_LENGTH} "
+                f"characters, so that child names (Services among them) are valid"
             )
         return value
 

@@ -28,6 +28,11 @@ MINIMAL = {
 }
 
 REMOVE = object()
+NAME_RULE = (
+    "must be a DNS-1035 label (lower-case letters, digits and '-', starting with a letter, "
+    "ending with a letter or digit) of at most 40 characters, so that child names (Services "
+    "among them) are valid"
+)
 
 
 def spec_with(**changes: object) -> dict:
@@ -56,14 +61,17 @@ BAD_SPECS = [
     (
         "name-uppercase",
         spec_with(metadata__name="Dog"),
-        "metadata.name: must be a DNS label (lower-case letters, digits and '-', starting and ending "
-        "with a letter or digit) of at most 40 characters, so that child names fit (got 'Dog')",
+        f"metadata.name: {NAME_RULE} (got 'Dog')",
+    ),
+    (
+        "name-starts-with-a-digit",
+        spec_with(metadata__name="2024-dog"),
+        f"metadata.name: {NAME_RULE} (got '2024-dog')",
     ),
     (
         "name-too-long",
         spec_with(metadata__name="d" * 41),
-        "metadata.name: must be a DNS label (lower-case letters, digits and '-', starting and ending "
-        f"with a letter or digit) of at most 40 characters, so that child names fit (got '{'d' * 41}')",
+        f"metadata.name: {NAME_RULE} (got '{'d' * 41}')",
     ),
     ("no-spec", spec_with(spec=REMOVE), "spec: required field is missing"),
     (
