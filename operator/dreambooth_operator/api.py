@@ -297,6 +297,19 @@ class Toleration(ApiModel):
     )
     toleration_seconds: int | None = field(None, description="For NoExecute taints.", ge=0)
 
+    @model_validator(mode="after")
+    def _as_the_api_server_checks_it(self) -> Toleration:
+        # The pod would be refused at creation; say so now, naming the field.
+        if self.operator == "Exists" and self.value:
+            raise FieldRuleError("value", "must be empty when operator is Exists")
+        if not self.key and self.operator != "Exists":
+            raise FieldRuleError(
+                "operator", 'must be "Exists" when key is empty (that tolerates every taint)'
+            )
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise FieldRuleError("tolerationSeconds", "only allowed with effect NoExecute")
+        return self
+
 
 class ResourcesSpec(ApiModel):
     nodes: int = field(1, description="Training pods (torchrun nodes).", ge=1, le=128)

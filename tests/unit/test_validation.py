@@ -263,9 +263,31 @@ BAD_SPECS = [
     ),
     (
         "toleration-effect-bad",
-        spec_with(spec__resources={"tolerations": [{"effect": "Evict"}]}),
+        spec_with(spec__resources={"tolerations": [{"key": "gpu", "effect": "Evict"}]}),
         "spec.resources.tolerations[0].effect: Input should be 'NoSchedule', 'PreferNoSchedule' or "
         "'NoExecute' (got 'Evict')",
+    ),
+    (
+        "toleration-without-key-needs-exists",
+        spec_with(spec__resources={"tolerations": [{"effect": "NoSchedule"}]}),
+        'spec.resources.tolerations[0].operator: must be "Exists" when key is empty (that '
+        "tolerates every taint)",
+    ),
+    (
+        "toleration-exists-with-value",
+        spec_with(
+            spec__resources={"tolerations": [{"key": "gpu", "operator": "Exists", "value": "a"}]}
+        ),
+        "spec.resources.tolerations[0].value: must be empty when operator is Exists",
+    ),
+    (
+        "toleration-seconds-without-noexecute",
+        spec_with(
+            spec__resources={
+                "tolerations": [{"key": "gpu", "effect": "NoSchedule", "tolerationSeconds": 5}]
+            }
+        ),
+        "spec.resources.tolerations[0].tolerationSeconds: only allowed with effect NoExecute",
     ),
     (
         "pull-policy-bad",
