@@ -253,16 +253,22 @@ def reconcile_once(
 def _act(document: dict[str, Any], decision: Decision) -> None:
     meta = document["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    for action in decision.actions:
-        if isinstance(action, Create):
-            kube.create(action.manifest)
-        elif isinstance(action, Update):
-            kube.patch(action.manifest)
-        elif isinstance(action, Delete):
-            kube.delete(action.kind, namespace, action.name)
-        elif isinstance(action, DeleteSelf):
-            kube.delete_job(namespace, name)
-            return
+    try:
+        for action in decision.actions:
+            if isinstance(action, Create):
+                kube.create(action.manifest)
+            elif isinstance(action, Update):
+                kube.patch(action.manifest)
+            elif isinstance(action, Delete):
+                kube.delete(action.kind, namespace, action.name)
+            elif isinstance(action, DeleteSelf):
+                kube.delete_job(namespace, name)
+                return
+    except kube.Rejected as rejected:
+        # Something validation let through (requests above limits, say): fail with the API
+        # server's words instead of retrying for ever in Pending.
+        _fail(document, "ChildRejected", str(rejected))
+        return
     patch = decision.status_patch()
     current = document.get("status") or {}
     if any(current.get(k) != v for k, v in patch.items()):
@@ -274,8 +280,12 @@ def _act(document: dict[str, Any], decision: Decision) -> None:
 
 def _reject(document: dict[str, Any], invalid: JobInvalid) -> None:
     """Specs the CRD schema cannot catch (cross-field rules) fail with the validator's words."""
+    _fail(document, "InvalidSpec", "; ".join(invalid.problems))
+
+
+def _fail(document: dict[str, Any], reason: str, message: str) -> None:
+    """Phase Failed with a Failed condition, a Warning event and the failure counted (once)."""
     meta = document["metadata"]
-    message = "; ".join(invalid.problems)
     status = document.get("status") or {}
     if status.get("phase") == "Failed":
         return
@@ -287,19 +297,20 @@ def _reject(document: dict[str, Any], invalid: JobInvalid) -> None:
             "phase": "Failed",
             "completionTime": now,
             "conditions": [
+                *(c for c in status.get("conditions") or [] if c.get("type") != COND_FAILED),
                 {
                     "type": COND_FAILED,
                     "status": "True",
-                    "reason": "InvalidSpec",
+                    "reason": reason,
                     "message": message,
                     "lastTransitionTime": now,
                     "observedGeneration": meta.get("generation"),
-                }
+                },
             ],
         },
     )
-    kopf.event(document, type="Warning", reason="InvalidSpec", message=message)
-    metrics.JOBS_FAILED.labels("InvalidSpec").inc()
+    kopf.event(document, type="Warning", reason=reason, message=message)
+    metrics.JOBS_FAILED.labels(reason).inc()
 
 
 def _record_metrics(job: DreamBoothJob, decision: Decision) -> None:

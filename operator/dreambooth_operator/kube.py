@@ -1,11 +1,13 @@
 """The one module that talks to the API server (besides kopf itself).
 
 Every call is idempotent: a create that finds the object (409) succeeds, a delete that finds
-nothing (404) succeeds. Callers retry by reconciling again, never by looping here.
+nothing (404) succeeds. Callers retry by reconciling again, never by looping here; a manifest
+the API server refuses as invalid raises `Rejected`, which no retry would cure.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -18,6 +20,23 @@ from . import api
 log = logging.getLogger(__name__)
 
 _FOREGROUND = client.V1DeleteOptions(propagation_policy="Foreground")
+
+
+class Rejected(Exception):
+    """The API server refused a manifest as invalid (400/422): retrying cannot help."""
+
+    def __init__(self, manifest: dict[str, Any], error: ApiException):
+        meta = manifest["metadata"]
+        try:
+            reason = json.loads(error.body)["message"]
+        except (TypeError, ValueError, KeyError):
+            reason = error.reason
+        super().__init__(f"the API server refused {manifest['kind']} {meta['name']}: {reason}")
+
+
+def _refusing_invalid(manifest: dict[str, Any], error: ApiException) -> None:
+    if error.status in (400, 422):
+        raise Rejected(manifest, error) from error
 
 
 def load_config(kubeconfig: str | None = None) -> None:
@@ -62,6 +81,7 @@ def create(manifest: dict[str, Any]) -> bool:
     except ApiException as error:
         if error.status == 409:
             return False
+        _refusing_invalid(manifest, error)
         raise
     log.info("created %s %s/%s", manifest["kind"], namespace, manifest["metadata"]["name"])
     return True
@@ -83,7 +103,11 @@ def patch(manifest: dict[str, Any]) -> None:
     """Strategic-merge the manifest onto the existing object (only Deployments so far)."""
     meta = manifest["metadata"]
     patcher = {"Deployment": client.AppsV1Api().patch_namespaced_deployment}[manifest["kind"]]
-    patcher(meta["name"], meta["namespace"], manifest)
+    try:
+        patcher(meta["name"], meta["namespace"], manifest)
+    except ApiException as error:
+        _refusing_invalid(manifest, error)
+        raise
 
 
 def patch_job_status(namespace: str, name: str, status: dict[str, Any]) -> None:

@@ -81,6 +81,21 @@ def test_invalid_cross_field_spec_fails_with_the_validators_message(
     assert jobs.batch_jobs() == []
 
 
+def test_a_child_the_api_server_refuses_fails_the_job_with_its_words(
+    operator_factory, jobs, namespace
+):
+    operator = operator_factory(namespace)
+    # Valid to our schema, refused by the API server's pod validation.
+    resources = {"resources": {"requests": {"cpu": "2"}, "limits": {"cpu": "1"}}}
+    jobs.create(job_document("greedy", resources=resources))
+    status = jobs.wait("greedy", lambda s: s.get("phase") == "Failed", "Failed", 60, operator.log)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "ChildRejected"
+    assert "the API server refused Job greedy-priors-0" in failed["message"]
+    assert "must be less than or equal to cpu limit" in failed["message"]
+    assert jobs.batch_jobs() == []
+
+
 def test_immutable_spec_change_is_refused_with_a_clear_condition(operator_factory, jobs, namespace):
     operator = operator_factory(namespace)
     jobs.create(job_document("toy"))
