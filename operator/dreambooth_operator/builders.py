@@ -167,6 +167,7 @@ def _env(job: DreamBoothJob, rank: int, component: str) -> list[dict[str, Any]]:
         # A read-only root filesystem: caches go to the emptyDir.
         {"name": "HOME", "value": "/cache"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": names.TERMINATION_LOG_ENV, "value": names.TERMINATION_LOG},
     ]
     if component == names.PRIORS:
         # Every process of a priors pod generates: prometheus_client's multiprocess mode lets
@@ -239,6 +240,7 @@ def pod_template(
                 ],
                 "resources": _resources(spec.resources.resources, gpus),
                 "securityContext": RESTRICTED_CONTAINER_SECURITY,
+                "terminationMessagePath": names.TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "volumeMounts": [
                     {"name": "config", "mountPath": names.CONFIG_MOUNT, "readOnly": True},

@@ -220,17 +220,26 @@ def _delete(job: ChildJob) -> Delete:
     return Delete("batch/v1", "Job", job.name)
 
 
-def _failure_detail(component: str, jobs: list[ChildJob], pods: tuple[ChildPod, ...]) -> tuple:
-    """(exit code, message) of the first failed pod of the failed Jobs."""
+def _failure_detail(
+    component: str, jobs: list[ChildJob], pods: tuple[ChildPod, ...]
+) -> tuple[bool, str]:
+    """(bad input?, message) of the first failed pod of the failed Jobs.
+
+    Bad input shows as the trainer's exit code, or, under torchrun (which exits 1 whatever its
+    workers did), as the trainer's termination message.
+    """
     failed_names = {j.rank for j in jobs}
     for pod in pods:
         if pod.component == component and pod.rank in failed_names and pod.phase == "Failed":
-            return pod.exit_code, f"rank {pod.rank} (pod {pod.name}) exited with code " + (
+            bad_input = pod.exit_code == builders.EXIT_BAD_INPUT or pod.message.startswith(
+                names.BAD_INPUT_PREFIX
+            )
+            return bad_input, f"rank {pod.rank} (pod {pod.name}) exited with code " + (
                 f"{pod.exit_code}: {pod.message.strip()[-500:]}"
                 if pod.message
                 else f"{pod.exit_code}"
             )
-    return None, f"{component} Job {jobs[0].name} failed"
+    return False, f"{component} Job {jobs[0].name} failed"
 
 
 # ------------------------------------------------------------------------------ reconcile
@@ -291,8 +300,8 @@ class _Reconciler:
         return False
 
     def restart_gang(self, component: str, live: list[ChildJob], failed: list[ChildJob]) -> None:
-        exit_code, detail = _failure_detail(component, failed, self.observed.pods)
-        if exit_code == builders.EXIT_BAD_INPUT:
+        bad_input, detail = _failure_detail(component, failed, self.observed.pods)
+        if bad_input:
             self.fail("InvalidConfig", detail)
             return
         limit = self.spec.run_policy.backoff_limit

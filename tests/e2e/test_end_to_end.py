@@ -203,6 +203,21 @@ def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(
     assert int(resumed.group(2)) >= killed_at and resumed.group(1).startswith("s3://")
 
 
+def test_bad_input_under_torchrun_fails_at_once_naming_the_field(
+    operator_factory, kube_node, jobs, namespace, s3_job, s3_bucket
+):
+    """torchrun exits 1 when a worker exits 2; the trainer's termination message still tells
+    the operator that restarting cannot help."""
+    operator = operator_factory(namespace)
+    spec = {"imagesUri": f"s3://{s3_bucket}/no-such-photos"}
+    jobs.create(s3_job("empty", instance=spec, priorPreservation={"enabled": False}))
+    status = jobs.wait("empty", lambda s: s.get("phase") == "Failed", "Failed", 300, operator.log)
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidConfig", (failed, _pod_logs(kube_node, jobs))
+    assert "instance.imagesUri: no images" in failed["message"]
+    assert status.get("restarts", 0) == 0
+
+
 def test_second_job_with_the_same_class_skips_prior_generation(
     operator_factory, kube_node, jobs, namespace, s3_job
 ):

@@ -227,6 +227,18 @@ def test_suspend_deletes_pods_and_resume_recreates_them():
     assert (resumed.status, resumed.reason) == ("False", "Resumed")
 
 
+def test_bad_input_under_torchrun_is_told_by_the_termination_message():
+    """torchrun exits 1 whatever its workers did; the trainer's message says bad input."""
+    failed = jobs(names.PRIORS, failed=True, ranks=1) + jobs(names.PRIORS, ranks=2)[1:]
+    message = f"{names.BAD_INPUT_PREFIX}instance.imagesUri: no images (png, jpg, webp) in /x"
+    pods = (ChildPod("dog-priors-0-p", names.PRIORS, 0, 0, "Failed", 1, message),)
+    decision, _ = step(job_with(), jobs=failed, pods=pods)
+    failure = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert (decision.status.phase, failure.reason) == ("Failed", "InvalidConfig")
+    assert "instance.imagesUri: no images" in failure.message
+    assert decision.status.restarts == 0
+
+
 def test_deadline_fails_a_running_job():
     status = {"startTime": (NOW - timedelta(seconds=100)).isoformat()}
     decision, _ = step(

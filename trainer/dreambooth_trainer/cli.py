@@ -11,6 +11,7 @@ stopped by SIGTERM after saving a checkpoint (train).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -21,7 +22,10 @@ from typing import NoReturn
 
 import click
 
+from dreambooth_operator import names
+
 EXIT_BAD_INPUT = 2
+TERMINATION_MESSAGE_CHARS = 3000  # Kubernetes keeps 4096 bytes of it
 EXIT_TERMINATED = 143
 
 # Quiet the libraries before they are imported: their import-time notices are noise here.
@@ -54,7 +58,20 @@ def configure_logging() -> None:
 def bad_input(lines: list[str]) -> NoReturn:
     for line in lines:
         click.echo(f"error: {line}", err=True)
+    leave_termination_message(names.BAD_INPUT_PREFIX + "; ".join(lines))
     sys.exit(EXIT_BAD_INPUT)
+
+
+def leave_termination_message(message: str) -> None:
+    """Write the pod's termination message, where the operator set its path.
+
+    Under torchrun the pod's exit code is torchrun's (1 for any failed worker), so exit code 2
+    alone would not tell the operator that a restart cannot help; the message does.
+    """
+    path = os.environ.get(names.TERMINATION_LOG_ENV)
+    if path:
+        with contextlib.suppress(OSError):
+            Path(path).write_text(message[:TERMINATION_MESSAGE_CHARS])
 
 
 @contextmanager
