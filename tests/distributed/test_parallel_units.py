@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dreambooth_trainer.parallel.base import BackendOptions
+from dreambooth_trainer.parallel.base import BackendOptions, apply_update
 from dreambooth_trainer.parallel.full_weights import FullWeights
 
 from . import toy
@@ -96,3 +96,19 @@ def test_deepspeed_config_follows_options():
     bf16 = deepspeed_config(BackendOptions(mixed_precision="bf16"), zero_stage=2, on_gpu=False)
     assert bf16["bf16"]["enabled"] and not bf16["fp16"]["enabled"]
     assert not bf16["zero_optimization"]["overlap_comm"]
+
+
+def test_a_step_the_loss_scaler_skips_leaves_the_learning_rate_schedule_alone():
+    """fp16 overflow: no optimizer step, the scale halves, and warm-up does not advance."""
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: step + 1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(weight.sum()).backward()
+    weight.grad[0] = float("inf")
+    apply_update(optimizer, schedule, scaler)
+    assert torch.equal(weight.detach(), torch.ones(2)) and schedule.last_epoch == 0
+    assert scaler.get_scale() == 512.0
+    scaler.scale(weight.sum()).backward()
+    apply_update(optimizer, schedule, scaler)
+    assert schedule.last_epoch == 1 and not torch.equal(weight.detach(), torch.ones(2))

@@ -199,11 +199,19 @@ def apply_update(
     lr_scheduler: torch.optim.lr_scheduler.LRScheduler,
     scaler: torch.amp.GradScaler | None,
 ) -> None:
-    """Optimizer step (through the fp16 loss scaler when there is one), LR step, zero grads."""
+    """Optimizer step (through the fp16 loss scaler when there is one), LR step, zero grads.
+
+    A step the scaler skips (inf/NaN gradients: it lowers the scale) does not advance the
+    learning-rate schedule either, as accelerate (diffusers' script) does not.
+    """
+    skipped = False
     if scaler:
+        scale = scaler.get_scale()
         scaler.step(optimizer)
         scaler.update()
+        skipped = scaler.get_scale() < scale
     else:
         optimizer.step()
-    lr_scheduler.step()
+    if not skipped:
+        lr_scheduler.step()
     optimizer.zero_grad(set_to_none=True)
