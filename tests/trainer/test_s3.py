@@ -7,11 +7,12 @@ from pathlib import Path
 import pytest
 
 from dreambooth_trainer import priors, random_models
+from dreambooth_trainer.callbacks import Callback
 from dreambooth_trainer.digest import MANIFEST, verify
 from dreambooth_trainer.export import EXPORT_DIR, run_export
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.storage import open_store
-from dreambooth_trainer.train import TRAINED_DIR, run_training
+from dreambooth_trainer.train import TRAINED_DIR, TrainingInterrupted, run_training
 
 from .conftest import SUBJECT_DIR
 
@@ -54,3 +55,35 @@ def test_phases_read_and_write_s3(s3_server, s3_bucket, make_config, monkeypatch
     export.download_dir("", downloaded)
     assert export.exists(MANIFEST)
     assert verify(downloaded) == result.digest
+
+
+class StopAt(Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, trainer, metrics) -> None:
+        if trainer.step == self.step:
+            trainer.request_stop("preempted")
+
+
+def test_an_interrupted_run_has_published_its_samples_and_logs(
+    s3_server, s3_bucket, make_config, monkeypatch, tmp_path: Path
+):
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    endpoint = s3_server.endpoint_url
+    validation = {"prompts": ["a photo of sks cube"], "interval": 2, "numInferenceSteps": 2}
+    config = make_config({"training": {"maxSteps": 6, "validation": validation}})
+    priors.run_priors(config)
+    config = config.model_copy(
+        update={
+            "output_uri": f"s3://{s3_bucket}/jobs/preempted",
+            "s3": config.s3.model_copy(update={"endpoint": endpoint}),
+        }
+    )
+    with pytest.raises(TrainingInterrupted):
+        run_training(config, World(), progress=False, callbacks=[StopAt(2)])
+    output = open_store(config.output_uri, endpoint)
+    assert output.exists("samples/step-000002.png")
+    assert [o for o in output.list("logs") if "events.out.tfevents" in o.key]
+    assert not output.list("trained")  # it did not finish

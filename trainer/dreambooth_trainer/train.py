@@ -25,7 +25,7 @@ from .checkpointing import CHECKPOINTS_DIR, Checkpointing
 from .components import DreamBoothModel, FrozenParts, sampling_pipeline, split_pipeline
 from .config import TrainerConfig
 from .data import DreamBoothData, build_data
-from .locations import fetch_dir, publish_dir, staging_dir, store_for, working_dir
+from .locations import fetch_dir, is_s3, publish_dir, staging_dir, store_for, working_dir
 from .loss import DreamBoothObjective
 from .models import load_pipeline
 from .optim import optimizer_factory, scheduler_factory
@@ -310,8 +310,31 @@ def rank_callbacks(
     ]
     if world.is_main:
         callbacks += [ProgressBar()] if progress else []
-        callbacks += [StatusReport(), TensorBoardScalars(writer)]
+        callbacks.append(StatusReport())
+        if is_s3(config.output_uri):  # before TensorBoardScalars, which closes the writer
+            callbacks.append(PublishAsYouGo(output, config, writer))
+        callbacks.append(TensorBoardScalars(writer))
     return callbacks, writer
+
+
+class PublishAsYouGo(Callback):
+    """Rank 0 uploads sample grids and TensorBoard logs with every checkpoint and when training
+    stops, so that a preempted pod loses none of them and users can watch a run in S3."""
+
+    def __init__(self, output: Path, config: TrainerConfig, writer: SummaryWriter):
+        self.output, self.config, self.writer = output, config, writer
+
+    def publish(self) -> None:
+        self.writer.flush()
+        for name in (SAMPLES_DIR, LOGS_DIR):
+            if (self.output / name).is_dir():
+                publish_dir(self.output / name, self.config.output(name), self.config.s3)
+
+    def on_checkpoint(self, trainer: Trainer, info: Any, seconds: float) -> None:
+        self.publish()
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        self.publish()
 
 
 def run_training(
