@@ -123,6 +123,11 @@ def owned_deployments(namespace: str, labels: dict, meta: dict, status: dict, **
     }
 
 
+@kopf.index("", "v1", "services", labels={**OWNED, names.LABEL_COMPONENT: names.INFERENCE})
+def owned_inference_services(namespace: str, labels: dict, **_: Any):
+    return {(namespace, labels[names.LABEL_JOB]): True}
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 def complete_prior_caches(status: dict, **_: Any):
     """Class-image caches some job finished generating: cache key -> URI."""
@@ -155,6 +160,11 @@ def deployment_changed(namespace: str, labels: dict, **_: Any) -> None:
     _wake(namespace, labels)
 
 
+@kopf.on.event("", "v1", "services", labels={**OWNED, names.LABEL_COMPONENT: names.INFERENCE})
+def service_changed(namespace: str, labels: dict, **_: Any) -> None:
+    _wake(namespace, labels)
+
+
 @kopf.on.event("", "v1", "pods", labels=OWNED)
 def pod_changed(namespace: str, labels: dict, **_: Any) -> None:
     _wake(namespace, labels)
@@ -182,6 +192,7 @@ async def drive(
     owned_jobs: kopf.Index,
     owned_pods: kopf.Index,
     owned_deployments: kopf.Index,
+    owned_inference_services: kopf.Index,
     complete_prior_caches: kopf.Index,
     **_: Any,
 ) -> None:
@@ -197,6 +208,7 @@ async def drive(
                 tuple(owned_jobs.get(key, ())),
                 tuple(owned_pods.get(key, ())),
                 next(iter(owned_deployments.get(key, ())), None),
+                key in owned_inference_services,
                 {k: next(iter(v)) for k, v in complete_prior_caches.items()},
             )
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
@@ -212,6 +224,7 @@ def reconcile_once(
     jobs: tuple[ChildJob, ...],
     pods: tuple[ChildPod, ...],
     deployment: ChildDeployment | None,
+    inference_service: bool,
     prior_caches: dict[str, str],
 ) -> bool:
     """Observe, decide, act. Returns True when the job is finished."""
@@ -241,6 +254,7 @@ def reconcile_once(
         pods=pods,
         prior_cache=cache,
         inference=deployment,
+        inference_service=inference_service,
         trainer_config_json=config_json,
         rejected_changes=tuple(immutable_changes(applied, current_spec)),
     )
@@ -258,7 +272,7 @@ def _act(document: dict[str, Any], decision: Decision) -> None:
             if isinstance(action, Create):
                 kube.create(action.manifest)
             elif isinstance(action, Update):
-                kube.patch(action.manifest)
+                kube.replace(action.manifest)
             elif isinstance(action, Delete):
                 kube.delete(action.kind, namespace, action.name)
             elif isinstance(action, DeleteSelf):

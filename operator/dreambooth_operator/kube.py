@@ -99,12 +99,16 @@ def delete(kind: str, namespace: str, name: str) -> bool:
     return True
 
 
-def patch(manifest: dict[str, Any]) -> None:
-    """Strategic-merge the manifest onto the existing object (only Deployments so far)."""
+def replace(manifest: dict[str, Any]) -> None:
+    """Make the existing object exactly the manifest (only Deployments so far).
+
+    A replace, not a strategic-merge patch: a patch keeps map keys it does not mention, so a
+    limit taken out of the spec (inference.gpus 1 -> 0) would stay on the live object.
+    """
     meta = manifest["metadata"]
-    patcher = {"Deployment": client.AppsV1Api().patch_namespaced_deployment}[manifest["kind"]]
+    replacer = {"Deployment": client.AppsV1Api().replace_namespaced_deployment}[manifest["kind"]]
     try:
-        patcher(meta["name"], meta["namespace"], manifest)
+        replacer(meta["name"], meta["namespace"], manifest)
     except ApiException as error:
         _refusing_invalid(manifest, error)
         raise

@@ -99,6 +99,7 @@ class Observed:
     pods: tuple[ChildPod, ...] = ()
     prior_cache: PriorCache | None = None
     inference: ChildDeployment | None = None
+    inference_service: bool = False  # the inference Service exists
     trainer_config_json: str = "{}"
     # Paths of spec changes made after the job started that cannot apply (see immutable_changes).
     rejected_changes: tuple[str, ...] = ()
@@ -121,7 +122,7 @@ class Delete:
 
 @dataclass(frozen=True)
 class Update:
-    """Patch an existing object to the given manifest (the inference Deployment)."""
+    """Replace an existing object with the given manifest (the inference Deployment)."""
 
     manifest: dict[str, Any]
 
@@ -404,6 +405,7 @@ class _Reconciler:
     def suspended(self) -> bool:
         if self.spec.run_policy.suspend:
             self.stop_all_pods()
+            self.stop_serving()
             self.conditions.set(
                 COND_SUSPENDED, True, "Suspended", "pods stopped; checkpoints kept for resuming"
             )
@@ -490,8 +492,10 @@ class _Reconciler:
         wanted = builders.inference_deployment(self.job, artifact.uri, artifact.digest)
         wanted_hash = wanted["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH]
         current = self.observed.inference
+        if not self.observed.inference_service:  # also when someone deleted it
+            self.decision.actions.append(Create(builders.inference_service(self.job)))
         if current is None:
-            self.decision.actions += [Create(wanted), Create(builders.inference_service(self.job))]
+            self.decision.actions.append(Create(wanted))
         elif current.template_hash != wanted_hash:
             self.decision.actions.append(Update(wanted))
         ready = current.ready_replicas if current and current.template_hash == wanted_hash else 0
@@ -512,12 +516,11 @@ class _Reconciler:
         return Phase.serving.value
 
     def stop_serving(self) -> None:
+        name = names.inference(self.job.metadata.name)
         if self.observed.inference is not None:
-            name = names.inference(self.job.metadata.name)
-            self.decision.actions += [
-                Delete("apps/v1", "Deployment", name),
-                Delete("v1", "Service", name),
-            ]
+            self.decision.actions.append(Delete("apps/v1", "Deployment", name))
+        if self.observed.inference_service:
+            self.decision.actions.append(Delete("v1", "Service", name))
         self.status.inference = None
 
     def failed_or(self, phase: str) -> str:

@@ -326,7 +326,7 @@ def test_serving_rolls_to_a_new_digest_and_reports_ready_replicas():
     job = job_with(status={"conditions": DONE, "artifact": ARTIFACT}, inference={"enabled": True})
     current = builders.inference_deployment(job, ARTIFACT["uri"], ARTIFACT["digest"])
     same = ChildDeployment(current["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH], 1)
-    decision, _ = step(job, inference=same)
+    decision, _ = step(job, inference=same, inference_service=True)
     assert not [a for a in decision.actions if isinstance(a, (Create, Update))]
     ready = next(c for c in decision.status.conditions if c.type == "InferenceReady")
     assert (ready.status, decision.status.inference.ready_replicas) == ("True", 1)
@@ -334,7 +334,7 @@ def test_serving_rolls_to_a_new_digest_and_reports_ready_replicas():
         status={"conditions": DONE, "artifact": {**ARTIFACT, "digest": "sha256:bbb"}},
         inference={"enabled": True},
     )
-    decision, _ = step(newer, inference=same)
+    decision, _ = step(newer, inference=same, inference_service=True)
     assert [a for a in decision.actions if isinstance(a, Update)]
     assert decision.status.inference.ready_replicas == 0
 
@@ -343,9 +343,36 @@ def test_disabling_inference_removes_the_deployment_and_succeeds():
     from dreambooth_operator.reconcile import ChildDeployment
 
     job = job_with(status={"conditions": DONE, "artifact": ARTIFACT})
-    decision, _ = step(job, inference=ChildDeployment("x", 1))
+    decision, _ = step(job, inference=ChildDeployment("x", 1), inference_service=True)
     assert sorted(deleted(decision)) == ["dog-inference", "dog-inference"]
     assert decision.status.phase == "Succeeded"
+
+
+def test_a_lost_inference_service_is_created_again():
+    from dreambooth_operator import builders
+    from dreambooth_operator.reconcile import ChildDeployment
+
+    job = job_with(status={"conditions": DONE, "artifact": ARTIFACT}, inference={"enabled": True})
+    current = builders.inference_deployment(job, ARTIFACT["uri"], ARTIFACT["digest"])
+    same = ChildDeployment(current["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH], 1)
+    decision, _ = step(job, inference=same, inference_service=False)
+    assert created(decision, "Service") == ["dog-inference"]
+    assert created(decision, "Deployment") == []
+
+
+def test_suspending_a_serving_job_stops_inference_and_resuming_brings_it_back():
+    from dreambooth_operator.reconcile import ChildDeployment
+
+    status = {"phase": "Serving", "conditions": DONE, "artifact": ARTIFACT}
+    job = job_with(status=status, inference={"enabled": True}, runPolicy={"suspend": True})
+    decision, _ = step(job, inference=ChildDeployment("x", 1), inference_service=True)
+    assert decision.status.phase == "Suspended"
+    assert sorted(deleted(decision)) == ["dog-inference", "dog-inference"]
+    assert decision.status.inference is None
+    resumed = job_with(status=status, inference={"enabled": True})
+    decision, _ = step(resumed)
+    assert decision.status.phase == "Serving"
+    assert created(decision, "Deployment") == created(decision, "Service") == ["dog-inference"]
 
 
 def test_enabling_inference_on_a_succeeded_job_starts_serving():

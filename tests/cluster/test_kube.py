@@ -1,0 +1,49 @@
+"""operator/kube.py against the real API server: idempotent creates, exact replaces, refusals."""
+
+from __future__ import annotations
+
+import kubernetes
+import pytest
+
+from dreambooth_operator import kube
+
+pytestmark = pytest.mark.cluster
+
+
+def deployment(namespace: str, limits: dict[str, str]) -> dict:
+    labels = {"app": "probe"}
+    container = {"name": "c", "image": "busybox", "resources": {"limits": limits}}
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "probe", "namespace": namespace, "labels": labels},
+        "spec": {
+            "replicas": 0,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": {"containers": [container]}},
+        },
+    }
+
+
+@pytest.fixture
+def operator_client(kubeconfig):
+    kube.load_config(str(kubeconfig))  # kube.py uses the default client configuration
+
+
+def live_limits(kube_api, namespace: str) -> dict[str, str]:
+    live = kubernetes.client.AppsV1Api(kube_api).read_namespaced_deployment("probe", namespace)
+    return live.spec.template.spec.containers[0].resources.limits or {}
+
+
+def test_replace_drops_what_the_new_manifest_leaves_out(operator_client, kube_api, namespace):
+    assert kube.create(deployment(namespace, {"cpu": "1", "memory": "1Gi"}))
+    assert not kube.create(deployment(namespace, {"cpu": "1"}))  # exists: a no-op
+    kube.replace(deployment(namespace, {"memory": "1Gi"}))  # e.g. inference.gpus 1 -> 0
+    assert live_limits(kube_api, namespace) == {"memory": "1Gi"}
+
+
+def test_an_invalid_manifest_is_rejected_with_the_servers_words(operator_client, namespace):
+    manifest = deployment(namespace, {"cpu": "1"})
+    manifest["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] = {"cpu": "2"}
+    with pytest.raises(kube.Rejected, match="refused Deployment probe: .*less than or equal"):
+        kube.create(manifest)
