@@ -143,3 +143,26 @@ def test_digest_does_not_depend_on_where_things_were(trained, tmp_path: Path):
         pipeline = with_trained_weights(base, tmp_path / place / "trained")
         digests.add(export_pipeline(pipeline, tmp_path / place / "export")["digest"])
     assert len(digests) == 1
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        (lambda p: p.scheduler.register_to_config(prediction_type="v_prediction"), "predicts v"),
+        (lambda p: setattr(p.text_encoder.config, "hidden_act", "gelu"), "not OpenAI CLIP"),
+    ],
+    ids=["v-prediction", "openclip-text-encoder"],
+)
+def test_no_single_file_where_the_sd1_layout_would_mislead(
+    trained, tmp_path: Path, caplog, change, reason
+):
+    """An SD2-style model exports its diffusers pipeline, and no single file that would load
+    as a broken SD1 model."""
+    _, trainer = trained
+    pipeline = trainer.pipeline()
+    change(pipeline)
+    manifest = export_pipeline(pipeline, tmp_path, fp16_variant=True)
+    assert not (tmp_path / SINGLE_FILE).exists() and not (tmp_path / SINGLE_FILE_FP16).exists()
+    assert (tmp_path / PIPELINE_DIR / "model_index.json").is_file()
+    assert not [f for f in manifest["files"] if f["path"] in (SINGLE_FILE, SINGLE_FILE_FP16)]
+    assert reason in caplog.text

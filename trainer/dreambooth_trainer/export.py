@@ -2,7 +2,7 @@
 
 <output>/export/
   pipeline/               StableDiffusionPipeline.from_pretrained (safetensors; + fp16 variant)
-  model.safetensors       original SD layout: from_single_file, A1111, ComfyUI
+  model.safetensors       original SD1.x layout: from_single_file, A1111, ComfyUI (SD1.x only)
   model.fp16.safetensors  (with the fp16 option)
   manifest.json           every file's sha256 and the digest (written last)
 """
@@ -23,7 +23,7 @@ from .config import TrainerConfig
 from .digest import MANIFEST, write_manifest
 from .locations import fetch_dir, publish_dir, working_dir
 from .models import load_pipeline
-from .single_file import save_single_file
+from .single_file import save_single_file, single_file_unsupported
 from .train import TRAINED_DIR
 
 log = logging.getLogger(__name__)
@@ -73,11 +73,18 @@ def export_pipeline(
     shutil.rmtree(directory, ignore_errors=True)
     forget_load_paths(pipeline)
     pipeline.save_pretrained(directory / PIPELINE_DIR, safe_serialization=True)
-    save_single_file(pipeline, directory / SINGLE_FILE)
+    unsupported = single_file_unsupported(pipeline)
+    if unsupported:
+        log.warning(
+            "no single-file checkpoint: %s; the diffusers pipeline is exported", unsupported
+        )
+    else:
+        save_single_file(pipeline, directory / SINGLE_FILE)
     if fp16_variant:
         half = pipeline.to(torch.float16)
         half.save_pretrained(directory / PIPELINE_DIR, safe_serialization=True, variant="fp16")
-        save_single_file(half, directory / SINGLE_FILE_FP16)
+        if not unsupported:
+            save_single_file(half, directory / SINGLE_FILE_FP16)
     return write_manifest(directory, metadata)
 
 

@@ -168,6 +168,19 @@ def convert_text_encoder(text_encoder: CLIPTextModel) -> StateDict:
     }
 
 
+def single_file_unsupported(pipeline: StableDiffusionPipeline) -> str | None:
+    """Why this pipeline cannot go into the SD1.x layout written here, or None if it can.
+
+    SD2.x single files name the text encoder after OpenCLIP, and nothing in an SD1.x file says
+    "v-prediction": such a file would load as a broken SD1 model.
+    """
+    if pipeline.text_encoder.config.hidden_act != "quick_gelu":
+        return "its text encoder is not OpenAI CLIP (SD2.x single files use OpenCLIP names)"
+    if pipeline.scheduler.config.get("prediction_type", "epsilon") != "epsilon":
+        return "it predicts v, which an SD1.x single file cannot say"
+    return None
+
+
 def save_single_file(
     pipeline: StableDiffusionPipeline, path: Path, dtype: torch.dtype | None = None
 ) -> Path:
