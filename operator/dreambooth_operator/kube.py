@@ -90,7 +90,9 @@ def create(manifest: dict[str, Any]) -> bool:
 def delete(kind: str, namespace: str, name: str) -> bool:
     """Delete with foreground propagation (the object stays until its pods are gone)."""
     try:
-        _deleter(kind)(name, namespace, body=_FOREGROUND)
+        # The response is not needed, and not parsed: a Service's delete answers with a Status
+        # that this client would try (and fail) to read as a Service.
+        _deleter(kind)(name, namespace, body=_FOREGROUND, _preload_content=False)
     except ApiException as error:
         if error.status == 404:
             return False

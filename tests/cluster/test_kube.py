@@ -47,3 +47,17 @@ def test_an_invalid_manifest_is_rejected_with_the_servers_words(operator_client,
     manifest["spec"]["template"]["spec"]["containers"][0]["resources"]["requests"] = {"cpu": "2"}
     with pytest.raises(kube.Rejected, match="refused Deployment probe: .*less than or equal"):
         kube.create(manifest)
+
+
+def test_delete_is_idempotent_for_every_kind_it_deletes(operator_client, kube_api, namespace):
+    service = {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": "probe", "namespace": namespace},
+        "spec": {"ports": [{"port": 80}], "selector": {"app": "probe"}},
+    }
+    for manifest in (service, deployment(namespace, {"cpu": "1"})):
+        assert kube.create(manifest)
+        assert kube.delete(manifest["kind"], namespace, "probe")
+        kube.delete(manifest["kind"], namespace, "probe")  # again: gone or going, no error
+    assert not kube.delete("Service", namespace, "probe")  # a Service goes at once: 404

@@ -151,6 +151,15 @@ def test_local_example_trains_on_two_nodes_exports_and_serves(
     assert inference == 1
     image = _generate(kube_node, namespace)
     assert image[:8] == b"\x89PNG\r\n\x1a\n"
+    # A deleted inference Service comes back.
+    first = jobs.core.read_namespaced_service("toy-inference", namespace).metadata.uid
+    jobs.core.delete_namespaced_service("toy-inference", namespace, _preload_content=False)
+
+    def recreated():
+        services = jobs.core.list_namespaced_service(namespace).items
+        return any(s.metadata.name == "toy-inference" and s.metadata.uid != first for s in services)
+
+    wait_until("inference Service recreated", recreated, 60, operator.log)
 
 
 def _running(jobs, job_name: str) -> str | None:
