@@ -16,6 +16,7 @@ from .conftest import CHART, NAMESPACE, RELEASE, VARIANTS, WATCHED, find
 NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
     ("dreambooth.dev", "dreamboothjobs"): {"get", "list", "watch", "patch", "delete"},
     ("dreambooth.dev", "dreamboothjobs/status"): {"get", "patch"},
+    ("dreambooth.dev", "dreamboothjobs/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
     ("", "pods"): {"get", "list", "watch"},
     ("", "configmaps"): {"get", "create"},
