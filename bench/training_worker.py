@@ -116,6 +116,7 @@ def measure(trainer: Trainer, steps: int) -> dict[str, Any]:
     world_size = trainer.world.world_size
     return {
         "world_size": world_size,
+        "backend_class": type(trainer.backend).__name__,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps_per_second": round(steps_per_second, 3),
         "images_per_second": round(steps_per_second * trainer.images_per_step, 2),

@@ -22,6 +22,7 @@ def test_a_training_run_reports_throughput_split_memory_and_flops(tmp_path: Path
     figures = measure(TrainingRun(cache_latents=False), settings, steps=3, gpus=0)
     assert "error" not in figures, figures
     assert figures["world_size"] == 1 and figures["cache_latents"] is False
+    assert figures["backend_class"] == "SingleProcessBackend"
     assert figures["steps_per_second"] > 0 and figures["images_per_second"] > 0
     split = figures["phase_seconds"]
     assert set(split) == {"data", "forward", "backward", "optimizer", "other"}
@@ -30,6 +31,16 @@ def test_a_training_run_reports_throughput_split_memory_and_flops(tmp_path: Path
     assert sum(split.values()) == pytest.approx(figures["step_seconds"], rel=0.5)
     assert figures["peak_rss_mib"] > 100
     assert figures["model_tflop_per_step"] > 0 and figures["mfu"] is None  # no peak for a CPU
+
+
+def test_with_one_gpu_the_backend_still_wraps_the_model(tmp_path: Path):
+    """What a single-GPU machine runs: ZeRO-3 in a process group of one (here on the CPU)."""
+    settings = Settings(quick=True, work_dir=tmp_path)
+    prepare_class_images(settings)
+    figures = measure(TrainingRun(backend="zero3"), settings, steps=2, gpus=1)
+    assert "error" not in figures, figures
+    assert figures["world_size"] == 1 and figures["steps_per_second"] > 0
+    assert figures["backend_class"] == "DeepSpeedBackend"
 
 
 def test_a_failing_run_is_reported_not_raised(tmp_path: Path):
