@@ -168,7 +168,22 @@ def train(config_file: Path) -> None:
         except TrainingInterrupted as stopped:
             # 128 + SIGTERM, as if the signal had ended the process, but after a checkpoint.
             click.echo(f"interrupted: {stopped}", err=True)
-            sys.exit(EXIT_TERMINATED)
+            exit_without_teardown(EXIT_TERMINATED)
+    exit_without_teardown(0)
+
+
+def exit_without_teardown(code: int) -> NoReturn:
+    """End a training rank once its work is committed, skipping the interpreter's teardown.
+
+    Freeing a gloo process group (held by DDP's reducer) can deadlock: its destructor holds the
+    GIL while joining worker threads that need the GIL to free their last tensors
+    (pytorch/pytorch#56297). One rank hung so for minutes after a successful run. Everything
+    that matters (checkpoints, trained weights, status) is written and flushed by now.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 @click.command()
