@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from torch.utils.tensorboard import SummaryWriter
 
 from dreambooth_trainer import priors, random_models
 from dreambooth_trainer.callbacks import Callback
@@ -12,7 +13,12 @@ from dreambooth_trainer.digest import MANIFEST, verify
 from dreambooth_trainer.export import EXPORT_DIR, run_export
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.storage import open_store
-from dreambooth_trainer.train import TRAINED_DIR, TrainingInterrupted, run_training
+from dreambooth_trainer.train import (
+    TRAINED_DIR,
+    PublishAsYouGo,
+    TrainingInterrupted,
+    run_training,
+)
 
 from .conftest import SUBJECT_DIR
 
@@ -87,3 +93,21 @@ def test_an_interrupted_run_has_published_its_samples_and_logs(
     assert output.exists("samples/step-000002.png")
     assert [o for o in output.list("logs") if "events.out.tfevents" in o.key]
     assert not output.list("trained")  # it did not finish
+
+
+def test_publishing_as_you_go_uploads_only_what_is_new(make_config, tmp_path: Path):
+    local = tmp_path / "staging"
+    (local / "samples").mkdir(parents=True)
+    (local / "samples" / "step-000002.png").write_bytes(b"first")
+    config = make_config(output=tmp_path / "published")
+    writer = SummaryWriter(str(local / "logs"))
+    publisher = PublishAsYouGo(local, config, writer)
+    uploads: list[list[str]] = []
+    publisher.store.upload_files = lambda files: uploads.append(sorted(k for _, k in files))
+    publisher.publish()
+    publisher.publish()  # nothing new
+    (local / "samples" / "step-000004.png").write_bytes(b"second")
+    publisher.publish()
+    writer.close()
+    assert uploads[0][-1] == "samples/step-000002.png" and uploads[0][0].startswith("logs/")
+    assert uploads[1:] == [["samples/step-000004.png"]]

@@ -33,6 +33,7 @@ from .parallel import Backend, BackendOptions, World, create_backend
 from .priors import PriorRequest, is_complete
 from .samples import ValidationSamples
 from .seeds import derive_seed
+from .storage import local_files
 from .timing import PhaseClock
 
 log = logging.getLogger(__name__)
@@ -318,23 +319,33 @@ def rank_callbacks(
 
 
 class PublishAsYouGo(Callback):
-    """Rank 0 uploads sample grids and TensorBoard logs with every checkpoint and when training
-    stops, so that a preempted pod loses none of them and users can watch a run in S3."""
+    """Rank 0 uploads new sample grids and TensorBoard logs with every checkpoint and when
+    training stops early, so that a preempted pod loses none of them and users can watch a run
+    in S3. (A finished run publishes its whole output directory anyway.)"""
 
     def __init__(self, output: Path, config: TrainerConfig, writer: SummaryWriter):
-        self.output, self.config, self.writer = output, config, writer
+        self.output, self.writer = output, writer
+        self.store = store_for(config.output_uri, config.s3)
+        self.sent: dict[Path, tuple[int, int]] = {}  # file -> (mtime ns, size) uploaded
 
     def publish(self) -> None:
         self.writer.flush()
+        changed = []
         for name in (SAMPLES_DIR, LOGS_DIR):
-            if (self.output / name).is_dir():
-                publish_dir(self.output / name, self.config.output(name), self.config.s3)
+            for path, key in local_files(self.output / name):
+                stat = path.stat()
+                if self.sent.get(path) != (stat.st_mtime_ns, stat.st_size):
+                    self.sent[path] = (stat.st_mtime_ns, stat.st_size)
+                    changed.append((path, f"{name}/{key}"))
+        if changed:
+            self.store.upload_files(changed)
 
     def on_checkpoint(self, trainer: Trainer, info: Any, seconds: float) -> None:
         self.publish()
 
     def on_train_end(self, trainer: Trainer) -> None:
-        self.publish()
+        if trainer.stop_reason is not None:
+            self.publish()
 
 
 def run_training(
