@@ -124,7 +124,8 @@ def test_local_example_trains_on_two_nodes_exports_and_serves(
     status = jobs.wait("toy", _finished, "Serving", 600, operator.log)
     recorder.stop.set()
     assert status["phase"] == "Serving", _pod_logs(kube_node, jobs)
-    assert recorder.phases[:1] == ["Pending"] and "Training" in recorder.phases
+    # Pending can pass before the recorder's first look (it lasts until a priors pod runs).
+    assert recorder.phases[0] in ("Pending", "GeneratingPriors") and "Training" in recorder.phases
     assert {"GeneratingPriors", "Exporting"} <= set(recorder.phases), recorder.phases
     steps = [p["step"] for p in recorder.progress]
     assert steps and max(steps) >= 8 and recorder.progress[-1]["totalSteps"] == 24
