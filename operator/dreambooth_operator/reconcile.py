@@ -229,9 +229,15 @@ def _failure_detail(
     Bad input shows as the trainer's exit code, or, under torchrun (which exits 1 whatever its
     workers did), as the trainer's termination message.
     """
-    failed_names = {j.rank for j in jobs}
+    # A pod of an earlier attempt may linger (deletion runs in the background): only the failed
+    # Jobs' own attempt explains this failure.
+    failed_ranks = {(j.rank, j.attempt) for j in jobs}
     for pod in pods:
-        if pod.component == component and pod.rank in failed_names and pod.phase == "Failed":
+        if (
+            pod.component == component
+            and (pod.rank, pod.attempt) in failed_ranks
+            and pod.phase == "Failed"
+        ):
             bad_input = pod.exit_code == builders.EXIT_BAD_INPUT or pod.message.startswith(
                 names.BAD_INPUT_PREFIX
             )

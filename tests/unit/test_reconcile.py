@@ -203,6 +203,23 @@ def test_bad_input_exit_code_fails_at_once_with_the_trainers_message():
     assert decision.status.restarts == 0
 
 
+def test_a_lingering_pod_of_an_earlier_attempt_does_not_explain_a_failure():
+    status = {"restarts": 1}
+    failed = jobs(names.PRIORS, attempt=1, failed=True, ranks=1)
+    old_message = f"{names.BAD_INPUT_PREFIX}instance.imagesUri: no images"
+    pods = (
+        ChildPod("dog-priors-0-old", names.PRIORS, 0, 0, "Failed", 1, old_message),
+        ChildPod("dog-priors-0-new", names.PRIORS, 0, 1, "Failed", 137, "OOMKilled"),
+    )
+    job = job_with(status=status, runPolicy={"backoffLimit": 3})
+    decision, _ = step(job, jobs=failed, pods=pods)
+    assert decision.status.restarts == 2
+    restart = next(
+        a for a in decision.actions if isinstance(a, Event) and a.reason == "GangRestart"
+    )
+    assert "dog-priors-0-new" in restart.message and "code 137" in restart.message
+
+
 def test_suspend_deletes_pods_and_resume_recreates_them():
     status = {
         "conditions": [
