@@ -226,8 +226,40 @@ def reconcile_once(
     deployment: ChildDeployment | None,
     inference_service: bool,
     prior_caches: dict[str, str],
+    *,
+    fresh: bool = False,
 ) -> bool:
     """Observe, decide, act. Returns True when the job is finished."""
+    meta = document["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    decided = _decide(document, jobs, pods, deployment, inference_service, prior_caches)
+    if decided is None:
+        return True
+    job, decision = decided
+    if not fresh and _would_write(document, decision):
+        # kopf's copy of the job lags our own status writes by a watch event. Acting on a stale
+        # status could undo what the last pass did (create the previous attempt's pods again
+        # right after a gang restart), so anything that writes is decided on a fresh read.
+        latest = kube.read_job(namespace, name)
+        if latest is None:
+            return True
+        if latest["metadata"]["resourceVersion"] != meta.get("resourceVersion"):
+            observed = (jobs, pods, deployment, inference_service, prior_caches)
+            return reconcile_once(latest, *observed, fresh=True)
+    _act(document, decision)
+    _record_metrics(job, decision)
+    return decision.status.phase in ("Succeeded", "Failed")
+
+
+def _decide(
+    document: dict[str, Any],
+    jobs: tuple[ChildJob, ...],
+    pods: tuple[ChildPod, ...],
+    deployment: ChildDeployment | None,
+    inference_service: bool,
+    prior_caches: dict[str, str],
+) -> tuple[DreamBoothJob, Decision] | None:
+    """The pure reconcile over this document; None if the spec is invalid (the job is failed)."""
     meta = document["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     current_spec = document.get("spec", {})
@@ -246,7 +278,7 @@ def reconcile_once(
         job = parse_job(document)
     except JobInvalid as invalid:
         _reject(document, invalid)
-        return True
+        return None
     config_json, cache = contract.trainer_contract(job, prior_caches)
     observed = Observed(
         now=datetime.now(timezone.utc),
@@ -258,10 +290,17 @@ def reconcile_once(
         trainer_config_json=config_json,
         rejected_changes=tuple(immutable_changes(applied, current_spec)),
     )
-    decision = reconcile(job, observed)
-    _act(document, decision)
-    _record_metrics(job, decision)
-    return decision.status.phase in ("Succeeded", "Failed")
+    return job, reconcile(job, observed)
+
+
+def _changes_status(document: dict[str, Any], decision: Decision) -> bool:
+    current = document.get("status") or {}
+    return any(current.get(k) != v for k, v in decision.status_patch().items())
+
+
+def _would_write(document: dict[str, Any], decision: Decision) -> bool:
+    acts = any(not isinstance(action, Event) for action in decision.actions)
+    return acts or _changes_status(document, decision)
 
 
 def _act(document: dict[str, Any], decision: Decision) -> None:
@@ -283,10 +322,8 @@ def _act(document: dict[str, Any], decision: Decision) -> None:
         # server's words instead of retrying for ever in Pending.
         _fail(document, "ChildRejected", str(rejected))
         return
-    patch = decision.status_patch()
-    current = document.get("status") or {}
-    if any(current.get(k) != v for k, v in patch.items()):
-        kube.patch_job_status(namespace, name, patch)
+    if _changes_status(document, decision):
+        kube.patch_job_status(namespace, name, decision.status_patch())
     for action in decision.actions:
         if isinstance(action, Event):
             kopf.event(document, type=action.type, reason=action.reason, message=action.message)

@@ -127,6 +127,18 @@ def patch_job_status(namespace: str, name: str, status: dict[str, Any]) -> None:
             raise
 
 
+def read_job(namespace: str, name: str) -> dict[str, Any] | None:
+    """The DreamBoothJob as the API server has it now; None if it is gone."""
+    try:
+        return client.CustomObjectsApi().get_namespaced_custom_object(
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name
+        )
+    except ApiException as error:
+        if error.status == 404:
+            return None
+        raise
+
+
 def patch_job_annotations(namespace: str, name: str, annotations: dict[str, str]) -> None:
     client.CustomObjectsApi().patch_namespaced_custom_object(
         api.GROUP,
