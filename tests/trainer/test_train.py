@@ -229,6 +229,31 @@ def test_validation_grids_with_mixed_precision(make_config, tmp_path: Path):
     assert list((tmp_path / "logs").glob("events.out.tfevents.*"))
 
 
+def test_fp16_with_loss_scaling(make_config, tmp_path: Path):
+    """The GPU default (fp16, text encoder trained, samples rendered) on the CPU, where torch
+    autocasts and scales losses too. The API refuses fp16 without GPUs, so it is set here."""
+    prompts = ["a photo of sks cube"]
+    validation = {"prompts": prompts, "interval": 2, "numInferenceSteps": 2}
+    config = make_config(
+        {"training": {"maxSteps": 4, "trainTextEncoder": True, "validation": validation}}
+    )
+    training = config.training.model_copy(update={"mixed_precision": "fp16"})
+    config = config.model_copy(update={"training": training})
+    samples = ValidationSamples(config.validation, 64, tmp_path / "samples", None)
+    trainer = build_trainer(config, SUBJECT_DIR, priors.run_priors(config), World(), [samples])
+    unet_before = unet_weights(trainer)
+    text_before = copy.deepcopy(trainer.frozen.text_encoder.state_dict())
+    trainer.fit()
+    assert trainer.step == 4 and trainer.backend.scaler.get_scale() > 1
+    unet_after = unet_weights(trainer)
+    assert all(v.dtype == torch.float32 and v.isfinite().all() for v in unet_after.values())
+    assert any(not torch.equal(unet_before[k], unet_after[k]) for k in unet_before)
+    text_after = trainer.frozen.text_encoder.state_dict()
+    assert any(not torch.equal(text_before[k], text_after[k]) for k in text_before)
+    grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
+    assert grids == ["step-000002.png", "step-000004.png"]
+
+
 @pytest.mark.parametrize("train_text_encoder", [False, True])
 def test_a_16_bit_model_takes_float32_inputs_without_autocast(make_config, train_text_encoder):
     """What DeepSpeed does on CUDA: 16-bit weights, the caller's autocast switched off in the

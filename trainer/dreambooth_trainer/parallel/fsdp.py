@@ -67,12 +67,11 @@ class FSDPBackend:
         self.options = options
         self.device = world.device
         self.is_unit = is_unit
-        if options.mixed_precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("fp16 mixed precision needs a GPU; use bf16 or no on the CPU")
         world.init_process_group()
         self.mesh = init_device_mesh(self.device.type, (world.world_size,))
         # With sharded gradients no rank sees them all: this scaler agrees on overflows.
-        self.scaler = ShardedGradScaler() if options.mixed_precision == "fp16" else None
+        fp16 = options.mixed_precision == "fp16"
+        self.scaler = ShardedGradScaler(device=self.device.type) if fp16 else None
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
