@@ -238,7 +238,9 @@ class TrainingSpec(ApiModel):
     seed: int = field(0, description="Training seed.", ge=0, le=2**31 - 1)
     max_grad_norm: float = field(1.0, description="Gradient clipping norm.", gt=0)
     use_8bit_adam: bool = field(
-        False, description="8-bit AdamW (needs bitsandbytes).", alias="use8bitAdam"
+        False,
+        description="8-bit AdamW (bitsandbytes): moments in 8 bits; not with fsdp.",
+        alias="use8bitAdam",
     )
     offset_noise: float = field(0.0, description="Offset-noise strength (0 = off).", ge=0, le=1)
     snr_gamma: float | None = field(
@@ -274,6 +276,17 @@ class TrainingSpec(ApiModel):
     def _warmup_within_steps(self) -> TrainingSpec:
         if self.lr_warmup_steps >= self.max_steps:
             raise FieldRuleError("lrWarmupSteps", f"must be less than maxSteps ({self.max_steps})")
+        return self
+
+    @model_validator(mode="after")
+    def _8bit_adam_not_with_fsdp(self) -> TrainingSpec:
+        # bitsandbytes' kernels take plain tensors; FSDP2's parameters are DTensors.
+        if self.use_8bit_adam and self.sharding.backend == ShardingBackend.fsdp:
+            raise FieldRuleError(
+                "use8bitAdam",
+                "8-bit AdamW cannot step FSDP2's sharded parameters: use sharding.backend "
+                '"deepspeed" (ZeRO shards the 8-bit state too) or "ddp"',
+            )
         return self
 
     @property

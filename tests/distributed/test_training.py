@@ -113,11 +113,19 @@ def test_zero_trains_unet_and_text_encoder_with_checkpoints_in_s3(new_job, model
     assert status["checkpoint"]["step"] == 4 and status["checkpoint"]["uri"] == info.uri
 
 
-def test_exact_resume_after_a_crash_skips_broken_checkpoints(new_job):
+@pytest.mark.parametrize("use_8bit_adam", [False, True], ids=["adamw", "adamw-8bit"])
+def test_exact_resume_after_a_crash_skips_broken_checkpoints(new_job, use_8bit_adam):
     """6 steps straight == 3 steps, SIGKILL, restart, 3 more: bitwise. Before the restart a
     newer checkpoint 5 lost its manifest (upload cut off) and one of rank 1's files in a newer
-    checkpoint 6 has the wrong content: only rank 1 downloads it, all ranks must skip it."""
-    overrides = {"training": {"maxSteps": 6, "checkpointing": {"interval": 3, "keep": 2}}}
+    checkpoint 6 has the wrong content: only rank 1 downloads it, all ranks must skip it. ZeRO-2
+    shards the 8-bit AdamW state like any other."""
+    # 4 micro-batches a step: steps 4-6 take long enough that the kill lands before step 6.
+    training = {
+        "maxSteps": 6,
+        "gradientAccumulationSteps": 4,
+        "checkpointing": {"interval": 3, "keep": 2},
+    }
+    overrides = {"training": {**training, "use8bitAdam": use_8bit_adam}}
     straight = new_job("straight", overrides)
     straight.train()
     assert straight.checkpoint_steps() == [6, 3]

@@ -61,9 +61,11 @@ def test_loss_on_the_instance_images_falls(make_config):
     assert after < 0.6 * before, (before, after)
 
 
-def test_resume_continues_exactly(make_config):
+@pytest.mark.parametrize("use_8bit_adam", [False, True], ids=["adamw", "adamw-8bit"])
+def test_resume_continues_exactly(make_config, use_8bit_adam):
     """N steps, state_dict, a fresh trainer, load, N more == 2N straight (bitwise on CPU)."""
-    config = make_config({"training": {"maxSteps": 4, "gradientAccumulationSteps": 2}})
+    training = {"maxSteps": 4, "gradientAccumulationSteps": 2, "use8bitAdam": use_8bit_adam}
+    config = make_config({"training": training})
     straight = trainer_for(config)
     straight.fit()
 
@@ -80,6 +82,22 @@ def test_resume_continues_exactly(make_config):
     expected, actual = unet_weights(straight), unet_weights(resumed)
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
+
+
+def test_8bit_adam_keeps_its_moments_in_8_bits(make_config, tmp_path: Path):
+    trainer = trainer_for(make_config({"training": {"maxSteps": 2, "use8bitAdam": True}}))
+    before = unet_weights(trainer)
+    trainer.fit()
+    after = unet_weights(trainer)
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    state = trainer.backend.optimizer.state.values()
+    assert {s["state1"].dtype for s in state} == {torch.uint8, torch.float32}  # small: 32-bit
+    # A checkpoint loads back without unpickling code (torch.load's weights_only).
+    trainer.backend.save_to_dir(tmp_path)
+    fresh = trainer_for(make_config({"training": {"maxSteps": 2, "use8bitAdam": True}}))
+    fresh.backend.load_from_dir(tmp_path)
+    loaded = fresh.backend.optimizer.state_dict()["state"]
+    assert loaded.keys() == trainer.backend.optimizer.state_dict()["state"].keys()
 
 
 def losses_with(make_config, training: dict) -> tuple[Trainer, list[float]]:

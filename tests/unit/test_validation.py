@@ -178,6 +178,12 @@ BAD_SPECS = [
         "spec.training.lrWarmupSteps: must be less than maxSteps (100)",
     ),
     (
+        "8bit-adam-with-fsdp",
+        spec_with(spec__training={"use8bitAdam": True, "sharding": {"backend": "fsdp"}}),
+        "spec.training.use8bitAdam: 8-bit AdamW cannot step FSDP2's sharded parameters: use "
+        'sharding.backend "deepspeed" (ZeRO shards the 8-bit state too) or "ddp"',
+    ),
+    (
         "max-steps-zero",
         spec_with(spec__training={"maxSteps": 0}),
         "spec.training.maxSteps: Input should be greater than or equal to 1 (got 0)",

@@ -3,7 +3,6 @@ the model (FSDP2 and ZeRO-3 shard the parameters first)."""
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Iterable
 
 import torch
@@ -14,8 +13,6 @@ from dreambooth_operator.api import TrainingSpec
 
 from .parallel.base import OptimizerFactory, SchedulerFactory
 
-log = logging.getLogger(__name__)
-
 # diffusers' train_dreambooth.py defaults.
 ADAM_BETAS = (0.9, 0.999)
 WEIGHT_DECAY = 1e-2
@@ -24,8 +21,8 @@ ADAM_EPSILON = 1e-8
 
 def optimizer_factory(training: TrainingSpec) -> OptimizerFactory:
     def make(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        optimizer_class = adamw_8bit() if training.use_8bit_adam else None
-        return (optimizer_class or torch.optim.AdamW)(
+        optimizer_class = adamw_8bit() if training.use_8bit_adam else torch.optim.AdamW
+        return optimizer_class(
             parameters,
             lr=training.effective_learning_rate,
             betas=ADAM_BETAS,
@@ -36,13 +33,13 @@ def optimizer_factory(training: TrainingSpec) -> OptimizerFactory:
     return make
 
 
-def adamw_8bit() -> type[torch.optim.Optimizer] | None:
-    """bitsandbytes' AdamW8bit: optimizer state in 8 bits, a quarter of AdamW's memory."""
-    try:
-        import bitsandbytes
-    except ImportError:
-        log.warning("training.use8bitAdam: bitsandbytes is not installed; using 32-bit AdamW")
-        return None
+def adamw_8bit() -> type[torch.optim.Optimizer]:
+    """bitsandbytes' AdamW8bit: optimizer state in 8 bits, a quarter of AdamW's memory.
+
+    Imported only when asked for: loading it probes for GPU kernels and logs about them.
+    """
+    import bitsandbytes
+
     return bitsandbytes.optim.AdamW8bit
 
 
