@@ -229,26 +229,36 @@ def reconcile_once(
     *,
     fresh: bool = False,
 ) -> bool:
-    """Observe, decide, act. Returns True when the job is finished."""
+    """Observe, decide, act. Returns True when the job is finished.
+
+    kopf's copy of the job lags our own writes by a watch event. Acting on a stale status could
+    undo what the last pass did (create the previous attempt's pods again right after a gang
+    restart), so a pass that writes decides on a fresh read; a pass with nothing to do makes no
+    API call at all.
+    """
     meta = document["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    decided = _decide(document, jobs, pods, deployment, inference_service, prior_caches)
+    observed = (jobs, pods, deployment, inference_service, prior_caches)
+    if not fresh and names.ANNOTATION_APPLIED_SPEC not in (meta.get("annotations") or {}):
+        return _on_fresh_read(namespace, name, observed)  # recording the applied spec writes
+    decided = _decide(document, *observed)
     if decided is None:
         return True
     job, decision = decided
     if not fresh and _would_write(document, decision):
-        # kopf's copy of the job lags our own status writes by a watch event. Acting on a stale
-        # status could undo what the last pass did (create the previous attempt's pods again
-        # right after a gang restart), so anything that writes is decided on a fresh read.
         latest = kube.read_job(namespace, name)
         if latest is None:
             return True
         if latest["metadata"]["resourceVersion"] != meta.get("resourceVersion"):
-            observed = (jobs, pods, deployment, inference_service, prior_caches)
             return reconcile_once(latest, *observed, fresh=True)
     _act(document, decision)
     _record_metrics(job, decision)
     return decision.status.phase in ("Succeeded", "Failed")
+
+
+def _on_fresh_read(namespace: str, name: str, observed: tuple) -> bool:
+    latest = kube.read_job(namespace, name)
+    return latest is None or reconcile_once(latest, *observed, fresh=True)
 
 
 def _decide(
@@ -294,8 +304,17 @@ def _decide(
 
 
 def _changes_status(document: dict[str, Any], decision: Decision) -> bool:
+    # The API server stores no nulls: a null in the patch matches an absent field.
     current = document.get("status") or {}
-    return any(current.get(k) != v for k, v in decision.status_patch().items())
+    return any(current.get(k) != _without_nulls(v) for k, v in decision.status_patch().items())
+
+
+def _without_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
+    return value
 
 
 def _would_write(document: dict[str, Any], decision: Decision) -> bool:

@@ -166,6 +166,12 @@ class Decision:
                 "inference",
             },
         )
+        # A merge patch replaces a list whole, nulls included, and the schema has no nullable
+        # fields: a condition without observedGeneration goes back without it.
+        owned["conditions"] = [
+            c.model_dump(mode="json", by_alias=True, exclude_none=True)
+            for c in self.status.conditions
+        ]
         if self.progress_started and self.status.progress is not None:
             owned["progress"] = self.status.progress.model_dump(
                 mode="json", by_alias=True, exclude_none=True
