@@ -52,16 +52,26 @@ def reference() -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def distributed(tmp_path_factory, deepspeed_ops) -> Callable[[str], dict[str, Any]]:
-    """The toy worker's results for a backend (one torchrun per backend, on first use)."""
+    """The toy worker's results for a backend (one torchrun per backend, on first use; a
+    failed run fails the backend's other tests without running again)."""
 
     @functools.cache
-    def results(backend: str) -> dict[str, Any]:
+    def outcome(backend: str) -> dict[str, Any] | Exception:
         out = tmp_path_factory.mktemp(backend)
         args = ["-m", "tests.distributed.toy", "--backend", backend, "--out", out]
         args += ["--precisions", ",".join(BACKEND_PRECISIONS[backend])]
         args += ["--steps", STEPS, "--accumulation", ACCUMULATION]
-        harness.run(args, out / "torchrun.log", nproc=WORLD_SIZE, timeout=120)
+        try:
+            harness.run(args, out / "torchrun.log", nproc=WORLD_SIZE, timeout=120)
+        except Exception as error:  # noqa: BLE001 - handed to every test of this backend
+            return error
         return torch.load(out / "result.pt", weights_only=False)
+
+    def results(backend: str) -> dict[str, Any]:
+        found = outcome(backend)
+        if isinstance(found, Exception):
+            raise found
+        return found
 
     return results
 
