@@ -15,7 +15,7 @@ import os
 import time
 from collections.abc import Iterable
 from datetime import datetime, timezone
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 import kopf
@@ -219,6 +219,16 @@ async def drive(
         _wakeups.pop(key, None)
 
 
+class Children(NamedTuple):
+    """What the indexes hold for one job."""
+
+    jobs: tuple[ChildJob, ...]
+    pods: tuple[ChildPod, ...]
+    deployment: ChildDeployment | None
+    inference_service: bool
+    prior_caches: dict[str, str]
+
+
 def reconcile_once(
     document: dict[str, Any],
     jobs: tuple[ChildJob, ...],
@@ -238,10 +248,10 @@ def reconcile_once(
     """
     meta = document["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    observed = (jobs, pods, deployment, inference_service, prior_caches)
+    children = Children(jobs, pods, deployment, inference_service, prior_caches)
     if not fresh and names.ANNOTATION_APPLIED_SPEC not in (meta.get("annotations") or {}):
-        return _on_fresh_read(namespace, name, observed)  # recording the applied spec writes
-    decided = _decide(document, *observed)
+        return _on_fresh_read(namespace, name, children)  # recording the applied spec writes
+    decided = _decide(document, children)
     if decided is None:
         return True
     job, decision = decided
@@ -250,25 +260,18 @@ def reconcile_once(
         if latest is None:
             return True
         if latest["metadata"]["resourceVersion"] != meta.get("resourceVersion"):
-            return reconcile_once(latest, *observed, fresh=True)
+            return reconcile_once(latest, *children, fresh=True)
     _act(document, decision)
     _record_metrics(job, decision)
     return decision.status.phase in ("Succeeded", "Failed")
 
 
-def _on_fresh_read(namespace: str, name: str, observed: tuple) -> bool:
+def _on_fresh_read(namespace: str, name: str, children: Children) -> bool:
     latest = kube.read_job(namespace, name)
-    return latest is None or reconcile_once(latest, *observed, fresh=True)
+    return latest is None or reconcile_once(latest, *children, fresh=True)
 
 
-def _decide(
-    document: dict[str, Any],
-    jobs: tuple[ChildJob, ...],
-    pods: tuple[ChildPod, ...],
-    deployment: ChildDeployment | None,
-    inference_service: bool,
-    prior_caches: dict[str, str],
-) -> tuple[DreamBoothJob, Decision] | None:
+def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob, Decision] | None:
     """The pure reconcile over this document; None if the spec is invalid (the job is failed)."""
     meta = document["metadata"]
     namespace, name = meta["namespace"], meta["name"]
@@ -289,14 +292,14 @@ def _decide(
     except JobInvalid as invalid:
         _reject(document, invalid)
         return None
-    config_json, cache = contract.trainer_contract(job, prior_caches)
+    config_json, cache = contract.trainer_contract(job, children.prior_caches)
     observed = Observed(
         now=datetime.now(timezone.utc),
-        jobs=jobs,
-        pods=pods,
+        jobs=children.jobs,
+        pods=children.pods,
         prior_cache=cache,
-        inference=deployment,
-        inference_service=inference_service,
+        inference=children.deployment,
+        inference_service=children.inference_service,
         trainer_config_json=config_json,
         rejected_changes=tuple(immutable_changes(applied, current_spec)),
     )
