@@ -290,7 +290,7 @@ def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob
     try:
         job = parse_job(document)
     except JobInvalid as invalid:
-        _reject(document, invalid)
+        _reject(document, invalid, children)
         return None
     config_json, cache = contract.trainer_contract(job, children.prior_caches)
     observed = Observed(
@@ -351,8 +351,18 @@ def _act(document: dict[str, Any], decision: Decision) -> None:
             kopf.event(document, type=action.type, reason=action.reason, message=action.message)
 
 
-def _reject(document: dict[str, Any], invalid: JobInvalid) -> None:
-    """Specs the CRD schema cannot catch (cross-field rules) fail with the validator's words."""
+def _reject(document: dict[str, Any], invalid: JobInvalid, children: Children) -> None:
+    """Specs the CRD schema cannot catch (cross-field rules) fail with the validator's words.
+
+    A running job can meet a rule only a newer operator has: what it runs stops too, rather
+    than training on under a Failed job.
+    """
+    meta = document["metadata"]
+    for job in children.jobs:
+        if not job.deleting and not job.succeeded:
+            kube.delete("Job", meta["namespace"], job.name)
+    if children.deployment is not None:
+        kube.delete("Deployment", meta["namespace"], names.inference(meta["name"]))
     _fail(document, "InvalidSpec", "; ".join(invalid.problems))
 
 

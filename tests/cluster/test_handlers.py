@@ -23,7 +23,7 @@ PRIORS_READY = {
 }
 
 
-def dreambooth_job(namespace: str) -> dict:
+def dreambooth_job(namespace: str, **training) -> dict:
     return {
         "apiVersion": f"{GROUP}/{VERSION}",
         "kind": "DreamBoothJob",
@@ -32,7 +32,7 @@ def dreambooth_job(namespace: str) -> dict:
             "baseModel": {"uri": "random://tiny-sd"},
             "instance": {"imagesUri": "s3://data/dog", "prompt": "a photo of sks dog"},
             "priorPreservation": {"classPrompt": "a photo of dog", "numClassImages": 8},
-            "training": {"mixedPrecision": "bf16"},
+            "training": {"mixedPrecision": "bf16", **training},
             "resources": {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1},
             "storage": {"outputUri": "s3://runs/dog"},
         },
@@ -42,11 +42,11 @@ def dreambooth_job(namespace: str) -> dict:
 class TrainingJob:
     """The job "dog" on the API server as the operator left it: priors done, no Job yet."""
 
-    def __init__(self, kube_api, namespace: str):
+    def __init__(self, kube_api, namespace: str, **training):
         self.custom = kubernetes.client.CustomObjectsApi(kube_api)
         self.namespace = namespace
         self.custom.create_namespaced_custom_object(
-            GROUP, VERSION, namespace, PLURAL, dreambooth_job(namespace)
+            GROUP, VERSION, namespace, PLURAL, dreambooth_job(namespace, **training)
         )
         self.patch_status({"phase": "Training", "restarts": 0, "conditions": [PRIORS_READY]})
         # As the operator's first pass leaves it: the spec it applies recorded.
@@ -72,9 +72,13 @@ class TrainingJob:
 
 
 @pytest.fixture
-def training_job(dreambooth_crd, kube_api, kubeconfig, namespace, monkeypatch) -> TrainingJob:
-    kube.load_config(str(kubeconfig))  # the operator's client
+def operator_client(dreambooth_crd, kubeconfig, monkeypatch) -> None:
+    kube.load_config(str(kubeconfig))  # the client kube.py uses
     monkeypatch.setattr(handlers.kopf, "event", lambda *args, **kwargs: None)  # kopf not running
+
+
+@pytest.fixture
+def training_job(operator_client, kube_api, namespace) -> TrainingJob:
     return TrainingJob(kube_api, namespace)
 
 
@@ -118,3 +122,40 @@ def test_a_pass_with_nothing_to_do_makes_no_api_call(
         monkeypatch.setattr(kube, function, lambda *args, f=function: calls.append(f))
     handlers.reconcile_once(training_job.read(), jobs, (), None, False, {})
     assert calls == []
+
+
+def rank_job(namespace: str, rank: int) -> dict:
+    """A training Job as an earlier operator version created it."""
+    labels = {
+        names.LABEL_JOB: "dog",
+        names.LABEL_COMPONENT: names.TRAIN,
+        names.LABEL_RANK: str(rank),
+        names.LABEL_ATTEMPT: "0",
+    }
+    container = {"name": "trainer", "image": "trainer"}
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {"name": f"dog-train-{rank}", "namespace": namespace, "labels": labels},
+        "spec": {"template": {"spec": {"restartPolicy": "Never", "containers": [container]}}},
+    }
+
+
+def test_a_running_job_that_breaks_a_newer_rule_fails_and_stops(
+    operator_client, kube_api, namespace
+):
+    """8-bit AdamW with FSDP2 trained (in 32 bits) before the API refused it: after an upgrade
+    the job fails with the rule's words, and its rank Jobs are deleted."""
+    job = TrainingJob(kube_api, namespace, use8bitAdam=True, sharding={"backend": "fsdp"})
+    batch = kubernetes.client.BatchV1Api(kube_api)
+    for rank in range(2):
+        batch.create_namespaced_job(namespace, rank_job(namespace, rank))
+
+    handlers.reconcile_once(job.read(), child_jobs(kube_api, namespace), (), None, False, {})
+
+    status = job.read()["status"]
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert (status["phase"], failed["reason"]) == ("Failed", "InvalidSpec")
+    assert failed["message"].startswith("spec.training.use8bitAdam: 8-bit AdamW cannot step")
+    left = batch.list_namespaced_job(namespace).items
+    assert all(j.metadata.deletion_timestamp for j in left)
