@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from pathlib import Path
 
 import pytest
@@ -277,6 +278,21 @@ def test_fp16_with_loss_scaling(make_config, tmp_path: Path):
     assert any(not torch.equal(text_before[k], text_after[k]) for k in text_before)
     grids = sorted(p.name for p in (tmp_path / "samples").iterdir())
     assert grids == ["step-000002.png", "step-000004.png"]
+
+
+def test_fp16_steps_that_overflow_are_skipped(make_config):
+    """A loss scale too high for fp16 (2^20): the first steps' gradients overflow; those steps
+    change nothing, not even the LR schedule, and halve the scale until the steps go through."""
+    config = make_config({"training": {"maxSteps": 8, "lrScheduler": "linear"}})
+    training = config.training.model_copy(update={"mixed_precision": "fp16"})
+    trainer = trainer_for(config.model_copy(update={"training": training}))
+    trainer.backend.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**20)
+    trainer.fit()
+    scale = trainer.backend.scaler.get_scale()
+    skipped = round(math.log2(2.0**20 / scale))
+    assert 0 < skipped < 8, f"scale {scale}: the test needs some steps skipped, some not"
+    assert trainer.backend.lr_scheduler.last_epoch == 8 - skipped
+    assert trainer.backend.state_dict()["grad_scaler"]["scale"] == scale  # goes in checkpoints
 
 
 @pytest.mark.parametrize("train_text_encoder", [False, True])
