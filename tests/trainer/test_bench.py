@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -58,9 +59,10 @@ def test_the_quick_plan_covers_every_backend_cache_and_precision():
     }  # fmt: skip
     assert {r.precision for r in runs} == {"bf16", "no"}
     assert {r.precision for r in planned_runs(quick=True, on_gpu=True)["backends"]} == {"fp16"}
-    (memory,) = plan["full_finetune_memory"]
+    memory, memory_8bit = plan["full_finetune_memory"]
     assert memory.backend == "zero3" and memory.train_text_encoder
     assert memory.gradient_checkpointing and memory.batch_size == 1
+    assert not memory.use_8bit_adam and memory_8bit == replace(memory, use_8bit_adam=True)
 
 
 def test_plots_are_pngs(tmp_path: Path):
