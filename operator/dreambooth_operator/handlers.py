@@ -251,10 +251,13 @@ def reconcile_once(
     children = Children(jobs, pods, deployment, inference_service, prior_caches)
     if not fresh and names.ANNOTATION_APPLIED_SPEC not in (meta.get("annotations") or {}):
         return _on_fresh_read(namespace, name, children)  # recording the applied spec writes
-    decided = _decide(document, children)
-    if decided is None:
+    try:
+        job, decision = _decide(document, children)
+    except JobInvalid as invalid:
+        if not fresh:
+            return _on_fresh_read(namespace, name, children)  # failing the job writes
+        _reject(document, invalid, children)
         return True
-    job, decision = decided
     if not fresh and _would_write(document, decision):
         latest = kube.read_job(namespace, name)
         if latest is None:
@@ -271,8 +274,9 @@ def _on_fresh_read(namespace: str, name: str, children: Children) -> bool:
     return latest is None or reconcile_once(latest, *children, fresh=True)
 
 
-def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob, Decision] | None:
-    """The pure reconcile over this document; None if the spec is invalid (the job is failed)."""
+def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob, Decision]:
+    """The job parsed from this document and what reconcile decides for it (recording the
+    applied spec first if it is not yet); raises JobInvalid for a spec the models refuse."""
     meta = document["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     current_spec = document.get("spec", {})
@@ -287,11 +291,7 @@ def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob
     else:
         applied = json.loads(applied_raw)
     document["spec"] = effective_spec(applied, current_spec)
-    try:
-        job = parse_job(document)
-    except JobInvalid as invalid:
-        _reject(document, invalid, children)
-        return None
+    job = parse_job(document)
     config_json, cache = contract.trainer_contract(job, children.prior_caches)
     observed = Observed(
         now=datetime.now(timezone.utc),
