@@ -4,10 +4,18 @@ The global batch of micro-step m is drawn from a generator seeded with m and spl
 a single process fed the whole global batch computes the same gradients as N ranks fed their
 slices: the reference the parallel backends are compared against.
 
-Run as a torchrun worker (``python -m tests.distributed.toy``) it trains, for each precision:
-"straight" (all steps in one go) and twice half the steps, the state handed to a fresh backend,
-the other half: "via_files" (save_to_dir / load_from_dir) and "via_state_dict". Rank 0 writes
-every run's losses and consolidated weights to ``<out>/result.pt``.
+Run as a torchrun worker (``python -m tests.distributed.toy``) it trains, for each precision and
+optimizer: "straight" (all steps in one go) and twice half the steps, the state handed to a fresh
+backend, the other half: "via_files" (save_to_dir / load_from_dir) and "via_state_dict". Rank 0
+writes every run's losses, pre-clip gradient norms and consolidated weights to
+``<out>/result.pt``.
+
+Two optimizers, for two questions. SGD with momentum moves each weight by a linear function of its
+gradients, so a backend's weights can be compared with the single process's closely: the
+all-reduce's summation order changes the gradients by rounding only, and SGD keeps it rounding.
+AdamW divides by the root of the second moment: a weight whose gradient is near zero turns that
+rounding into a step of up to the learning rate, so AdamW runs are compared only with themselves
+(the state hand-off, bit for bit), where it matters that its two moments travel whole.
 """
 
 from __future__ import annotations
@@ -15,7 +23,7 @@ from __future__ import annotations
 import argparse
 import shutil
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,14 +32,24 @@ import torch.nn.functional as F
 from torch import nn
 
 from dreambooth_trainer.cli import exit_without_teardown
-from dreambooth_trainer.parallel.base import Backend, BackendOptions, MixedPrecision, World
+from dreambooth_trainer.parallel.base import (
+    Backend,
+    BackendOptions,
+    MixedPrecision,
+    OptimizerFactory,
+    World,
+)
 
 FEATURES = 8
 HIDDEN = 32
 BLOCKS = 3
 PER_RANK_BATCH = 2
-LEARNING_RATE = 1e-2
-MAX_GRAD_NORM = 0.5  # small enough that clipping happens: part of what is compared
+OPTIMIZERS = ("sgd", "adamw")
+# SGD: four steps move the weights by about 0.3 (L2 norm over the model), 0.04 at most for one.
+LEARNING_RATE = {"sgd": 1e-1, "adamw": 1e-2}
+# Pre-clip gradient norms are 0.6 to 1.0 on every step: all steps are clipped, so clipping is
+# part of what is compared.
+MAX_GRAD_NORM = 0.5
 
 
 class Block(nn.Module):
@@ -80,8 +98,13 @@ def rank_batch(micro_step: int, world: World, world_size: int) -> tuple[torch.Te
     return x[rows], y[rows]
 
 
-def make_optimizer(parameters) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(parameters, lr=LEARNING_RATE, weight_decay=0.01)
+def optimizer_factory(name: str) -> OptimizerFactory:
+    def make(parameters) -> torch.optim.Optimizer:
+        if name == "sgd":
+            return torch.optim.SGD(parameters, LEARNING_RATE[name], momentum=0.9, weight_decay=0.01)
+        return torch.optim.AdamW(parameters, lr=LEARNING_RATE[name], weight_decay=0.01)
+
+    return make
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LRScheduler:
@@ -95,6 +118,7 @@ class Run:
     world_size: int  # of the data: a single-process reference sees every rank's rows
     accumulation: int
     step: int = 0
+    grad_norms: list[float] = field(default_factory=list)  # before clipping, one per step
 
     def train(self, steps: int) -> list[float]:
         losses = []
@@ -109,7 +133,7 @@ class Run:
                         loss = F.mse_loss(self.model(x.to(self.backend.world.device)).float(), y)
                     self.backend.backward(loss)
                 total += loss.detach().cpu()
-            self.backend.step()
+            self.grad_norms.append(self.backend.step())
             self.step += 1
             losses.append(float(self.backend.all_reduce_mean(total / self.accumulation)))
         return losses
@@ -122,8 +146,8 @@ class Run:
         return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
 
-def start(backend: Backend, world_size: int, accumulation: int) -> Run:
-    model = backend.prepare(Toy(), make_optimizer, make_scheduler)
+def start(backend: Backend, optimizer: str, world_size: int, accumulation: int) -> Run:
+    model = backend.prepare(Toy(), optimizer_factory(optimizer), make_scheduler)
     return Run(backend, model, world_size, accumulation)
 
 
@@ -159,29 +183,42 @@ def options(precision: MixedPrecision, accumulation: int) -> BackendOptions:
 Handoff = Callable[[Backend, Backend], None]
 
 
-def straight(name: str, world: World, precision: MixedPrecision, steps: int, accumulation: int,
-             world_size: int) -> dict[str, Any]:  # fmt: skip
-    run = start(
-        make_backend(name, world, options(precision, accumulation)), world_size, accumulation
-    )
+@dataclass(frozen=True)
+class Setup:
+    """What a run trains with; `world_size` is that of the data (see `rank_batch`)."""
+
+    backend: str
+    world: World
+    precision: MixedPrecision
+    optimizer: str
+    accumulation: int
+    world_size: int
+
+    def start(self) -> Run:
+        backend = make_backend(self.backend, self.world, options(self.precision, self.accumulation))
+        return start(backend, self.optimizer, self.world_size, self.accumulation)
+
+
+def outcome(run: Run, losses: list[float], grad_norms: list[float]) -> dict[str, Any]:
+    return {"losses": losses, "grad_norms": grad_norms, "weights": run.full_weights(),
+            "backend": run.backend}  # fmt: skip
+
+
+def straight(setup: Setup, steps: int) -> dict[str, Any]:
+    run = setup.start()
     losses = run.train(steps)
-    return {"losses": losses, "weights": run.full_weights(), "backend": run.backend}
+    return outcome(run, losses, run.grad_norms)
 
 
-def resumed(name: str, world: World, precision: MixedPrecision, steps: int, accumulation: int,
-            handoff: Handoff) -> dict[str, Any]:  # fmt: skip
+def resumed(setup: Setup, steps: int, handoff: Handoff) -> dict[str, Any]:
     """Half the steps; `handoff` moves the state into a fresh backend; the other half there."""
-    first = start(
-        make_backend(name, world, options(precision, accumulation)), world.world_size, accumulation
-    )
+    first = setup.start()
     losses = first.train(steps // 2)
-    second = start(
-        make_backend(name, world, options(precision, accumulation)), world.world_size, accumulation
-    )
+    second = setup.start()
     handoff(first.backend, second.backend)
     second.step = first.step
     losses += second.train(steps - steps // 2)
-    return {"losses": losses, "weights": second.full_weights(), "backend": second.backend}
+    return outcome(second, losses, first.grad_norms + second.grad_norms)
 
 
 def via_files(scratch: Path) -> Handoff:
@@ -220,24 +257,22 @@ def main() -> None:
     results: dict[str, Any] = {}
     backends = []  # kept alive to the end: none is freed while the group runs
     for precision in args.precisions.split(","):
-        scratch = args.out / f"scratch-{precision}"
-        runs = {
-            "straight": straight(
-                args.backend, world, precision, args.steps, args.accumulation, world.world_size
-            ),
-            "via_files": resumed(
-                args.backend, world, precision, args.steps, args.accumulation, via_files(scratch)
-            ),
-            "via_state_dict": resumed(
-                args.backend, world, precision, args.steps, args.accumulation, via_state_dict
-            ),
-        }
-        backends += [run.pop("backend") for run in runs.values()]
-        results[precision] = runs
+        for optimizer in OPTIMIZERS:
+            setup = Setup(
+                args.backend, world, precision, optimizer, args.accumulation, world.world_size
+            )
+            scratch = args.out / f"scratch-{precision}-{optimizer}"
+            runs = {
+                "straight": straight(setup, args.steps),
+                "via_files": resumed(setup, args.steps, via_files(scratch)),
+                "via_state_dict": resumed(setup, args.steps, via_state_dict),
+            }
+            backends += [run.pop("backend") for run in runs.values()]
+            results[precision, optimizer] = runs
     if world.is_main:
         torch.save(results, args.out / "result.pt")
     world.barrier()
-    # As `dreambooth train` ends: freeing nine backends' gloo groups at teardown can abort
+    # As `dreambooth train` ends: freeing a dozen backends' gloo groups at teardown can abort
     # ("terminate called without an active exception", seen once in CI) or hang.
     exit_without_teardown(0)
 
