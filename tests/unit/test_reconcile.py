@@ -262,6 +262,8 @@ def test_deadline_fails_a_running_job():
         job_with(status=status, runPolicy={"activeDeadlineSeconds": 60}), jobs=jobs(names.PRIORS)
     )
     assert decision.status.phase == "Failed"
+    failure = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert failure.reason == "DeadlineExceeded"
     assert sorted(deleted(decision)) == ["dog-priors-0", "dog-priors-1"]
 
 
