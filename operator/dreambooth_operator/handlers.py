@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 import click
 import kopf
 
-from . import builders, contract, kube, metrics, names
+from . import builders, contract, kube, liveness, metrics, names
 from .api import GROUP, PLURAL, VERSION, DreamBoothJob
 from .reconcile import (
     COND_FAILED,
@@ -45,6 +45,9 @@ log = logging.getLogger(__name__)
 
 RESYNC_SECONDS = 10.0  # level-triggered safety net on top of child events
 FINISHED_RESYNC_SECONDS = 60.0
+# A pass makes a handful of API calls, each bounded by kube.TIMEOUT (and urllib3's retries of a
+# GET): one still running after this long is stuck, and the liveness probe says so.
+STUCK_PASS_SECONDS = 600
 OWNED = {names.LABEL_MANAGED_BY: names.MANAGER}
 
 _wakeups: dict[tuple[str, str], asyncio.Event] = {}
@@ -61,9 +64,20 @@ def configure(settings: kopf.OperatorSettings, **_: Any) -> None:
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 330
     settings.watching.connect_timeout = 30
+    # kopf's own short calls (status patches, events): bounded like ours in kube.py.
+    settings.networking.connect_timeout, settings.networking.request_timeout = kube.TIMEOUT
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 32
     kube.load_config()
+
+
+@kopf.on.probe(id="reconcile")
+def no_stuck_pass(memo: kopf.Memo, **_: Any) -> str:
+    """Fails /healthz (so the kubelet restarts the operator) while a pass is stuck."""
+    stuck = memo.passes.stuck()
+    if stuck:
+        raise kopf.PermanentError(f"reconcile stuck: {'; '.join(stuck)}")
+    return "ok"
 
 
 # ------------------------------------------------------------------------------ indexes
@@ -189,6 +203,7 @@ async def drive(
     namespace: str,
     name: str,
     body: kopf.Body,
+    memo: kopf.Memo,
     owned_jobs: kopf.Index,
     owned_pods: kopf.Index,
     owned_deployments: kopf.Index,
@@ -202,15 +217,16 @@ async def drive(
         while not stopped:
             wakeup.clear()
             started = time.perf_counter()
-            finished = await asyncio.to_thread(
-                reconcile_once,
-                copy.deepcopy(dict(body)),
-                tuple(owned_jobs.get(key, ())),
-                tuple(owned_pods.get(key, ())),
-                next(iter(owned_deployments.get(key, ())), None),
-                key in owned_inference_services,
-                {k: next(iter(v)) for k, v in complete_prior_caches.items()},
-            )
+            with memo.passes.running(f"{namespace}/{name}"):
+                finished = await asyncio.to_thread(
+                    reconcile_once,
+                    copy.deepcopy(dict(body)),
+                    tuple(owned_jobs.get(key, ())),
+                    tuple(owned_pods.get(key, ())),
+                    next(iter(owned_deployments.get(key, ())), None),
+                    key in owned_inference_services,
+                    {k: next(iter(v)) for k, v in complete_prior_caches.items()},
+                )
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
             timeout = FINISHED_RESYNC_SECONDS if finished else RESYNC_SECONDS
             with contextlib.suppress(asyncio.TimeoutError):
@@ -436,12 +452,19 @@ def _phases() -> Iterable[str]:
 @click.option("-n", "--namespace", "namespaces", multiple=True, help="Watch only these namespaces.")
 @click.option("--metrics-port", default=8000, show_default=True, help="Prometheus /metrics port.")
 @click.option("--health-port", default=8080, show_default=True, help="Liveness /healthz port.")
+@click.option(
+    "--stuck-pass-seconds",
+    default=STUCK_PASS_SECONDS,
+    show_default=True,
+    help="Fail /healthz while a reconcile pass has run longer than this.",
+)
 @click.option("--kubeconfig", envvar="KUBECONFIG", help="Outside a cluster: the kubeconfig to use.")
 @click.option("--verbose", is_flag=True, help="Debug logging.")
 def operator_command(
     namespaces: tuple[str, ...],
     metrics_port: int,
     health_port: int,
+    stuck_pass_seconds: int,
     kubeconfig: str | None,
     verbose: bool,
 ) -> None:
@@ -455,4 +478,5 @@ def operator_command(
         clusterwide=not namespaces,
         namespaces=list(namespaces),
         liveness_endpoint=f"http://0.0.0.0:{health_port}/healthz",
+        memo=kopf.Memo(passes=liveness.PassTracker(stuck_pass_seconds)),
     )

@@ -2,7 +2,8 @@
 
 Every call is idempotent: a create that finds the object (409) succeeds, a delete that finds
 nothing (404) succeeds. Callers retry by reconciling again, never by looping here; a manifest
-the API server refuses as invalid raises `Rejected`, which no retry would cure.
+the API server refuses as invalid raises `Rejected`, which no retry would cure. Every call has a
+connect and a read timeout: a half-open connection fails the pass instead of hanging it.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from . import api
 log = logging.getLogger(__name__)
 
 _FOREGROUND = client.V1DeleteOptions(propagation_policy="Foreground")
+# (connect, read) seconds. The API server answers a healthy request in well under a second;
+# the read timeout leaves room for a loaded one (urllib3 retries a timed-out GET 3 times).
+TIMEOUT = (10.0, 30.0)
 
 
 class Rejected(Exception):
@@ -77,7 +81,7 @@ def create(manifest: dict[str, Any]) -> bool:
     """Create; False if it already existed."""
     namespace = manifest["metadata"]["namespace"]
     try:
-        _creator(manifest["kind"])(namespace, manifest)
+        _creator(manifest["kind"])(namespace, manifest, _request_timeout=TIMEOUT)
     except ApiException as error:
         if error.status == 409:
             return False
@@ -92,7 +96,9 @@ def delete(kind: str, namespace: str, name: str) -> bool:
     try:
         # The response is not needed, and not parsed: a Service's delete answers with a Status
         # that this client would try (and fail) to read as a Service.
-        _deleter(kind)(name, namespace, body=_FOREGROUND, _preload_content=False)
+        _deleter(kind)(
+            name, namespace, body=_FOREGROUND, _preload_content=False, _request_timeout=TIMEOUT
+        )
     except ApiException as error:
         if error.status == 404:
             return False
@@ -110,7 +116,7 @@ def replace(manifest: dict[str, Any]) -> None:
     meta = manifest["metadata"]
     replacer = {"Deployment": client.AppsV1Api().replace_namespaced_deployment}[manifest["kind"]]
     try:
-        replacer(meta["name"], meta["namespace"], manifest)
+        replacer(meta["name"], meta["namespace"], manifest, _request_timeout=TIMEOUT)
     except ApiException as error:
         _refusing_invalid(manifest, error)
         raise
@@ -120,7 +126,13 @@ def patch_job_status(namespace: str, name: str, status: dict[str, Any]) -> None:
     """Merge-patch the DreamBoothJob's status subresource; 404 means it is already gone."""
     try:
         client.CustomObjectsApi().patch_namespaced_custom_object_status(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, {"status": status}
+            api.GROUP,
+            api.VERSION,
+            namespace,
+            api.PLURAL,
+            name,
+            {"status": status},
+            _request_timeout=TIMEOUT,
         )
     except ApiException as error:
         if error.status != 404:
@@ -131,7 +143,7 @@ def read_job(namespace: str, name: str) -> dict[str, Any] | None:
     """The DreamBoothJob as the API server has it now; None if it is gone."""
     try:
         return client.CustomObjectsApi().get_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, _request_timeout=TIMEOUT
         )
     except ApiException as error:
         if error.status == 404:
@@ -147,13 +159,14 @@ def patch_job_annotations(namespace: str, name: str, annotations: dict[str, str]
         api.PLURAL,
         name,
         {"metadata": {"annotations": annotations}},
+        _request_timeout=TIMEOUT,
     )
 
 
 def delete_job(namespace: str, name: str) -> None:
     try:
         client.CustomObjectsApi().delete_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name
+            api.GROUP, api.VERSION, namespace, api.PLURAL, name, _request_timeout=TIMEOUT
         )
     except ApiException as error:
         if error.status != 404:
