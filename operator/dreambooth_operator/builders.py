@@ -77,6 +77,19 @@ def service_account(job: DreamBoothJob) -> Manifest:
     }
 
 
+def inference_service_account(job: DreamBoothJob) -> Manifest:
+    """The inference server answers unauthenticated requests, so it holds no Kubernetes
+    credentials: an identity of its own, bound to no role, with no token mounted."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _metadata(
+            job, names.inference_service_account(job.metadata.name), names.INFERENCE
+        ),
+        "automountServiceAccountToken": False,
+    }
+
+
 def status_role(job: DreamBoothJob) -> Manifest:
     """Least privilege: the job's pods may read and patch this one job's status, nothing else."""
     return {
@@ -380,7 +393,8 @@ def inference_deployment(job: DreamBoothJob, artifact_uri: str, digest: str) -> 
     template = {
         "metadata": {"labels": pod_labels},
         "spec": {
-            "serviceAccountName": pod_service_account(job),
+            "serviceAccountName": names.inference_service_account(job_name),
+            "automountServiceAccountToken": False,
             "securityContext": RESTRICTED_POD_SECURITY,
             "containers": [container],
             "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],

@@ -63,6 +63,11 @@ def inference(job: str) -> str:
     return f"{job}-{INFERENCE}"
 
 
+def inference_service_account(job: str) -> str:
+    """The inference pods' identity: no permissions, no token (see builders)."""
+    return f"{job}-{INFERENCE}"
+
+
 def master_address(job: str, namespace: str) -> str:
     return f"{rank_job(job, TRAIN, 0)}.{train_service(job)}.{namespace}.svc"
 

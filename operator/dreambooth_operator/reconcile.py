@@ -506,6 +506,9 @@ class _Reconciler:
         current = self.observed.inference
         if not self.observed.inference_service:  # also when someone deleted it
             self.decision.actions.append(Create(builders.inference_service(self.job)))
+        if current is None or current.template_hash != wanted_hash:
+            # Its pods' identity first (a 409 when it exists is fine).
+            self.decision.actions.append(Create(builders.inference_service_account(self.job)))
         if current is None:
             self.decision.actions.append(Create(wanted))
         elif current.template_hash != wanted_hash:

@@ -8,6 +8,7 @@ import uuid
 
 import pytest
 
+from tests.support.access import allowed, service_account_user
 from tests.support.fixtures import REPO_ROOT
 
 from .conftest import CHART, NAMESPACE, RELEASE, VARIANTS, WATCHED, find
@@ -87,37 +88,6 @@ def test_namespaced_mode_grants_namespaced_verbs_per_namespace(render):
 
 
 # -- against the real API server ----------------------------------------------------------------
-def _user(namespace: str, name: str) -> dict:
-    return {
-        "user": f"system:serviceaccount:{namespace}:{name}",
-        "groups": [
-            "system:serviceaccounts",
-            f"system:serviceaccounts:{namespace}",
-            "system:authenticated",
-        ],
-    }
-
-
-def _allowed(api_client, who: dict, group: str, resource: str, verb: str, namespace: str | None):
-    """SubjectAccessReview (asked as admin): may ``who`` do ``verb`` on ``resource``?"""
-    import kubernetes
-
-    name, _, sub = resource.partition("/")
-    attrs = {"group": group, "resource": name, "verb": verb}
-    if sub:
-        attrs["subresource"] = sub
-    if namespace:
-        attrs["namespace"] = namespace
-    review = kubernetes.client.AuthorizationV1Api(api_client).create_subject_access_review(
-        {
-            "apiVersion": "authorization.k8s.io/v1",
-            "kind": "SubjectAccessReview",
-            "spec": {**who, "resourceAttributes": attrs},
-        }
-    )
-    return review.status.allowed
-
-
 def _wait_gone(kubectl, *args: str, timeout: float = 90) -> None:
     deadline = time.monotonic() + timeout
     while kubectl("get", *args, "--ignore-not-found", "-o", "name", check=False).stdout.strip():
@@ -208,19 +178,19 @@ def test_service_account_token_has_exactly_the_operators_rights(
             call()
         assert denied.value.status == 403, denied.value
 
-    who = _user(NAMESPACE, RELEASE)
+    who = service_account_user(NAMESPACE, RELEASE)
     for (group, resource), verbs in NAMESPACED_RULES.items():
         for verb in verbs:
-            assert _allowed(control_plane.api_client, who, group, resource, verb, namespace), (
+            assert allowed(control_plane.api_client, who, group, resource, verb, namespace), (
                 group,
                 resource,
                 verb,
             )
     for (group, resource), verbs in CLUSTER_RULES.items():
         for verb in verbs:
-            assert _allowed(control_plane.api_client, who, group, resource, verb, None)
+            assert allowed(control_plane.api_client, who, group, resource, verb, None)
     for group, resource, verb in FORBIDDEN:
-        assert not _allowed(control_plane.api_client, who, group, resource, verb, namespace), (
+        assert not allowed(control_plane.api_client, who, group, resource, verb, namespace), (
             group,
             resource,
             verb,
@@ -267,12 +237,12 @@ def test_namespaced_install_is_confined_to_its_namespaces(
             with pytest.raises(ApiException) as denied:
                 call()
             assert denied.value.status == 403
-        who = _user(namespace, fullname)
+        who = service_account_user(namespace, fullname)
         api = control_plane.api_client
-        assert _allowed(api, who, "batch", "jobs", "create", watched)
-        assert not _allowed(api, who, "batch", "jobs", "create", other)
-        assert not _allowed(api, who, "batch", "jobs", "create", namespace)
-        assert _allowed(api, who, "apiextensions.k8s.io", "customresourcedefinitions", "list", None)
+        assert allowed(api, who, "batch", "jobs", "create", watched)
+        assert not allowed(api, who, "batch", "jobs", "create", other)
+        assert not allowed(api, who, "batch", "jobs", "create", namespace)
+        assert allowed(api, who, "apiextensions.k8s.io", "customresourcedefinitions", "list", None)
     finally:
         kubectl("delete", "clusterrole,clusterrolebinding", fullname, "--ignore-not-found")
         for ns in (watched, other):

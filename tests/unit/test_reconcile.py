@@ -327,12 +327,25 @@ def test_serving_creates_a_deployment_for_exactly_the_artifact():
     assert decision.status.phase == "Serving"
     assert created(decision, "Deployment") == ["dog-inference"]
     assert created(decision, "Service") == ["dog-inference"]
+    kinds = [a.manifest["kind"] for a in decision.actions if isinstance(a, Create)]
+    assert kinds.index("ServiceAccount") < kinds.index("Deployment")  # its pods' identity first
+    account = next(
+        a.manifest
+        for a in decision.actions
+        if isinstance(a, Create) and a.manifest["kind"] == "ServiceAccount"
+    )
     deployment = next(
         a.manifest
         for a in decision.actions
         if isinstance(a, Create) and a.manifest["kind"] == "Deployment"
     )
-    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    pod = deployment["spec"]["template"]["spec"]
+    # The unauthenticated server holds no Kubernetes credentials: not the trainer's identity
+    # (which may patch the job's status), and no token at all.
+    assert pod["serviceAccountName"] == account["metadata"]["name"] == "dog-inference"
+    assert pod["automountServiceAccountToken"] is False
+    assert account["automountServiceAccountToken"] is False
+    args = pod["containers"][0]["args"]
     assert args[args.index("--model") + 1] == ARTIFACT["uri"]
     assert args[args.index("--digest") + 1] == ARTIFACT["digest"]
     assert decision.status.inference.endpoint == "http://dog-inference.team.svc"
