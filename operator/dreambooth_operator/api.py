@@ -89,7 +89,11 @@ def _check_quantity(value: int | str) -> int | str:
     return value
 
 
-Quantity = Annotated[int | str, AfterValidator(_check_quantity)]
+Quantity = Annotated[
+    int | str,
+    AfterValidator(_check_quantity),
+    Field(description="A Kubernetes quantity, e.g. 2, 500m or 16Gi."),
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +197,9 @@ class CheckpointSpec(ApiModel):
 
 
 class ValidationSpec(ApiModel):
-    prompts: list[Annotated[str, Field(min_length=1, max_length=1000)]] = field(
+    prompts: list[
+        Annotated[str, Field(description="A sample prompt.", min_length=1, max_length=1000)]
+    ] = field(
         list, description="Prompts rendered into a sample grid during training.", max_length=16
     )
     interval: int = field(200, description="Render samples every N steps.", ge=1)
@@ -302,6 +308,8 @@ class ResourceRequirements(ApiModel):
 
 
 class Toleration(ApiModel):
+    """A toleration of a node taint (core/v1 Toleration)."""
+
     key: str | None = field(None, description="Taint key.")
     operator: Literal["Exists", "Equal"] = field("Equal", description="Exists or Equal.")
     value: str | None = field(None, description="Taint value.")
@@ -340,7 +348,9 @@ class ResourcesSpec(ApiModel):
     resources: ResourceRequirements = field(
         ResourceRequirements, description="Per-pod requests and limits (GPUs are added)."
     )
-    node_selector: dict[str, str] = field(dict, description="Node selector for training pods.")
+    node_selector: dict[str, Annotated[str, Field(description="Node label value.")]] = field(
+        dict, description="Node selector for training pods."
+    )
     tolerations: list[Toleration] = field(list, description="Tolerations for training pods.")
     priority_class_name: str | None = field(None, description="Priority class of training pods.")
     service_account_name: str | None = field(
@@ -579,8 +589,19 @@ class ObjectMeta(BaseModel):
 class DreamBoothJob(BaseModel):
     model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid")
 
-    api_version: Literal["dreambooth.dev/v1alpha1"] = Field(API_VERSION)
-    kind: Literal["DreamBoothJob"] = Field(KIND)
+    api_version: Literal["dreambooth.dev/v1alpha1"] = Field(
+        API_VERSION, description=f"The versioned schema of this object: {API_VERSION}."
+    )
+    kind: Literal["DreamBoothJob"] = Field(
+        KIND, description=f"The REST resource this object represents: {KIND}."
+    )
     metadata: ObjectMeta
-    spec: DreamBoothJobSpec
-    status: DreamBoothJobStatus | None = None
+    spec: DreamBoothJobSpec = Field(
+        description="The job: base model, subject photos and prompts, training, resources, "
+        "storage and serving."
+    )
+    status: DreamBoothJobStatus | None = Field(
+        None,
+        description="What the operator and the trainers observed (phase, conditions, progress); "
+        "written by them, not by users.",
+    )

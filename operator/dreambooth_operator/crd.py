@@ -110,19 +110,26 @@ def _schema_of(model: type, defaults: bool = True) -> dict[str, Any]:
     return schema if defaults else _without_defaults(schema)
 
 
+def _described(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with the description of DreamBoothJob's field `name` (kubectl explain's text)."""
+    description = api.DreamBoothJob.model_fields[name].description
+    return {"description": description, **{k: v for k, v in schema.items() if k != "description"}}
+
+
 def openapi_schema() -> dict[str, Any]:
     return {
         "type": "object",
         "description": "DreamBooth fine-tuning of a Stable Diffusion model, and its serving.",
         "required": ["spec"],
         "properties": {
-            "apiVersion": {"type": "string"},
-            "kind": {"type": "string"},
+            "apiVersion": _described("api_version", {"type": "string"}),
+            "kind": _described("kind", {"type": "string"}),
+            # The API server allows nothing more here; it documents ObjectMeta itself.
             "metadata": {"type": "object"},
-            "spec": _schema_of(api.DreamBoothJobSpec),
+            "spec": _described("spec", _schema_of(api.DreamBoothJobSpec)),
             # Status is written by the operator and the trainers, whole; defaulting it on the
             # server would only invent values nobody reported.
-            "status": _schema_of(api.DreamBoothJobStatus, defaults=False),
+            "status": _described("status", _schema_of(api.DreamBoothJobStatus, defaults=False)),
         },
     }
 

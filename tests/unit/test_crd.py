@@ -45,6 +45,17 @@ def test_schema_is_structural():
         assert node.get("default", "unset") is not None, f"{path}: default null"
 
 
+def test_every_field_is_described_for_kubectl_explain():
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    # .metadata is the exception: a CRD may not describe it, the API server documents ObjectMeta.
+    undescribed = [
+        path or "."
+        for path, node in _nodes(schema)
+        if not node.get("description") and path != ".metadata"
+    ]
+    assert not undescribed, f"schema nodes without a description: {undescribed}"
+
+
 def test_schema_carries_defaults_bounds_enums_and_required():
     spec = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     training = spec["properties"]["training"]["properties"]
