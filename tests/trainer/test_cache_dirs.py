@@ -25,12 +25,23 @@ def test_a_racing_builder_never_touches_another_ones_unfinished_copy(tmp_path: P
         for name in FILES:
             (directory / name).write_text("fast")
 
-    slow_thread = threading.Thread(target=build_once, args=(target, slow, "done"))
+    errors: list[BaseException] = []
+
+    def slow_builder() -> None:
+        try:
+            build_once(target, slow, "done")
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the test's thread
+            errors.append(exc)
+
+    slow_thread = threading.Thread(target=slow_builder)
     slow_thread.start()
     assert slow_started.wait(10)
     assert build_once(target, fast, "done") == target
     fast_done.set()
-    slow_thread.join(10)
+    slow_thread.join(30)
+    assert not slow_thread.is_alive(), "the slow builder hangs"
+    if errors:
+        raise errors[0]
     assert {p.name: p.read_text() for p in target.iterdir()} == dict.fromkeys(FILES, "fast")
     assert [p.name for p in tmp_path.iterdir()] == ["model"]  # no private copy left behind
 
