@@ -3,6 +3,7 @@ unit tests) and the Grafana dashboard (its PromQL checked by promtool too)."""
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 import shutil
@@ -15,13 +16,6 @@ from .conftest import CHART, HERE, NAMESPACE, RELEASE, VARIANTS, WATCHED, find
 
 DASHBOARD = CHART / "dashboards" / "dreambooth-operator.json"
 ALERTS = {"DreamBoothJobFailed", "DreamBoothTrainingStalled", "DreamBoothOperatorDown"}
-# Not built yet (the inference server's issue): the names it is to export.
-INFERENCE_METRICS = {
-    "dreambooth_inference_request_duration_seconds",
-    "dreambooth_inference_images_generated_total",
-    "dreambooth_inference_queue_depth",
-    "dreambooth_inference_batch_size",
-}
 
 
 def promtool(promtool_bin, *args: str) -> subprocess.CompletedProcess[str]:
@@ -195,35 +189,44 @@ def test_dashboard_queries_are_valid_promql(promtool_bin, tmp_path):
 
 
 # -- metric names ---------------------------------------------------------------------------------
+# The series a family of each type puts on a scrape page (prometheus_client's exposition).
+SERIES_SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "summary": ("_sum", "_count", "_created"),
+}
+
+
 def exported_names() -> set[str]:
-    """Series names the operator and the trainer export (inference: the agreed names)."""
+    """Series names the operator, the trainer and the inference server export, read from the
+    collectors their metrics modules define (module-level metrics, and the classes that fill a
+    registry of their own), not spelled out here."""
     from prometheus_client import CollectorRegistry
     from prometheus_client.metrics import MetricWrapperBase
 
     from dreambooth_operator import metrics as operator_metrics
-    from dreambooth_trainer.metrics import PriorMetrics, TrainerMetrics
+    from dreambooth_trainer import metrics as trainer_metrics
+    from dreambooth_trainer.serve import metrics as serve_metrics
 
-    registry = CollectorRegistry()
-    for value in vars(operator_metrics).values():
-        if isinstance(value, MetricWrapperBase):
-            registry.register(value)
-    registry.register(operator_metrics.PhaseCollector(lambda: []))
-    families = [
-        *registry.collect(),
-        *TrainerMetrics().registry.collect(),
-        *PriorMetrics().registry.collect(),
-    ]
     names = set()
-    for family in families:
-        suffixes = {
-            "counter": ["_total"],
-            "histogram": ["_bucket", "_sum", "_count"],
-        }.get(family.type, [""])
-        names.update(family.name + s for s in suffixes)
-    for name in INFERENCE_METRICS:
-        names.add(name)
-        if not name.endswith(("_total", "_depth")):
-            names.update(name + s for s in ("_bucket", "_sum", "_count"))
+    for module in (operator_metrics, trainer_metrics, serve_metrics):
+        registries = [CollectorRegistry()]
+        for value in vars(module).values():
+            if isinstance(value, MetricWrapperBase):
+                registries[0].register(value)
+            elif (
+                isinstance(value, type)
+                and value.__module__ == module.__name__
+                and "registry" in inspect.signature(value).parameters
+            ):
+                registries.append(value(registry=CollectorRegistry()).registry)
+        if module is operator_metrics:  # counted at scrape time from the operator's index
+            registries[0].register(operator_metrics.PhaseCollector(lambda: []))
+        families = [f for r in registries for f in r.collect()]
+        assert families, f"no collectors found in {module.__name__}"
+        for family in families:
+            names.update(family.name + s for s in SERIES_SUFFIXES.get(family.type, ("",)))
+            names.update(sample.name for sample in family.samples)
     return names
 
 
