@@ -5,7 +5,6 @@ from __future__ import annotations
 import signal
 import sys
 import textwrap
-import time
 import urllib.request
 
 import kubernetes
@@ -45,7 +44,7 @@ def test_batch_job_runs_to_succeeded_with_logs(control_plane, kube_node, namespa
         print("ip", os.environ["POD_IP"], "secret", os.environ["SECRET"])
         print("rank", os.environ["NODE_RANK"], "master", os.environ["MASTER"])
         print("file", pathlib.Path(sys.argv[1]).read_text())
-        print("python", sys.executable)
+        print("python", sys.prefix)
     """
     env = [
         {"name": "POD_NAME", "valueFrom": field_ref("metadata.name")},
@@ -96,7 +95,7 @@ def test_batch_job_runs_to_succeeded_with_logs(control_plane, kube_node, namespa
     assert "ip 127.0.0.1 secret s3cr3t" in logs
     assert "rank 0 master rank-0" in logs
     assert "file from a file" in logs
-    assert f"python {sys.prefix}" in logs or "python " in logs
+    assert f"python {sys.prefix}\n" in logs  # `python` is this virtualenv's interpreter
     assert kube_node.log_path(namespace, pod.metadata.name).is_file()
 
 
@@ -170,13 +169,14 @@ def test_deleted_pod_gets_sigterm_then_is_removed(control_plane, kube_node, name
             "metadata": {"name": "graceful"},
             "spec": {
                 "restartPolicy": "Never",
-                "terminationGracePeriodSeconds": 20,
+                # Far beyond the wait below: only a SIGTERM that ends the process removes the
+                # pod in time; a node that waited out the grace period would hang the test.
+                "terminationGracePeriodSeconds": 3600,
                 "containers": [{"name": "main", "image": "x", "command": py(script)}],
             },
         },
     )
     wait_for("ready", lambda: "ready" in _logs(kube_node, namespace, "graceful"), 30)
-    t0 = time.monotonic()
     v1.delete_namespaced_pod("graceful", namespace)
 
     def gone():
@@ -186,8 +186,7 @@ def test_deleted_pod_gets_sigterm_then_is_removed(control_plane, kube_node, name
             return exc.status == 404
         return False
 
-    wait_for("pod removed", gone, 30)
-    assert time.monotonic() - t0 < 15  # the process exited on SIGTERM, no grace-period wait
+    wait_for("pod removed", gone, 120)  # guards against a hang only: the grace is an hour
     assert "got SIGTERM" in kube_node.logs(namespace, "graceful")
 
 
