@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -17,6 +18,9 @@ from .jobs import trainer_config
 
 pytestmark = pytest.mark.distributed
 
+PROMPTS = ["a photo of sks cube", "a sks cube on a beach"]
+RESOLUTION = 64
+
 
 @pytest.mark.parametrize("train_text_encoder", [False, True], ids=["unet", "unet+text"])
 def test_fsdp_bf16_training_renders_samples(tmp_path: Path, monkeypatch, train_text_encoder):
@@ -29,7 +33,7 @@ def test_fsdp_bf16_training_renders_samples(tmp_path: Path, monkeypatch, train_t
     training = {
         "sharding": {"backend": "fsdp", "zeroStage": None},
         "trainTextEncoder": train_text_encoder,
-        "validation": {"prompts": ["a photo of sks cube"], "numInferenceSteps": 2},
+        "validation": {"prompts": PROMPTS, "numInferenceSteps": 2},
     }
     config = trainer_config(
         "samples", str(tmp_path / "out"), tmp_path / "models", {"training": training}
@@ -37,8 +41,15 @@ def test_fsdp_bf16_training_renders_samples(tmp_path: Path, monkeypatch, train_t
     trainer = build_trainer(config, SUBJECT_DIR, None, World(alone_with_backend=True))
     try:
         trainer.train_step()
-        path = ValidationSamples(config.validation, 64, tmp_path / "samples", None).render(trainer)
+        samples = ValidationSamples(config.validation, RESOLUTION, tmp_path / "samples", None)
+        path = samples.render(trainer)
     finally:
         trainer.backend.close()
     with Image.open(path) as grid:
-        assert grid.size[0] >= 64
+        pixels = np.asarray(grid.convert("RGB"), dtype=np.float64)
+    # One 64 px image per prompt, side by side.
+    assert pixels.shape == (RESOLUTION, RESOLUTION * len(PROMPTS), 3)
+    for i in range(len(PROMPTS)):
+        tile = pixels[:, i * RESOLUTION : (i + 1) * RESOLUTION]
+        # A NaN latent decodes to a constant (black) image; a real one varies.
+        assert tile.std() > 1.0, f"sample {i} is flat: {tile.min()}..{tile.max()}"

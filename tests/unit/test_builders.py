@@ -5,7 +5,9 @@ from __future__ import annotations
 import copy
 
 from dreambooth_operator import builders, names
+from dreambooth_operator.contract import trainer_contract
 from dreambooth_operator.validation import parse_job
+from dreambooth_trainer.config import TrainerConfig
 
 DOCUMENT = {
     "apiVersion": "dreambooth.dev/v1alpha1",
@@ -66,8 +68,36 @@ def test_credentials_only_by_secret_reference():
     assert env["AWS_ACCESS_KEY_ID"] == {
         "secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
     }
-    config_map = builders.config_map(JOB, '{"x": 1}')
-    assert "secret" not in str(config_map).lower().replace("secretkeyref", "")
+    config_json, _cache = trainer_contract(JOB, {})
+    config_map = builders.config_map(JOB, config_json)
+    assert "s3-creds" not in str(config_map) and "AWS_" not in str(config_map)
+    assert TrainerConfig.model_validate_json(config_json).s3.credentials_secret is None
+
+
+def test_config_map_holds_the_trainer_config_the_spec_implies():
+    config_json, _cache = trainer_contract(JOB, {})
+    config_map = next(
+        o for o in builders.shared_objects(JOB, config_json) if o["kind"] == "ConfigMap"
+    )
+    assert config_map["metadata"]["name"] == names.config_map("dog")
+    assert config_map["metadata"]["namespace"] == "team"
+    (key,) = config_map["data"]
+    assert key == names.CONFIG_FILE  # the file the pods' --config points at
+    config = TrainerConfig.model_validate_json(config_map["data"][key])
+    spec = JOB.spec
+    assert (config.job_name, config.namespace) == ("dog", "team")
+    assert config.base_model == spec.base_model
+    assert config.instance == spec.instance
+    assert config.prior_preservation == spec.prior_preservation
+    assert config.prior_preservation.class_prompt == "a photo of dog"
+    assert (config.nodes, config.processes_per_node, config.gpus_per_node) == (2, 4, 4)
+    assert config.output_uri == "s3://runs/dog"
+    assert config.prior_cache_uri == "s3://runs/priors"  # default: beside the output
+    # The spec's sections verbatim, effective values resolved (the default learning rate).
+    assert config.training.learning_rate == 5e-6
+    assert config.training.model_dump(exclude={"learning_rate"}) == spec.training.model_dump(
+        exclude={"learning_rate"}
+    )
 
 
 def test_pods_meet_the_restricted_pod_security_standard():
