@@ -96,12 +96,20 @@ def owned_jobs(namespace: str, name: str, labels: dict, status: dict, meta: dict
             succeeded=succeeded,
             failed=failed,
             deleting=bool(meta.get("deletionTimestamp")),
+            uid=meta.get("uid", ""),
+            owner_uid=_controller_uid(meta),
         )
     }
 
 
+def _controller_uid(meta: dict) -> str:
+    """The UID of the object's controller (its ownerReference with controller: true)."""
+    refs = meta.get("ownerReferences") or []
+    return next((r.get("uid", "") for r in refs if r.get("controller")), "")
+
+
 @kopf.index("", "v1", "pods", labels=OWNED)
-def owned_pods(namespace: str, name: str, labels: dict, status: dict, **_: Any):
+def owned_pods(namespace: str, name: str, labels: dict, status: dict, meta: dict, **_: Any):
     terminated = (
         next(
             (
@@ -122,6 +130,7 @@ def owned_pods(namespace: str, name: str, labels: dict, status: dict, **_: Any):
             phase=status.get("phase", "Pending"),
             exit_code=terminated.get("exitCode"),
             message=terminated.get("message") or "",
+            owner_uid=_controller_uid(meta),
         )
     }
 
@@ -133,13 +142,15 @@ def owned_deployments(namespace: str, labels: dict, meta: dict, status: dict, **
         (namespace, labels[names.LABEL_JOB]): ChildDeployment(
             template_hash=annotations.get(builders.ANNOTATION_TEMPLATE_HASH, ""),
             ready_replicas=status.get("readyReplicas") or 0,
+            owner_uid=_controller_uid(meta),
         )
     }
 
 
 @kopf.index("", "v1", "services", labels={**OWNED, names.LABEL_COMPONENT: names.INFERENCE})
-def owned_inference_services(namespace: str, labels: dict, **_: Any):
-    return {(namespace, labels[names.LABEL_JOB]): True}
+def owned_inference_services(namespace: str, labels: dict, meta: dict, **_: Any):
+    """The UID of the DreamBoothJob that owns the job's inference Service."""
+    return {(namespace, labels[names.LABEL_JOB]): _controller_uid(meta)}
 
 
 @kopf.index(GROUP, VERSION, PLURAL)
@@ -217,15 +228,17 @@ async def drive(
         while not stopped:
             wakeup.clear()
             started = time.perf_counter()
+            children = children_of(
+                body["metadata"].get("uid", ""),
+                owned_jobs.get(key, ()),
+                owned_pods.get(key, ()),
+                owned_deployments.get(key, ()),
+                owned_inference_services.get(key, ()),
+                {k: next(iter(v)) for k, v in complete_prior_caches.items()},
+            )
             with memo.passes.running(f"{namespace}/{name}"):
                 finished = await asyncio.to_thread(
-                    reconcile_once,
-                    copy.deepcopy(dict(body)),
-                    tuple(owned_jobs.get(key, ())),
-                    tuple(owned_pods.get(key, ())),
-                    next(iter(owned_deployments.get(key, ())), None),
-                    key in owned_inference_services,
-                    {k: next(iter(v)) for k, v in complete_prior_caches.items()},
+                    reconcile_once, copy.deepcopy(dict(body)), *children
                 )
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
             timeout = FINISHED_RESYNC_SECONDS if finished else RESYNC_SECONDS
@@ -243,6 +256,31 @@ class Children(NamedTuple):
     deployment: ChildDeployment | None
     inference_service: bool
     prior_caches: dict[str, str]
+
+
+def children_of(
+    uid: str,
+    jobs: Iterable[ChildJob],
+    pods: Iterable[ChildPod],
+    deployments: Iterable[ChildDeployment],
+    inference_services: Iterable[str],
+    prior_caches: dict[str, str],
+) -> Children:
+    """What the job with this UID owns, of what the indexes hold under its name.
+
+    Names and labels are not enough: a job deleted and created again under the same name would
+    adopt the old one's Jobs, pods and Deployment while the garbage collector deletes them.
+    Jobs and the Deployment must name this job as their controller; pods, one of those Jobs.
+    """
+    mine = tuple(j for j in jobs if j.owner_uid == uid)
+    job_uids = {j.uid for j in mine}
+    return Children(
+        jobs=mine,
+        pods=tuple(p for p in pods if p.owner_uid in job_uids),
+        deployment=next((d for d in deployments if d.owner_uid == uid), None),
+        inference_service=uid in inference_services,
+        prior_caches=prior_caches,
+    )
 
 
 def reconcile_once(
@@ -359,6 +397,10 @@ def _act(document: dict[str, Any], decision: Decision) -> None:
         # Something validation let through (requests above limits, say): fail with the API
         # server's words instead of retrying for ever in Pending.
         _fail(document, "ChildRejected", str(rejected))
+        return
+    except kube.OwnedByAnother as taken:
+        # A deleted namesake's child, on its way out: act once it is gone (a later pass).
+        log.info("%s/%s waits: %s", namespace, name, taken)
         return
     if _changes_status(document, decision):
         kube.patch_job_status(namespace, name, decision.status_patch())

@@ -38,6 +38,11 @@ class Rejected(Exception):
         super().__init__(f"the API server refused {manifest['kind']} {meta['name']}: {reason}")
 
 
+class OwnedByAnother(Exception):
+    """The name is taken by an object another owner controls (typically a deleted job's child
+    that the garbage collector has yet to remove): not ours to use; retry later."""
+
+
 def _refusing_invalid(manifest: dict[str, Any], error: ApiException) -> None:
     if error.status in (400, 422):
         raise Rejected(manifest, error) from error
@@ -69,6 +74,47 @@ def _creator(kind: str) -> Callable[[str, dict], Any]:
     }[kind]
 
 
+def _reader(kind: str) -> Callable[..., Any]:
+    core, batch, rbac, apps = (
+        client.CoreV1Api(),
+        client.BatchV1Api(),
+        client.RbacAuthorizationV1Api(),
+        client.AppsV1Api(),
+    )
+    return {
+        "ConfigMap": core.read_namespaced_config_map,
+        "Service": core.read_namespaced_service,
+        "ServiceAccount": core.read_namespaced_service_account,
+        "Job": batch.read_namespaced_job,
+        "Role": rbac.read_namespaced_role,
+        "RoleBinding": rbac.read_namespaced_role_binding,
+        "Deployment": apps.read_namespaced_deployment,
+    }[kind]
+
+
+def _controller_uid(meta: dict[str, Any]) -> str | None:
+    refs = meta.get("ownerReferences") or []
+    return next((r.get("uid") for r in refs if r.get("controller")), None)
+
+
+def _check_same_controller(manifest: dict[str, Any]) -> None:
+    """After a 409: the existing object must have the controller the manifest names."""
+    meta = manifest["metadata"]
+    wanted = _controller_uid(meta)
+    if wanted is None:
+        return
+    name, namespace = meta["name"], meta["namespace"]
+    read = _reader(manifest["kind"])
+    # As JSON, so that its ownerReferences read exactly like the manifest's.
+    raw = read(name, namespace, _preload_content=False, _request_timeout=TIMEOUT)
+    found = _controller_uid(json.loads(raw.data)["metadata"])
+    if found != wanted:
+        raise OwnedByAnother(
+            f"{manifest['kind']} {namespace}/{name} exists with controller "
+            f"{found or 'none'}, not {wanted}"
+        )
+
+
 def _deleter(kind: str) -> Callable[..., Any]:
     return {
         "Job": client.BatchV1Api().delete_namespaced_job,
@@ -78,12 +124,13 @@ def _deleter(kind: str) -> Callable[..., Any]:
 
 
 def create(manifest: dict[str, Any]) -> bool:
-    """Create; False if it already existed."""
+    """Create; False if it already existed, under the same controller (else OwnedByAnother)."""
     namespace = manifest["metadata"]["namespace"]
     try:
         _creator(manifest["kind"])(namespace, manifest, _request_timeout=TIMEOUT)
     except ApiException as error:
         if error.status == 409:
+            _check_same_controller(manifest)
             return False
         _refusing_invalid(manifest, error)
         raise

@@ -64,6 +64,8 @@ class ChildJob:
     succeeded: bool = False
     failed: bool = False
     deleting: bool = False
+    uid: str = ""
+    owner_uid: str = ""  # its controller's: the DreamBoothJob that created it
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,7 @@ class ChildPod:
     phase: str = "Pending"
     exit_code: int | None = None
     message: str = ""
+    owner_uid: str = ""  # its controller's: the batch Job that created it
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,7 @@ class ChildDeployment:
 
     template_hash: str
     ready_replicas: int = 0
+    owner_uid: str = ""
 
 
 @dataclass(frozen=True)

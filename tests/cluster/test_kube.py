@@ -60,3 +60,23 @@ def test_delete_is_idempotent_for_every_kind_it_deletes(operator_client, kube_ap
         assert kube.create(manifest)
         assert kube.delete(manifest["kind"], namespace, "probe")
         kube.delete(manifest["kind"], namespace, "probe")  # again: gone or going, no error
+
+
+def test_a_name_taken_under_another_controller_is_not_success(operator_client, kube_api, namespace):
+    """A re-created job must not adopt its deleted namesake's children (which the garbage
+    collector is about to remove): a 409 counts as "already there" only under the same owner."""
+    core = kubernetes.client.CoreV1Api(kube_api)
+    owners = {}
+    for name in ("old-job", "new-job"):  # real objects, so the garbage collector spares the child
+        owner = core.create_namespaced_config_map(namespace, {"metadata": {"name": name}})
+        owners[name] = {"apiVersion": "v1", "kind": "ConfigMap", "name": name,
+                        "uid": owner.metadata.uid, "controller": True}  # fmt: skip
+
+    def child(owner: str) -> dict:
+        meta = {"name": "dog-config", "namespace": namespace, "ownerReferences": [owners[owner]]}
+        return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {owner: ""}}
+
+    assert kube.create(child("old-job"))
+    assert not kube.create(child("old-job"))  # ours already: idempotent
+    with pytest.raises(kube.OwnedByAnother, match=f"controller {owners['old-job']['uid']}"):
+        kube.create(child("new-job"))
