@@ -196,3 +196,31 @@ def test_artifact_report_is_sent_at_once_in_the_wire_format():
     assert sent == [
         {"status": {"artifact": {"uri": "s3://runs/dog/export", "digest": "sha256:abc"}}}
     ]
+
+
+@pytest.mark.parametrize(
+    ("failures", "delivered"), [([503, 503], True), ([503] * 3, False), ([403], False)]
+)
+def test_an_artifact_that_cannot_be_recorded_fails_the_export(failures, delivered):
+    """The operator learns what to serve only from this patch: a lost one must not leave the
+    export looking successful (the job would wait in Exporting for good)."""
+    api = StubCustomObjects(failures)
+    r = k8s_reporter(api, retries=3)
+    if delivered:
+        r.report_artifact("s3://runs/dog/export", "sha256:abc")
+        assert api.calls[-1][0][5] == {
+            "status": {"artifact": {"uri": "s3://runs/dog/export", "digest": "sha256:abc"}}
+        }
+    else:
+        with pytest.raises(progress.ReportNotDelivered, match="job"):
+            r.report_artifact("s3://runs/dog/export", "sha256:abc")
+    r.close()
+
+
+def test_the_export_insists_on_a_kubernetes_reporter(monkeypatch, tmp_path):
+    monkeypatch.setenv(progress.ENV_NAME, "job")
+    monkeypatch.setenv(progress.ENV_NAMESPACE, "ns")
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    with pytest.raises(Exception, match="missing-kubeconfig|Invalid kube-config|kube-config"):
+        progress.reporter_from_env(10, must_deliver=True)

@@ -197,6 +197,6 @@ def export(config_file: Path) -> None:
     with input_errors():
         config = read_config(config_file)
         result = run_export(config)
-    with reporter_from_env(config.training.max_steps) as reporter:
+    with reporter_from_env(config.training.max_steps, must_deliver=True) as reporter:
         reporter.report_artifact(result.uri, result.digest)
     click.echo(result.digest)

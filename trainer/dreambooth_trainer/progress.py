@@ -55,6 +55,9 @@ MAX_INTERVAL = 30.0  # the operator's contract
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 MERGE_PATCH = "application/merge-patch+json"
 RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
+# The artifact report is the only way the operator learns what to serve: tried for about a
+# minute (backoff 1 s, 2 s, ... 9 s), then the export fails and its pod is restarted.
+MUST_DELIVER_RETRIES = 10
 
 Patch = dict[str, Any]
 
@@ -194,6 +197,10 @@ class ProgressReporter:
         raise NotImplementedError
 
 
+class ReportNotDelivered(RuntimeError):
+    """A report the run cannot succeed without (the exported artifact) did not reach the job."""
+
+
 class NullReporter(ProgressReporter):
     """Ranks other than 0, and runs nobody watches."""
 
@@ -252,6 +259,7 @@ class KubernetesReporter(ProgressReporter):
         self._backoff = backoff
         self._timeout = request_timeout
         self._pending: Patch | None = None
+        self._delivered = True  # the last patch sent arrived
         self._busy = False
         self._closed = False
         self._cond = threading.Condition()
@@ -269,6 +277,19 @@ class KubernetesReporter(ProgressReporter):
         with self._cond:
             return self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout)
 
+    def report_artifact(self, uri: str, digest: str) -> None:
+        """Sent and confirmed before returning, unlike progress: the operator has no other way
+        to learn what to serve, so an artifact that cannot be recorded fails the export (its pod
+        is restarted) instead of leaving the job waiting for a patch that never came."""
+        super().report_artifact(uri, digest)
+        # Longer than every try with its timeout and backoff could take.
+        retrying = self._retries * (self._timeout + self._backoff * self._retries)
+        if not (self.flush(retrying) and self._delivered):
+            raise ReportNotDelivered(
+                f"could not record the artifact in the status of {PLURAL} "
+                f"{self.namespace}/{self.name} (see the warning above)"
+            )
+
     def close(self, timeout: float = 30.0) -> None:
         super().close()
         self.flush(timeout)
@@ -284,18 +305,20 @@ class KubernetesReporter(ProgressReporter):
                 if self._pending is None:
                     return
                 patch, self._pending, self._busy = self._pending, None, True
+            delivered = False
             try:
-                self._patch_with_retries(patch)
+                delivered = self._patch_with_retries(patch)
             finally:
                 with self._cond:
-                    self._busy = False
+                    self._busy, self._delivered = False, delivered
                     self._cond.notify_all()
 
-    def _patch_with_retries(self, patch: Patch) -> None:
+    def _patch_with_retries(self, patch: Patch) -> bool:
+        """Whether the patch arrived (failures are logged)."""
         for attempt in range(1, self._retries + 1):
             try:
                 self._patch(patch)
-                return
+                return True
             except Exception as exc:  # noqa: BLE001 - logged; training goes on
                 status = getattr(exc, "status", None)  # None: no HTTP answer (network)
                 retryable = status is None or status in RETRY_STATUSES
@@ -308,8 +331,9 @@ class KubernetesReporter(ProgressReporter):
                         attempt,
                         getattr(exc, "reason", None) or exc,
                     )
-                    return
+                    return False
                 time.sleep(self._backoff * attempt)
+        return False
 
     def _patch(self, patch: Patch) -> None:
         self._api.patch_namespaced_custom_object_status(
@@ -345,11 +369,15 @@ def _namespace_from_env() -> str | None:
         return None
 
 
-def reporter_from_env(total_steps: int, rank: int = 0, **kwargs: Any) -> ProgressReporter:
+def reporter_from_env(
+    total_steps: int, rank: int = 0, *, must_deliver: bool = False, **kwargs: Any
+) -> ProgressReporter:
     """The reporter this process should use: see the module docstring for the variables.
 
     Any rank but 0 gets a NullReporter; so does a Kubernetes reporter that cannot be set up
-    (logged): a missing reporter must not fail the training run.
+    (logged): a missing reporter must not fail the training run. With `must_deliver` (the
+    export, whose artifact report the job cannot do without) it raises instead, and the
+    Kubernetes reporter retries for longer.
     """
     if rank != 0:
         return NullReporter(total_steps)
@@ -360,8 +388,12 @@ def reporter_from_env(total_steps: int, rank: int = 0, **kwargs: Any) -> Progres
         try:
             if not namespace:
                 raise RuntimeError(f"{ENV_NAMESPACE} unset and no service-account namespace")
+            if must_deliver:
+                kwargs.setdefault("retries", MUST_DELIVER_RETRIES)
             return KubernetesReporter(total_steps, name, namespace, **kwargs)
         except Exception as exc:  # noqa: BLE001 - training runs on without status updates
+            if must_deliver:
+                raise
             log.warning("progress reporting to Kubernetes disabled: %s", exc)
             return NullReporter(total_steps, **kwargs)
     if os.environ.get(ENV_FILE):
