@@ -16,6 +16,10 @@ Resume: rank 0 picks the newest checkpoint whose manifest and file sizes check o
 broadcasts its step; every rank downloads the files it needs, hash-checked. If any rank found a
 file broken, all ranks agree to fall back to the checkpoint before it.
 
+A checkpoint records what determined its weights (the config's parts, world size, backend):
+a run whose parts differ refuses to resume it, as bad input naming storage.outputUri, rather
+than continue (or, past maxSteps, export) weights trained for another spec.
+
 Preemption: SIGTERM (what Kubernetes and torchrun send) only sets a flag. After the step in
 progress the ranks agree on it (one tiny all-reduce per step), save and commit a checkpoint and
 stop; `dreambooth train` then exits with 143. Kubernetes' grace period, and torchrun's
@@ -39,6 +43,7 @@ import torch.distributed as dist
 from . import checkpoint
 from .callbacks import Callback, StepMetrics
 from .checkpoint import CheckpointInfo, CheckpointInvalid, FileEntry
+from .config import ConfigError
 from .parallel import World
 from .storage import Store
 
@@ -48,6 +53,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"  # inside the output location
+COMPARED = ("worldSize", "backend")  # besides the identity, what a resumed run must match
 
 
 class StopSignal:
@@ -86,8 +92,10 @@ class Checkpointing(Callback):
         keep: int,
         root: str = CHECKPOINTS_DIR,
         metadata: dict[str, Any] | None = None,
+        identity: dict[str, Any] | None = None,
     ):
         self.store = store
+        self.identity = dict(identity or {})  # what a resumed run must match (see describe)
         self.staging = staging  # local, this process's: per-rank subdirectories below
         self.interval = interval
         self.keep = keep
@@ -142,8 +150,10 @@ class Checkpointing(Callback):
         return info
 
     def describe(self, trainer: Trainer) -> dict[str, Any]:
-        """What a resuming run must match: resharding to other world sizes is not supported."""
+        """What a resuming run must match: the weights' parts (`identity`) and, since resharding
+        to other world sizes is not supported, world size and backend."""
         return {
+            "identity": self.identity,
             "worldSize": trainer.world.world_size,
             "backend": type(trainer.backend).__name__,
             "microStep": trainer.micro_step,
@@ -186,12 +196,18 @@ class Checkpointing(Callback):
             return None
 
     def _check_compatible(self, info: CheckpointInfo, trainer: Trainer) -> None:
-        saved = {key: info.metadata.get(key) for key in ("worldSize", "backend")}
-        ours = {key: value for key, value in self.describe(trainer).items() if key in saved}
-        if saved != ours:
-            raise RuntimeError(
-                f"checkpoint {info.uri} was saved with {saved}, this run has {ours}: resuming "
-                f"needs the same; start over with another output location or delete it"
+        def matched(metadata: dict[str, Any]) -> dict[str, Any]:
+            # Checkpoints of older trainers have no identity: world size and backend only.
+            return {**metadata.get("identity", {}), **{k: metadata.get(k) for k in COMPARED}}
+
+        saved, ours = matched(info.metadata), matched(self.describe(trainer))
+        differs = [part for part in ours if part in saved and saved[part] != ours[part]]
+        if differs:
+            raise ConfigError(
+                "storage.outputUri",
+                f"{info.uri} was written by job {info.metadata.get('job', '?')} with another "
+                f"{', '.join(differs)} than this run's: resuming it would continue other weights. "
+                "Use another outputUri, or delete its checkpoints to start over",
             )
 
     # -- helpers -----------------------------------------------------------------------------------

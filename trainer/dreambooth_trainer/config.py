@@ -10,8 +10,11 @@ Torch-free, like priors_key: the operator imports it.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -32,6 +35,10 @@ from .priors_key import cache_key
 
 CACHE_DIR_ENV = "DREAMBOOTH_CACHE"
 REMOTE_SCHEMES = ("s3://", "random://")
+
+
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
 
 
 class ConfigError(ValueError):
@@ -145,6 +152,20 @@ class TrainerConfig(ApiModel):
     def output(self, *parts: str) -> str:
         """URI of a path inside the output location (trained/, export/, samples/, logs/)."""
         return join_uri(self.output_uri, *parts)
+
+    def weights_identity(self) -> dict[str, str]:
+        """What determines the trained weights, part by part, each as a short digest: a run
+        resumes only from checkpoints written with the same parts (see checkpointing.py).
+        Where and how often checkpoints and samples are written is left out."""
+        parts = {
+            "baseModel": self.base_model.model_dump(mode="json", by_alias=True),
+            "instance": self.instance.model_dump(mode="json", by_alias=True),
+            "priorPreservation": self.prior_preservation.model_dump(mode="json", by_alias=True),
+            "training": self.training.model_dump(
+                mode="json", by_alias=True, exclude={"checkpointing", "validation"}
+            ),
+        }
+        return {name: _digest(value) for name, value in parts.items()}
 
     def model_cache_dir(self) -> Path:
         if self.cache_dir:

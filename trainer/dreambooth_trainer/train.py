@@ -295,6 +295,7 @@ def checkpointing(config: TrainerConfig) -> Checkpointing:
         interval=spec.interval,
         keep=spec.keep,
         metadata={"job": config.job_name},
+        identity=config.weights_identity(),
     )
 
 
