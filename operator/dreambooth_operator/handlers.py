@@ -43,6 +43,7 @@ from .validation import JobInvalid, parse_job
 
 log = logging.getLogger(__name__)
 
+TERMINAL_PHASES = ("Succeeded", "Failed")
 RESYNC_SECONDS = 10.0  # level-triggered safety net on top of child events
 FINISHED_RESYNC_SECONDS = 60.0
 # A pass makes a handful of API calls, each bounded by kube.TIMEOUT (and urllib3's retries of a
@@ -164,6 +165,34 @@ def complete_prior_caches(status: dict, **_: Any):
     return {priors["cacheKey"]: priors["uri"]} if ready and priors.get("cacheKey") else None
 
 
+class OutputClaim(NamedTuple):
+    """A live job writing to an outputUri; the earliest created keeps it."""
+
+    created: str
+    namespace: str
+    name: str
+    uid: str
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def live_outputs(namespace: str, name: str, spec: dict, status: dict, meta: dict, **_: Any):
+    """outputUri -> the jobs not yet finished that write there."""
+    if status.get("phase") in TERMINAL_PHASES:
+        return None
+    uri = ((spec.get("storage") or {}).get("outputUri") or "").rstrip("/")
+    claim = OutputClaim(meta.get("creationTimestamp", ""), namespace, name, meta.get("uid", ""))
+    return {uri: claim} if uri else None
+
+
+def output_taken_by(uid: str, claims: Iterable[OutputClaim]) -> str | None:
+    """The live job created before this one that writes to the same outputUri, if any."""
+    ranked = sorted(claims)  # by creation time, then namespace and name
+    first = next(iter(ranked), None)
+    if first is None or first.uid == uid or all(c.uid != uid for c in ranked):
+        return None
+    return f"{first.namespace}/{first.name}"
+
+
 @kopf.index(GROUP, VERSION, PLURAL)
 def job_phases(namespace: str, name: str, status: dict, **_: Any):
     return {(namespace, name): status.get("phase") or "Pending"}
@@ -220,6 +249,7 @@ async def drive(
     owned_deployments: kopf.Index,
     owned_inference_services: kopf.Index,
     complete_prior_caches: kopf.Index,
+    live_outputs: kopf.Index,
     **_: Any,
 ) -> None:
     key = (namespace, name)
@@ -228,17 +258,20 @@ async def drive(
         while not stopped:
             wakeup.clear()
             started = time.perf_counter()
+            uid = body["metadata"].get("uid", "")
+            output_uri = (body["spec"].get("storage") or {}).get("outputUri", "").rstrip("/")
             children = children_of(
-                body["metadata"].get("uid", ""),
+                uid,
                 owned_jobs.get(key, ()),
                 owned_pods.get(key, ()),
                 owned_deployments.get(key, ()),
                 owned_inference_services.get(key, ()),
                 {k: next(iter(v)) for k, v in complete_prior_caches.items()},
+                output_taken_by(uid, live_outputs.get(output_uri, ())),
             )
             with memo.passes.running(f"{namespace}/{name}"):
                 finished = await asyncio.to_thread(
-                    reconcile_once, copy.deepcopy(dict(body)), *children
+                    reconcile_once, copy.deepcopy(dict(body)), children
                 )
             metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
             timeout = FINISHED_RESYNC_SECONDS if finished else RESYNC_SECONDS
@@ -256,6 +289,7 @@ class Children(NamedTuple):
     deployment: ChildDeployment | None
     inference_service: bool
     prior_caches: dict[str, str]
+    output_taken_by: str | None = None  # see Observed
 
 
 def children_of(
@@ -265,6 +299,7 @@ def children_of(
     deployments: Iterable[ChildDeployment],
     inference_services: Iterable[str],
     prior_caches: dict[str, str],
+    output_taken_by: str | None = None,
 ) -> Children:
     """What the job with this UID owns, of what the indexes hold under its name.
 
@@ -280,19 +315,11 @@ def children_of(
         deployment=next((d for d in deployments if d.owner_uid == uid), None),
         inference_service=uid in inference_services,
         prior_caches=prior_caches,
+        output_taken_by=output_taken_by,
     )
 
 
-def reconcile_once(
-    document: dict[str, Any],
-    jobs: tuple[ChildJob, ...],
-    pods: tuple[ChildPod, ...],
-    deployment: ChildDeployment | None,
-    inference_service: bool,
-    prior_caches: dict[str, str],
-    *,
-    fresh: bool = False,
-) -> bool:
+def reconcile_once(document: dict[str, Any], children: Children, *, fresh: bool = False) -> bool:
     """Observe, decide, act. Returns True when the job is finished.
 
     kopf's copy of the job lags our own writes by a watch event. Acting on a stale status could
@@ -302,7 +329,6 @@ def reconcile_once(
     """
     meta = document["metadata"]
     namespace, name = meta["namespace"], meta["name"]
-    children = Children(jobs, pods, deployment, inference_service, prior_caches)
     if not fresh and names.ANNOTATION_APPLIED_SPEC not in (meta.get("annotations") or {}):
         return _on_fresh_read(namespace, name, children)  # recording the applied spec writes
     try:
@@ -317,15 +343,15 @@ def reconcile_once(
         if latest is None:
             return True
         if latest["metadata"]["resourceVersion"] != meta.get("resourceVersion"):
-            return reconcile_once(latest, *children, fresh=True)
+            return reconcile_once(latest, children, fresh=True)
     _act(document, decision)
     _record_metrics(job, decision)
-    return decision.status.phase in ("Succeeded", "Failed")
+    return decision.status.phase in TERMINAL_PHASES
 
 
 def _on_fresh_read(namespace: str, name: str, children: Children) -> bool:
     latest = kube.read_job(namespace, name)
-    return latest is None or reconcile_once(latest, *children, fresh=True)
+    return latest is None or reconcile_once(latest, children, fresh=True)
 
 
 def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob, Decision]:
@@ -356,6 +382,7 @@ def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob
         inference_service=children.inference_service,
         trainer_config_json=config_json,
         rejected_changes=tuple(immutable_changes(applied, current_spec)),
+        output_taken_by=children.output_taken_by,
     )
     return job, reconcile(job, observed)
 

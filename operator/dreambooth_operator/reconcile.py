@@ -107,6 +107,8 @@ class Observed:
     trainer_config_json: str = "{}"
     # Paths of spec changes made after the job started that cannot apply (see immutable_changes).
     rejected_changes: tuple[str, ...] = ()
+    # Another live job, created earlier, writing to the same outputUri ("namespace/name").
+    output_taken_by: str | None = None
 
 
 # ------------------------------------------------------------------------------ decisions
@@ -474,6 +476,14 @@ class _Reconciler:
 
     def next_phase(self) -> str:
         if self.past_deadline() or self.conditions.is_true(COND_FAILED):
+            return Phase.failed.value
+        if self.observed.output_taken_by:
+            # Both would resume from, and prune, the same checkpoints.
+            self.fail(
+                "InvalidSpec",
+                f"spec.storage.outputUri: {self.spec.storage.output_uri} is in use by job "
+                f"{self.observed.output_taken_by}; each job needs an outputUri of its own",
+            )
             return Phase.failed.value
         if self.suspended():
             return Phase.suspended.value

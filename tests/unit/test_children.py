@@ -32,3 +32,17 @@ def test_a_job_sees_its_own_deployment_and_service():
     children = children_of(OURS, [], [], deployments, [OURS], {})
     assert children.deployment == deployments[1]
     assert children.inference_service is True
+
+
+def test_the_earliest_live_job_keeps_an_output_uri():
+    from dreambooth_operator.handlers import OutputClaim, output_taken_by
+
+    first = OutputClaim("2026-12-01T10:00:00Z", "team", "dog", "u-first")
+    second = OutputClaim("2026-12-01T10:05:00Z", "other", "cat", "u-second")
+    assert output_taken_by("u-first", [second, first]) is None
+    assert output_taken_by("u-second", [second, first]) == "team/dog"
+    assert output_taken_by("u-second", [second]) is None  # alone once the first finished
+    # Created in the same second: both passes agree on one order.
+    twin = OutputClaim("2026-12-01T10:00:00Z", "team", "cow", "u-twin")
+    assert output_taken_by("u-first", [first, twin]) == "team/cow"
+    assert output_taken_by("u-twin", [first, twin]) is None

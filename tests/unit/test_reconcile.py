@@ -427,3 +427,13 @@ def test_operator_writes_progress_only_to_start_it():
         job_with(status=reported, priorPreservation={"enabled": False}), Observed(now=NOW)
     )
     assert "progress" not in decision.status_patch()
+
+
+def test_a_job_whose_output_uri_an_earlier_live_job_uses_is_refused():
+    decision, _ = step(job_with(), output_taken_by="team/first")
+    assert decision.status.phase == "Failed"
+    failure = next(c for c in decision.status.conditions if c.type == "Failed")
+    assert failure.reason == "InvalidSpec"
+    assert failure.message.startswith("spec.storage.outputUri: ")
+    assert "in use by job team/first" in failure.message
+    assert created(decision) == []
