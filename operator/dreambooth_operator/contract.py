@@ -1,4 +1,4 @@
-"""What the operator hands the trainers: their config and the class-image cache they share.
+"""What the operator hands the trainers: their config and where their class images go.
 
 Both come from the trainer package's torch-free config module, so the operator and the
 trainer can never disagree about a cache key or a field.
@@ -6,23 +6,19 @@ trainer can never disagree about a cache key or a field.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-
 from dreambooth_trainer.config import TrainerConfig
 
 from .api import DreamBoothJob
 from .reconcile import PriorCache
 
 
-def trainer_contract(
-    job: DreamBoothJob, complete_caches: Mapping[str, str]
-) -> tuple[str, PriorCache | None]:
+def trainer_contract(job: DreamBoothJob) -> tuple[str, PriorCache | None]:
     """(trainer config JSON for the ConfigMap, the job's prior cache or None without priors).
 
-    `complete_caches` maps cache keys that some job finished generating to their URIs.
+    Whether the cache already holds a complete set is for the priors pods to find out, from
+    the storage itself: no job's word (a status any job's pods can write) is trusted for it.
     """
     config = TrainerConfig.from_job(job)
     if not config.uses_priors:
         return config.to_json(), None
-    key, uri = config.priors_key, config.priors_uri
-    return config.to_json(), PriorCache(key=key, uri=uri, complete=complete_caches.get(key) == uri)
+    return config.to_json(), PriorCache(key=config.priors_key, uri=config.priors_uri)

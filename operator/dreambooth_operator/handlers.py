@@ -154,17 +154,6 @@ def owned_inference_services(namespace: str, labels: dict, meta: dict, **_: Any)
     return {(namespace, labels[names.LABEL_JOB]): _controller_uid(meta)}
 
 
-@kopf.index(GROUP, VERSION, PLURAL)
-def complete_prior_caches(status: dict, **_: Any):
-    """Class-image caches some job finished generating: cache key -> URI."""
-    priors = status.get("priors") or {}
-    ready = any(
-        c.get("type") == "PriorsReady" and c.get("status") == "True"
-        for c in status.get("conditions", [])
-    )
-    return {priors["cacheKey"]: priors["uri"]} if ready and priors.get("cacheKey") else None
-
-
 class OutputClaim(NamedTuple):
     """A live job writing to an outputUri; the earliest created keeps it."""
 
@@ -248,7 +237,6 @@ async def drive(
     owned_pods: kopf.Index,
     owned_deployments: kopf.Index,
     owned_inference_services: kopf.Index,
-    complete_prior_caches: kopf.Index,
     live_outputs: kopf.Index,
     **_: Any,
 ) -> None:
@@ -266,7 +254,6 @@ async def drive(
                 owned_pods.get(key, ()),
                 owned_deployments.get(key, ()),
                 owned_inference_services.get(key, ()),
-                {k: next(iter(v)) for k, v in complete_prior_caches.items()},
                 output_taken_by(uid, live_outputs.get(output_uri, ())),
             )
             with memo.passes.running(f"{namespace}/{name}"):
@@ -288,7 +275,6 @@ class Children(NamedTuple):
     pods: tuple[ChildPod, ...]
     deployment: ChildDeployment | None
     inference_service: bool
-    prior_caches: dict[str, str]
     output_taken_by: str | None = None  # see Observed
 
 
@@ -298,7 +284,6 @@ def children_of(
     pods: Iterable[ChildPod],
     deployments: Iterable[ChildDeployment],
     inference_services: Iterable[str],
-    prior_caches: dict[str, str],
     output_taken_by: str | None = None,
 ) -> Children:
     """What the job with this UID owns, of what the indexes hold under its name.
@@ -314,7 +299,6 @@ def children_of(
         pods=tuple(p for p in pods if p.owner_uid in job_uids),
         deployment=next((d for d in deployments if d.owner_uid == uid), None),
         inference_service=uid in inference_services,
-        prior_caches=prior_caches,
         output_taken_by=output_taken_by,
     )
 
@@ -372,7 +356,7 @@ def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob
         applied = json.loads(applied_raw)
     document["spec"] = effective_spec(applied, current_spec)
     job = parse_job(document)
-    config_json, cache = contract.trainer_contract(job, children.prior_caches)
+    config_json, cache = contract.trainer_contract(job)
     observed = Observed(
         now=datetime.now(timezone.utc),
         jobs=children.jobs,

@@ -91,9 +91,11 @@ class ChildDeployment:
 
 @dataclass(frozen=True)
 class PriorCache:
+    """Where the job's class images go: content-addressed, so jobs with the same class and
+    base model share them (the priors pods generate only what the storage lacks)."""
+
     key: str
     uri: str
-    complete: bool = False  # another job already generated exactly these class images
 
 
 @dataclass(frozen=True)
@@ -352,15 +354,6 @@ class _Reconciler:
             self.status.priors = self.status.priors or PriorsStatus(
                 cache_key=cache.key, uri=cache.uri
             )
-        if cache and cache.complete:
-            self.status.priors.images = priors.num_class_images
-            self.conditions.set(
-                COND_PRIORS_READY,
-                True,
-                "CacheHit",
-                f"{priors.num_class_images} class images already at {cache.uri}",
-            )
-            return True
         if self.run_phase(names.PRIORS):
             if self.status.priors:
                 self.status.priors.images = priors.num_class_images
@@ -368,7 +361,9 @@ class _Reconciler:
                 COND_PRIORS_READY,
                 True,
                 "Generated",
-                f"generated {priors.num_class_images} class images",
+                f"{priors.num_class_images} class images at {self.status.priors.uri}"
+                if self.status.priors
+                else f"{priors.num_class_images} class images",
             )
             return True
         return False

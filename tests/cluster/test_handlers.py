@@ -102,7 +102,7 @@ def test_a_pass_on_a_stale_copy_acts_on_the_servers_status(training_job, kube_ap
     stale = training_job.read()
     training_job.patch_status({"restarts": 1})
 
-    handlers.reconcile_once(stale, handlers.Children((), (), None, False, {}))
+    handlers.reconcile_once(stale, handlers.Children((), (), None, False))
 
     assert sorted(job.attempt for job in child_jobs(kube_api, namespace)) == [1, 1]
     assert training_job.read()["status"]["restarts"] == 1
@@ -114,7 +114,7 @@ def test_a_pass_with_nothing_to_do_makes_no_api_call(
     """Not even when a condition was written without observedGeneration (the model's None
     must compare equal to the field the API server does not store)."""
     handlers.reconcile_once(
-        training_job.read(), handlers.Children((), (), None, False, {})
+        training_job.read(), handlers.Children((), (), None, False)
     )  # creates rank Jobs
     jobs = child_jobs(kube_api, namespace)
     assert len(jobs) == 2
@@ -122,7 +122,7 @@ def test_a_pass_with_nothing_to_do_makes_no_api_call(
     calls = []
     for function in ("read_job", "patch_job_status", "patch_job_annotations", "create", "delete"):
         monkeypatch.setattr(kube, function, lambda *args, f=function: calls.append(f))
-    handlers.reconcile_once(training_job.read(), handlers.Children(jobs, (), None, False, {}))
+    handlers.reconcile_once(training_job.read(), handlers.Children(jobs, (), None, False))
     assert calls == []
 
 
@@ -153,7 +153,7 @@ def test_a_running_job_that_breaks_a_newer_rule_fails_and_stops(
     for rank in range(2):
         batch.create_namespaced_job(namespace, rank_job(namespace, rank))
 
-    children = handlers.Children(child_jobs(kube_api, namespace), (), None, False, {})
+    children = handlers.Children(child_jobs(kube_api, namespace), (), None, False)
     handlers.reconcile_once(job.read(), children)
 
     status = job.read()["status"]

@@ -68,14 +68,14 @@ def test_credentials_only_by_secret_reference():
     assert env["AWS_ACCESS_KEY_ID"] == {
         "secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
     }
-    config_json, _cache = trainer_contract(JOB, {})
+    config_json, _cache = trainer_contract(JOB)
     config_map = builders.config_map(JOB, config_json)
     assert "s3-creds" not in str(config_map) and "AWS_" not in str(config_map)
     assert TrainerConfig.model_validate_json(config_json).s3.credentials_secret is None
 
 
 def test_config_map_holds_the_trainer_config_the_spec_implies():
-    config_json, _cache = trainer_contract(JOB, {})
+    config_json, _cache = trainer_contract(JOB)
     config_map = next(
         o for o in builders.shared_objects(JOB, config_json) if o["kind"] == "ConfigMap"
     )

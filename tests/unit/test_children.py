@@ -19,17 +19,16 @@ def test_only_children_this_job_controls_are_observed():
         ChildPod("dog-train-0-b", "train", 0, 0, phase="Succeeded", owner_uid="j-old"),
     ]
     deployments = [ChildDeployment("hash-old", ready_replicas=1, owner_uid=OLD)]
-    children = children_of(OURS, jobs, pods, deployments, [OLD], {"k": "s3://c"})
+    children = children_of(OURS, jobs, pods, deployments, [OLD])
     assert [j.name for j in children.jobs] == ["dog-priors-0"]
     assert [p.name for p in children.pods] == ["dog-priors-0-a"]
     assert children.deployment is None
     assert children.inference_service is False
-    assert children.prior_caches == {"k": "s3://c"}
 
 
 def test_a_job_sees_its_own_deployment_and_service():
     deployments = [ChildDeployment("h", owner_uid=OLD), ChildDeployment("h2", owner_uid=OURS)]
-    children = children_of(OURS, [], [], deployments, [OURS], {})
+    children = children_of(OURS, [], [], deployments, [OURS])
     assert children.deployment == deployments[1]
     assert children.inference_service is True
 

@@ -99,14 +99,11 @@ def test_running_pod_moves_pending_to_generating_priors_and_records_start():
     assert created(decision) == []
 
 
-def test_cache_hit_skips_priors_and_starts_training():
-    decision = reconcile(
-        job_with(), Observed(now=NOW, prior_cache=PriorCache("abc123", "s3://x", True))
-    )
-    assert created(decision) == ["dog-train-0", "dog-train-1"]
-    ready = next(c for c in decision.status.conditions if c.type == "PriorsReady")
-    assert (ready.status, ready.reason) == ("True", "CacheHit")
-    assert decision.status.progress.summary == "0/10"
+def test_the_priors_phase_runs_even_for_a_cached_class():
+    """Only the priors pods, reading the storage, can tell that a cached set is complete."""
+    decision = reconcile(job_with(), Observed(now=NOW, prior_cache=CACHE))
+    assert created(decision) == ["dog-priors-0", "dog-priors-1"]
+    assert decision.status.priors.uri == CACHE.uri
 
 
 def test_priors_done_then_training_then_export_then_succeeded():
