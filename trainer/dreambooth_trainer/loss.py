@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -11,7 +11,11 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from torch import nn
 
+from .config import ConfigError
 from .data import Batch
+
+# What the objective can train against (diffusers' train_dreambooth.py allows the same two).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
 
 
 @dataclass
@@ -22,6 +26,23 @@ class Losses:
 
     def detached(self) -> torch.Tensor:
         return torch.stack([self.total, self.instance, self.prior]).detach().float()
+
+
+def check_prediction_type(scheduler: DDPMScheduler) -> str:
+    """The scheduler's prediction type, or ConfigError (bad input: exit 2) when unsupported.
+
+    A base model whose scheduler config predicts something else ("sample", a typo) must not
+    silently train on the epsilon target: the fine-tuned model would learn the wrong output.
+    """
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        allowed = ", ".join(repr(name) for name in PREDICTION_TYPES)
+        raise ConfigError(
+            "baseModel.uri",
+            f"Unknown prediction type {prediction_type!r} in the model's scheduler config "
+            f"(scheduler_config.json); training supports {allowed}",
+        )
+    return prediction_type
 
 
 def min_snr_weights(
@@ -45,6 +66,11 @@ class DreamBoothObjective:
     prior_loss_weight: float = 1.0
     offset_noise: float = 0.0
     snr_gamma: float | None = None
+    prediction_type: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        # Refuse an unsupported target when the objective is set up, before any step runs.
+        self.prediction_type = check_prediction_type(self.scheduler)
 
     def __call__(
         self, model: nn.Module, batch: Batch, generator: torch.Generator, device: torch.device
@@ -79,7 +105,7 @@ class DreamBoothObjective:
     def target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
     ) -> torch.Tensor:
-        if self.scheduler.config.prediction_type == "v_prediction":
+        if self.prediction_type == "v_prediction":
             return self.scheduler.get_velocity(latents, noise, timesteps)
         return noise
 
