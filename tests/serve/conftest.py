@@ -8,6 +8,7 @@ test starts its own app (own batcher, metrics and limits) over that shared pipel
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shutil
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,11 +21,11 @@ from dreambooth_trainer.serve import artifact
 from dreambooth_trainer.serve.app import create_app
 from dreambooth_trainer.serve.config import BatchingSettings, Limits, ServeSettings
 
-from .harness import running
+from .harness import FAST, HeldWorker, running
+
+__all__ = ["FAST", "MODEL_ID", "settings"]
 
 MODEL_ID = "sks-dog"
-# Small everywhere: 2 denoising steps at 32 px keep a request in the tens of milliseconds.
-FAST = {"num_inference_steps": 2, "size": "32x32"}
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -68,12 +69,20 @@ def loaded(exported, model_cache) -> artifact.LoadedModel:
     return artifact.load(str(exported), cache_dir=model_cache, device="cpu")
 
 
-def settings(**batching) -> ServeSettings:
+SERVER_OPTIONS = {field.name for field in dataclasses.fields(ServeSettings)}
+
+
+def settings(**options) -> ServeSettings:
+    """Test settings; `options` are ServeSettings fields (request_timeout_s, api_key...) or
+    BatchingSettings fields (max_batch_size...)."""
+    server = {key: value for key, value in options.items() if key in SERVER_OPTIONS}
+    batching = {key: value for key, value in options.items() if key not in SERVER_OPTIONS}
     return ServeSettings(
         model_id=MODEL_ID,
         limits=Limits(max_n=4, max_side=256, max_steps=50),
         batching=BatchingSettings(**batching),
         default_steps=2,
+        **server,
     )
 
 
@@ -82,8 +91,14 @@ def serve(loaded) -> Iterator[Callable[..., str]]:
     """Factory: `url = serve(max_batch_size=..., ...)` starts a ready server for this test."""
     with contextlib.ExitStack() as stack:
 
-        def start(**batching) -> str:
-            app = create_app(settings(**batching), lambda: loaded, warm_up=False)
+        def start(**options) -> str:
+            app = create_app(settings(**options), lambda: loaded, warm_up=False)
             return stack.enter_context(running(app))
 
         yield start
+
+
+@pytest.fixture
+def held(monkeypatch) -> HeldWorker:
+    """The inference worker, held inside its next pipeline call until `held.release()`."""
+    return HeldWorker(monkeypatch)

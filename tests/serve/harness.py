@@ -1,19 +1,24 @@
-"""Run an app under uvicorn in a background thread on a free loopback port."""
+"""Run an app under uvicorn in a background thread on a free loopback port; hold its worker."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
 from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import httpx
+import pytest
 import uvicorn
 from fastapi import FastAPI
 
+from dreambooth_trainer.serve.engine import Text2ImageEngine
 from tests.support.procs import free_port, wait_for
 
 # Generous: two cores shared with other test suites can make a tiny request take seconds.
 HTTP_TIMEOUT = 60.0
+# Small everywhere: 2 denoising steps at 32 px keep a request in the tens of milliseconds.
+FAST = {"num_inference_steps": 2, "size": "32x32"}
 
 
 @contextlib.contextmanager
@@ -44,3 +49,45 @@ def metric(url: str, name: str) -> float:
         if line.startswith(name + " "):
             return float(line.split()[-1])
     raise KeyError(name)
+
+
+GENERATE = "/v1/images/generations"
+BATCHES = "dreambooth_inference_batch_size_count"
+BATCHED_IMAGES = "dreambooth_inference_batch_size_sum"
+DEPTH = "dreambooth_inference_queue_depth"
+
+
+def generate(url: str, **body) -> httpx.Response:
+    return httpx.post(
+        url + GENERATE, json={"prompt": "a photo of sks dog", **FAST, **body}, timeout=HTTP_TIMEOUT
+    )
+
+
+def images(response: httpx.Response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [item["b64_json"] for item in response.json()["data"]]
+
+
+class HeldWorker:
+    """Holds the inference worker inside its next call until `release()`, so that requests
+    queue up behind it deterministically instead of racing a batch timer."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch):
+        self.entered, self.gate = threading.Event(), threading.Event()
+        original = Text2ImageEngine.__call__
+
+        def held(engine: Text2ImageEngine, jobs):
+            self.entered.set()
+            assert self.gate.wait(HTTP_TIMEOUT)
+            return original(engine, jobs)
+
+        monkeypatch.setattr(Text2ImageEngine, "__call__", held)
+
+    def occupy(self, pool: ThreadPoolExecutor, url: str) -> Future:
+        """A first request (another size, so it batches with nothing) that holds the worker."""
+        blocker = pool.submit(generate, url, seed=0, size="64x64")
+        assert self.entered.wait(HTTP_TIMEOUT)
+        return blocker
+
+    def release(self) -> None:
+        self.gate.set()

@@ -97,6 +97,12 @@ BAD_REQUESTS = [
     ("unknown scheduler", {"scheduler": "magic"}, "scheduler"),
     ("url response format", {"response_format": "url"}, "response_format"),
     ("a typo in an extra", {"negative prompt": "blurry"}, "negative prompt"),
+    # Every string is bounded (a 20 MiB negative_prompt once got a 200).
+    ("prompt too long", {"prompt": "a" * 4001}, "prompt"),
+    ("negative_prompt too long", {"negative_prompt": "a" * 4001}, "negative_prompt"),
+    ("user too long", {"user": "u" * 257}, "user"),
+    ("model too long", {"model": "m" * 257}, "model"),
+    ("size too long", {"size": "1" * 1000}, "size"),
 ]
 
 
@@ -113,6 +119,11 @@ def test_bad_requests_get_400_naming_the_field(http, body, field):
     assert error["type"] == "invalid_request_error"
     assert error["param"] == field
     assert field in error["message"]
+
+
+def test_strings_at_their_limits_are_accepted(http):
+    body = {"prompt": "a" * 4000, "negative_prompt": "b" * 4000, "user": "u" * 256, **FAST}
+    assert http.post("/v1/images/generations", json=body).status_code == 200
 
 
 def test_bad_requests_through_the_openai_client_raise_its_bad_request_error(url):

@@ -150,6 +150,29 @@ def test_cancelled_jobs_cost_no_compute(make, runner):
     assert runner.batches[1:] == [["kept"]]
 
 
+def test_a_cancelled_job_leaves_the_queue_at_once_and_frees_its_slot(make, runner):
+    depths: list[int] = []
+
+    class Observer:
+        def on_queue_depth(self, depth: int) -> None:
+            depths.append(depth)
+
+        def on_batch(self, images: int) -> None:
+            pass
+
+    batcher = make(max_queue=2, observer=Observer())
+    occupy(batcher, runner)
+    gone = batcher.submit(job("gone"))
+    kept = batcher.submit(job("kept"))
+    assert batcher.depth == 2
+    assert gone.cancel()  # e.g. its client disconnected, its deadline passed
+    assert batcher.depth == 1 and depths[-1] == 1
+    late = batcher.submit(job("late"))  # the slot is free again: no QueueFull
+    runner.release()
+    assert (kept.result(TIMEOUT), late.result(TIMEOUT)) == ("KEPT", "LATE")
+    assert runner.batches[1:] == [["kept", "late"]]
+
+
 def test_close_fails_waiting_jobs_and_refuses_new_ones(make, runner):
     batcher = make()
     first = occupy(batcher, runner)

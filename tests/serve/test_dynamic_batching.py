@@ -5,65 +5,23 @@ from __future__ import annotations
 
 import base64
 import io
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import numpy as np
-import pytest
 from PIL import Image
 
-from dreambooth_trainer.serve.engine import Text2ImageEngine
 from tests.support.procs import wait_for
 
-from .conftest import FAST
-from .harness import HTTP_TIMEOUT, metric
-
-GENERATE = "/v1/images/generations"
-BATCHES = "dreambooth_inference_batch_size_count"
-BATCHED_IMAGES = "dreambooth_inference_batch_size_sum"
-DEPTH = "dreambooth_inference_queue_depth"
-
-
-def generate(url: str, **body) -> httpx.Response:
-    return httpx.post(
-        url + GENERATE, json={"prompt": "a photo of sks dog", **FAST, **body}, timeout=HTTP_TIMEOUT
-    )
-
-
-def images(response: httpx.Response) -> list[str]:
-    assert response.status_code == 200, response.text
-    return [item["b64_json"] for item in response.json()["data"]]
-
-
-class HeldWorker:
-    """Holds the inference worker inside its next call until `release()`, so that requests
-    queue up behind it deterministically instead of racing a batch timer."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch):
-        self.entered, self.gate = threading.Event(), threading.Event()
-        original = Text2ImageEngine.__call__
-
-        def held(engine: Text2ImageEngine, jobs):
-            self.entered.set()
-            assert self.gate.wait(HTTP_TIMEOUT)
-            return original(engine, jobs)
-
-        monkeypatch.setattr(Text2ImageEngine, "__call__", held)
-
-    def occupy(self, pool: ThreadPoolExecutor, url: str) -> Future:
-        """A first request (another size, so it batches with nothing) that holds the worker."""
-        blocker = pool.submit(generate, url, seed=0, size="64x64")
-        assert self.entered.wait(HTTP_TIMEOUT)
-        return blocker
-
-    def release(self) -> None:
-        self.gate.set()
-
-
-@pytest.fixture
-def held(monkeypatch) -> HeldWorker:
-    return HeldWorker(monkeypatch)
+from .harness import (
+    BATCHED_IMAGES,
+    BATCHES,
+    DEPTH,
+    HeldWorker,
+    generate,
+    images,
+    metric,
+)
 
 
 def queue_behind(held: HeldWorker, url: str, bodies: list[dict]) -> list[httpx.Response]:

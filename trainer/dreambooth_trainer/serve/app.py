@@ -5,6 +5,10 @@
 
 The event loop only validates, queues and encodes; inference runs on the batcher's worker
 thread (host.py, batching.py), so health checks and 429s stay fast while a batch runs.
+
+A request waits for its images only while its client is connected and its deadline
+(`request_timeout_s`) has not passed; otherwise its queued work is dropped (guard.py has the
+body limit and the API key, errors.py the error bodies).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 
 from fastapi import APIRouter, FastAPI, Request
@@ -23,7 +28,8 @@ from . import errors
 from .batching import BatcherClosed, DynamicBatcher, Job, QueueFull
 from .config import ServeSettings
 from .engine import Text2ImageEngine, png_base64
-from .errors import ApiError
+from .errors import ApiError, internal_error, request_id_of
+from .guard import RequestGuard
 from .host import ModelHost, ModelLoader, State
 from .metrics import ServeMetrics
 from .schemas import (
@@ -38,7 +44,16 @@ from .schemas import (
 log = logging.getLogger(__name__)
 
 # Rejection reasons for the metric, by HTTP status.
-REJECT_REASONS = {400: "invalid", 404: "invalid", 429: "queue_full", 503: "not_ready"}
+REJECT_REASONS = {
+    400: "invalid",
+    401: "unauthorized",
+    404: "invalid",
+    413: "too_large",
+    429: "queue_full",
+    499: "client_closed",  # nginx's code: nobody reads the answer
+    503: "not_ready",
+    504: "timeout",
+}
 
 router = APIRouter()
 
@@ -62,7 +77,7 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Images
     generation = resolve(body, host.settings, engine.native_side)
     job = Job(key=generation.batch_key, size=generation.n, payload=generation)
     try:
-        images = await asyncio.wrap_future(batcher.submit(job))
+        future = batcher.submit(job)
     except QueueFull as exc:
         raise ApiError(
             429,
@@ -72,9 +87,8 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Images
         ) from exc
     except BatcherClosed as exc:
         raise ApiError(503, "The server is shutting down.", code="shutting_down") from exc
-    except Exception as exc:
-        log.exception("generation failed")
-        raise ApiError(500, f"Image generation failed: {exc}", code="generation_failed") from exc
+    deadline = started + host.settings.request_timeout_s
+    images = await _images(request, future, deadline, host)
     # PNG encoding is CPU work: off the loop, and overlapping the next batch on the worker.
     encoded = await asyncio.to_thread(lambda: [png_base64(image) for image in images])
     host.metrics.images_generated.inc(len(encoded))
@@ -82,6 +96,50 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Images
     pairs = zip(encoded, generation.seeds, strict=True)
     data = [ImageData(b64_json=b64, seed=seed) for b64, seed in pairs]
     return ImagesResponse(created=int(time.time()), data=data)
+
+
+async def _images(request: Request, future: Future, deadline: float, host: ModelHost) -> list:
+    """The job's images, unless the client goes away or the deadline passes first.
+
+    Whatever ends the wait (those two, or this handler's task being cancelled), a job still
+    queued is cancelled, which takes it out of the batcher's queue: it costs no compute.
+    """
+    result = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        timeout = max(deadline - time.perf_counter(), 0.0)
+        done, _ = await asyncio.wait(
+            {result, gone}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        gone.cancel()
+        dropped = future.cancel()  # False once the job runs or ran
+        result.cancel()  # a late outcome of a running job is not awaited by anyone
+    if result in done:
+        try:
+            return result.result()
+        except BatcherClosed as exc:
+            raise ApiError(503, "The server is shutting down.", code="shutting_down") from exc
+        except Exception:
+            request_id = request_id_of(request)
+            log.exception("generation failed (request %s)", request_id)
+            raise internal_error(request_id) from None
+    reason = "client_disconnected" if gone in done else "deadline"
+    stage = "queued" if dropped else "running"
+    host.metrics.abandoned.labels(reason=reason, stage=stage).inc()
+    log.info("request %s abandoned (%s) while %s", request_id_of(request), reason, stage)
+    if reason == "deadline":
+        seconds = host.settings.request_timeout_s
+        raise ApiError(
+            504, f"The request did not complete within {seconds:g} seconds.", code="timeout"
+        )
+    raise ApiError(499, "The client closed the request.", code="client_closed_request")
+
+
+async def _client_gone(request: Request) -> None:
+    """Returns when the client disconnects (the body is read: only http.disconnect is left)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 @router.get("/v1/models", response_model=ModelList)
@@ -152,6 +210,12 @@ def create_app(
     app = FastAPI(title="DreamBooth inference", version="1", lifespan=lifespan)
     app.state.host = host
     errors.install(app, on_error=lambda status: _count_rejection(metrics_, status))
+    app.add_middleware(
+        RequestGuard,
+        max_body_bytes=settings.max_body_bytes,
+        api_key=settings.api_key,
+        on_reject=lambda status: _count_rejection(metrics_, status),
+    )
     app.include_router(router)
     return app
 

@@ -12,6 +12,10 @@ Batch formation, per round:
 Under load the queue fills while a batch runs, so step 2 alone forms full batches; the timeout
 only matters for the first requests of a burst.
 
+Cancelling a job's future (its client went away, its deadline passed) takes it out of the queue
+at once: it frees its queue slot and never reaches the model. A job already in a pipeline call
+cannot be stopped; its result is dropped.
+
 A single job larger than `max_batch_size` (n > max batch) runs alone rather than being split:
 its images stay one call, so `max_batch_size=1` means "one request at a time".
 """
@@ -111,7 +115,19 @@ class DynamicBatcher:
             self._queue.append(job)
             self._observer.on_queue_depth(len(self._queue))
             self._cond.notify()
+        job.future.add_done_callback(lambda future: self._discard(job, future))
         return job.future
+
+    def _discard(self, job: Job[Any], future: Future) -> None:
+        """A cancelled job leaves the queue (runs in the thread that cancelled it)."""
+        if not future.cancelled():
+            return
+        with self._cond:
+            try:
+                self._queue.remove(job)
+            except ValueError:  # already taken into a batch: the worker drops it
+                return
+            self._observer.on_queue_depth(len(self._queue))
 
     @property
     def depth(self) -> int:

@@ -3,16 +3,52 @@
 from __future__ import annotations
 
 import logging
+import os
 from functools import partial
 from pathlib import Path
 
 import click
 
 from ..config import CACHE_DIR_ENV
-from .config import BatchingSettings, Limits, ServeSettings
+from .config import MAX_BODY_BYTES, REQUEST_TIMEOUT_S, BatchingSettings, Limits, ServeSettings
+
+log = logging.getLogger(__name__)
 
 DEFAULT_CACHE = "~/.cache/dreambooth"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+# The API key itself (e.g. from a Secret via env valueFrom); --api-key-file is the other way.
+API_KEY_ENV = "DREAMBOOTH_API_KEY"
+API_KEY_FILE_ENV = "DREAMBOOTH_API_KEY_FILE"
+
+
+def read_api_key(key_file: Path | None, environ: dict[str, str] | None = None) -> str | None:
+    """The API key from --api-key-file or $DREAMBOOTH_API_KEY (one of them), else None.
+
+    Error messages never contain the key.
+    """
+    from_env = (os.environ if environ is None else environ).get(API_KEY_ENV, "")
+    if key_file is not None and from_env:
+        raise click.BadParameter(
+            f"give the API key once: either this or ${API_KEY_ENV}", param_hint="--api-key-file"
+        )
+    if key_file is not None:
+        try:
+            key, source = key_file.read_text().strip(), str(key_file)
+        except (OSError, UnicodeDecodeError) as error:
+            raise click.BadParameter(
+                f"cannot read {key_file}: {error}", param_hint="--api-key-file"
+            ) from None
+    elif from_env:
+        key, source = from_env.strip(), f"${API_KEY_ENV}"
+    else:
+        return None
+    # What a client can send in an Authorization header: printable ASCII, no spaces.
+    if not key or not key.isascii() or not key.isprintable() or " " in key:
+        raise click.BadParameter(
+            f"the API key in {source} must be non-empty printable ASCII without spaces",
+            param_hint="--api-key-file",
+        )
+    return key
 
 
 @click.command("serve")
@@ -51,6 +87,27 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
     show_default=True,
     type=click.FloatRange(min=0),
     help="How long a batch waits for compatible requests to join.",
+)
+@click.option(
+    "--request-timeout",
+    default=REQUEST_TIMEOUT_S,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Seconds a request may wait and run; then 504, and its queued work is dropped.",
+)
+@click.option(
+    "--max-request-bytes",
+    default=MAX_BODY_BYTES,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Largest request body; larger ones get 413 unread.",
+)
+@click.option(
+    "--api-key-file",
+    envvar=API_KEY_FILE_ENV,
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help=f"File holding the API key clients must send as 'Authorization: Bearer KEY' on /v1/ "
+    f"(or the key itself in ${API_KEY_ENV}). Default: no key. Health and metrics stay open.",
 )
 @click.option("--max-images", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--max-size", default=1024, show_default=True, type=click.IntRange(min=8))
@@ -94,6 +151,9 @@ def serve(
     max_batch_size: int,
     max_queue: int,
     batch_timeout_ms: float,
+    request_timeout: float,
+    max_request_bytes: int,
+    api_key_file: Path | None,
     max_images: int,
     max_size: int,
     max_steps: int,
@@ -115,6 +175,7 @@ def serve(
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
     if default_steps > max_steps:
         raise click.BadParameter("must not exceed --max-steps", param_hint="--default-steps")
+    api_key = read_api_key(api_key_file)
     # Heavy imports (torch, diffusers) only once the arguments are known to be good.
     import torch
     import uvicorn
@@ -133,7 +194,11 @@ def serve(
         limits=Limits(max_n=max_images, max_side=max_size, max_steps=max_steps),
         batching=BatchingSettings(max_batch_size, max_queue, batch_timeout_ms),
         default_steps=default_steps,
+        request_timeout_s=request_timeout,
+        max_body_bytes=max_request_bytes,
+        api_key=api_key,
     )
+    log.info("API key: %s", "required on /v1/" if api_key else "none (open API)")
     loader = partial(
         artifact.load,
         model_uri,

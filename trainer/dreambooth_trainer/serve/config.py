@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+
+# Hard caps of the request schema (schemas.py): every string a client sends is bounded.
+MAX_TEXT_CHARS = 4000  # prompt, negative_prompt
+MAX_ID_CHARS = 256  # model, user
+# A valid request is a few KB (two 4000-character prompts, escaped, stay under 100 KB).
+MAX_BODY_BYTES = 1 << 20
+REQUEST_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -17,7 +24,7 @@ class Limits:
     min_steps: int = 1
     max_steps: int = 150
     max_guidance_scale: float = 30.0
-    max_prompt_chars: int = 4000
+    max_prompt_chars: int = MAX_TEXT_CHARS
 
 
 @dataclass(frozen=True)
@@ -45,3 +52,17 @@ class ServeSettings:
     batching: BatchingSettings = BatchingSettings()
     default_steps: int = 25
     default_guidance_scale: float = 7.5
+    # A request still queued or running after this long is answered 504; queued work is dropped.
+    request_timeout_s: float = REQUEST_TIMEOUT_S
+    # Larger request bodies are refused with 413 before they are read into memory.
+    max_body_bytes: int = MAX_BODY_BYTES
+    # When set, /v1/ routes need `Authorization: Bearer <key>`. Never in a repr, hence a log.
+    api_key: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.request_timeout_s <= 0:
+            raise ValueError("request_timeout_s must be positive")
+        if self.max_body_bytes < 1:
+            raise ValueError("max_body_bytes must be at least 1")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must not be empty")

@@ -2,10 +2,15 @@
 
 The official clients read `error.message` and `error.param`, so validation failures name the
 field there instead of FastAPI's default {"detail": [...]}.
+
+Server errors reveal nothing of the server: the body says "internal error" and the request id
+(also in the x-request-id header of every response); the exception goes to the log under it.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from collections.abc import Callable
 from typing import Any
 
@@ -14,10 +19,16 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+log = logging.getLogger(__name__)
+
+REQUEST_ID_HEADER = "x-request-id"
+
 ERROR_TYPES = {
     400: "invalid_request_error",
+    401: "invalid_request_error",
     404: "invalid_request_error",
     405: "invalid_request_error",
+    413: "invalid_request_error",
     422: "invalid_request_error",
     429: "rate_limit_error",
     503: "server_error",
@@ -27,6 +38,7 @@ PYDANTIC_CODES = {
     "missing": "missing_required_parameter",
     "extra_forbidden": "unknown_parameter",
     "json_invalid": "invalid_json",
+    "string_too_long": "string_above_max_length",
 }
 
 
@@ -51,6 +63,24 @@ class ApiError(Exception):
 
     def response(self) -> JSONResponse:
         return error_response(self.status, self.message, self.param, self.code, self.headers)
+
+
+def new_request_id() -> str:
+    return f"req_{uuid.uuid4().hex}"
+
+
+def request_id_of(request: Request) -> str:
+    """The id the request guard (guard.py) gave this request; a fresh one without it."""
+    return getattr(request.state, "request_id", None) or new_request_id()
+
+
+def internal_error(request_id: str) -> ApiError:
+    """A 500 that says nothing about the server; log the cause under `request_id`."""
+    return ApiError(
+        500,
+        f"The server had an internal error (request id {request_id}).",
+        code="internal_error",
+    )
 
 
 def error_response(
@@ -113,3 +143,13 @@ def install(app: FastAPI, on_error: Callable[[int], None] | None = None) -> None
     @app.exception_handler(StarletteHTTPException)
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         return error_response(exc.status_code, str(exc.detail), headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def _internal(request: Request, exc: Exception) -> JSONResponse:
+        # Anything unexpected: the cause to the log, only the request id to the client. This
+        # runs outside the request guard, so the header is set here.
+        request_id = request_id_of(request)
+        log.error("internal error (request %s)", request_id, exc_info=exc)
+        response = answer(internal_error(request_id))
+        response.headers[REQUEST_ID_HEADER] = request_id
+        return response

@@ -40,8 +40,16 @@ class ServeMetrics:
         )
         self.rejected = Counter(
             "dreambooth_inference_requests_rejected",
-            "Requests refused: invalid, queue_full, not_ready or error.",
+            "Error answers by reason: invalid, unauthorized, too_large, queue_full, not_ready, "
+            "timeout, client_closed or error.",
             ["reason"],
+            registry=self.registry,
+        )
+        self.abandoned = Counter(
+            "dreambooth_inference_requests_abandoned",
+            "Requests given up (reason: client_disconnected or deadline); stage queued: the "
+            "work was dropped unstarted, running: it was already in a pipeline call.",
+            ["reason", "stage"],
             registry=self.registry,
         )
         self.model_ready = Gauge(

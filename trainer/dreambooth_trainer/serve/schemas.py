@@ -15,11 +15,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
 
-from .config import Limits, ServeSettings
+from .config import MAX_ID_CHARS, MAX_TEXT_CHARS, Limits, ServeSettings
 from .errors import ApiError
 from .schedulers import SchedulerName
 
 SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+MAX_SIZE_CHARS = len("99999x99999")
 MAX_SEED = 2**63 - 1
 # Seeds the server draws stay 32-bit: easy to copy from a response into a UI.
 RANDOM_SEEDS = 2**32
@@ -30,19 +31,28 @@ class ImageGenerationRequest(BaseModel):
     # not silently produce an image without the negative prompt.
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    prompt: str = Field(description="What to draw.")
-    model: str | None = Field(None, description="The served model's id (GET /v1/models).")
+    # Every string is bounded here, before any work: 400 naming the field.
+    prompt: str = Field(max_length=MAX_TEXT_CHARS, description="What to draw.")
+    model: str | None = Field(
+        None, max_length=MAX_ID_CHARS, description="The served model's id (GET /v1/models)."
+    )
     # null means "default" for every optional field, as in the OpenAI API.
     n: int | None = Field(None, description="Images to generate (default 1).")
     size: str | None = Field(
-        None, description="'WIDTHxHEIGHT' in pixels, multiples of 8 (default: the model's)."
+        None,
+        max_length=MAX_SIZE_CHARS,
+        description="'WIDTHxHEIGHT' in pixels, multiples of 8 (default: the model's).",
     )
     response_format: Literal["b64_json", "url"] | None = Field(
         None, description="Only b64_json (the default): this server hosts no files."
     )
-    user: str | None = Field(None, description="End-user id (accepted for compatibility).")
+    user: str | None = Field(
+        None, max_length=MAX_ID_CHARS, description="End-user id (accepted for compatibility)."
+    )
     # Extras (the openai client sends them with extra_body=...).
-    negative_prompt: str | None = Field(None, description="What to steer away from.")
+    negative_prompt: str | None = Field(
+        None, max_length=MAX_TEXT_CHARS, description="What to steer away from."
+    )
     num_inference_steps: int | None = Field(None, description="Denoising steps.")
     guidance_scale: float | None = Field(
         None, description="Classifier-free guidance; <= 1 turns it off."
@@ -132,8 +142,10 @@ def resolve(
             "response_format",
             "'url' is not supported: this server does not host files; use 'b64_json'.",
         )
-    if len(request.prompt) > limits.max_prompt_chars:
-        raise invalid("prompt", f"must be at most {limits.max_prompt_chars} characters")
+    for param in ("prompt", "negative_prompt"):
+        text = getattr(request, param)
+        if text is not None and len(text) > limits.max_prompt_chars:
+            raise invalid(param, f"must be at most {limits.max_prompt_chars} characters")
     n = 1 if request.n is None else request.n
     if not 1 <= n <= limits.max_n:
         raise invalid("n", f"must be between 1 and {limits.max_n}")
