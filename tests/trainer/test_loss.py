@@ -49,8 +49,12 @@ def test_an_unknown_prediction_type_is_refused_when_the_objective_is_set_up(pred
     assert isinstance(raised.value, ValueError)  # what diffusers' train_dreambooth.py raises
 
 
-def test_train_exits_2_on_a_base_model_with_an_unknown_prediction_type(tmp_path: Path, monkeypatch):
-    """A bad base model is bad input (InvalidConfig, no restarts), not a failed run."""
+@pytest.mark.parametrize("phase", ["priors", "train"])
+def test_phases_exit_2_on_a_base_model_with_an_unknown_prediction_type(
+    phase, tmp_path: Path, monkeypatch
+):
+    """A bad base model is bad input (InvalidConfig, no restarts), not a failed run: refused
+    as it loads, so priors (which runs first) refuse it too, before generating anything."""
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(tmp_path / "cache"))
     # `train` ends with os._exit (cli.exit_without_teardown); in this process a plain exit.
     monkeypatch.setattr(trainer_cli, "exit_without_teardown", sys.exit)
@@ -62,14 +66,14 @@ def test_train_exits_2_on_a_base_model_with_an_unknown_prediction_type(tmp_path:
     scheduler_config.write_text(json.dumps(scheduler))
     config = json.loads(load_config(EXAMPLE, tmp_path / "out").to_json())
     config["baseModel"]["uri"] = str(base)
-    config["priorPreservation"]["enabled"] = False
+    config["priorPreservation"]["enabled"] = phase == "priors"
     config["training"]["maxSteps"] = 1
     termination_log = tmp_path / "termination-log"
     monkeypatch.setenv(trainer_cli.names.TERMINATION_LOG_ENV, str(termination_log))
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config))
 
-    result = CliRunner().invoke(main, ["train", "--config", str(config_file)])
+    result = CliRunner().invoke(main, [phase, "--config", str(config_file)])
 
     assert result.exit_code == EXIT_BAD_INPUT, result.output
     assert "Unknown prediction type 'sample'" in result.output

@@ -11,11 +11,8 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import compute_snr
 from torch import nn
 
-from .config import ConfigError
 from .data import Batch
-
-# What the objective can train against (diffusers' train_dreambooth.py allows the same two).
-PREDICTION_TYPES = ("epsilon", "v_prediction")
+from .models import check_prediction_type
 
 
 @dataclass
@@ -26,23 +23,6 @@ class Losses:
 
     def detached(self) -> torch.Tensor:
         return torch.stack([self.total, self.instance, self.prior]).detach().float()
-
-
-def check_prediction_type(scheduler: DDPMScheduler) -> str:
-    """The scheduler's prediction type, or ConfigError (bad input: exit 2) when unsupported.
-
-    A base model whose scheduler config predicts something else ("sample", a typo) must not
-    silently train on the epsilon target: the fine-tuned model would learn the wrong output.
-    """
-    prediction_type = scheduler.config.get("prediction_type", "epsilon")
-    if prediction_type not in PREDICTION_TYPES:
-        allowed = ", ".join(repr(name) for name in PREDICTION_TYPES)
-        raise ConfigError(
-            "baseModel.uri",
-            f"Unknown prediction type {prediction_type!r} in the model's scheduler config "
-            f"(scheduler_config.json); training supports {allowed}",
-        )
-    return prediction_type
 
 
 def min_snr_weights(

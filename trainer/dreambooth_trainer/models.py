@@ -8,13 +8,13 @@ import warnings
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers import DDPMScheduler, SchedulerMixin, StableDiffusionPipeline
 
 from dreambooth_operator.api import BaseModelSpec, S3Spec
 
 from . import random_models
 from .cache_dirs import build_once
-from .config import is_local_model
+from .config import ConfigError, is_local_model
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,27 @@ def download_s3_model(uri: str, cache_dir: Path, s3: S3Spec) -> Path:
     return build_once(target, download, marker=COMPLETE_MARKER)
 
 
+# What training can target (diffusers' train_dreambooth.py allows the same two).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_prediction_type(scheduler: SchedulerMixin) -> str:
+    """The scheduler's prediction type, or ConfigError (bad input: exit 2) when unsupported.
+
+    A base model whose scheduler config predicts something else ("sample", a typo) must not
+    silently train on the epsilon target: the fine-tuned model would learn the wrong output.
+    """
+    prediction_type = scheduler.config.get("prediction_type", "epsilon")
+    if prediction_type not in PREDICTION_TYPES:
+        allowed = ", ".join(repr(name) for name in PREDICTION_TYPES)
+        raise ConfigError(
+            "baseModel.uri",
+            f"Unknown prediction type {prediction_type!r} in the model's scheduler config "
+            f"(scheduler_config.json); training supports {allowed}",
+        )
+    return prediction_type
+
+
 def load_pipeline(
     spec: BaseModelSpec,
     cache_dir: Path,
@@ -73,6 +94,7 @@ def load_pipeline(
             **options,
         )
     pipeline.set_progress_bar_config(disable=True)
+    check_prediction_type(pipeline.scheduler)  # every phase refuses it before any work
     return pipeline
 
 
