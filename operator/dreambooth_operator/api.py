@@ -43,9 +43,17 @@ DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?
 
 # Models with random weights, built in code: the only models this project can use without a hub.
 RANDOM_MODELS = ("random://tiny-sd", "random://sd15")
+# s3://bucket/key. Object storage has no parent directories: the trainer's storage refuses '.'
+# and '..' key segments rather than resolve them, so the schema refuses them too. A segment is
+# anything without '/' but '.' and '..' (written without look-ahead: the API server's RE2 and
+# pydantic's regex engine have none).
+S3_URI = r"s3://[a-z0-9.\-]{3,63}(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+)?)*"
+# A local path: no scheme (no ":/"), so that s3:// and unsupported schemes cannot pass as one.
+# Local paths may contain '..': a local run resolves them against the job file's directory.
+LOCAL_PATH = r"[/.~\w]([^:]|:[^/])*:?"
 # Hugging Face repo id ("org/name"), s3://bucket/key, a local path, or a random-weights model.
-MODEL_URI = r"^(s3://[a-z0-9.\-]{3,63}(/.*)?|random://(tiny-sd|sd15)|[/.~].*|[\w.\-]+/[\w.\-]+)$"
-DATA_URI = r"^(s3://[a-z0-9.\-]{3,63}(/.*)?|[/.~\w].*)$"
+MODEL_URI = rf"^({S3_URI}|random://(tiny-sd|sd15)|[/.~].*|[\w.\-]+/[\w.\-]+)$"
+DATA_URI = rf"^({S3_URI}|{LOCAL_PATH})$"
 QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i?|[mkMGTPE]|n|u)?$"
 
 DEFAULT_TRAINER_IMAGE = "ghcr.io/dreambooth-operator/trainer:0.1.0"
@@ -96,6 +104,51 @@ Quantity = Annotated[
 ]
 
 
+def no_dot_segments(value):
+    """Before the pattern: say why an s3:// URI with '.' or '..' segments is refused."""
+    s3 = isinstance(value, str) and value.startswith("s3://")
+    if s3 and any(segment in (".", "..") for segment in value.split("/")[3:]):
+        raise ValueError(
+            "'.' and '..' path segments are not allowed in s3:// URIs (object storage has "
+            "no parent directories; the trainer's storage refuses them)"
+        )
+    return value
+
+
+# Container resource names, as the API server checks them (ValidateResourceRequirements):
+# standard names, hugepages-<page size>, or extended resources "<DNS subdomain>/<name>".
+STANDARD_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+HUGEPAGES_RESOURCE = r"^hugepages-[0-9]+([KMGTPE]i|[kMGTPE])?$"
+QUALIFIED_NAME_PART = r"^([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]$"
+RESOURCE_NAME_RULE = (
+    "not a resource name the API server accepts for containers; allowed: cpu, memory, "
+    "ephemeral-storage, hugepages-<size> (e.g. hugepages-2Mi), or an extended resource "
+    "<domain>/<name> (e.g. nvidia.com/gpu)"
+)
+
+
+def is_container_resource_name(name: str) -> bool:
+    """True for the resource names the API server accepts in a container's requests/limits.
+
+    Stricter in one place: hugepages-<size> needs a page size (the server takes any suffix, and
+    no node would ever offer it).
+    """
+    if "/" not in name:
+        return name in STANDARD_RESOURCES or re.match(HUGEPAGES_RESOURCE, name) is not None
+    domain, _, short = name.partition("/")
+    if not (
+        len(domain) <= 253
+        and re.match(DNS_SUBDOMAIN, domain)
+        and len(short) <= 63
+        and re.match(QUALIFIED_NAME_PART, short)
+    ):
+        return False
+    if "kubernetes.io/" in name:
+        return True  # a "native" resource to the API server, checked no further
+    # Extended resources get a quota name "requests.<name>", which must be a qualified name too.
+    return not name.startswith("requests.") and len(f"requests.{domain}") <= 253
+
+
 # ---------------------------------------------------------------------------------------------
 # spec
 
@@ -116,6 +169,8 @@ class BaseModelSpec(ApiModel):
         None, description="Weights variant to load (diffusers' 'variant')."
     )
 
+    _uri_segments = field_validator("uri", mode="before")(no_dot_segments)
+
 
 class InstanceSpec(ApiModel):
     images_uri: str = field(
@@ -129,6 +184,8 @@ class InstanceSpec(ApiModel):
         min_length=1,
         max_length=1000,
     )
+
+    _uri_segments = field_validator("images_uri", mode="before")(no_dot_segments)
 
 
 class PriorGenerationSpec(ApiModel):
@@ -303,8 +360,25 @@ class TrainingSpec(ApiModel):
 
 
 class ResourceRequirements(ApiModel):
-    requests: dict[str, Quantity] = field(dict, description="Resource requests (e.g. cpu, memory).")
-    limits: dict[str, Quantity] = field(dict, description="Resource limits.")
+    requests: dict[str, Quantity] = field(
+        dict,
+        description="Resource requests: cpu, memory, ephemeral-storage, hugepages-<size> or an "
+        "extended resource such as nvidia.com/gpu.",
+    )
+    limits: dict[str, Quantity] = field(
+        dict, description="Resource limits (the same names as requests)."
+    )
+
+    @model_validator(mode="after")
+    def _resource_names(self) -> ResourceRequirements:
+        # Checked here, not in the CRD: the 1.20 API server knows no propertyNames (kubectl
+        # refuses the field, the server drops it) and forbids patternProperties. The operator
+        # refuses such a job (InvalidSpec) before it creates a pod that would be refused.
+        for kind in ("requests", "limits"):
+            for name in getattr(self, kind):
+                if not is_container_resource_name(name):
+                    raise FieldRuleError(f"{kind}.{name}", RESOURCE_NAME_RULE)
+        return self
 
 
 class Toleration(ApiModel):
@@ -411,6 +485,8 @@ class StorageSpec(ApiModel):
         pattern=DATA_URI,
     )
     s3: S3Spec = field(S3Spec, description="S3 connection settings.")
+
+    _uri_segments = field_validator("output_uri", "prior_cache_uri", mode="before")(no_dot_segments)
 
 
 class InferenceSpec(ApiModel):

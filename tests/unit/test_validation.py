@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 from click.testing import CliRunner
 
+from dreambooth_operator import api
 from dreambooth_operator.cli import main
+from dreambooth_operator.crd import crd
 from dreambooth_operator.validation import JobInvalid, load_jobs, parse_job
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,6 +29,16 @@ MINIMAL = {
         "storage": {"outputUri": "s3://runs/dog"},
     },
 }
+
+DOT_SEGMENT_RULE = (
+    "'.' and '..' path segments are not allowed in s3:// URIs (object storage has no parent "
+    "directories; the trainer's storage refuses them)"
+)
+RESOURCE_NAME_RULE = (
+    "not a resource name the API server accepts for containers; allowed: cpu, memory, "
+    "ephemeral-storage, hugepages-<size> (e.g. hugepages-2Mi), or an extended resource "
+    "<domain>/<name> (e.g. nvidia.com/gpu)"
+)
 
 REMOVE = object()
 NAME_RULE = (
@@ -82,16 +95,38 @@ BAD_SPECS = [
     (
         "base-model-uri-bad",
         spec_with(spec__baseModel__uri="ftp://x"),
-        "spec.baseModel.uri: String should match pattern "
-        "'^(s3://[a-z0-9.\\-]{3,63}(/.*)?|random://(tiny-sd|sd15)|[/.~].*|[\\w.\\-]+/[\\w.\\-]+)$' "
-        "(got 'ftp://x')",
+        f"spec.baseModel.uri: String should match pattern '{api.MODEL_URI}' (got 'ftp://x')",
     ),
     (
         "unknown-random-model",
         spec_with(spec__baseModel__uri="random://big"),
-        "spec.baseModel.uri: String should match pattern "
-        "'^(s3://[a-z0-9.\\-]{3,63}(/.*)?|random://(tiny-sd|sd15)|[/.~].*|[\\w.\\-]+/[\\w.\\-]+)$' "
-        "(got 'random://big')",
+        f"spec.baseModel.uri: String should match pattern '{api.MODEL_URI}' (got 'random://big')",
+    ),
+    (
+        "base-model-uri-dot-dot",
+        spec_with(spec__baseModel__uri="s3://models/sd15/../sd21"),
+        f"spec.baseModel.uri: {DOT_SEGMENT_RULE} (got 's3://models/sd15/../sd21')",
+    ),
+    (
+        "images-uri-dot-dot",
+        spec_with(spec__instance__imagesUri="s3://data/dog/../cat/"),
+        f"spec.instance.imagesUri: {DOT_SEGMENT_RULE} (got 's3://data/dog/../cat/')",
+    ),
+    (
+        "images-uri-other-scheme",
+        spec_with(spec__instance__imagesUri="gs://data/dog/"),
+        f"spec.instance.imagesUri: String should match pattern '{api.DATA_URI}' "
+        "(got 'gs://data/dog/')",
+    ),
+    (
+        "output-uri-ends-in-dot-dot",
+        spec_with(spec__storage__outputUri="s3://runs/dog/.."),
+        f"spec.storage.outputUri: {DOT_SEGMENT_RULE} (got 's3://runs/dog/..')",
+    ),
+    (
+        "prior-cache-uri-dot",
+        spec_with(spec__storage__priorCacheUri="s3://runs/./priors"),
+        f"spec.storage.priorCacheUri: {DOT_SEGMENT_RULE} (got 's3://runs/./priors')",
     ),
     (
         "variant-bad",
@@ -296,6 +331,26 @@ BAD_SPECS = [
         "spec.resources.tolerations[0].tolerationSeconds: only allowed with effect NoExecute",
     ),
     (
+        "resource-name-typo",
+        spec_with(spec__resources={"resources": {"requests": {"memroy": "16Gi"}}}),
+        f"spec.resources.resources.requests.memroy: {RESOURCE_NAME_RULE}",
+    ),
+    (
+        "resource-name-gpu-without-domain",
+        spec_with(spec__resources={"resources": {"limits": {"gpu": 1}}}),
+        f"spec.resources.resources.limits.gpu: {RESOURCE_NAME_RULE}",
+    ),
+    (
+        "resource-name-upper-case-domain",
+        spec_with(spec__resources={"resources": {"limits": {"NVIDIA.com/gpu": 1}}}),
+        f"spec.resources.resources.limits.NVIDIA.com/gpu: {RESOURCE_NAME_RULE}",
+    ),
+    (
+        "inference-resource-name-typo",
+        spec_with(spec__inference={"resources": {"requests": {"cpus": "2"}}}),
+        f"spec.inference.resources.requests.cpus: {RESOURCE_NAME_RULE}",
+    ),
+    (
         "pull-policy-bad",
         spec_with(spec__resources={"imagePullPolicy": "Sometimes"}),
         "spec.resources.imagePullPolicy: Input should be 'Always', 'IfNotPresent' or 'Never' "
@@ -405,3 +460,118 @@ def test_validate_command_accepts_the_realistic_example():
 def test_yaml_syntax_errors_are_reported_not_raised():
     with pytest.raises(JobInvalid, match="yaml:"):
         load_jobs("spec: [unclosed")
+
+
+# -- URIs: what the trainer's storage refuses, the schema refuses ----------------------------------
+DOT_SEGMENT_URIS = [
+    "s3://data/../dog",
+    "s3://data/dog/..",
+    "s3://data/dog/../",
+    "s3://data/./dog",
+    "s3://data/.",
+]
+GOOD_URIS = [
+    "s3://data",
+    "s3://data/",
+    "s3://data/dog/",
+    "s3://data/dog..v2/.hidden/...",
+    "s3://data//dog",
+    "./local/subject",
+    "../photos/dog",  # local paths may climb: a local run resolves them against the file
+    "/mnt/data/../dog",
+    "subjects/dog",
+    "~/dog",
+]
+
+
+def crd_pattern(*path: str) -> re.Pattern:
+    """The pattern the generated CRD gives the spec field at `path` (the API server's check)."""
+    schema = crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    for name in path:
+        schema = schema["properties"][name]
+    return re.compile(schema["pattern"])
+
+
+URI_FIELDS = [("instance", "imagesUri"), ("storage", "outputUri"), ("storage", "priorCacheUri")]
+
+
+@pytest.mark.parametrize("uri", DOT_SEGMENT_URIS)
+def test_s3_uris_with_dot_segments_are_refused_by_validate_and_the_crd(uri: str):
+    for section, name in URI_FIELDS:
+        with pytest.raises(JobInvalid) as rejected:
+            parse_job(spec_with(**{f"spec__{section}__{name}": uri}))
+        assert f"spec.{section}.{name}: {DOT_SEGMENT_RULE} (got {uri!r})" in (
+            rejected.value.problems
+        )
+        assert not crd_pattern(section, name).match(uri), (section, name, uri)
+    assert not crd_pattern("baseModel", "uri").match(uri)
+
+
+@pytest.mark.parametrize("uri", GOOD_URIS)
+def test_other_uris_stay_valid(uri: str):
+    parse_job(spec_with(spec__instance__imagesUri=uri, spec__storage__outputUri=uri))
+    for section, name in URI_FIELDS:
+        assert crd_pattern(section, name).match(uri), (section, name, uri)
+
+
+def test_validate_command_names_the_uri_field(tmp_path: Path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump(spec_with(spec__instance__imagesUri="s3://data/../dog")))
+    result = CliRunner().invoke(main, ["validate", str(bad)])
+    assert result.exit_code == 1
+    assert f"{bad}: spec.instance.imagesUri: {DOT_SEGMENT_RULE}" in result.output
+
+
+# -- resource names: what the API server accepts for containers --------------------------------------
+@pytest.mark.parametrize(
+    "name",
+    [
+        "cpu",
+        "memory",
+        "ephemeral-storage",
+        "hugepages-2Mi",
+        "hugepages-1Gi",
+        "nvidia.com/gpu",
+        "amd.com/gpu",
+        "example.com/foo",
+        "rdma.example.com/hca_shared-devices.a",
+    ],
+)
+def test_resource_names_the_api_server_accepts_are_valid(name: str):
+    resources = {"requests": {name: 1}, "limits": {name: 1}}
+    job = parse_job(
+        spec_with(
+            spec__resources={"resources": resources}, spec__inference={"resources": resources}
+        )
+    )
+    assert job.spec.resources.resources.requests == {name: 1}
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "memroy",
+        "gpu",
+        "CPU",
+        "hugepages",
+        "hugepages-",
+        "hugepages-two",  # the API server takes it, but no node offers a page size "two"
+        "nvidia.com/",
+        "/gpu",
+        "nvidia.com/gpu/0",
+        "Nvidia.com/gpu",
+        "nvidia_com/gpu",
+        "nvidia.com/-gpu",
+        "requests.nvidia.com/gpu",
+        "nvidia.com/" + "g" * 64,
+    ],
+)
+def test_resource_names_no_container_can_get_are_invalid(name: str):
+    for section in ("resources", "inference"):
+        for kind in ("requests", "limits"):
+            with pytest.raises(JobInvalid) as rejected:
+                parse_job(spec_with(**{f"spec__{section}": {"resources": {kind: {name: 1}}}}))
+            prefix = (
+                "spec.resources.resources" if section == "resources" else "spec.inference.resources"
+            )
+            assert f"{prefix}.{kind}.{name}: {RESOURCE_NAME_RULE}" in rejected.value.problems
