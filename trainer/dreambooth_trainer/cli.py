@@ -82,6 +82,7 @@ def input_errors() -> Iterator[None]:
     from dreambooth_operator.validation import JobInvalid, problems
 
     from .config import ConfigError, TrainerConfig
+    from .storage import InvalidUri
 
     try:
         yield
@@ -90,6 +91,8 @@ def input_errors() -> Iterator[None]:
     except ValidationError as error:
         bad_input(problems(error, root=TrainerConfig))
     except ConfigError as error:
+        bad_input([str(error)])
+    except InvalidUri as error:  # the config's URIs are checked; this names derived ones too
         bad_input([str(error)])
 
 

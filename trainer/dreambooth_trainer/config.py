@@ -16,7 +16,7 @@ import os
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from dreambooth_operator.api import (
     DNS_LABEL,
@@ -29,6 +29,7 @@ from dreambooth_operator.api import (
     S3Spec,
     TrainingSpec,
     ValidationSpec,
+    no_dot_segments,
 )
 
 from .priors_key import cache_key
@@ -71,6 +72,9 @@ class TrainerConfig(ApiModel):
     export_fp16_variant: bool = Field(
         False, description="Also export fp16 weights (diffusers variant) and an fp16 single file."
     )
+
+    # As in the spec: a config from an older operator must not reach the storage with them.
+    _uri_segments = field_validator("output_uri", "prior_cache_uri", mode="before")(no_dot_segments)
 
     @model_validator(mode="after")
     def _no_secret_reference(self) -> TrainerConfig:

@@ -7,6 +7,8 @@ cached-latents path and the encode-every-step path see the same pixels. Data ord
 
 from __future__ import annotations
 
+import struct
+import warnings
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -24,6 +26,13 @@ from .seeds import derive_seed
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 VAE_ENCODE_BATCH = 8
+# The largest image decoded (width x height), checked on the header before any pixel is: a file
+# of a few KB can claim gigapixels (a decompression bomb). 64 megapixels is more than a phone's
+# full-resolution photo in its usual modes and far more than training (<= 2048 px) can use; PIL's
+# own limit (Image.MAX_IMAGE_PIXELS, ~89 MP to warn) is left alone for the rest of the process.
+MAX_IMAGE_PIXELS = 64_000_000
+# What PIL raises on a corrupt or truncated file (the exceptions Pillow's own fuzzers expect).
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 # -- images ----------------------------------------------------------------------------------------
@@ -35,10 +44,40 @@ def list_images(directory: Path) -> list[Path]:
     return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def load_rgb(path: Path) -> Image.Image:
-    with Image.open(path) as image:
-        # Phone photos store their orientation in EXIF; apply it or subjects lie on their side.
-        return ImageOps.exif_transpose(image).convert("RGB")
+def load_rgb(path: Path, field: str, advice: str = "replace or remove it") -> Image.Image:
+    """Decode `path` whole, now: a corrupt, truncated or oversized file is bad input (ConfigError
+    naming `field` and the file), not a crash on every restart."""
+    try:
+        with warnings.catch_warnings():
+            # PIL warns (DecompressionBombWarning) between its two limits; here that is an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_pixels(path, image, field)
+                image.load()
+                # Phone photos store their orientation in EXIF; apply it or subjects lie on
+                # their side.
+                return ImageOps.exif_transpose(image).convert("RGB")
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL's own limits are higher than ours; its message would name them.
+        raise ConfigError(field, f"{path.name} has {_too_many_pixels()}") from None
+    except ConfigError:
+        raise
+    except UNREADABLE as error:
+        raise ConfigError(
+            field,
+            f"{path.name} is not a readable image ({error or type(error).__name__}): {advice}",
+        ) from None
+
+
+def _check_pixels(path: Path, image: Image.Image, field: str) -> None:
+    if image.width * image.height > MAX_IMAGE_PIXELS:
+        raise ConfigError(
+            field, f"{path.name} is {image.width}x{image.height} pixels, {_too_many_pixels()}"
+        )
+
+
+def _too_many_pixels() -> str:
+    return f"more than the {MAX_IMAGE_PIXELS / 1e6:g} megapixels allowed: downscale it"
 
 
 def to_training_tensor(
@@ -63,12 +102,21 @@ def to_training_tensor(
 
 
 def load_training_images(
-    paths: list[Path], resolution: int, center_crop: bool, seed: int
+    paths: list[Path],
+    resolution: int,
+    center_crop: bool,
+    seed: int,
+    field: str,
+    advice: str = "replace or remove it",
 ) -> torch.Tensor:
-    """[N, 3, H, W] in [-1, 1]; random crops depend only on `seed`."""
+    """[N, 3, H, W] in [-1, 1]; random crops depend only on `seed`. A bad file is a ConfigError
+    naming `field` (see load_rgb)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.stack(
-        [to_training_tensor(load_rgb(p), resolution, center_crop, generator) for p in paths]
+        [
+            to_training_tensor(load_rgb(p, field, advice), resolution, center_crop, generator)
+            for p in paths
+        ]
     )
 
 
@@ -281,15 +329,19 @@ def build_data(
     """
     training = config.training
 
-    def subset(directory: Path, prompt: str, purpose: str, field: str) -> Subset:
+    def subset(
+        directory: Path, prompt: str, purpose: str, empty: str, field: str, advice: str
+    ) -> Subset:
         paths = list_images(directory)
         if not paths:
-            raise ConfigError(field, f"no images (png, jpg, webp) in {directory}")
+            raise ConfigError(empty, f"no images (png, jpg, webp) in {directory}")
         pixels = load_training_images(
             paths,
             training.resolution,
             training.center_crop,
             seed=derive_seed(training.seed, "crop", purpose),
+            field=field,
+            advice=advice,
         )
         return Subset(
             latents=latent_source(vae, pixels, cache=training.cache_latents),
@@ -299,7 +351,10 @@ def build_data(
             order=ShuffledOrder(len(paths), derive_seed(training.seed, "order", purpose)),
         )
 
-    instance = subset(instance_dir, config.instance.prompt, "instance", "instance.imagesUri")
+    field = "instance.imagesUri"
+    instance = subset(
+        instance_dir, config.instance.prompt, "instance", field, field, "replace or remove it"
+    )
     if not config.uses_priors:
         return DreamBoothData(instance=instance, classes=None)
     if class_dir is None:
@@ -309,5 +364,8 @@ def build_data(
         config.prior_preservation.class_prompt,
         "class",
         "priorPreservation (class images: run the priors phase first)",
+        "storage.priorCacheUri",
+        f"the class-image set is corrupt: delete {config.priors_uri} and run the job again to "
+        "generate it anew",
     )
     return DreamBoothData(instance=instance, classes=classes)

@@ -11,6 +11,8 @@ Resumable: a batch whose images all exist is skipped; a partly written batch is 
 
 The set lives under `<priorCacheUri>/<cache key>/` (see priors_key) as `class-000000.png`, ... and
 `manifest.json`, written last by whichever shard finds the set complete: no manifest, no priors.
+A manifest that is there but wrong (not JSON, another key, images missing) is bad input: the job
+fails (InvalidConfig) with a message that says to delete the set.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import TrainerConfig
+from .config import ConfigError, TrainerConfig
 from .locations import fetch_dir, staging_dir, store_for
 from .models import load_pipeline
 from .priors_key import PRIORS_FORMAT, generation_params
@@ -155,18 +157,60 @@ def save_atomically(image: Image.Image, path: Path) -> Path:
 
 
 def read_manifest(store: Store) -> dict[str, Any] | None:
+    """The set's manifest; None while there is none (not generated yet, or not complete).
+
+    A manifest that cannot be read is corrupt (ConfigError): see `corrupt`.
+    """
     if not store.exists(MANIFEST):
         return None
-    return json.loads(store.read_bytes(MANIFEST))
+    try:
+        manifest = json.loads(store.read_bytes(MANIFEST))
+    except ValueError as error:  # JSONDecodeError, UnicodeDecodeError
+        raise corrupt(store, f"not JSON ({error})") from None
+    if not isinstance(manifest, dict):
+        raise corrupt(store, f"not a JSON object but {type(manifest).__name__}")
+    return manifest
+
+
+def corrupt(store: Store, problem: str) -> ConfigError:
+    """Bad input: a set whose manifest is wrong fails the job (InvalidConfig) instead of being
+    retried, and the message says how to recover. The set is not regenerated in place: other jobs
+    may be reading it, and a manifest that lies may mean images that lie too."""
+    return ConfigError(
+        "storage.priorCacheUri",
+        f"the class-image manifest {store.uri_for(MANIFEST)} is corrupt: {problem}; delete "
+        f"{store.uri} (the whole set) and run the job again to generate it anew",
+    )
+
+
+def manifest_problem(manifest: dict[str, Any], request: PriorRequest, present: set[str]) -> str:
+    """What is wrong with a manifest for `request` in a store holding `present` ('' if nothing)."""
+    if manifest.get("format") != PRIORS_FORMAT:
+        return f"format {manifest.get('format')!r}, expected {PRIORS_FORMAT!r}"
+    if manifest.get("key") != request.key:
+        return f"key {manifest.get('key')!r}, but this set's key is {request.key!r}"
+    images = manifest.get("images")
+    if not isinstance(images, list) or len(images) != request.count:
+        listed = len(images) if isinstance(images, list) else "no list of"
+        return f"{listed} images, expected {request.count}"
+    for index, entry in enumerate(images):
+        expected = image_name(index)
+        if not (isinstance(entry, dict) and entry.get("path") == expected and entry.get("sha256")):
+            return f"images[{index}] is {entry!r}, expected path {expected!r} and its sha256"
+        if expected not in present:
+            return f"{expected} is listed but missing"
+    return ""
 
 
 def is_complete(store: Store, request: PriorRequest) -> bool:
+    """True when the set is committed; False when it is not (yet); ConfigError when corrupt."""
     manifest = read_manifest(store)
-    return (
-        manifest is not None
-        and manifest.get("key") == request.key
-        and len(manifest.get("images", [])) == request.count
-    )
+    if manifest is None:
+        return False
+    problem = manifest_problem(manifest, request, {info.key for info in store.list()})
+    if problem:
+        raise corrupt(store, problem)
+    return True
 
 
 def commit_if_complete(store: Store, request: PriorRequest) -> bool:

@@ -16,7 +16,8 @@ S3 settings:
 - retries use botocore's retry modes; transfers go through boto3's TransferManager (s3transfer),
   which does multipart and parallel transfers: nothing here hand-rolls multipart.
 
-Errors are ``StorageError`` naming the operation and the URI, never a credential.
+Errors are ``StorageError`` naming the operation and the URI, never a credential; a URI no store
+can be opened at is ``InvalidUri`` (a ValueError).
 """
 
 from __future__ import annotations
@@ -65,6 +66,18 @@ class StorageError(RuntimeError):
 
 class ObjectNotFound(StorageError, FileNotFoundError):
     """The key does not exist (also a FileNotFoundError, so callers may catch either)."""
+
+
+class InvalidUri(ValueError):
+    """A URI no store can be opened at (unsupported scheme, no bucket, '.' or '..' segments).
+
+    The trainer reports it as bad input (exit 2: no restart can help), not as a failed run.
+    """
+
+    def __init__(self, uri: str, reason: str):
+        super().__init__(f"invalid storage URI {uri!r}: {reason}")
+        self.uri = uri
+        self.reason = reason
 
 
 @dataclass(frozen=True)
@@ -384,7 +397,14 @@ class S3Store(Store):
         transfer_config: TransferConfig | None = None,
     ):
         self.bucket = bucket
-        self.prefix = normalize_key(prefix.strip("/"))
+        try:
+            self.prefix = normalize_key(prefix.strip("/"))
+        except ValueError:
+            raise InvalidUri(
+                f"s3://{bucket}/{prefix.lstrip('/')}",
+                "'.' and '..' path segments and backslashes are not allowed (object keys have "
+                "no parent directories)",
+            ) from None
         self.uri = join(f"s3://{bucket}", self.prefix)
         self.transfer_config = transfer_config or default_transfer_config()
         pool = max(20, 2 * (self.transfer_config.max_concurrency or 10))
@@ -531,7 +551,7 @@ def open_store(
     parsed = urlparse(uri)
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise ValueError(f"invalid S3 URI {uri!r}: no bucket")
+            raise InvalidUri(uri, "no bucket")
         return S3Store(
             parsed.netloc,
             parsed.path,
@@ -542,5 +562,5 @@ def open_store(
     if parsed.scheme == "file":
         return LocalStore(parsed.path)
     if parsed.scheme and len(parsed.scheme) > 1:  # "C:" is a drive, not a scheme
-        raise ValueError(f"unsupported storage URI {uri!r}: use s3://, file:// or a path")
+        raise InvalidUri(uri, "unsupported scheme: use s3://, file:// or a path")
     return LocalStore(uri)
