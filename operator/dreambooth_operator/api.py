@@ -292,7 +292,11 @@ class TrainingSpec(ApiModel):
     resolution: int = field(
         512, description="Training resolution in pixels (multiple of 8).", ge=64, le=2048
     )
-    center_crop: bool = field(False, description="Center-crop instead of random-crop.")
+    center_crop: bool = field(
+        False,
+        description="Crop each photo's centre to a square; otherwise one square at a random "
+        "place, drawn once per photo (from the seed) and kept for the whole run.",
+    )
     mixed_precision: MixedPrecision = field(
         "fp16", description="fp16 (loss scaling, GPU only), bf16 or no."
     )
@@ -504,7 +508,11 @@ class RunPolicy(ApiModel):
         3, description="Gang restarts allowed before the job fails.", ge=0, le=100
     )
     active_deadline_seconds: int | None = field(
-        None, description="Fail the job after this many seconds.", ge=1
+        None,
+        description="Fail the job when priors, training and export have run this many seconds, "
+        "counted from its first pod running: time waiting to be scheduled, suspended or "
+        "serving does not count.",
+        ge=1,
     )
     ttl_seconds_after_finished: int | None = field(
         None, description="Delete the job this long after it finished.", ge=0
