@@ -434,6 +434,12 @@ class ResourcesSpec(ApiModel):
     service_account_name: str | None = field(
         None, description="Service account of the job's pods (default: one per job)."
     )
+    cache_size: Quantity = field(
+        "100Gi",
+        description="Size limit of each pod's cache volume (the base model, class images, "
+        "checkpoint staging; for inference pods, the exported pipeline). A pod that writes more "
+        "is evicted.",
+    )
 
     @property
     def processes(self) -> int:

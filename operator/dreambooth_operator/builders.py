@@ -19,6 +19,10 @@ Manifest = dict[str, Any]
 EXIT_BAD_INPUT = 2
 # Time a trainer gets after SIGTERM to commit a checkpoint.
 TERMINATION_GRACE_SECONDS = 120
+# Size limits of the pods' /tmp (logs, metrics files, small staging) and /dev/shm (NCCL buffers,
+# dataloader tensors): past them the kubelet evicts the pod instead of filling the node.
+TMP_SIZE = "2Gi"
+SHM_SIZE = "8Gi"
 
 RESTRICTED_CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
@@ -265,10 +269,10 @@ def pod_template(
         ],
         "volumes": [
             {"name": "config", "configMap": {"name": names.config_map(job_name)}},
-            {"name": "cache", "emptyDir": {}},
-            {"name": "tmp", "emptyDir": {}},
-            # NCCL and dataloader workers need more shared memory than the 64Mi default.
-            {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+            *_scratch_volumes(job),
+            # NCCL and dataloader workers need more shared memory than the 64Mi default; it
+            # counts against the pod's memory, so it is bounded too.
+            {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
         ],
     }
     if component == names.TRAIN:
@@ -356,6 +360,16 @@ def _serve_args(job: DreamBoothJob, artifact_uri: str, digest: str) -> list[str]
     return args
 
 
+def _scratch_volumes(job: DreamBoothJob) -> list[dict[str, Any]]:
+    """The cache and /tmp of a pod (its root filesystem is read-only), each with a size limit
+    so one pod cannot fill its node's disk."""
+    cache = {"sizeLimit": str(job.spec.resources.cache_size)}
+    return [
+        {"name": "cache", "emptyDir": cache},
+        {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}},
+    ]
+
+
 def _cpu_cores(quantity: int | str) -> float:
     text = str(quantity)
     return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
@@ -397,7 +411,7 @@ def inference_deployment(job: DreamBoothJob, artifact_uri: str, digest: str) -> 
             "automountServiceAccountToken": False,
             "securityContext": RESTRICTED_POD_SECURITY,
             "containers": [container],
-            "volumes": [{"name": "cache", "emptyDir": {}}, {"name": "tmp", "emptyDir": {}}],
+            "volumes": _scratch_volumes(job),
         },
     }
     metadata = _metadata(job, names.inference(job_name), names.INFERENCE)

@@ -160,3 +160,18 @@ def test_every_child_is_owned_by_the_job_and_builders_are_deterministic():
             True,
         )
     assert objects == builders.shared_objects(JOB, "{}") + builders.phase_jobs(JOB, names.TRAIN, 0)
+
+
+def test_every_scratch_volume_has_a_size_limit():
+    """An emptyDir without sizeLimit lets one pod fill its node's disk (or, for /dev/shm, its
+    memory); the cache's limit comes from the spec."""
+    job = JOB.model_copy(deep=True)
+    job.spec.resources.cache_size = "300Gi"
+    pods = [builders.pod_template(job, names.TRAIN, 0, 0, gpus=1)["spec"]]
+    pods.append(
+        builders.inference_deployment(job, "s3://a/export", "sha256:x")["spec"]["template"]["spec"]
+    )
+    for pod in pods:
+        volumes = {v["name"]: v for v in pod["volumes"] if "emptyDir" in v}
+        assert volumes and all("sizeLimit" in v["emptyDir"] for v in volumes.values()), volumes
+        assert volumes["cache"]["emptyDir"]["sizeLimit"] == "300Gi"
