@@ -25,21 +25,31 @@ EXPOSE 8080 8000
 ENTRYPOINT ["dreambooth"]
 CMD ["operator"]
 
-# ---- trainer: CUDA torch, diffusers, DeepSpeed ---------------------------------------------
-FROM ${CUDA_IMAGE} AS trainer
-ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
-    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
-    HF_HOME=/cache/huggingface DREAMBOOTH_CACHE=/cache/dreambooth
+# ---- trainer-build: the trainer's virtualenv, with the build tools it needs --------------
+FROM ${CUDA_IMAGE} AS trainer-build
+ENV PIP_NO_CACHE_DIR=1 VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev build-essential \
  && rm -rf /var/lib/apt/lists/* \
  && python3 -m venv /opt/venv \
  && pip install uv
 COPY --from=wheel /wheels /wheels
-# DeepSpeed's build imports torch: torch first, then DeepSpeed without build isolation.
+# DeepSpeed's build imports torch: torch first, then DeepSpeed without build isolation. uv
+# leaves with the build stage.
 RUN uv pip install torch \
  && uv pip install --no-build-isolation-package deepspeed "$(ls /wheels/*.whl)[train,serve]" \
- && rm -rf /wheels
+ && pip uninstall -y uv
+
+# ---- trainer: CUDA torch, diffusers, DeepSpeed; no compilers or headers at run time --------
+FROM ${CUDA_IMAGE} AS trainer
+ENV PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 \
+    VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH \
+    HF_HOME=/cache/huggingface DREAMBOOTH_CACHE=/cache/dreambooth
+# The same base image as the build stage, so the venv's python3 link resolves the same way.
+RUN apt-get update \
+ && apt-get install -y --no-install-recommends python3 \
+ && rm -rf /var/lib/apt/lists/*
+COPY --from=trainer-build /opt/venv /opt/venv
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin dreambooth \
  && mkdir -p /cache && chown 10001:10001 /cache
 USER 10001:10001
