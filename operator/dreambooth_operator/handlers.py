@@ -393,6 +393,11 @@ def _would_write(document: dict[str, Any], decision: Decision) -> bool:
 def _act(document: dict[str, Any], decision: Decision) -> None:
     meta = document["metadata"]
     namespace, name = meta["namespace"], meta["name"]
+    if decision.status.restarts > (document.get("status") or {}).get("restarts", 0):
+        # A gang restart is recorded before its Jobs are deleted: an operator that dies in
+        # between must not lose the count (and with it the backoff limit). The next pass
+        # deletes the previous attempt's Jobs as stale.
+        kube.patch_job_status(namespace, name, decision.status_patch())
     try:
         for action in decision.actions:
             if isinstance(action, Create):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import kubernetes
 import pytest
@@ -162,3 +163,25 @@ def test_a_running_job_that_breaks_a_newer_rule_fails_and_stops(
     assert failed["message"].startswith("spec.training.use8bitAdam: 8-bit AdamW cannot step")
     left = batch.list_namespaced_job(namespace).items
     assert all(j.metadata.deletion_timestamp for j in left)
+
+
+class OperatorDied(Exception):
+    pass
+
+
+def test_a_gang_restart_is_counted_before_its_jobs_are_deleted(
+    training_job, kube_api, namespace, monkeypatch
+):
+    """An operator that dies between deleting the gang and patching status lost the restart,
+    and with it the backoff limit's count."""
+    handlers.reconcile_once(training_job.read(), handlers.Children((), (), None, False))
+    jobs = child_jobs(kube_api, namespace)
+    failed = (replace(jobs[0], failed=True), *jobs[1:])
+
+    def die(*args, **kwargs):
+        raise OperatorDied
+
+    monkeypatch.setattr(kube, "delete", die)
+    with pytest.raises(OperatorDied):
+        handlers.reconcile_once(training_job.read(), handlers.Children(failed, (), None, False))
+    assert training_job.read()["status"]["restarts"] == 1
