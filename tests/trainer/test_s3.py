@@ -11,6 +11,7 @@ from dreambooth_trainer import priors, random_models
 from dreambooth_trainer.callbacks import Callback
 from dreambooth_trainer.digest import MANIFEST, verify
 from dreambooth_trainer.export import EXPORT_DIR, run_export
+from dreambooth_trainer.locations import publish_dir
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.storage import open_store
 from dreambooth_trainer.train import (
@@ -111,3 +112,27 @@ def test_publishing_as_you_go_uploads_only_what_is_new(make_config, tmp_path: Pa
     writer.close()
     assert uploads[0][-1] == "samples/step-000002.png" and uploads[0][0].startswith("logs/")
     assert uploads[1:] == [["samples/step-000004.png"]]
+
+
+def test_publishing_over_an_earlier_export_leaves_exactly_the_new_files(
+    s3_server, s3_bucket, make_config, monkeypatch, tmp_path: Path
+):
+    """A re-run export into a prefix with leftovers (an fp16 variant, a single file no longer
+    made) must not leave them: the server would refuse the artifact."""
+    for name, value in s3_server.env().items():
+        monkeypatch.setenv(name, value)
+    config = make_config()
+    s3 = config.s3.model_copy(update={"endpoint": s3_server.endpoint_url})
+    uri = f"s3://{s3_bucket}/runs/leftovers/export"
+    store = open_store(uri, s3_server.endpoint_url)
+    for key in ("pipeline/unet/model.fp16.safetensors", "model.safetensors", MANIFEST):
+        store.write_bytes(key, b"old")
+    local = tmp_path / "export"
+    (local / "pipeline" / "unet").mkdir(parents=True)
+    (local / "pipeline" / "unet" / "model.safetensors").write_bytes(b"new")
+    (local / MANIFEST).write_bytes(b"new manifest")
+
+    publish_dir(local, uri, s3, last=MANIFEST, replace=True)
+
+    assert [o.key for o in store.list()] == [MANIFEST, "pipeline/unet/model.safetensors"]
+    assert store.read_bytes(MANIFEST) == b"new manifest"

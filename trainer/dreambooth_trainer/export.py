@@ -104,6 +104,8 @@ def run_export(config: TrainerConfig) -> ExportResult:
         "instancePrompt": config.instance.prompt,
     }
     manifest = export_pipeline(pipeline, directory, config.export_fp16_variant, metadata)
-    publish_dir(directory, config.output(EXPORT_DIR), config.s3, last=MANIFEST)
+    # A re-run export (the artifact report was lost, fp16 variant switched off) must leave no
+    # file of the previous one: the server verifies the prefix against the manifest.
+    publish_dir(directory, config.output(EXPORT_DIR), config.s3, last=MANIFEST, replace=True)
     log.info("exported %s (%s)", config.output(EXPORT_DIR), manifest["digest"])
     return ExportResult(directory, config.output(EXPORT_DIR), manifest["digest"])

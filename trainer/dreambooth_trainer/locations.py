@@ -42,14 +42,25 @@ def fetch_dir(uri: str, s3: S3Spec, cache_dir: Path) -> Path:
     return local
 
 
-def publish_dir(local: Path, uri: str, s3: S3Spec, last: str | None = None) -> None:
+def publish_dir(
+    local: Path, uri: str, s3: S3Spec, last: str | None = None, replace: bool = False
+) -> None:
     """Upload `local` to `uri` when that is remote (a local URI was written in place).
 
     `last` (a manifest) goes up after everything else: readers that see it see all files.
+    With `replace`, `uri` ends up holding exactly `local`'s files: the old manifest goes first
+    (what was there stops being an artifact), objects `local` lacks before the new manifest.
     """
     if not is_s3(uri):
         return
     store = store_for(uri, s3)
-    store.upload_files([(path, key) for path, key in local_files(local) if key != last])
+    files = [(path, key) for path, key in local_files(local) if key != last]
+    if replace and last:
+        store.delete(last)
+    store.upload_files(files)
+    if replace:
+        keep = {key for _, key in files} | {last}
+        for stale in [info.key for info in store.list() if info.key not in keep]:
+            store.delete(stale)
     if last and (local / last).is_file():
         store.upload_file(local / last, last)
