@@ -43,9 +43,10 @@ metadata:
     # The operator pod meets the "restricted" Pod Security Standard; enforce it.
     pod-security.kubernetes.io/enforce: restricted
 YAML
-    # sed: end the file with a newline (helm's output does not).
+    # --no-hooks: Helm's hooks (the uninstall hook that releases the operator's finalizer) mean
+    # nothing to kubectl, which would run them at once. sed: end the file with a newline.
     "$HELM" template "$RELEASE" "$CHART" --namespace "$NAMESPACE" --set crds.install=false \
-        | sed -e '$a\'
+        --no-hooks | sed -e '$a\'
 }
 
 if [[ "${1:-}" == "--stdout" ]]; then

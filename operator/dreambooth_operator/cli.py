@@ -95,5 +95,69 @@ def validate(files: tuple[Path, ...]) -> None:
         sys.exit(1)
 
 
+@main.command(
+    "release-finalizers", short_help="Remove the operator's finalizer, for when none runs."
+)
+@click.option(
+    "-n",
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    help="A namespace whose DreamBoothJobs to release (repeatable).",
+)
+@click.option(
+    "-A", "--all-namespaces", is_flag=True, help="Release DreamBoothJobs in every namespace."
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=1),
+    default=120.0,
+    show_default=True,
+    help="Give up (exit 1) if the finalizer still comes back after this many seconds.",
+)
+@click.option("--dry-run", is_flag=True, help="Only list the jobs that carry the finalizer.")
+@click.option(
+    "--kubeconfig",
+    type=click.Path(dir_okay=False),
+    help="Outside a pod: this kubeconfig rather than $KUBECONFIG or ~/.kube/config.",
+)
+def release_finalizers(
+    namespaces: tuple[str, ...],
+    all_namespaces: bool,
+    timeout: float,
+    dry_run: bool,
+    kubeconfig: str | None,
+) -> None:
+    """Remove the operator's finalizer from DreamBoothJobs, for when no operator runs.
+
+    kopf's finalizer (dreambooth.dev/finalizer) keeps a deleted job until the operator lets it
+    go; with no operator (uninstalled, 0 replicas, namespace no longer watched) a delete hangs.
+    This removes it and nothing else: jobs stay, and `kubectl delete dbj` then completes (their
+    pods and other children are garbage-collected with them). The Helm chart runs it on
+    `helm uninstall`. An operator that starts again puts the finalizer back.
+    """
+    if bool(namespaces) == all_namespaces:
+        raise click.UsageError("give --namespace (one or more) or --all-namespaces")
+    from kubernetes import client
+
+    from . import kube
+    from .finalizers import FINALIZER, FinalizerKeptComingBack, release_until_settled
+
+    kube.load_config(kubeconfig)
+    where = "every namespace" if all_namespaces else ", ".join(namespaces)
+    verb = "would release" if dry_run else "released"
+    try:
+        released = release_until_settled(
+            client.CustomObjectsApi(),
+            None if all_namespaces else namespaces,
+            timeout=timeout,
+            dry_run=dry_run,
+            report=lambda key: click.echo(f"{verb} {FINALIZER} from DreamBoothJob {key}"),
+        )
+    except FinalizerKeptComingBack as error:
+        raise click.ClickException(str(error)) from error
+    click.echo(f"{verb} {len(released)} DreamBoothJob(s) in {where}")
+
+
 if __name__ == "__main__":
     main()

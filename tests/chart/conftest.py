@@ -69,3 +69,17 @@ def find(objects: list[dict], kind: str, name: str | None = None) -> dict:
 
 def kinds(objects: list[dict]) -> list[str]:
     return sorted(o["kind"] for o in objects)
+
+
+def is_hook(obj: dict) -> bool:
+    """A Helm hook (``helm.sh/hook``): created by helm at a lifecycle event, not installed."""
+    return "helm.sh/hook" in (obj["metadata"].get("annotations") or {})
+
+
+def installed(objects: list[dict]) -> list[dict]:
+    """The objects `helm install` creates (``helm template`` prints hooks too)."""
+    return [o for o in objects if not is_hook(o)]
+
+
+def hooks(objects: list[dict]) -> list[dict]:
+    return [o for o in objects if is_hook(o)]

@@ -83,7 +83,9 @@ def test_helm_upgrade_upgrades_the_crd_and_uninstall_keeps_it(helm, kubectl, nam
         helm("upgrade", release, chart, *base)
         assert "dbjupgraded" in kubectl.json("get", "crd", crd_name)["spec"]["names"]["shortNames"]
 
-        helm("uninstall", release, "--namespace", namespace)
+        # --no-hooks: no node runs pods here, and the uninstall hook's Job would never finish
+        # (test_uninstall.py runs it).
+        helm("uninstall", release, "--namespace", namespace, "--no-hooks")
         assert kubectl.json("get", "crd", crd_name)["metadata"]["name"] == crd_name
         assert not kubectl(
             "get", "clusterrole", f"{release}-dreambooth-operator", check=False

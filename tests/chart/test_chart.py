@@ -10,7 +10,18 @@ import yaml
 
 from tests.support.fixtures import REPO_ROOT, crd_yaml
 
-from .conftest import CHART, NAMESPACE, RELEASE, VARIANTS, WATCHED, find, kinds, parse
+from .conftest import (
+    CHART,
+    NAMESPACE,
+    RELEASE,
+    VARIANTS,
+    WATCHED,
+    find,
+    hooks,
+    installed,
+    kinds,
+    parse,
+)
 
 MONITORING_KINDS = ["ConfigMap", "PodMonitor", "PodMonitor", "PrometheusRule", "ServiceMonitor"]
 BASE_KINDS = [
@@ -21,6 +32,10 @@ BASE_KINDS = [
     "Service",
     "ServiceAccount",
 ]
+HOOK = f"{RELEASE}-release-finalizers"
+# The uninstall hook (templates/release-finalizers-hook.yaml): its Job, ServiceAccount and RBAC.
+HOOK_KINDS = ["ClusterRole", "ClusterRoleBinding", "Job", "ServiceAccount"]
+NAMESPACED_HOOK_KINDS = sorted(["Job", "ServiceAccount"] + ["Role", "RoleBinding"] * len(WATCHED))
 
 
 # -- lint and render ----------------------------------------------------------------------------
@@ -33,16 +48,21 @@ def test_helm_lint_strict(helm_local, variant):
 
 
 @pytest.mark.parametrize(
-    ("variant", "expected"),
+    ("variant", "expected", "expected_hooks"),
     [
-        ("default", BASE_KINDS),
-        ("all", sorted(BASE_KINDS + MONITORING_KINDS)),
-        ("namespaced", sorted(BASE_KINDS + ["Role", "RoleBinding"] * len(WATCHED))),
+        ("default", BASE_KINDS, HOOK_KINDS),
+        ("all", sorted(BASE_KINDS + MONITORING_KINDS), HOOK_KINDS),
+        (
+            "namespaced",
+            sorted(BASE_KINDS + ["Role", "RoleBinding"] * len(WATCHED)),
+            NAMESPACED_HOOK_KINDS,
+        ),
     ],
 )
-def test_template_renders(render, variant, expected):
+def test_template_renders(render, variant, expected, expected_hooks):
     objects = render(*VARIANTS[variant])
-    assert kinds(objects) == expected
+    assert kinds(installed(objects)) == expected
+    assert kinds(hooks(objects)) == expected_hooks
     for obj in objects:
         labels = obj["metadata"]["labels"]
         assert labels["app.kubernetes.io/name"] == "dreambooth-operator"
@@ -88,10 +108,12 @@ def test_deployment_defaults(render):
     assert spec["selector"]["matchLabels"] == service["spec"]["selector"]
 
 
+@pytest.mark.parametrize("workload", ["Deployment", "Job"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_pod_security_restricted(render, variant):
-    """Pod Security Standards "restricted", and a read-only root filesystem with /tmp writable."""
-    pod = find(render(*VARIANTS[variant]), "Deployment")["spec"]["template"]["spec"]
+def test_pod_security_restricted(render, variant, workload):
+    """Pod Security Standards "restricted", and a read-only root filesystem with /tmp writable:
+    the operator's pod, and the uninstall hook's (the release namespace may enforce it)."""
+    pod = find(render(*VARIANTS[variant]), workload)["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsNonRoot"] is True
     assert pod["securityContext"]["runAsUser"] == 10001
     assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
@@ -129,24 +151,37 @@ def test_all_features_reach_the_objects(render):
     assert "nodeAffinity" in pod["affinity"]
     assert pod_template["metadata"]["labels"]["team"] == "ml-platform"
     assert pod_template["metadata"]["annotations"] == {"example.com/scrape": "false"}
-    assert find(objects, "ServiceAccount")["metadata"]["annotations"] == {
+    assert find(objects, "ServiceAccount", "dreambooth-operator-sa")["metadata"]["annotations"] == {
         "example.com/role": "dreambooth"
     }
     for obj in objects:
         assert obj["metadata"]["labels"]["cost-center"] == "research"
-    binding = find(objects, "ClusterRoleBinding")
+    binding = find(objects, "ClusterRoleBinding", RELEASE)
     assert binding["subjects"] == [
         {"kind": "ServiceAccount", "name": "dreambooth-operator-sa", "namespace": NAMESPACE}
     ]
+    # The uninstall hook's pod runs the same image, where the operator's pod may run.
+    hook = find(objects, "Job", HOOK)["spec"]
+    hook_pod = hook["template"]["spec"]
+    assert hook_pod["containers"][0]["image"] == container["image"]
+    assert hook_pod["containers"][0]["imagePullPolicy"] == "Always"
+    for key in ("imagePullSecrets", "priorityClassName", "nodeSelector", "tolerations", "affinity"):
+        assert hook_pod[key] == pod[key], key
+    assert hook_pod["containers"][0]["resources"] == {
+        "requests": {"cpu": "20m", "memory": "96Mi"},
+        "limits": {"memory": "192Mi"},
+    }
+    assert hook_pod["containers"][0]["args"][-1] == "--timeout=60"
+    assert hook["activeDeadlineSeconds"] == 120
 
 
 def test_namespaced_mode_passes_one_flag_per_namespace(render):
     objects = render(*VARIANTS["namespaced"])
     (container,) = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"]
     assert container["args"][3:] == [f"--namespace={ns}" for ns in WATCHED]
-    roles = [o for o in objects if o["kind"] == "Role"]
+    roles = [o for o in installed(objects) if o["kind"] == "Role"]
     assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(WATCHED)
-    for binding in (o for o in objects if o["kind"] == "RoleBinding"):
+    for binding in (o for o in installed(objects) if o["kind"] == "RoleBinding"):
         assert binding["roleRef"] == {
             "apiGroup": "rbac.authorization.k8s.io",
             "kind": "Role",
@@ -157,14 +192,66 @@ def test_namespaced_mode_passes_one_flag_per_namespace(render):
 
 def test_service_account_can_be_brought(render):
     objects = render("--set", "serviceAccount.create=false", "--set", "serviceAccount.name=mine")
-    assert "ServiceAccount" not in kinds(objects)
+    assert "ServiceAccount" not in kinds(installed(objects))
     assert find(objects, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == "mine"
-    assert find(objects, "ClusterRoleBinding")["subjects"][0]["name"] == "mine"
+    assert find(objects, "ClusterRoleBinding", RELEASE)["subjects"][0]["name"] == "mine"
 
 
 def test_rbac_and_crds_can_be_left_out(render):
+    """No RBAC of the chart's, so no uninstall hook either (it would need RBAC)."""
     objects = render("--set", "rbac.create=false", "--set", "crds.install=false")
     assert kinds(objects) == ["Deployment", "Service", "ServiceAccount"]
+
+
+# -- the uninstall hook ---------------------------------------------------------------------------
+def test_uninstall_hook_is_a_post_delete_job_with_its_own_service_account(render):
+    objects = render()
+    for obj in hooks(objects):
+        annotations = obj["metadata"]["annotations"]
+        # post-delete: after helm deleted the operator (and its RBAC), which would otherwise put
+        # its finalizer straight back. Gone when it succeeded; replaced by the next one.
+        assert annotations["helm.sh/hook"] == "post-delete"
+        assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+        # Its ServiceAccount and RBAC exist before its Job runs.
+        assert int(annotations["helm.sh/hook-weight"]) == (0 if obj["kind"] == "Job" else -5)
+        assert obj["metadata"]["name"] == HOOK
+        assert obj["metadata"]["labels"]["app.kubernetes.io/component"] == "release-finalizers"
+    job = find(objects, "Job", HOOK)
+    assert job["metadata"]["namespace"] == NAMESPACE
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 2
+    assert spec["activeDeadlineSeconds"] == 180  # below helm's --timeout (5m)
+    pod = spec["template"]["spec"]
+    assert pod["serviceAccountName"] == HOOK
+    assert pod["automountServiceAccountToken"] is True
+    assert pod["restartPolicy"] == "Never"
+    (container,) = pod["containers"]
+    operator = find(objects, "Deployment")["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"] == operator["image"]  # the operator image: entrypoint dreambooth
+    assert container["args"] == ["release-finalizers", "--all-namespaces", "--timeout=120"]
+    assert container["resources"]["limits"]["memory"]
+    assert find(objects, "ServiceAccount", HOOK)["metadata"]["namespace"] == NAMESPACE
+
+
+def test_uninstall_hook_releases_only_the_watched_namespaces(render):
+    objects = render(*VARIANTS["namespaced"])
+    (container,) = find(objects, "Job", HOOK)["spec"]["template"]["spec"]["containers"]
+    assert container["args"] == [
+        "release-finalizers",
+        *(f"--namespace={ns}" for ns in WATCHED),
+        "--timeout=120",
+    ]
+
+
+def test_uninstall_hook_can_be_turned_off(render):
+    assert hooks(render("--set", "uninstall.releaseFinalizers=false")) == []
+
+
+def test_uninstall_hook_name_stays_a_dns_label(render):
+    long = "a" * 63
+    names = {o["metadata"]["name"] for o in hooks(render("--set", f"fullnameOverride={long}"))}
+    assert names == {f"{'a' * 44}-release-finalizers"}
+    assert len(names.pop()) == 63
 
 
 # -- values.schema.json -------------------------------------------------------------------------
@@ -182,6 +269,8 @@ def test_rbac_and_crds_can_be_left_out(render):
         (("--set", "monitoring.prometheusRule.noProgressMinutes=0"), "noProgressMinutes"),
         (("--set", "monitoring.podMonitor.interval=often"), "/monitoring/podMonitor/interval"),
         (("--set", "serviceAccount.create=false"), "serviceAccount.name is required"),
+        (("--set", "uninstall.timeoutSeconds=0"), "/uninstall/timeoutSeconds"),
+        (("--set", "uninstall.releaseFinalizer=true"), "'releaseFinalizer' not allowed"),
     ],
 )
 def test_bad_values_are_rejected(helm_local, args, message):
@@ -235,7 +324,8 @@ def test_install_yaml_is_the_default_install(render):
     assert namespace["kind"] == "Namespace"
     assert namespace["metadata"]["name"] == NAMESPACE
     assert namespace["metadata"]["labels"]["pod-security.kubernetes.io/enforce"] == "restricted"
-    chart = [o for o in render() if o["kind"] != "CustomResourceDefinition"]
+    # Not the uninstall hook: kubectl would run it at once (render-manifests.sh: --no-hooks).
+    chart = [o for o in installed(render()) if o["kind"] != "CustomResourceDefinition"]
     assert rest == chart
     for obj in rest:
         if obj["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
@@ -250,5 +340,6 @@ def test_notes_render(helm_local):
     notes = r.stdout.split("NOTES:", 1)[1]
     assert f"kubectl -n {NAMESPACE} rollout status deployment/{RELEASE}" in notes
     assert "PrometheusRule dreambooth-operator" in notes
+    assert "`helm uninstall` removes the operator's finalizer" in notes
     r = helm_local("install", RELEASE, CHART, "--dry-run=client", *VARIANTS["namespaced"])
     assert f"It watches DreamBoothJobs in: {', '.join(WATCHED)}." in r.stdout

@@ -3,6 +3,7 @@ against the real kube-apiserver with the rendered ServiceAccount's own token."""
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 
@@ -11,7 +12,7 @@ import pytest
 from tests.support.access import allowed, service_account_user
 from tests.support.fixtures import REPO_ROOT
 
-from .conftest import CHART, NAMESPACE, RELEASE, VARIANTS, WATCHED, find
+from .conftest import CHART, NAMESPACE, RELEASE, VARIANTS, WATCHED, find, hooks, installed, parse
 
 # (apiGroup, resource) -> verbs: what operator/dreambooth_operator uses (kopf, kube.py, events).
 NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
@@ -32,6 +33,12 @@ NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
 CLUSTER_RULES: dict[tuple[str, str], set[str]] = {
     ("apiextensions.k8s.io", "customresourcedefinitions"): {"get", "list", "watch"},
     ("", "namespaces"): {"list", "watch"},
+}
+
+# The uninstall hook (`dreambooth release-finalizers`): read jobs, patch their finalizers.
+HOOK = f"{RELEASE}-release-finalizers"
+HOOK_RULES: dict[tuple[str, str], set[str]] = {
+    ("dreambooth.dev", "dreamboothjobs"): {"get", "list", "patch"},
 }
 
 # Requests the operator never makes: each must be denied.
@@ -78,13 +85,41 @@ def test_cluster_role_grants_exactly_the_operators_verbs(render):
 
 
 def test_namespaced_mode_grants_namespaced_verbs_per_namespace(render):
-    objects = render(*VARIANTS["namespaced"])
+    objects = installed(render(*VARIANTS["namespaced"]))
     # Cluster-scoped resources cannot be granted by a Role: they stay in a small ClusterRole.
     assert rule_table(find(objects, "ClusterRole")["rules"]) == CLUSTER_RULES
     roles = [o for o in objects if o["kind"] == "Role"]
     assert len(roles) == len(WATCHED)
     for role in roles:
         assert rule_table(role["rules"]) == NAMESPACED_RULES
+
+
+def test_uninstall_hook_may_only_read_jobs_and_patch_them(render):
+    objects = hooks(render())
+    assert rule_table(find(objects, "ClusterRole", HOOK)["rules"]) == HOOK_RULES
+    binding = find(objects, "ClusterRoleBinding", HOOK)
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "ClusterRole",
+        "name": HOOK,
+    }
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": HOOK, "namespace": NAMESPACE}]
+
+
+def test_namespaced_uninstall_hook_is_confined_to_the_watched_namespaces(render):
+    objects = hooks(render(*VARIANTS["namespaced"]))
+    assert not [o for o in objects if o["kind"].startswith("Cluster")]
+    roles = [o for o in objects if o["kind"] == "Role"]
+    assert sorted(r["metadata"]["namespace"] for r in roles) == sorted(WATCHED)
+    for role in roles:
+        assert rule_table(role["rules"]) == HOOK_RULES
+    bindings = [o for o in objects if o["kind"] == "RoleBinding"]
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == sorted(WATCHED)
+    for binding in bindings:
+        assert binding["roleRef"]["name"] == HOOK
+        assert binding["subjects"] == [
+            {"kind": "ServiceAccount", "name": HOOK, "namespace": NAMESPACE}
+        ]
 
 
 # -- against the real API server ----------------------------------------------------------------
@@ -247,3 +282,59 @@ def test_namespaced_install_is_confined_to_its_namespaces(
         kubectl("delete", "clusterrole,clusterrolebinding", fullname, "--ignore-not-found")
         for ns in (watched, other):
             v1.delete_namespace(ns, propagation_policy="Background")
+
+
+@pytest.mark.cluster
+def test_uninstall_hook_token_may_only_read_and_patch_jobs(
+    control_plane, kubectl, helm_local, dreambooth_crd, namespace
+):
+    """The hook's ServiceAccount and RBAC (not its Job), applied for real, cluster scope."""
+    import kubernetes
+    from kubernetes.client.rest import ApiException
+
+    release = f"h{uuid.uuid4().hex[:8]}"
+    hook = f"{release}-dreambooth-operator-release-finalizers"
+    rendered = helm_local(
+        "template",
+        release,
+        CHART,
+        "--namespace",
+        namespace,
+        "--set",
+        "crds.install=false",
+        "--show-only",
+        "templates/release-finalizers-hook.yaml",
+    ).stdout
+    objects = [o for o in parse(rendered) if o["kind"] != "Job"]
+    try:
+        kubectl(
+            "apply",
+            "-f",
+            "-",
+            input=json.dumps({"apiVersion": "v1", "kind": "List", "items": objects}),
+        )
+        token = control_plane.service_account_token(namespace, hook)
+        custom = kubernetes.client.CustomObjectsApi(control_plane.client_for_token(token))
+        custom.list_cluster_custom_object("dreambooth.dev", "v1alpha1", "dreamboothjobs")
+        with pytest.raises(ApiException) as denied:
+            custom.delete_namespaced_custom_object(
+                "dreambooth.dev", "v1alpha1", namespace, "dreamboothjobs", "any"
+            )
+        assert denied.value.status == 403
+        who = service_account_user(namespace, hook)
+        api = control_plane.api_client
+        for verb in ("get", "list", "patch"):
+            assert allowed(api, who, "dreambooth.dev", "dreamboothjobs", verb, "elsewhere")
+        for group, resource, verb in [
+            ("dreambooth.dev", "dreamboothjobs", "create"),
+            ("dreambooth.dev", "dreamboothjobs", "update"),
+            ("dreambooth.dev", "dreamboothjobs", "delete"),
+            ("dreambooth.dev", "dreamboothjobs", "watch"),
+            ("dreambooth.dev", "dreamboothjobs/status", "patch"),
+            ("", "pods", "list"),
+            ("", "secrets", "get"),
+            ("batch", "jobs", "delete"),
+        ]:
+            assert not allowed(api, who, group, resource, verb, namespace), (resource, verb)
+    finally:
+        kubectl("delete", "clusterrole,clusterrolebinding", hook, "--ignore-not-found")

@@ -38,16 +38,24 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/*
-Common labels of every object the chart creates.
+Common labels of every object the chart creates (component: operator).
 */}}
 {{- define "dreambooth-operator.labels" -}}
-helm.sh/chart: {{ include "dreambooth-operator.chart" . }}
-{{ include "dreambooth-operator.selectorLabels" . }}
-app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
-app.kubernetes.io/component: operator
+{{ include "dreambooth-operator.componentLabels" (dict "ctx" . "component" "operator") }}
+{{- end }}
+
+{{/*
+The common labels with a given app.kubernetes.io/component.
+Usage: include "dreambooth-operator.componentLabels" (dict "ctx" $ "component" "release-finalizers")
+*/}}
+{{- define "dreambooth-operator.componentLabels" -}}
+helm.sh/chart: {{ include "dreambooth-operator.chart" .ctx }}
+{{ include "dreambooth-operator.selectorLabels" .ctx }}
+app.kubernetes.io/version: {{ .ctx.Chart.AppVersion | quote }}
+app.kubernetes.io/component: {{ .component }}
 app.kubernetes.io/part-of: dreambooth-operator
-app.kubernetes.io/managed-by: {{ .Release.Service }}
-{{- with .Values.commonLabels }}
+app.kubernetes.io/managed-by: {{ .ctx.Release.Service }}
+{{- with .ctx.Values.commonLabels }}
 {{ toYaml . }}
 {{- end }}
 {{- end }}
@@ -109,4 +117,15 @@ when the ServiceMonitor scrapes it (the alerts match on it).
 */}}
 {{- define "dreambooth-operator.metricsServiceName" -}}
 {{- printf "%s-metrics" (include "dreambooth-operator.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Annotations of the uninstall hook's objects (templates/release-finalizers-hook.yaml), given the
+hook weight: its ServiceAccount and RBAC before its Job. Deleted when the hook succeeds; a
+failed Job stays for `kubectl logs` until the next hook replaces it.
+*/}}
+{{- define "dreambooth-operator.releaseFinalizersHook" -}}
+helm.sh/hook: post-delete
+helm.sh/hook-weight: {{ . | quote }}
+helm.sh/hook-delete-policy: before-hook-creation,hook-succeeded
 {{- end }}
