@@ -2,7 +2,11 @@
 
 Runs a real control plane (etcd + kube-apiserver + kube-controller-manager, see hack/) and the
 operator as a process; no node runs the pods. Prints JSON:
-  python -m bench.operator [--jobs 1 100]
+  python -m bench.operator [--jobs 1 100] [--unrelated 2000]
+
+With --unrelated N, the namespace first holds N pods and N ConfigMaps the operator did not make,
+and one job is applied to an operator that filters its watches on the server and to one that
+receives every object (--no-server-side-filtering), side by side: peak RSS and latency.
 """
 
 from __future__ import annotations
@@ -90,7 +94,20 @@ def apply_and_measure(
     return result
 
 
-def run(job_counts: tuple[int, ...] = (1, 100)) -> dict[str, Any]:
+def unrelated_objects(api_client: kubernetes.client.ApiClient, namespace: str, count: int) -> None:
+    """`count` pods (Pending: no node) and `count` ConfigMaps that are none of the operator's."""
+    core = kubernetes.client.CoreV1Api(api_client)
+    container = {"name": "app", "image": "busybox", "command": ["sleep", "1d"]}
+    for index in range(count):
+        meta = {"name": f"other-{index:05d}", "labels": {"app": "other"}}
+        pod = {"metadata": meta, "spec": {"containers": [container]}}
+        core.create_namespaced_pod(namespace, pod)
+        core.create_namespaced_config_map(namespace, {"metadata": meta, "data": {"k": "v" * 256}})
+
+
+def run(job_counts: tuple[int, ...] = (1, 100), unrelated: int = 0) -> dict[str, Any]:
+    """Each job count in a fresh namespace; with `unrelated`, one job among that many unrelated
+    pods and ConfigMaps, with server-side filtering on and off."""
     from tests.e2e.harness import OperatorProcess
     from tests.support.controlplane import ControlPlane
     from tests.support.paths import SETUP_HINT, kube_assets_dir
@@ -100,6 +117,9 @@ def run(job_counts: tuple[int, ...] = (1, 100)) -> dict[str, Any]:
         return {"skipped": f"no control plane binaries: {SETUP_HINT}"}
     from dreambooth_operator.crd import crd
 
+    runs = [(count, 0, True) for count in job_counts]
+    if unrelated:
+        runs += [(1, unrelated, True), (1, unrelated, False)]
     with tempfile.TemporaryDirectory(prefix="bench-operator-") as workdir:
         plane = ControlPlane.start(assets, workdir=Path(workdir) / "plane")
         try:
@@ -107,24 +127,30 @@ def run(job_counts: tuple[int, ...] = (1, 100)) -> dict[str, Any]:
             ext.create_custom_resource_definition(crd())
             time.sleep(2)  # Established
             results = []
-            peak_rss = 0
-            for count in job_counts:
+            for count, others, filtering in runs:
                 namespace = f"bench-{uuid.uuid4().hex[:6]}"
                 kubernetes.client.CoreV1Api(plane.api_client).create_namespace(
                     {"metadata": {"name": namespace}}
                 )
                 plane.service_account_token(namespace, "default")
+                unrelated_objects(plane.api_client, namespace, others)
+                extra = () if filtering else ("--no-server-side-filtering",)
                 operator = OperatorProcess(
-                    plane.kubeconfig, (namespace,), Path(workdir) / namespace
+                    plane.kubeconfig, (namespace,), Path(workdir) / namespace, extra_args=extra
                 ).start()
                 try:
-                    results.append(apply_and_measure(plane.api_client, namespace, count))
-                    peak_rss = max(peak_rss, operator.peak_rss_bytes())
+                    result = apply_and_measure(plane.api_client, namespace, count)
+                    result.update(
+                        unrelated_pods_and_configmaps=others,
+                        server_side_filtering=filtering,
+                        operator_peak_rss_mib=round(operator.peak_rss_bytes() / 2**20, 1),
+                    )
+                    results.append(result)
                 finally:
                     operator.stop()
         finally:
             plane.stop()
-    return {"apply_to_rank_pods": results, "operator_peak_rss_mib": round(peak_rss / 2**20, 1)}
+    return {"apply_to_rank_pods": results}
 
 
 @benchmark("operator")
@@ -135,7 +161,9 @@ def operator_benchmark(settings: Settings) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--jobs", type=int, nargs="+", default=[1, 100])
-    print(json.dumps({"operator": run(tuple(parser.parse_args().jobs))}, indent=2))
+    parser.add_argument("--unrelated", type=int, default=0, help="pods and ConfigMaps not ours")
+    args = parser.parse_args()
+    print(json.dumps({"operator": run(tuple(args.jobs), args.unrelated)}, indent=2))
 
 
 if __name__ == "__main__":

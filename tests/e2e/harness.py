@@ -45,6 +45,7 @@ class OperatorProcess:
     process: ManagedProcess | None = None
     metrics_port: int = 0
     starts: int = 0
+    extra_args: tuple[str, ...] = ()
 
     def start(self) -> OperatorProcess:
         self.metrics_port, health_port = free_port(), free_port()
@@ -53,6 +54,7 @@ class OperatorProcess:
         argv += ["--metrics-port", str(self.metrics_port), "--health-port", str(health_port)]
         for namespace in self.namespaces:
             argv += ["-n", namespace]
+        argv += self.extra_args
         env = {**os.environ, "KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         self.process = ManagedProcess(
             "operator", argv, self.log_dir / f"operator-{self.starts}.log", env=env, cwd=REPO
