@@ -56,40 +56,23 @@ def load_config(kubeconfig: str | None = None) -> None:
         config.load_kube_config(config_file=kubeconfig)
 
 
-def _creator(kind: str) -> Callable[[str, dict], Any]:
-    core, batch, rbac, apps = (
-        client.CoreV1Api(),
-        client.BatchV1Api(),
-        client.RbacAuthorizationV1Api(),
-        client.AppsV1Api(),
-    )
-    return {
-        "ConfigMap": core.create_namespaced_config_map,
-        "Service": core.create_namespaced_service,
-        "ServiceAccount": core.create_namespaced_service_account,
-        "Job": batch.create_namespaced_job,
-        "Role": rbac.create_namespaced_role,
-        "RoleBinding": rbac.create_namespaced_role_binding,
-        "Deployment": apps.create_namespaced_deployment,
-    }[kind]
+# The kinds the operator makes: the client's API class and the name its methods share
+# (create_namespaced_job, read_namespaced_job, ...).
+_KINDS = {
+    "ConfigMap": (client.CoreV1Api, "namespaced_config_map"),
+    "Service": (client.CoreV1Api, "namespaced_service"),
+    "ServiceAccount": (client.CoreV1Api, "namespaced_service_account"),
+    "Job": (client.BatchV1Api, "namespaced_job"),
+    "Role": (client.RbacAuthorizationV1Api, "namespaced_role"),
+    "RoleBinding": (client.RbacAuthorizationV1Api, "namespaced_role_binding"),
+    "Deployment": (client.AppsV1Api, "namespaced_deployment"),
+}
 
 
-def _reader(kind: str) -> Callable[..., Any]:
-    core, batch, rbac, apps = (
-        client.CoreV1Api(),
-        client.BatchV1Api(),
-        client.RbacAuthorizationV1Api(),
-        client.AppsV1Api(),
-    )
-    return {
-        "ConfigMap": core.read_namespaced_config_map,
-        "Service": core.read_namespaced_service,
-        "ServiceAccount": core.read_namespaced_service_account,
-        "Job": batch.read_namespaced_job,
-        "Role": rbac.read_namespaced_role,
-        "RoleBinding": rbac.read_namespaced_role_binding,
-        "Deployment": apps.read_namespaced_deployment,
-    }[kind]
+def _method(verb: str, kind: str) -> Callable[..., Any]:
+    """The client's `verb` (create, read, replace, delete) for objects of `kind`."""
+    api, name = _KINDS[kind]
+    return getattr(api(), f"{verb}_{name}")
 
 
 def _controller_uid(meta: dict[str, Any]) -> str | None:
@@ -104,7 +87,7 @@ def _check_same_controller(manifest: dict[str, Any]) -> None:
     if wanted is None:
         return
     name, namespace = meta["name"], meta["namespace"]
-    read = _reader(manifest["kind"])
+    read = _method("read", manifest["kind"])
     # As JSON, so that its ownerReferences read exactly like the manifest's.
     raw = read(name, namespace, _preload_content=False, _request_timeout=TIMEOUT)
     found = _controller_uid(json.loads(raw.data)["metadata"])
@@ -115,19 +98,11 @@ def _check_same_controller(manifest: dict[str, Any]) -> None:
         )
 
 
-def _deleter(kind: str) -> Callable[..., Any]:
-    return {
-        "Job": client.BatchV1Api().delete_namespaced_job,
-        "Deployment": client.AppsV1Api().delete_namespaced_deployment,
-        "Service": client.CoreV1Api().delete_namespaced_service,
-    }[kind]
-
-
 def create(manifest: dict[str, Any]) -> bool:
     """Create; False if it already existed, under the same controller (else OwnedByAnother)."""
     namespace = manifest["metadata"]["namespace"]
     try:
-        _creator(manifest["kind"])(namespace, manifest, _request_timeout=TIMEOUT)
+        _method("create", manifest["kind"])(namespace, manifest, _request_timeout=TIMEOUT)
     except ApiException as error:
         if error.status == 409:
             _check_same_controller(manifest)
@@ -143,7 +118,7 @@ def delete(kind: str, namespace: str, name: str) -> bool:
     try:
         # The response is not needed, and not parsed: a Service's delete answers with a Status
         # that this client would try (and fail) to read as a Service.
-        _deleter(kind)(
+        _method("delete", kind)(
             name, namespace, body=_FOREGROUND, _preload_content=False, _request_timeout=TIMEOUT
         )
     except ApiException as error:
@@ -155,15 +130,15 @@ def delete(kind: str, namespace: str, name: str) -> bool:
 
 
 def replace(manifest: dict[str, Any]) -> None:
-    """Make the existing object exactly the manifest (only Deployments so far).
+    """Make the existing object exactly the manifest (the operator replaces Deployments).
 
     A replace, not a strategic-merge patch: a patch keeps map keys it does not mention, so a
     limit taken out of the spec (inference.gpus 1 -> 0) would stay on the live object.
     """
     meta = manifest["metadata"]
-    replacer = {"Deployment": client.AppsV1Api().replace_namespaced_deployment}[manifest["kind"]]
+    replace_object = _method("replace", manifest["kind"])
     try:
-        replacer(meta["name"], meta["namespace"], manifest, _request_timeout=TIMEOUT)
+        replace_object(meta["name"], meta["namespace"], manifest, _request_timeout=TIMEOUT)
     except ApiException as error:
         _refusing_invalid(manifest, error)
         raise
