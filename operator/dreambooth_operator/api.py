@@ -606,10 +606,22 @@ class Progress(StatusModel):
         return self
 
 
+MANIFEST_DIGEST = r"^sha256:[0-9a-f]{64}$"
+
+
+# Written by the trainer after each commit and read back before a resume: the one place that
+# says which checkpoint this job wrote, out of reach of whoever may write its storage.
 class CheckpointStatus(StatusModel):
     step: int = field(description="Step of the newest committed checkpoint.", ge=0)
     uri: str = field(description="Where it lies.")
     time: datetime | None = field(None, description="When it was committed.")
+    manifest_digest: str | None = field(
+        None,
+        description="sha256 of its manifest.json as committed. The trainer resumes only from "
+        "this checkpoint, and only while its manifest (which lists every file's sha256) still "
+        "has this digest.",
+        pattern=MANIFEST_DIGEST,
+    )
 
 
 class ArtifactStatus(StatusModel):

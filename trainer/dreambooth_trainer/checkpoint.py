@@ -34,10 +34,18 @@ Resume (many ranks): rank 0 picks ``latest_valid(store, root, level="size")`` an
 step; every rank calls ``restore(store, root, dest, step=step, select=...)``, which hash-checks
 what it downloads, so all ranks load the same checkpoint. If any rank gets CheckpointInvalid,
 agree on it (all-reduce) and try again with ``latest_valid(..., below=step)``.
+
+Trust: the manifest lies beside the files it vouches for, so it proves a checkpoint complete,
+not genuine: whoever may write the store can commit a checkpoint of their own. Where that
+matters, keep ``CheckpointInfo.manifest_digest`` (the sha256 of the manifest's bytes, returned
+by ``commit``) somewhere those writers cannot change, and pass it back as ``expect_digest`` to
+``verify``/``restore``: the manifest is then checked against it before anything else, and since
+it lists every file's sha256, which ``restore`` checks, the digest vouches for every file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 import shutil
@@ -71,6 +79,10 @@ class CheckpointInvalid(Exception):
         super().__init__(f"checkpoint {uri}: {reason}")
         self.uri = uri
         self.reason = reason
+
+
+class CheckpointMissing(CheckpointInvalid):
+    """No manifest: never committed, or deleted (deletion removes the manifest first)."""
 
 
 class FileEntry(BaseModel):
@@ -118,6 +130,13 @@ class CheckpointInfo:
     created: datetime
     files: tuple[FileEntry, ...] = ()
     metadata: dict[str, Any] = field(default_factory=dict)
+    # "sha256:<hex>" of the manifest's bytes as written (commit) or read (everything else).
+    manifest_digest: str | None = None
+
+
+def manifest_digest(data: bytes) -> str:
+    """The digest of a manifest's bytes, in the form status.checkpoint.manifestDigest holds."""
+    return "sha256:" + hashlib.sha256(data).hexdigest()
 
 
 def checkpoint_key(root: str, step: int) -> str:
@@ -182,8 +201,9 @@ def commit(
         metadata=dict(metadata or {}),
     )
     directory = checkpoint_key(root, step)
-    store.write_bytes(join(directory, MANIFEST), manifest.model_dump_json(indent=1).encode())
-    info = _info(store, directory, manifest)
+    data = manifest.model_dump_json(indent=1).encode()
+    store.write_bytes(join(directory, MANIFEST), data)
+    info = _info(store, directory, manifest, manifest_digest(data))
     log.info("committed checkpoint %s (%d files)", info.uri, len(info.files))
     return info
 
@@ -213,24 +233,45 @@ def save(
 # reading and verifying
 
 
-def read_manifest(store: Store, root: str, step: int) -> Manifest:
-    """The parsed manifest of ``step``; CheckpointInvalid if missing, unreadable or inconsistent."""
+def read_manifest(store: Store, root: str, step: int, expect_digest: str | None = None) -> Manifest:
+    """The parsed manifest of ``step``; CheckpointInvalid if missing, unreadable or inconsistent
+    (CheckpointMissing if there is none), or if its bytes do not have ``expect_digest``."""
+    return _read_manifest(store, root, step, expect_digest)[0]
+
+
+def _read_manifest(
+    store: Store, root: str, step: int, expect_digest: str | None
+) -> tuple[Manifest, str]:
+    """The manifest and the digest of the very bytes it was parsed from."""
     directory = checkpoint_key(root, step)
     uri = store.uri_for(directory)
     try:
-        manifest = Manifest.model_validate_json(store.read_bytes(join(directory, MANIFEST)))
+        data = store.read_bytes(join(directory, MANIFEST))
     except FileNotFoundError:
-        raise CheckpointInvalid(uri, "no manifest (uncommitted)") from None
+        raise CheckpointMissing(uri, "no manifest (uncommitted)") from None
+    digest = manifest_digest(data)
+    if expect_digest is not None and digest != expect_digest:
+        # Checked before parsing: an untrusted manifest is not even read.
+        raise CheckpointInvalid(uri, f"manifest is {digest}, not the expected {expect_digest}")
+    try:
+        manifest = Manifest.model_validate_json(data)
     except ValidationError as exc:
         raise CheckpointInvalid(uri, f"invalid manifest: {_first_error(exc)}") from None
     if manifest.step != step:
         raise CheckpointInvalid(uri, f"manifest says step {manifest.step}")
-    return manifest
+    return manifest, digest
 
 
-def verify(store: Store, root: str, step: int, level: VerifyLevel = "sha256") -> CheckpointInfo:
-    """CheckpointInfo of ``step`` if it verifies at ``level``; CheckpointInvalid otherwise."""
-    manifest = read_manifest(store, root, step)
+def verify(
+    store: Store,
+    root: str,
+    step: int,
+    level: VerifyLevel = "sha256",
+    expect_digest: str | None = None,
+) -> CheckpointInfo:
+    """CheckpointInfo of ``step`` if it verifies at ``level`` (and its manifest has
+    ``expect_digest``, if given); CheckpointInvalid otherwise."""
+    manifest, digest = _read_manifest(store, root, step, expect_digest)
     directory = checkpoint_key(root, step)
     if level in ("size", "sha256"):
         _check_sizes(store, directory, manifest)
@@ -238,7 +279,7 @@ def verify(store: Store, root: str, step: int, level: VerifyLevel = "sha256") ->
         for entry in manifest.files:
             actual = store.sha256(join(directory, entry.path))
             _check_hash(store.uri_for(directory), entry, actual)
-    return _info(store, directory, manifest)
+    return _info(store, directory, manifest, digest)
 
 
 def latest_valid(
@@ -266,6 +307,7 @@ def restore(
     *,
     step: int | None = None,
     select: Callable[[str], bool] | None = None,
+    expect_digest: str | None = None,
 ) -> CheckpointInfo | None:
     """Download the newest valid checkpoint (or exactly ``step``) into ``dest_dir``.
 
@@ -275,11 +317,15 @@ def restore(
     a broken checkpoint raises CheckpointInvalid instead. None if nothing valid exists.
     ``select`` filters the relative file paths (a rank's own shards); only those are hashed.
     Processes restoring at once need distinct ``dest_dir``s (or one restores per node).
+    ``expect_digest`` (with ``step``): the manifest's bytes must have this digest, or nothing
+    is downloaded (CheckpointInvalid).
     """
+    if expect_digest is not None and step is None:
+        raise ValueError("expect_digest names one checkpoint: give its step")
     candidates = [step] if step is not None else list_steps(store, root)
     for candidate in candidates:
         try:
-            return _restore_one(store, root, candidate, Path(dest_dir), select)
+            return _restore_one(store, root, candidate, Path(dest_dir), select, expect_digest)
         except CheckpointInvalid as exc:
             if step is not None:
                 raise
@@ -293,8 +339,9 @@ def _restore_one(
     step: int,
     dest: Path,
     select: Callable[[str], bool] | None,
+    expect_digest: str | None,
 ) -> CheckpointInfo:
-    manifest = read_manifest(store, root, step)
+    manifest, digest = _read_manifest(store, root, step, expect_digest)
     directory = checkpoint_key(root, step)
     _check_sizes(store, directory, manifest)  # cheap: no download of an obviously broken one
     wanted = [e for e in manifest.files if select is None or select(e.path)]
@@ -307,7 +354,7 @@ def _restore_one(
         _replace_dir(staging, dest)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    info = _info(store, directory, manifest)
+    info = _info(store, directory, manifest, digest)
     log.info("restored checkpoint %s into %s", info.uri, dest)
     return info
 
@@ -342,17 +389,22 @@ def _replace_dir(source: Path, dest: Path) -> None:
 # retention
 
 
-def apply_retention(store: Store, root: str, keep: int) -> list[int]:
+def apply_retention(store: Store, root: str, keep: int, upto: int | None = None) -> list[int]:
     """Keep the newest ``keep`` committed checkpoints; delete older ones and older debris.
 
     "Committed" here means the manifest is valid and every file has its size (one LIST per
     checkpoint; hashing every checkpoint on each save would read gigabytes). Uncommitted
     directories newer than the newest committed one are left alone: they may be in progress.
+    With ``upto`` (the step of the newest checkpoint one trusts), only steps up to it count and
+    may go: the trusted one is never deleted to keep newer ones nobody vouches for.
     Returns the steps deleted.
     """
     if keep < 1:
         raise ValueError("keep must be at least 1")
     committed, debris = _classify(store, root)
+    if upto is not None:
+        committed = [s for s in committed if s <= upto]
+        debris = [s for s in debris if s <= upto]
     newest = committed[0] if committed else None
     doomed = committed[keep:] + [s for s in debris if newest is not None and s < newest]
     for step in sorted(doomed):
@@ -384,7 +436,7 @@ def _delete_checkpoint(store: Store, directory: str) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def _info(store: Store, directory: str, manifest: Manifest) -> CheckpointInfo:
+def _info(store: Store, directory: str, manifest: Manifest, digest: str) -> CheckpointInfo:
     return CheckpointInfo(
         step=manifest.step,
         key=directory,
@@ -392,6 +444,7 @@ def _info(store: Store, directory: str, manifest: Manifest) -> CheckpointInfo:
         created=manifest.created,
         files=tuple(manifest.files),
         metadata=manifest.metadata,
+        manifest_digest=digest,
     )
 
 

@@ -16,6 +16,28 @@ Resume: rank 0 picks the newest checkpoint whose manifest and file sizes check o
 broadcasts its step; every rank downloads the files it needs, hash-checked. If any rank found a
 file broken, all ranks agree to fall back to the checkpoint before it.
 
+Trust: loading a checkpoint unpickles parts of it (DeepSpeed's and DCP's files), so a checkpoint
+is code. The manifest proves one complete, not genuine: it lies in the same storage, and whoever
+may write there may rewrite files and manifest alike. Under the operator (``DBJ_NAME`` set) the
+anchor is the job's ``status.checkpoint`` (progress.py), which rank 0 records after each commit,
+confirmed, with the sha256 of the manifest's bytes, and reads back before a resume:
+
+- nothing recorded (a new job, or one deleted and re-created: its status starts empty), or a
+  record of another location or without a digest: storage is not trusted, training starts from
+  step 0; the checkpoints there stay until this run's own commits overtake or retire them.
+  Unless their manifests (parsed, nothing loaded) name another spec: then, as for a resume, bad
+  input, rather than replace another job's checkpoints and export;
+- checkpoints newer than the recorded one are skipped (a lost status report, or planted);
+- the recorded one gone (deleted: "delete the checkpoints to start over"): the same as none;
+- the recorded one there but its manifest without the recorded digest, or a file without its
+  manifest's sha256: refused, as bad input naming storage.outputUri, and never loaded;
+- the status cannot be read: the run fails (a restart tries again), loading nothing.
+
+Every rank checks the digest of the manifest bytes it reads itself, so no rank acts on a
+manifest swapped after rank 0 looked. Retention never deletes the recorded checkpoint, and
+leaves alone those newer than it, so a lost report cannot leave a job with nothing to resume.
+Local runs (no ``DBJ_NAME``) trust their storage as it is.
+
 A checkpoint records what determined its weights (the config's parts, world size, backend):
 a run whose parts differ refuses to resume it, as bad input naming storage.outputUri, rather
 than continue (or, past maxSteps, export) weights trained for another spec.
@@ -33,6 +55,7 @@ import shutil
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING, Any
@@ -42,9 +65,10 @@ import torch.distributed as dist
 
 from . import checkpoint
 from .callbacks import Callback, StepMetrics
-from .checkpoint import CheckpointInfo, CheckpointInvalid, FileEntry
+from .checkpoint import CheckpointInfo, CheckpointInvalid, CheckpointMissing, FileEntry
 from .config import ConfigError
 from .parallel import World
+from .progress import AnchorUnavailable, CheckpointAnchor, anchor_from_env
 from .storage import Store
 
 if TYPE_CHECKING:
@@ -54,6 +78,11 @@ log = logging.getLogger(__name__)
 
 CHECKPOINTS_DIR = "checkpoints"  # inside the output location
 COMPARED = ("worldSize", "backend")  # besides the identity, what a resumed run must match
+RESUMING = "resuming it would continue other weights"
+REPLACING = "training here from step 0 would replace its checkpoints and export"
+FROM_ENV = "from-env"  # Checkpointing's default anchor: progress.anchor_from_env()
+# Reads of the anchor for retention: a status that cannot be read only postpones retention.
+RETENTION_READ_ATTEMPTS = 2
 
 
 class StopSignal:
@@ -93,8 +122,11 @@ class Checkpointing(Callback):
         root: str = CHECKPOINTS_DIR,
         metadata: dict[str, Any] | None = None,
         identity: dict[str, Any] | None = None,
+        anchor: CheckpointAnchor | None | str = FROM_ENV,
     ):
         self.store = store
+        # Where the checkpoints this job committed are recorded (None: storage is trusted).
+        self.anchor = anchor_from_env() if anchor == FROM_ENV else anchor
         self.identity = dict(identity or {})  # what a resumed run must match (see describe)
         self.staging = staging  # local, this process's: per-rank subdirectories below
         self.interval = interval
@@ -122,7 +154,8 @@ class Checkpointing(Callback):
     # -- saving ------------------------------------------------------------------------------------
 
     def save(self, trainer: Trainer) -> CheckpointInfo | None:
-        """Collective. Save, upload, commit (rank 0) and apply retention; rank 0 gets the info."""
+        """Collective. Save and upload; rank 0 commits, tells the callbacks (the status report,
+        which records it, confirmed) and applies retention; rank 0 gets the info."""
         world, step = trainer.world, trainer.step
         started = time.perf_counter()
         local = self._empty_dir(f"save-rank-{world.rank:05d}")
@@ -137,17 +170,32 @@ class Checkpointing(Callback):
             files = [entry for rank_entries in everyone for entry in rank_entries]
             metadata = {**self.metadata, **self.describe(trainer)}
             info = checkpoint.commit(self.store, self.root, step, files, metadata)
-            checkpoint.apply_retention(self.store, self.root, self.keep)
-        # No rank runs ahead (or exits, after SIGTERM) before the commit: torchrun would stop
-        # rank 0 mid-commit as soon as any rank is gone.
-        world.barrier()
-        shutil.rmtree(local, ignore_errors=True)
-        if info is not None:
             seconds = time.perf_counter() - started
             log.info("checkpoint at step %d: %s (%.1fs)", step, info.uri, seconds)
+            # The status report among these is confirmed: recorded before retention looks.
             for callback in trainer.callbacks:
                 callback.on_checkpoint(trainer, info, seconds)
+            self._retain()
+        # No rank runs ahead (or exits, after SIGTERM) before the commit and its report:
+        # torchrun would stop rank 0 mid-commit as soon as any rank is gone.
+        world.barrier()
+        shutil.rmtree(local, ignore_errors=True)
         return info
+
+    def _retain(self) -> None:
+        """Retention up to the recorded checkpoint (see the module docstring)."""
+        if self.anchor is None:
+            checkpoint.apply_retention(self.store, self.root, self.keep)
+            return
+        try:
+            recorded = self._recorded(attempts=RETENTION_READ_ATTEMPTS)
+        except AnchorUnavailable as exc:
+            log.warning("retention postponed: %s", exc)
+            return
+        if recorded is None:
+            log.warning("retention postponed: no checkpoint in %s yet", self.anchor.describe())
+            return
+        checkpoint.apply_retention(self.store, self.root, self.keep, upto=recorded.step)
 
     def describe(self, trainer: Trainer) -> dict[str, Any]:
         """What a resuming run must match: the weights' parts (`identity`) and, since resharding
@@ -162,21 +210,133 @@ class Checkpointing(Callback):
     # -- resuming ----------------------------------------------------------------------------------
 
     def resume(self, trainer: Trainer) -> CheckpointInfo | None:
-        """Collective. Load the newest checkpoint every rank could restore; None if none."""
+        """Collective. Load the newest checkpoint every rank could restore; None if none.
+
+        With an anchor, only the recorded checkpoint, and only if it checks out against the
+        recorded manifest digest on every rank (module docstring)."""
+        if self.anchor is not None:
+            return self._resume_recorded(trainer)
         world = trainer.world
         below = None
         while (step := self._newest_step(world, below)) is not None:
             local = self.staging / f"restore-rank-{world.rank:05d}"
             info = self._download(trainer, step, local)
             if all_ranks(world, info is not None):
-                self._check_compatible(info, trainer)
-                trainer.load_state(local)
-                shutil.rmtree(local, ignore_errors=True)
-                log.info("resumed from %s at step %d", info.uri, trainer.step)
-                return info
+                return self._load(trainer, info, local)
             below = step  # some rank found it broken: everyone takes the previous one
         log.info("no committed checkpoint in %s: training from step 0", self._uri())
         return None
+
+    def _load(self, trainer: Trainer, info: CheckpointInfo, local: Path) -> CheckpointInfo:
+        self._check_compatible(info, trainer)
+        trainer.load_state(local)
+        shutil.rmtree(local, ignore_errors=True)
+        log.info("resumed from %s at step %d", info.uri, trainer.step)
+        return info
+
+    def _resume_recorded(self, trainer: Trainer) -> CheckpointInfo | None:
+        world = trainer.world
+        choice = _Choice(failed="rank 0 did not decide")
+        if world.is_main:
+            try:
+                choice = self._choose_recorded(trainer)
+            except Exception as exc:  # noqa: BLE001 - every rank must hear of it, not hang
+                log.exception("choosing the checkpoint to resume failed")
+                choice = _Choice(failed=f"choosing the checkpoint to resume failed: {exc}")
+        choice = broadcast_from_main(choice, world)
+        if choice.refused is not None:
+            raise ConfigError("storage.outputUri", choice.refused)
+        if choice.failed is not None:
+            raise RuntimeError(choice.failed)
+        if choice.step is None:
+            return None
+        local = self.staging / f"restore-rank-{world.rank:05d}"
+        info = self._download(trainer, choice.step, local, choice.digest)
+        if not all_ranks(world, info is not None):
+            # No fallback: an older checkpoint is vouched for by nothing.
+            raise ConfigError(
+                "storage.outputUri",
+                self._refusal(self._uri_of(choice.step), "a file does not match it (see the log)"),
+            )
+        return self._load(trainer, info, local)
+
+    def _choose_recorded(self, trainer: Trainer) -> _Choice:
+        """Rank 0: which checkpoint to resume under the anchor, or why none (docstring)."""
+        steps = checkpoint.list_steps(self.store, self.root)
+        if not steps:  # nothing to trust or distrust: no need to ask
+            log.info("no checkpoint in %s: training from step 0", self._uri())
+            return _Choice()
+        try:
+            recorded = self._recorded()
+        except AnchorUnavailable as exc:
+            return _Choice(failed=f"{exc}: not resuming from {self._uri()} unverified")
+        where = self.anchor.describe()
+        if recorded is None:
+            return self._start_over(trainer, f"none is recorded in {where} (a re-created job?)")
+        newer = [step for step in steps if step > recorded.step]
+        if newer:
+            log.warning(
+                "skipping checkpoints at steps %s in %s: newer than the one recorded in %s "
+                "(step %d), so not trusted",
+                sorted(newer),
+                self._uri(),
+                where,
+                recorded.step,
+            )
+        try:
+            checkpoint.verify(
+                self.store,
+                self.root,
+                recorded.step,
+                level="size",
+                expect_digest=recorded.manifest_digest,
+            )
+        except CheckpointMissing:
+            return self._start_over(trainer, f"the one recorded in {where} is gone")
+        except CheckpointInvalid as exc:
+            log.error("refusing %s", exc)
+            return _Choice(refused=self._refusal(recorded.uri, exc.reason))
+        return _Choice(step=recorded.step, digest=recorded.manifest_digest)
+
+    def _start_over(self, trainer: Trainer, why: str) -> _Choice:
+        """Train from step 0 past checkpoints nothing vouches for; but not over another spec's:
+        their manifests' metadata (parsed, nothing loaded) still says whose they are, and a run
+        of another spec would replace their checkpoints and export (see _check_compatible)."""
+        newest = checkpoint.latest_valid(self.store, self.root, level="manifest")
+        if newest is not None:
+            differs = self._differences(newest.metadata, trainer, compared=())
+            if differs:
+                return _Choice(refused=self._incompatible(newest, differs, REPLACING))
+        log.warning(
+            "not trusting the checkpoints in %s: %s. Training from step 0; they stay until "
+            "this run's own checkpoints replace or retire them",
+            self._uri(),
+            why,
+        )
+        return _Choice()
+
+    def _recorded(self, attempts: int | None = None) -> _Recorded | None:
+        """The anchor's checkpoint if it names one of ours with a digest; None otherwise."""
+        recorded = self.anchor.recorded_checkpoint(attempts)
+        if recorded is None:
+            return None
+        if recorded.uri != self._uri_of(recorded.step) or not recorded.manifest_digest:
+            log.warning(
+                "%s records %s%s, not one of %s: nothing there is trusted",
+                self.anchor.describe(),
+                recorded.uri,
+                "" if recorded.manifest_digest else " without a manifest digest",
+                self._uri(),
+            )
+            return None
+        return _Recorded(recorded.step, recorded.uri, recorded.manifest_digest)
+
+    def _refusal(self, uri: str, reason: str) -> str:
+        return (
+            f"{uri} is the checkpoint recorded in {self.anchor.describe()}, but it was changed "
+            f"after its commit ({reason}): refusing to load it. Delete the checkpoints in "
+            f"{self._uri()} to train from step 0"
+        )
 
     def _newest_step(self, world: World, below: int | None) -> int | None:
         """Rank 0 lists and verifies (manifest, sizes); every rank gets its answer."""
@@ -186,29 +346,46 @@ class Checkpointing(Callback):
             step = info.step if info else None
         return broadcast_from_main(step, world)
 
-    def _download(self, trainer: Trainer, step: int, local: Path) -> CheckpointInfo | None:
+    def _download(
+        self, trainer: Trainer, step: int, local: Path, digest: str | None = None
+    ) -> CheckpointInfo | None:
         try:
             return checkpoint.restore(
-                self.store, self.root, local, step=step, select=trainer.needs_file
+                self.store,
+                self.root,
+                local,
+                step=step,
+                select=trainer.needs_file,
+                expect_digest=digest,
             )
         except CheckpointInvalid as exc:
             log.warning("skipping %s", exc)
             return None
 
     def _check_compatible(self, info: CheckpointInfo, trainer: Trainer) -> None:
+        differs = self._differences(info.metadata, trainer)
+        if differs:
+            raise ConfigError("storage.outputUri", self._incompatible(info, differs, RESUMING))
+
+    def _differences(
+        self, metadata: dict[str, Any], trainer: Trainer, compared: tuple[str, ...] = COMPARED
+    ) -> list[str]:
+        """The parts of this run that a checkpoint's metadata names otherwise."""
+
         def matched(metadata: dict[str, Any]) -> dict[str, Any]:
             # Checkpoints of older trainers have no identity: world size and backend only.
-            return {**metadata.get("identity", {}), **{k: metadata.get(k) for k in COMPARED}}
+            return {**metadata.get("identity", {}), **{k: metadata.get(k) for k in compared}}
 
-        saved, ours = matched(info.metadata), matched(self.describe(trainer))
-        differs = [part for part in ours if part in saved and saved[part] != ours[part]]
-        if differs:
-            raise ConfigError(
-                "storage.outputUri",
-                f"{info.uri} was written by job {info.metadata.get('job', '?')} with another "
-                f"{', '.join(differs)} than this run's: resuming it would continue other weights. "
-                "Use another outputUri, or delete its checkpoints to start over",
-            )
+        saved, ours = matched(metadata), matched(self.describe(trainer))
+        return [part for part in ours if part in saved and saved[part] != ours[part]]
+
+    @staticmethod
+    def _incompatible(info: CheckpointInfo, differs: list[str], consequence: str) -> str:
+        return (
+            f"{info.uri} was written by job {info.metadata.get('job', '?')} with another "
+            f"{', '.join(differs)} than this run's: {consequence}. "
+            "Use another outputUri, or delete its checkpoints to start over"
+        )
 
     # -- helpers -----------------------------------------------------------------------------------
 
@@ -220,6 +397,26 @@ class Checkpointing(Callback):
 
     def _uri(self) -> str:
         return self.store.uri_for(self.root)
+
+    def _uri_of(self, step: int) -> str:
+        return self.store.uri_for(checkpoint.checkpoint_key(self.root, step))
+
+
+@dataclass(frozen=True)
+class _Recorded:
+    step: int
+    uri: str
+    manifest_digest: str
+
+
+@dataclass(frozen=True)
+class _Choice:
+    """Rank 0's decision under an anchor, broadcast so that every rank acts on it alike."""
+
+    step: int | None = None  # None: train from step 0
+    digest: str | None = None  # what the manifest of `step` must hash to, on every rank
+    refused: str | None = None  # bad input: ConfigError on every rank
+    failed: str | None = None  # cannot decide now (status unreadable): RuntimeError
 
 
 # -- agreement between ranks -------------------------------------------------------------------

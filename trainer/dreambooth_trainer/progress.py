@@ -1,10 +1,18 @@
-"""How rank 0 tells the operator where training is: ``status.progress`` and ``status.checkpoint``.
+"""How rank 0 tells the operator where training is: ``status.progress`` and ``status.checkpoint``;
+and how it reads ``status.checkpoint`` back, the trust anchor of a resume (``anchor_from_env``).
 
 Contract (shared/DESIGN.md): rank 0 reports step, loss, throughput and the latest committed
 checkpoint at least every 30 s. The trainer calls ``report()`` every optimizer step and
 ``report_checkpoint()`` after every commit; the reporter sends at most every ``min_interval``
 seconds, and always for a checkpoint and on ``close()``. Reporting never raises into the training
 loop: failures are logged and training goes on.
+
+``status.checkpoint`` carries the sha256 of the checkpoint's manifest (``manifestDigest``). Anyone
+who may write the job's storage may also rewrite a checkpoint and its manifest consistently, but
+not the job's status; so under the operator a resume trusts only the checkpoint recorded there,
+and only while its manifest still has the recorded digest (checkpointing.py). The Kubernetes
+reporter therefore waits until a checkpoint's report has arrived (or was given up) before
+training goes on: a checkpoint the status does not name is one no resume will use.
 
 Field names come from the operator's API models (``Progress``, ``CheckpointStatus``), so the
 trainer and the CRD cannot drift apart.
@@ -17,7 +25,8 @@ Environment (set by the operator on training pods; ``reporter_from_env`` reads i
 - ``DBJ_PROGRESS_INTERVAL``: seconds between progress reports (default 10, at most 30).
 - ``KUBECONFIG``: used when not running in a pod with a service account (tests, local processes).
 
-The Kubernetes reporter needs RBAC ``patch`` on ``dreamboothjobs/status`` for that one job.
+The Kubernetes reporter needs RBAC ``patch`` on ``dreamboothjobs/status`` for that one job, the
+anchor ``get`` (both granted by the job's Role).
 """
 
 from __future__ import annotations
@@ -30,7 +39,9 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
+
+from pydantic import ValidationError
 
 from dreambooth_operator.api import (
     GROUP,
@@ -92,7 +103,9 @@ def progress_model(
 
 def checkpoint_model(info: CheckpointInfo) -> CheckpointStatus:
     """The ``status.checkpoint`` value of a committed checkpoint."""
-    return CheckpointStatus(step=info.step, uri=info.uri, time=info.created)
+    return CheckpointStatus(
+        step=info.step, uri=info.uri, time=info.created, manifest_digest=info.manifest_digest
+    )
 
 
 def status_patch(
@@ -159,9 +172,12 @@ class ProgressReporter:
         self._deliver(status_patch(self._latest), now)
         return True
 
-    def report_checkpoint(self, info: CheckpointInfo) -> None:
-        """Always sent at once, with the latest progress (the operator shows both together)."""
-        self._deliver(status_patch(self._latest, checkpoint_model(info)), self._clock())
+    def report_checkpoint(self, info: CheckpointInfo) -> bool:
+        """Always sent at once, with the latest progress (the operator shows both together).
+
+        Returns whether it arrived, as far as this reporter can tell (failures are logged).
+        """
+        return self._deliver(status_patch(self._latest, checkpoint_model(info)), self._clock())
 
     def report_artifact(self, uri: str, digest: str) -> None:
         """The exported pipeline; the operator serves exactly this digest."""
@@ -186,12 +202,14 @@ class ProgressReporter:
         elapsed = now - self._first[0]
         return (step - self._first[1]) / elapsed if elapsed > 0 else None
 
-    def _deliver(self, patch: Patch, now: float) -> None:
+    def _deliver(self, patch: Patch, now: float) -> bool:
         self._last_sent = now
         try:
             self._send(patch)
         except Exception:  # noqa: BLE001 - reporting must never stop training
             log.warning("progress report failed", exc_info=True)
+            return False
+        return True
 
     def _send(self, patch: Patch) -> None:
         raise NotImplementedError
@@ -209,12 +227,22 @@ class NullReporter(ProgressReporter):
 
 
 class LocalReporter(ProgressReporter):
-    """``dreambooth run``: the status as JSON in a file (replaced atomically) and a log line."""
+    """``dreambooth run``: the status as JSON in a file (replaced atomically) and a log line.
+
+    Like the job's status, the file outlives a run: a restarted one merges its reports into
+    what is there (the last checkpoint recorded stays until a newer one is)."""
 
     def __init__(self, total_steps: int, path: Path | str | None = None, **kwargs: Any):
         super().__init__(total_steps, **kwargs)
         self.path = Path(path) if path else None
-        self._status: Patch = {}
+        self._status: Patch = self._previous()
+
+    def _previous(self) -> Patch:
+        try:
+            previous = json.loads(self.path.read_text()) if self.path else {}
+        except (OSError, ValueError):
+            return {}
+        return previous if isinstance(previous, dict) else {}
 
     def _send(self, patch: Patch) -> None:
         self._status.update(patch["status"])
@@ -277,18 +305,39 @@ class KubernetesReporter(ProgressReporter):
         with self._cond:
             return self._cond.wait_for(lambda: self._pending is None and not self._busy, timeout)
 
+    def report_checkpoint(self, info: CheckpointInfo) -> bool:
+        """Sent and confirmed before returning, unlike progress: a resume trusts only the
+        checkpoint the status names (module docstring). One that cannot be recorded is logged,
+        not raised: training goes on, and a resume falls back to the last one recorded."""
+        super().report_checkpoint(info)
+        delivered = self._confirm()
+        if not delivered:
+            log.warning(
+                "checkpoint %s is not recorded in the status of %s %s/%s: a resume will not "
+                "trust it, and takes the last recorded one",
+                info.uri,
+                PLURAL,
+                self.namespace,
+                self.name,
+            )
+        return delivered
+
     def report_artifact(self, uri: str, digest: str) -> None:
         """Sent and confirmed before returning, unlike progress: the operator has no other way
         to learn what to serve, so an artifact that cannot be recorded fails the export (its pod
         is restarted) instead of leaving the job waiting for a patch that never came."""
         super().report_artifact(uri, digest)
-        # Longer than every try with its timeout and backoff could take.
-        retrying = self._retries * (self._timeout + self._backoff * self._retries)
-        if not (self.flush(retrying) and self._delivered):
+        if not self._confirm():
             raise ReportNotDelivered(
                 f"could not record the artifact in the status of {PLURAL} "
                 f"{self.namespace}/{self.name} (see the warning above)"
             )
+
+    def _confirm(self) -> bool:
+        """Whether everything handed over so far arrived."""
+        # Longer than every try with its timeout and backoff could take.
+        retrying = self._retries * (self._timeout + self._backoff * self._retries)
+        return self.flush(retrying) and self._delivered
 
     def close(self, timeout: float = 30.0) -> None:
         super().close()
@@ -346,6 +395,100 @@ class KubernetesReporter(ProgressReporter):
             _content_type=MERGE_PATCH,
             _request_timeout=self._timeout,
         )
+
+
+# -- the trust anchor: status.checkpoint, read back --------------------------------------------
+
+
+class AnchorUnavailable(RuntimeError):
+    """The job's recorded checkpoint could not be read, so nothing in storage can be trusted yet
+    (a restart tries again)."""
+
+
+class CheckpointAnchor(Protocol):
+    """Where the checkpoint a job committed last is recorded, out of reach of storage writers."""
+
+    def recorded_checkpoint(self, attempts: int | None = None) -> CheckpointStatus | None:
+        """The recorded checkpoint, None if none is; AnchorUnavailable if it cannot be read."""
+        ...
+
+    def describe(self) -> str:
+        """Where it is recorded, for messages."""
+        ...
+
+
+class JobStatusAnchor:
+    """``status.checkpoint`` of the DreamBoothJob, read from the API server (RBAC ``get`` on the
+    job's status). Only the trainer's own pods, and those granted the status subresource, may
+    write it; holding the storage credentials is not enough."""
+
+    def __init__(
+        self,
+        name: str,
+        namespace: str | None,
+        *,
+        api: Any = None,
+        retries: int = MUST_DELIVER_RETRIES,
+        backoff: float = 1.0,
+        request_timeout: float = 10.0,
+    ):
+        self.name = name
+        self.namespace = namespace
+        self._api = api
+        self._retries = retries
+        self._backoff = backoff
+        self._timeout = request_timeout
+
+    def describe(self) -> str:
+        return f"the status of {PLURAL} {self.namespace}/{self.name}"
+
+    def recorded_checkpoint(self, attempts: int | None = None) -> CheckpointStatus | None:
+        status = self._read(attempts or self._retries).get("status") or {}
+        value = status.get("checkpoint")
+        if not value:
+            return None
+        try:
+            return CheckpointStatus.model_validate(value)
+        except ValidationError as exc:
+            raise AnchorUnavailable(f"{self.describe()}: invalid checkpoint {value!r}") from exc
+
+    def _read(self, attempts: int) -> dict[str, Any]:
+        """The job, from its status subresource; retried like the reporter's patches."""
+        if not self.namespace:
+            raise AnchorUnavailable(f"{ENV_NAMESPACE} unset and no service-account namespace")
+        try:
+            if self._api is None:
+                self._api = _custom_objects_api()
+        except Exception as exc:  # noqa: BLE001 - any setup failure means: cannot verify
+            raise AnchorUnavailable(f"cannot read {self.describe()}: {exc}") from exc
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return self._api.get_namespaced_custom_object_status(
+                    GROUP,
+                    VERSION,
+                    self.namespace,
+                    PLURAL,
+                    self.name,
+                    _request_timeout=self._timeout,
+                )
+            except Exception as exc:  # noqa: BLE001 - retried, then raised as unavailable
+                status = getattr(exc, "status", None)  # None: no HTTP answer (network)
+                retryable = status is None or status in RETRY_STATUSES
+                if not retryable or attempt >= attempts:
+                    reason = getattr(exc, "reason", None) or exc
+                    raise AnchorUnavailable(
+                        f"cannot read {self.describe()} (attempt {attempt}): {reason}"
+                    ) from exc
+                time.sleep(self._backoff * attempt)
+
+
+def anchor_from_env() -> CheckpointAnchor | None:
+    """The job's status under the operator (``DBJ_NAME`` set); None for local runs, whose
+    storage is the user's own disk or bucket and trusted as it is."""
+    name = os.environ.get(ENV_NAME)
+    return JobStatusAnchor(name, _namespace_from_env()) if name else None
 
 
 def _custom_objects_api() -> Any:

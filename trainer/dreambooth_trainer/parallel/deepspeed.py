@@ -9,6 +9,10 @@ State lives in files: `save_to_dir` is the engine's `save_checkpoint`, which wri
 (and, under ZeRO-3, parameter) shard per rank plus, on rank 0, the module/scheduler file; every
 rank writes into a directory of its own, so no shared filesystem is needed. `needs_file` tells a
 rank which of a checkpoint's files it must download before `load_from_dir`.
+
+`load_from_dir` is the engine's `load_checkpoint`, which unpickles (torch.load with
+weights_only=False: optimizer states hold Python objects): it runs whatever code the files ask
+for. Only hand it files checkpointing.py verified against the job's trust anchor.
 """
 
 from __future__ import annotations
@@ -182,7 +186,8 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
 
     def load_from_dir(self, directory: Path | str) -> None:
-        """Collective. `directory` must hold the files `needs_file` selects for this rank."""
+        """Collective. `directory` must hold the files `needs_file` selects for this rank, and
+        only verified ones: this unpickles them (module docstring)."""
         path, _ = self.engine.load_checkpoint(str(directory), tag=TAG)
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")

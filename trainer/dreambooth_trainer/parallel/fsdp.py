@@ -8,6 +8,8 @@ the 16-bit type, gradients reduced in fp32.
 State: `state_dict()` is the sharded (DTensor) model and optimizer state from
 `torch.distributed.checkpoint.state_dict`; `save_to_dir` writes it with torch.distributed.checkpoint
 (one file per rank plus metadata), which can also load into a different number of ranks.
+Its `.metadata` file is a pickle that `load_from_dir` unpickles: only hand it files
+checkpointing.py verified against the job's trust anchor.
 """
 
 from __future__ import annotations
