@@ -35,7 +35,8 @@ def test_the_same_spec_resumes_and_another_is_refused(make_config, tmp_path):
     priors.run_priors(first)
     assert steps_trained(first) == 2
 
-    # Re-applied unchanged (a re-created job, say): resumes at step 2, nothing left to train.
+    # The same spec again (run locally, where storage is trusted): resumes at step 2, nothing
+    # left to train. Under the operator only a checkpoint its status records is resumed.
     assert steps_trained(first) == 0
 
     # Where and how often checkpoints are written is no part of the weights.
