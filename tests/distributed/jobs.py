@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth_trainer import checkpoint
+from dreambooth_trainer.callbacks import PAUSE_ENV
 from dreambooth_trainer.checkpointing import CHECKPOINTS_DIR
 from dreambooth_trainer.config import TrainerConfig
 from dreambooth_trainer.storage import Store, open_store
@@ -57,12 +58,27 @@ class Job:
     def store(self) -> Store:
         return open_store(self.config.output_uri, self.config.s3.endpoint)
 
-    def launch(self) -> ManagedProcess:
-        """`torchrun --nproc-per-node 2 -m dreambooth_operator.cli train --config ...`."""
+    def launch(self, pause_after: int | None = None) -> ManagedProcess:
+        """`torchrun --nproc-per-node 2 -m dreambooth_operator.cli train --config ...`.
+
+        With `pause_after`, every rank waits after that step (its checkpoint committed) until
+        `resume()` (the trainer's PauseAtStep): a test can act at that step on any machine.
+        """
         self.launches += 1
         args = ["-m", "dreambooth_operator.cli", "train", "--config", self.config_file]
         env = {**self.env, "DREAMBOOTH_METRICS_PORT": str(free_port())}
+        if pause_after is not None:
+            self.pause_file.touch()
+            env[PAUSE_ENV] = f"{pause_after}:{self.pause_file}"
         return harness.launch(args, self.log(self.launches), WORLD_SIZE, env)
+
+    @property
+    def pause_file(self) -> Path:
+        return self.workdir / "paused"
+
+    def resume(self) -> None:
+        """Let a run launched with `pause_after` go on."""
+        self.pause_file.unlink(missing_ok=True)
 
     def train(self, timeout: float = 150) -> None:
         proc = self.launch()
@@ -142,6 +158,16 @@ def wait_for_manifest(job: Job, step: int, proc: ManagedProcess, timeout: float 
         return job.store.exists(key)
 
     wait_for(f"{job.name} checkpoint {step}", committed, timeout, 0.05, proc.log_tail)
+
+
+def wait_for_pause(job: Job, step: int, proc: ManagedProcess, timeout: float = 120) -> None:
+    """Until the run launched with `pause_after=step` says it waits (what came before is done)."""
+
+    def paused() -> bool:
+        proc.check_alive()
+        return f"paused after step {step} " in job.log(job.launches).read_text(errors="replace")
+
+    wait_for(f"{job.name} paused after step {step}", paused, timeout, 0.05, proc.log_tail)
 
 
 def wait_for_step(job: Job, step: int, proc: ManagedProcess, timeout: float = 120) -> None:

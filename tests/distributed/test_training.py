@@ -24,7 +24,7 @@ from .jobs import (
     kill_all,
     make_job,
     same_weights,
-    wait_for_manifest,
+    wait_for_pause,
     wait_for_step,
 )
 
@@ -118,8 +118,9 @@ def test_exact_resume_after_a_crash_skips_broken_checkpoints(new_job, use_8bit_a
     """6 steps straight == 3 steps, SIGKILL, restart, 3 more: bitwise. Before the restart a
     newer checkpoint 5 lost its manifest (upload cut off) and one of rank 1's files in a newer
     checkpoint 6 has the wrong content: only rank 1 downloads it, all ranks must skip it. ZeRO-2
-    shards the 8-bit AdamW state like any other."""
-    # 4 micro-batches a step: steps 4-6 take long enough that the kill lands before step 6.
+    shards the 8-bit AdamW state like any other. The first run pauses after step 3 (its
+    checkpoint committed) until it is killed, however fast the machine."""
+    # 4 micro-batches a step: the resumed data position is a micro-step, not a step.
     training = {
         "maxSteps": 6,
         "gradientAccumulationSteps": 4,
@@ -131,9 +132,10 @@ def test_exact_resume_after_a_crash_skips_broken_checkpoints(new_job, use_8bit_a
     assert straight.checkpoint_steps() == [6, 3]
 
     resumed = new_job("resumed", overrides)
-    proc = resumed.launch()
-    wait_for_manifest(resumed, 3, proc)
+    proc = resumed.launch(pause_after=3)
+    wait_for_pause(resumed, 3, proc)
     kill_all(proc)
+    resumed.resume()
     assert resumed.checkpoint_steps() == [3], "killed too late"
 
     plant_cut_off_checkpoint(resumed, from_step=3, step=5)

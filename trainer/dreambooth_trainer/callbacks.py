@@ -1,10 +1,14 @@
 """Hooks into the training loop, and the standard ones: progress bar, TensorBoard scalars,
-status for the operator and Prometheus."""
+status for the operator and Prometheus; and one for tests, a pause at a given step."""
 
 from __future__ import annotations
 
 import logging
+import os
+import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from torch.utils.tensorboard import SummaryWriter
@@ -126,3 +130,39 @@ class StatusReport(Callback):
         if self.server is not None:
             self.server.shutdown()
             self.server.server_close()
+
+
+# -- a pause for tests ----------------------------------------------------------------------------
+
+PAUSE_ENV = "DREAMBOOTH_PAUSE_AT"
+
+
+class PauseAtStep(Callback):
+    """A test hook, off unless ``DREAMBOOTH_PAUSE_AT=STEP:FILE`` is set (`pause_from_env`): after
+    step STEP, and after everything the callbacks before it do then (a checkpoint, a status
+    report, metrics), training waits while FILE exists. A test that must act at a known point
+    of a run (kill it after a given checkpoint, scrape its metrics) creates FILE before the run,
+    acts once the run reached STEP, and deletes FILE to let it go on, instead of racing a
+    trainer whose speed depends on the machine. A run resumed past STEP never pauses."""
+
+    def __init__(self, step: int, path: Path, poll_seconds: float = 0.05):
+        self.step, self.path, self.poll_seconds = step, path, poll_seconds
+
+    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
+        if trainer.step != self.step or not self.path.exists():
+            return
+        log.warning("%s: paused after step %d while %s exists", PAUSE_ENV, self.step, self.path)
+        while self.path.exists():
+            time.sleep(self.poll_seconds)
+        log.warning("%s: going on after step %d", PAUSE_ENV, self.step)
+
+
+def pause_from_env(environ: Mapping[str, str] = os.environ) -> PauseAtStep | None:
+    """The pause ``DREAMBOOTH_PAUSE_AT`` asks for (``STEP:FILE``), or None when unset."""
+    value = environ.get(PAUSE_ENV, "")
+    if not value:
+        return None
+    step, _, path = value.partition(":")
+    if not step.isdigit() or not path:
+        raise ValueError(f"{PAUSE_ENV}={value!r}: expected STEP:FILE, such as 8:/tmp/pause")
+    return PauseAtStep(int(step), Path(path))

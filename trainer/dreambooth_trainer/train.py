@@ -20,7 +20,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch.utils.tensorboard import SummaryWriter
 
-from .callbacks import Callback, ProgressBar, StatusReport, StepMetrics, TensorBoardScalars
+from .callbacks import (
+    Callback,
+    ProgressBar,
+    StatusReport,
+    StepMetrics,
+    TensorBoardScalars,
+    pause_from_env,
+)
 from .checkpointing import CHECKPOINTS_DIR, Checkpointing
 from .components import DreamBoothModel, FrozenParts, sampling_pipeline, split_pipeline
 from .config import TrainerConfig
@@ -303,7 +310,8 @@ def rank_callbacks(
     config: TrainerConfig, world: World, output: Path, progress: bool
 ) -> tuple[list[Callback], SummaryWriter | None]:
     """Checkpoints (resume first, so the others see the resumed step), samples (collective:
-    all ranks gather the weights, rank 0 renders), and on rank 0 progress, status, TensorBoard."""
+    all ranks gather the weights, rank 0 renders), and on rank 0 progress, status, TensorBoard;
+    last, on every rank, the pause tests may ask for (callbacks.PauseAtStep)."""
     writer = SummaryWriter(str(output / LOGS_DIR)) if world.is_main else None
     resolution = config.training.resolution
     callbacks: list[Callback] = [
@@ -316,6 +324,9 @@ def rank_callbacks(
         if is_s3(config.output_uri):  # before TensorBoardScalars, which closes the writer
             callbacks.append(PublishAsYouGo(output, config, writer))
         callbacks.append(TensorBoardScalars(writer))
+    pause = pause_from_env()
+    if pause is not None:
+        callbacks.append(pause)
     return callbacks, writer
 
 
