@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from tests.support.node import HostMap, PathMap, expand
+import socket
+from pathlib import Path
+
+from tests.support.node import HostMap, PathMap, PortMap, _free_host_port, expand
 
 
 def test_expand_follows_kubernetes_rules():
@@ -32,3 +35,25 @@ def test_host_map_rewrites_cluster_names_used_as_hosts():
     assert hm("http://job-train:8080/v1") == "http://127.0.0.1:8080/v1"
     assert hm("job-train") == "job-train"  # a bare single label is a name, not a host
     assert hm("s3://b/job-train/x") == "s3://b/job-train/x"
+
+
+def test_port_map_rewrites_whole_ports_only():
+    pm = PortMap({8000: 23456, 29500: 23457})
+    assert pm("8000") == "23456"
+    assert pm("--port=8000") == "--port=23456"
+    assert pm("127.0.0.1:29500") == "127.0.0.1:23457"
+    for untouched in ("18000", "80000", "8000x", "--steps 8000 more", "9400", ""):
+        assert pm(untouched) == untouched
+    assert pm.port(8000) == 23456 and pm.port(9400) == 9400
+    assert PortMap()("8000") == "8000"
+
+
+def test_free_host_ports_are_bindable_outside_the_ephemeral_range():
+    low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    taken: set[int] = set()
+    for _ in range(20):
+        port = _free_host_port(taken)
+        assert port < low and port not in taken
+        taken.add(port)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("0.0.0.0", port))

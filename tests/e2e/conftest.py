@@ -52,6 +52,17 @@ def operator_kubeconfig(control_plane, kubectl, helm_bin, tmp_path_factory) -> P
 
 
 @pytest.fixture
+def kube_node(control_plane):
+    """The test node with the pods' containerPorts on free host ports (``node.host_port``):
+    the operator's pods declare fixed ones (rendezvous 29500, trainer metrics 9400, inference
+    8000), which all pods here would otherwise bind on the machine's one loopback."""
+    from tests.support.node import TestNode
+
+    with TestNode(control_plane.api_client, map_ports=True) as node:
+        yield node
+
+
+@pytest.fixture
 def operator_factory(
     control_plane, dreambooth_crd, operator_kubeconfig, tmp_path
 ) -> Iterator[Callable[..., OperatorProcess]]:

@@ -1,13 +1,16 @@
 """The product's main job on the test cluster: the real operator, the real trainer in "pods".
 
 etcd + kube-apiserver + kube-controller-manager, a test node that runs each pod's command as a
-local process, moto's S3 server for the subject photos, class images, checkpoints and export,
-and Prometheus scraping the operator and the trainers.
+local process (their ports mapped to free ones: ``node.host_port``), moto's S3 server for the
+subject photos, class images, checkpoints and export, and Prometheus scraping the operator and
+the trainers. Where a test must act at a point of a training run (scrape it, kill a rank), the
+trainers pause there (``pause_training``) instead of the test racing a machine-dependent clock.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import re
 import signal
@@ -20,6 +23,8 @@ import kubernetes
 import pytest
 import yaml
 
+from dreambooth_operator import builders, names
+from dreambooth_trainer.callbacks import PAUSE_ENV
 from tests.e2e.conftest import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
@@ -110,17 +115,51 @@ def _finished(status: dict) -> bool:
     return status.get("phase") in ("Succeeded", "Failed", "Serving")
 
 
+def _paused(node, jobs, batch_job: str, step: int) -> bool:
+    """Whether the trainer of `batch_job`'s pod says it waits after `step` (pause_training)."""
+    for pod in jobs.pods(f"job-name={batch_job}"):
+        with contextlib.suppress(KeyError):  # not started on the node yet
+            if f"paused after step {step} " in node.logs(jobs.namespace, pod.metadata.name):
+                return True
+    return False
+
+
+def pause_training(node, directory: Path, step: int) -> Path:
+    """Training pods started from now on wait after `step` (its checkpoint committed, status
+    and metrics reported) while the returned file exists (the trainer's PauseAtStep)."""
+    path = directory / f"pause-after-{step}"
+    path.touch()
+    node.extra_env[PAUSE_ENV] = f"{step}:{path}"
+    return path
+
+
 def test_local_example_trains_on_two_nodes_exports_and_serves(
-    operator_factory, kube_node, jobs, namespace, s3_job, prometheus, s3_server, s3_bucket
+    operator_factory, kube_node, jobs, namespace, s3_job, prometheus, s3_server, s3_bucket, tmp_path
 ):
     operator = operator_factory(namespace)
-    # Scraping starts before the job: the tiny model trains in seconds.
+    trainer_metrics = kube_node.host_port(namespace, names.TRAINER_METRICS_PORT)
     prom = prometheus(
-        [f"127.0.0.1:{operator.metrics_port}", "127.0.0.1:9400"], scrape_interval="500ms"
+        [f"127.0.0.1:{operator.metrics_port}", f"127.0.0.1:{trainer_metrics}"],
+        scrape_interval="500ms",
     )
+    # Rank 0's exporter lives as long as training (seconds with the tiny model): the trainers
+    # wait after step 8 until Prometheus has scraped it there.
+    pause = pause_training(kube_node, tmp_path, step=8)
     jobs.create(s3_job("toy", inference={"enabled": True, "gpus": 0, "replicas": 1}))
     recorder = StatusRecorder(jobs, "toy")
     recorder.start()
+
+    def paused_or_finished() -> str | None:
+        if _finished(jobs.status("toy")):
+            return "the job finished first"
+        return "paused" if _paused(kube_node, jobs, "toy-train-0", step=8) else None
+
+    outcome = wait_until("training paused after step 8", paused_or_finished, 600, operator.log)
+    assert outcome == "paused", _pod_logs(kube_node, jobs)
+    # Paused, rank 0 serves step 8 for as long as Prometheus takes (scraping every 0.5 s): the
+    # timeout only bounds a broken exporter.
+    prom.wait_for_value("dreambooth_trainer_step", lambda v: v == 8, timeout=60)
+    pause.unlink()
     status = jobs.wait("toy", _finished, "Serving", 600, operator.log)
     recorder.stop.set()
     assert status["phase"] == "Serving", _pod_logs(kube_node, jobs)
@@ -140,7 +179,7 @@ def test_local_example_trains_on_two_nodes_exports_and_serves(
     )
     assert "shard 0 of 2" in priors_logs and "shard 1 of 2" in priors_logs, priors_logs
     # Rank 0's exporter was scraped while it trained (it exits with the pod).
-    assert 1 <= prom.value("max_over_time(dreambooth_trainer_step[10m])") <= 24
+    assert 8 <= prom.value("max_over_time(dreambooth_trainer_step[10m])") <= 24
     prom.wait_for_value('dreambooth_operator_jobs{phase="Serving"}', lambda v: v == 1, timeout=30)
     # A request through the inference pod returns an image.
     inference = wait_until(
@@ -150,7 +189,7 @@ def test_local_example_trains_on_two_nodes_exports_and_serves(
         operator.log,
     )
     assert inference == 1
-    image = _generate(kube_node, namespace)
+    image = _generate(kube_node.host_port(namespace, builders.INFERENCE_PORT))
     assert image[:8] == b"\x89PNG\r\n\x1a\n"
     # A deleted inference Service comes back.
     first = jobs.core.read_namespaced_service("toy-inference", namespace).metadata.uid
@@ -169,8 +208,8 @@ def _running(jobs, job_name: str) -> str | None:
     return running[0].metadata.name if running else None
 
 
-def _generate(node, namespace: str) -> bytes:
-    """POST /v1/images/generations to the inference pod (all pods share loopback here)."""
+def _generate(port: int) -> bytes:
+    """POST /v1/images/generations to the inference pod (its port on this machine)."""
     body = json.dumps(
         {
             "prompt": "a photo of sks cube",
@@ -180,17 +219,22 @@ def _generate(node, namespace: str) -> bytes:
         }
     ).encode()
     request = urllib.request.Request(
-        "http://127.0.0.1:8000/v1/images/generations", body, {"Content-Type": "application/json"}
+        f"http://127.0.0.1:{port}/v1/images/generations",
+        body,
+        {"Content-Type": "application/json"},
     )
     with urllib.request.urlopen(request, timeout=120) as response:
         return base64.b64decode(json.loads(response.read())["data"][0]["b64_json"])
 
 
 def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(
-    operator_factory, kube_node, jobs, namespace, s3_job
+    operator_factory, kube_node, jobs, namespace, s3_job, tmp_path
 ):
     operator = operator_factory(namespace)
-    jobs.create(s3_job("toy", training={"maxSteps": 40}))
+    # Both ranks wait after step 8 (checkpoint 8 committed and reported) until rank 1 is
+    # killed: on any machine the kill lands between checkpoints 8 and 16.
+    pause = pause_training(kube_node, tmp_path, step=8)
+    jobs.create(s3_job("toy", training={"maxSteps": 16}))
     status = jobs.wait(
         "toy",
         lambda s: (s.get("checkpoint") or {}).get("step", 0) >= 8,
@@ -198,10 +242,11 @@ def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(
         600,
         operator.log,
     )
-    killed_at = status["checkpoint"]["step"]
+    assert status["checkpoint"]["step"] == 8
     rank1 = _running(jobs, "toy-train-1")
     assert rank1, "rank 1 is not running"
     kube_node.kill(namespace, rank1, signal.SIGKILL)
+    pause.unlink()  # rank 0 goes on, finds rank 1 gone and fails too
     status = jobs.wait("toy", _finished, "finished", 600, operator.log)
     assert status["phase"] == "Succeeded", _pod_logs(kube_node, jobs)
     assert status["restarts"] == 1
@@ -209,8 +254,7 @@ def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(
     log = kube_node.logs(namespace, restarted.metadata.name)
     resumed = re.search(r"resumed from (\S+) at step (\d+)", log)
     assert resumed, log[-3000:]
-    # The newest checkpoint committed before the kill (one may land between reading and killing).
-    assert int(resumed.group(2)) >= killed_at and resumed.group(1).startswith("s3://")
+    assert int(resumed.group(2)) == 8 and resumed.group(1).startswith("s3://")
 
 
 def test_bad_input_under_torchrun_fails_at_once_naming_the_field(
@@ -228,17 +272,20 @@ def test_bad_input_under_torchrun_fails_at_once_naming_the_field(
     assert status.get("restarts", 0) == 0
 
 
-def test_second_job_with_the_same_class_skips_prior_generation(
+def test_second_job_with_the_same_class_generates_no_class_images(
     operator_factory, kube_node, jobs, namespace, s3_job
 ):
+    """The cache is checked in storage by the second job's own priors pods (no job's status is
+    trusted for it): they find the set complete and generate nothing."""
     operator = operator_factory(namespace)
     jobs.create(s3_job("first", training={"maxSteps": 4}))
     jobs.wait("first", _finished, "first finished", 600, operator.log)
     jobs.create(s3_job("second", training={"maxSteps": 4}))
     status = jobs.wait("second", _finished, "second finished", 600, operator.log)
-    assert status["phase"] == "Succeeded"
-    ready = next(c for c in status["conditions"] if c["type"] == "PriorsReady")
-    assert ready["reason"] == "CacheHit", status["conditions"]
-    assert not [
-        j for j in jobs.batch_jobs("dreambooth.dev/job=second,dreambooth.dev/component=priors")
-    ]
+    assert status["phase"] == "Succeeded", _pod_logs(kube_node, jobs)
+    pods = jobs.pods("dreambooth.dev/job=second,dreambooth.dev/component=priors")
+    assert pods, "the second job ran no priors pods"
+    for pod in pods:
+        log = kube_node.logs(namespace, pod.metadata.name)
+        assert "already complete" in log, log
+        assert " of 2" not in log, log  # no shard generated anything

@@ -18,16 +18,30 @@ and runs each container's command + args as a local subprocess with the pod's en
 - networking: every pod shares loopback (podIP 127.0.0.1). Cluster DNS names of Services and of
   pods (``<hostname>.<subdomain>``, ``<svc>.<ns>.svc.cluster.local`` ...) that appear in env values
   or args as a host (whole value, ``host:port`` or ``scheme://host``) are rewritten to 127.0.0.1.
+- ports (``TestNode(map_ports=True)``): pods sharing loopback would listen on their fixed
+  containerPorts side by side with each other and with anything else on the machine. With
+  ``map_ports`` each namespace gets host ports of its own instead: a containerPort P declared by
+  a pod of namespace N becomes ``node.host_port(N, P)``, a free port allocated on first use
+  (below the kernel's ephemeral range, which outgoing connections draw from) and kept for the
+  node's life; a test calls ``host_port`` too, to reach a pod or to point Prometheus at it
+  before the pod exists. P is rewritten to that port where it stands as a whole literal env
+  value, a whole arg, or after ``:`` or ``=`` at the end of either (``$(VAR)`` then expands to
+  the rewritten value), and readiness probes use it. Pods of one namespace that declare the
+  same port share one host port, like containers of one pod: rank 1 reaches rank 0's
+  rendezvous port under the same number.
 - processes: ``python``/``torchrun`` resolve to this interpreter's virtualenv first (its bin dir
   leads PATH). The base environment is a small allow-list of the test's environment (PATH, HOME,
-  LANG, HF_* ...), not all of it, so credentials reach a pod only through its spec.
+  LANG, HF_* ...), not all of it, so credentials reach a pod only through its spec; then
+  ``node.extra_env``, which a test may change between pods (it applies to pods started after).
 - status: Running (podIP 127.0.0.1, containerStatuses running, Ready once readiness probes pass:
   httpGet/tcpSocket/exec are really probed), then Succeeded/Failed with a terminated
   containerStatus (exitCode; 128+N for signal N; reason Completed/Error; message from the
   terminationMessagePath file, else for ``FallbackToLogsOnError`` the last log lines on failure).
   restartPolicy Always/OnFailure restart containers (Deployment pods keep running).
 - deletion (deletionTimestamp set): SIGTERM to each container's process group, SIGKILL after the
-  grace period, then the pod object is removed (grace 0).
+  grace period, then the pod object is removed (grace 0). SIGKILL reaches every descendant of the
+  container's process, also those in sessions of their own (torchrun's workers), as a container
+  runtime kills a whole cgroup.
 - logs: one file per container, ``node.log_path(ns, pod)`` / ``node.logs(ns, pod)``.
 - fault injection: ``node.kill(ns, pod, signal.SIGKILL)``.
 
@@ -46,6 +60,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -62,6 +77,7 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
+import psutil
 from kubernetes.client.rest import ApiException
 
 from .procs import tail
@@ -93,6 +109,31 @@ INHERITED_ENV = (
 )
 TERMINATION_LOG_LINES = 80
 TERMINATION_LOG_BYTES = 2048
+
+
+_RANDOM = random.SystemRandom()  # not the global generator, which tests may seed
+
+
+def _free_host_port(taken: set[int], attempts: int = 200) -> int:
+    """A port nothing listens on, below the kernel's ephemeral range: bind(0) and outgoing
+    connections draw from that range, so a port from below it stays free between allocation
+    and the pod's bind (minutes, for a trainer), unless a process binds it by number."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    first = 10000 if low > 12000 else 1024
+    for _ in range(attempts):
+        port = _RANDOM.randrange(first, low)
+        if port in taken:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError(f"no free port in [{first}, {low}) after {attempts} attempts")
 
 
 def _now() -> str:
@@ -175,6 +216,24 @@ class HostMap:
         return self._re.sub(POD_IP, value)
 
 
+class PortMap:
+    """Rewrites container port numbers to host ports where a port stands in a string: the whole
+    value, or after ``:`` or ``=`` at its end (``host:8000``, ``--port=8000``)."""
+
+    def __init__(self, mapping: dict[int, int] | None = None) -> None:
+        self.mapping = dict(mapping or {})
+        ports = "|".join(str(p) for p in sorted(self.mapping, reverse=True))
+        self._re = re.compile(rf"(?:^|(?<=[:=]))({ports})$") if ports else None
+
+    def __call__(self, value: str) -> str:
+        if self._re is None or not value:
+            return value
+        return self._re.sub(lambda m: str(self.mapping[int(m.group(1))]), value)
+
+    def port(self, container_port: int) -> int:
+        return self.mapping.get(container_port, container_port)
+
+
 def _quantity(q: str | None) -> float:
     if q is None:
         return 0.0
@@ -211,9 +270,19 @@ class _Container:
         return self.proc is not None and self.proc.poll() is None
 
     def signal(self, sig: int) -> None:
-        if self.running():
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(self.proc.pid, sig)  # the container is its own process group
+        if not self.running():
+            return
+        # SIGKILL ends every process of a container (its cgroup), also those in sessions of
+        # their own, such as torchrun's workers; found before the kill orphans them.
+        tree = []
+        if sig == signal.SIGKILL:
+            with contextlib.suppress(psutil.Error):
+                tree = psutil.Process(self.proc.pid).children(recursive=True)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(self.proc.pid, sig)  # the container is its own process group
+        for process in tree:
+            with contextlib.suppress(psutil.Error):
+                process.kill()
 
 
 class _PodRunner(threading.Thread):
@@ -240,6 +309,7 @@ class _PodRunner(threading.Thread):
         self.phase = "Pending"
         self.start_time: str | None = None
         self.paths = PathMap()
+        self.ports = PortMap()
 
     # -- control from the node thread -----------------------------------------------------------
     def request_delete(self, grace: float) -> None:
@@ -399,6 +469,7 @@ class _PodRunner(threading.Thread):
             vol_dirs[vol["name"]] = self._volume(vol)
         hosts = self.node._cluster_hostnames(self.ns, self.pod)
         host_map = HostMap(hosts)
+        self.ports = ports = self.node._port_map(self.ns, self.pod)
         for c in self.init_containers + self.containers:
             cdir = self.dir / c.name
             cdir.mkdir(parents=True, exist_ok=True)
@@ -442,6 +513,8 @@ class _PodRunner(threading.Thread):
                 for k, v in (data or {}).items():
                     env[prefix + k] = v
             for e in c.spec.get("env") or []:
+                if "value" in e:  # a literal, before $(VAR) brings in values mapped already
+                    e = {**e, "value": ports(e["value"] or "")}
                 value = self._env_value(e, c.spec, env)
                 if value is None:
                     continue
@@ -457,7 +530,7 @@ class _PodRunner(threading.Thread):
             args = list(c.spec.get("args") or [])
             if not command:
                 command = list(self.node.entrypoints.get(c.spec.get("image", ""), []))
-            argv = [paths(host_map(expand(a, env))) for a in command + args]
+            argv = [paths(host_map(expand(ports(a), env))) for a in command + args]
             if not argv:
                 raise ConfigError(
                     f"container {c.name!r} has no command and image {c.spec.get('image')!r} "
@@ -726,13 +799,13 @@ class _PodRunner(threading.Thread):
             return False
         return True
 
-    @staticmethod
-    def _port(c: _Container, port: int | str) -> int:
+    def _port(self, c: _Container, port: int | str) -> int:
+        """The host port a probe of `port` (number or name) reaches."""
         if isinstance(port, int) or str(port).isdigit():
-            return int(port)
+            return self.ports.port(int(port))
         for p in c.spec.get("ports") or []:
             if p.get("name") == port:
-                return int(p["containerPort"])
+                return self.ports.port(int(p["containerPort"]))
         raise ValueError(f"unknown named port {port!r}")
 
     def _terminate_all(self, grace: float) -> None:
@@ -859,6 +932,7 @@ class TestNode:
         capacity: dict[str, str] | None = None,
         poll_interval: float = 0.2,
         stop_grace: float = 5.0,
+        map_ports: bool = False,
     ) -> None:
         self.api = kubernetes.client.ApiClient(api_client.configuration)
         self.core = kubernetes.client.CoreV1Api(self.api)
@@ -878,6 +952,8 @@ class TestNode:
         }
         self.poll_interval = poll_interval
         self.stop_grace = stop_grace
+        self.map_ports = map_ports
+        self.host_ports: dict[tuple[str, int], int] = {}  # (namespace, containerPort) -> port
         host = api_client.configuration.host.split("://", 1)[-1].rstrip("/")
         self.api_host, _, port = host.rpartition(":")
         self.api_port = int(port or 443)
@@ -965,6 +1041,17 @@ class TestNode:
         if not any(c.running() for c in r.init_containers + r.containers):
             raise RuntimeError(f"pod {namespace}/{name} has no running container")
         r.kill(sig, container)
+
+    def host_port(self, namespace: str, container_port: int) -> int:
+        """Where containerPort `container_port` of the pods of `namespace` listens on this
+        machine: allocated on first use, then fixed (the port itself without ``map_ports``)."""
+        if not self.map_ports:
+            return container_port
+        key = (namespace, int(container_port))
+        with self._lock:
+            if key not in self.host_ports:
+                self.host_ports[key] = _free_host_port(set(self.host_ports.values()))
+            return self.host_ports[key]
 
     def pids(self, namespace: str, name: str) -> dict[str, int]:
         r = self.runner(namespace, name)
@@ -1217,6 +1304,15 @@ class TestNode:
         forms("kubernetes", "default")
         names.discard(self.api_host)
         return names
+
+    def _port_map(self, namespace: str, pod: dict) -> PortMap:
+        """The pod's declared containerPorts -> their host ports (none without map_ports)."""
+        if not self.map_ports:
+            return PortMap()
+        spec = pod["spec"]
+        containers = (spec.get("initContainers") or []) + spec["containers"]
+        declared = {int(p["containerPort"]) for c in containers for p in c.get("ports") or []}
+        return PortMap({port: self.host_port(namespace, port) for port in declared})
 
     def _patch_pod_status(self, namespace: str, name: str, uid: str, status: dict) -> None:
         body = {"metadata": {"uid": uid}, "status": status}
