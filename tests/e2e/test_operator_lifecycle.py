@@ -5,8 +5,6 @@ The Job controller creates pods; no node runs them here (see test_end_to_end.py 
 
 from __future__ import annotations
 
-import time
-
 import pytest
 
 from tests.e2e.conftest import job_document, wait_until
@@ -62,10 +60,21 @@ def test_operator_restart_creates_no_duplicates(operator_factory, jobs, namespac
     before = {j.metadata.name: j.metadata.uid for j in jobs.batch_jobs()}
     operator.stop()
     operator.start()
-    time.sleep(5)  # a few reconcile rounds
+    # Proof that the new process reconciled the job (it is the only one it watches): a pass
+    # is counted when it has acted, so any duplicate it made would exist by then.
+    wait_until("a pass of the new operator", lambda: passes(operator) >= 1, 60, operator.log)
     after = {j.metadata.name: j.metadata.uid for j in jobs.batch_jobs()}
     assert after == before
+    assert not [j.metadata.name for j in jobs.batch_jobs() if j.metadata.deletion_timestamp]
     assert len(jobs.pods()) == 1
+
+
+def passes(operator) -> float:
+    """Reconcile passes the operator process has finished (its own /metrics)."""
+    for line in operator.metrics().splitlines():
+        if line.startswith("dreambooth_operator_reconcile_duration_seconds_count "):
+            return float(line.split()[1])
+    return 0.0
 
 
 def test_invalid_cross_field_spec_fails_with_the_validators_message(
