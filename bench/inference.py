@@ -48,13 +48,15 @@ def _free_port() -> int:
 
 
 @contextmanager
-def server(max_batch_size: int, cache_dir: Path) -> Iterator[str]:
+def server(
+    max_batch_size: int, cache_dir: Path, model: str = MODEL, steps: int = STEPS
+) -> Iterator[str]:
     """`dreambooth serve` on a free loopback port; yields its URL once /readyz says 200."""
     port = _free_port()
-    argv = [sys.executable, "-m", "dreambooth_trainer.serve", "--model", MODEL]
+    argv = [sys.executable, "-m", "dreambooth_trainer.serve", "--model", model]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     argv += ["--max-batch-size", str(max_batch_size), "--max-queue", "256"]
-    argv += ["--cpu-threads", str(CPU_THREADS), "--default-steps", str(STEPS)]
+    argv += ["--cpu-threads", str(CPU_THREADS), "--default-steps", str(steps)]
     env = {**os.environ, "DREAMBOOTH_CACHE": str(cache_dir)}
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
@@ -91,13 +93,15 @@ def _batch_totals(url: str) -> tuple[float, float]:
     )
 
 
-async def _client(http: httpx.AsyncClient, client_id: int, requests: int) -> list[float]:
+async def _client(
+    http: httpx.AsyncClient, client_id: int, requests: int, size: str, steps: int
+) -> list[float]:
     latencies = []
     for i in range(requests):
         body = {
             "prompt": "a photo of sks dog",
-            "size": SIZE,
-            "num_inference_steps": STEPS,
+            "size": size,
+            "num_inference_steps": steps,
             "seed": client_id * 1000 + i,
         }
         started = time.perf_counter()
@@ -107,21 +111,25 @@ async def _client(http: httpx.AsyncClient, client_id: int, requests: int) -> lis
     return latencies
 
 
-async def _load(url: str, concurrency: int, requests_per_client: int) -> tuple[float, list[float]]:
+async def _load(
+    url: str, concurrency: int, requests_per_client: int, size: str = SIZE, steps: int = STEPS
+) -> tuple[float, list[float]]:
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
         started = time.perf_counter()
         per_client = await asyncio.gather(
-            *(_client(http, c, requests_per_client) for c in range(concurrency))
+            *(_client(http, c, requests_per_client, size, steps) for c in range(concurrency))
         )
         wall = time.perf_counter() - started
     return wall, [latency for latencies in per_client for latency in latencies]
 
 
-def measure(url: str, concurrency: int, requests_per_client: int) -> dict[str, Any]:
-    asyncio.run(_load(url, concurrency, 2))  # warm-up: first calls at this batch size
+def measure(
+    url: str, concurrency: int, requests_per_client: int, size: str = SIZE, steps: int = STEPS
+) -> dict[str, Any]:
+    asyncio.run(_load(url, concurrency, 2, size, steps))  # warm-up: first calls at this batch size
     calls_before, images_before = _batch_totals(url)
-    wall, latencies = asyncio.run(_load(url, concurrency, requests_per_client))
+    wall, latencies = asyncio.run(_load(url, concurrency, requests_per_client, size, steps))
     calls_after, images_after = _batch_totals(url)
     return {
         "concurrency": concurrency,
@@ -133,26 +141,45 @@ def measure(url: str, concurrency: int, requests_per_client: int) -> dict[str, A
     }
 
 
-def run(quick: bool = False) -> dict[str, Any]:
-    requests_per_client = 6 if quick else 24
+def run(
+    quick: bool = False,
+    model: str = MODEL,
+    size: str = SIZE,
+    steps: int = STEPS,
+    requests_per_client: int | None = None,
+    cache_dir: Path | None = None,
+    device: str = "cpu",
+    modes: tuple[str, ...] = tuple(MODES),
+) -> dict[str, Any]:
+    """The tiny model on the CPU by default; the GPU check passes the SD1.5 architecture at
+    512 px, and the cache directory where that model was already built (`device` is a label:
+    the server takes the GPU when it sees one)."""
+    if requests_per_client is None:
+        requests_per_client = 6 if quick else 24
     results: dict[str, list[dict[str, Any]]] = {}
-    with tempfile.TemporaryDirectory(prefix="bench-inference-") as cache:
-        for mode, max_batch_size in MODES.items():
-            with server(max_batch_size, Path(cache)) as url:
-                results[mode] = [measure(url, c, requests_per_client) for c in CONCURRENCY]
+    with tempfile.TemporaryDirectory(prefix="bench-inference-") as scratch:
+        cache = cache_dir or Path(scratch)
+        for mode in modes:
+            with server(MODES[mode], cache, model, steps) as url:
+                results[mode] = [
+                    measure(url, c, requests_per_client, size, steps) for c in CONCURRENCY
+                ]
     at_8 = {mode: rows[-1]["images_per_s"] for mode, rows in results.items()}
+    speedup = (
+        round(at_8["batching"] / at_8["one_at_a_time"], 2) if len(at_8) == len(MODES) else None
+    )
     return {
         "benchmark": "inference",
-        "model": MODEL,
-        "size": SIZE,
-        "steps": STEPS,
-        "device": "cpu",
+        "model": model,
+        "size": size,
+        "steps": steps,
+        "device": device,
         "cpu_threads": CPU_THREADS,
         "requests_per_client": requests_per_client,
         "modes": {
             mode: {"max_batch_size": MODES[mode], "results": rows} for mode, rows in results.items()
         },
-        "batching_speedup_at_8_clients": round(at_8["batching"] / at_8["one_at_a_time"], 2),
+        "batching_speedup_at_8_clients": speedup,
     }
 
 
