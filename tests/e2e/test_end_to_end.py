@@ -24,6 +24,7 @@ import pytest
 import yaml
 
 from dreambooth_operator import builders, names
+from dreambooth_operator.api import GROUP, PLURAL, VERSION
 from dreambooth_trainer.callbacks import PAUSE_ENV
 from tests.e2e.conftest import wait_until
 
@@ -255,6 +256,32 @@ def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(
     resumed = re.search(r"resumed from (\S+) at step (\d+)", log)
     assert resumed, log[-3000:]
     assert int(resumed.group(2)) == 8 and resumed.group(1).startswith("s3://")
+
+
+def test_a_job_recreated_with_another_spec_never_gets_the_old_weights(
+    operator_factory, kube_node, jobs, namespace, s3_job
+):
+    """Deleted and created again under the same name and outputUri (what users do to change a
+    fixed field), with another learning rate: the old checkpoints are another spec's, so the
+    job fails naming storage.outputUri instead of resuming or exporting them."""
+    operator = operator_factory(namespace)
+    training = {"maxSteps": 8, "checkpointing": {"interval": 8, "keep": 2}}
+    jobs.create(s3_job("toy", training=training))
+    status = jobs.wait("toy", _finished, "finished", 600, operator.log)
+    assert status["phase"] == "Succeeded" and status["checkpoint"]["step"] == 8, status
+    jobs.delete("toy")
+    wait_until("toy deleted", lambda: not jobs.custom.list_namespaced_custom_object(
+        GROUP, VERSION, namespace, PLURAL)["items"], 120, operator.log)  # fmt: skip
+
+    jobs.create(s3_job("toy", training={**training, "learningRate": 2.5e-4}))
+    status = jobs.wait("toy", _finished, "finished", 600, operator.log)
+    assert status["phase"] == "Failed", status
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")
+    assert failed["reason"] == "InvalidConfig", (failed, _pod_logs(kube_node, jobs))
+    assert f"{names.BAD_INPUT_PREFIX}storage.outputUri: " in failed["message"], failed
+    assert "another training than this run's" in failed["message"]
+    assert "artifact" not in status and status.get("restarts", 0) == 0
+    assert not jobs.batch_jobs("dreambooth.dev/job=toy,dreambooth.dev/component=export")
 
 
 def test_bad_input_under_torchrun_fails_at_once_naming_the_field(
