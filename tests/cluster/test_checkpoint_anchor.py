@@ -16,6 +16,7 @@ from dreambooth_trainer.callbacks import Callback
 from dreambooth_trainer.checkpointing import Checkpointing
 from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.storage import LocalStore
+from tests.e2e.harness import job_document
 from tests.storage.test_checkpoint_anchor import StubTrainer, plant
 
 pytestmark = pytest.mark.cluster
@@ -35,19 +36,8 @@ class Report(Callback):
 def test_the_jobs_status_anchors_resume(
     dreambooth_crd, control_plane, kubeconfig, kube_api, namespace, tmp_path
 ):
-    document = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "DreamBoothJob",
-        "metadata": {"name": "dog", "namespace": namespace},
-        "spec": {
-            "baseModel": {"uri": "random://tiny-sd"},
-            "instance": {"imagesUri": "s3://data/dog", "prompt": "a photo of sks dog"},
-            "priorPreservation": {"classPrompt": "a photo of dog"},
-            "training": {"mixedPrecision": "bf16"},
-            "resources": {"gpusPerNode": 0, "processesPerNode": 1},
-            "storage": {"outputUri": "s3://runs/dog"},
-        },
-    }
+    document = job_document("dog")
+    document["metadata"]["namespace"] = namespace
     admin = kubernetes.client.CustomObjectsApi(kube_api)
     job = parse_job(
         admin.create_namespaced_custom_object(GROUP, VERSION, namespace, PLURAL, document)

@@ -9,6 +9,7 @@ import pytest
 from dreambooth_operator import builders, kube, names
 from dreambooth_operator.api import GROUP, PLURAL, VERSION
 from dreambooth_operator.validation import parse_job
+from tests.e2e.harness import job_document
 from tests.support.access import allowed, service_account_user
 from tests.support.procs import wait_for
 
@@ -18,20 +19,8 @@ pytestmark = pytest.mark.cluster
 def test_inference_pods_get_no_token_and_no_permissions(
     dreambooth_crd, kubeconfig, kube_api, namespace
 ):
-    document = {
-        "apiVersion": f"{GROUP}/{VERSION}",
-        "kind": "DreamBoothJob",
-        "metadata": {"name": "dog", "namespace": namespace},
-        "spec": {
-            "baseModel": {"uri": "random://tiny-sd"},
-            "instance": {"imagesUri": "s3://data/dog", "prompt": "a photo of sks dog"},
-            "priorPreservation": {"classPrompt": "a photo of dog"},
-            "training": {"mixedPrecision": "bf16"},
-            "resources": {"gpusPerNode": 0, "processesPerNode": 1},
-            "storage": {"outputUri": "s3://runs/dog"},
-            "inference": {"enabled": True, "gpus": 0},
-        },
-    }
+    document = job_document("dog", inference={"enabled": True, "gpus": 0})
+    document["metadata"]["namespace"] = namespace
     custom = kubernetes.client.CustomObjectsApi(kube_api)
     # The real job, so that the garbage collector sees its children's owner alive.
     job = parse_job(
