@@ -20,8 +20,9 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from dreambooth_operator.api import API_VERSION, GROUP, KIND, PLURAL, VERSION
+from dreambooth_operator.api import GROUP, PLURAL, VERSION
 from dreambooth_operator.finalizers import FINALIZER
+from tests.e2e.harness import job_document as harness_job_document
 from tests.support.procs import free_port, wait_for
 
 from .conftest import CHART
@@ -37,20 +38,7 @@ MANUAL_PATCH = '{"metadata":{"finalizers":null}}'
 
 def job_document(name: str) -> dict:
     """A job the operator accepts and leaves alone (suspended: no pods)."""
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {"name": name},
-        "spec": {
-            "baseModel": {"uri": "random://tiny-sd"},
-            "instance": {"imagesUri": "s3://data/subject", "prompt": "a photo of sks toy"},
-            "priorPreservation": {"classPrompt": "a photo of a toy", "numClassImages": 4},
-            "training": {"maxSteps": 4, "resolution": 64, "mixedPrecision": "no"},
-            "resources": {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1},
-            "storage": {"outputUri": f"s3://runs/{name}"},
-            "runPolicy": {"suspend": True},
-        },
-    }
+    return harness_job_document(name, runPolicy={"suspend": True})
 
 
 class Release:
