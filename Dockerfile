@@ -10,6 +10,7 @@ ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
 FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
+COPY contract contract
 COPY operator operator
 COPY trainer trainer
 RUN pip wheel --no-deps --wheel-dir /wheels .

@@ -25,7 +25,7 @@ import kubernetes
 import urllib3
 
 from bench import Settings, benchmark, percentile
-from dreambooth_operator import api, names
+from dreambooth_contract import api, names
 from tests.e2e.harness import job_document
 
 RANKS = 2  # nodes per job: "all rank pods" means both priors pods of each job

@@ -68,8 +68,8 @@ def config_for(settings: Settings, training: dict[str, Any], class_images: int =
     """A TrainerConfig for `settings.model` (through the same mapping the operator uses)."""
     import torch
 
-    from dreambooth_operator.api import DreamBoothJob
-    from dreambooth_trainer.config import TrainerConfig
+    from dreambooth_contract.api import DreamBoothJob
+    from dreambooth_contract.trainer_config import TrainerConfig
 
     gpus_per_node = 1 if torch.cuda.is_available() else 0  # fp16 is refused without GPUs
     spec = {

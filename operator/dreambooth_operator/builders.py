@@ -10,13 +10,11 @@ import hashlib
 import json
 from typing import Any
 
-from . import names
-from .api import API_VERSION, KIND, DreamBoothJob, ResourceRequirements
+from dreambooth_contract import env, names
+from dreambooth_contract.api import API_VERSION, KIND, DreamBoothJob, ResourceRequirements
 
 Manifest = dict[str, Any]
 
-# Exit code the trainer uses for bad input (a config error): retrying cannot help.
-EXIT_BAD_INPUT = 2
 # Time a trainer gets after SIGTERM to commit a checkpoint.
 TERMINATION_GRACE_SECONDS = 120
 # Size limits of the pods' /tmp (logs, metrics files, small staging) and /dev/shm (NCCL buffers,
@@ -69,7 +67,7 @@ def config_map(job: DreamBoothJob, trainer_config_json: str) -> Manifest:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": _metadata(job, names.config_map(job.metadata.name)),
-        "data": {names.CONFIG_FILE: trainer_config_json},
+        "data": {env.CONFIG_FILE: trainer_config_json},
     }
 
 
@@ -139,8 +137,8 @@ def train_service(job: DreamBoothJob) -> Manifest:
             "publishNotReadyAddresses": True,
             "selector": names.selector(job.metadata.name, names.TRAIN),
             "ports": [
-                {"name": "rendezvous", "port": names.RENDEZVOUS_PORT},
-                {"name": "metrics", "port": names.TRAINER_METRICS_PORT},
+                {"name": "rendezvous", "port": env.RENDEZVOUS_PORT},
+                {"name": "metrics", "port": env.TRAINER_METRICS_PORT},
             ],
         },
     }
@@ -171,43 +169,43 @@ def _resources(requirements: ResourceRequirements, gpus: int) -> dict[str, Any]:
 
 def _env(job: DreamBoothJob, rank: int, component: str) -> list[dict[str, Any]]:
     spec, meta = job.spec, job.metadata
-    env: list[dict[str, Any]] = [
+    variables: list[dict[str, Any]] = [
         {"name": "NNODES", "value": str(spec.resources.nodes)},
         {"name": "NPROC_PER_NODE", "value": str(spec.resources.processes)},
         {"name": "NODE_RANK", "value": str(rank)},
         {"name": "MASTER_ADDR", "value": names.master_address(meta.name, meta.namespace)},
-        {"name": "MASTER_PORT", "value": str(names.RENDEZVOUS_PORT)},
-        {"name": "DBJ_NAME", "value": meta.name},
-        {"name": "DBJ_NAMESPACE", "value": meta.namespace},
+        {"name": "MASTER_PORT", "value": str(env.RENDEZVOUS_PORT)},
+        {"name": env.JOB_NAME_ENV, "value": meta.name},
+        {"name": env.JOB_NAMESPACE_ENV, "value": meta.namespace},
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-        {"name": "DREAMBOOTH_METRICS_PORT", "value": str(names.TRAINER_METRICS_PORT)},
+        {"name": env.METRICS_PORT_ENV, "value": str(env.TRAINER_METRICS_PORT)},
         # A read-only root filesystem: caches go to the emptyDir.
         {"name": "HOME", "value": "/cache"},
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": names.TERMINATION_LOG_ENV, "value": names.TERMINATION_LOG},
+        {"name": env.TERMINATION_LOG_ENV, "value": env.TERMINATION_LOG},
     ]
     if component == names.PRIORS:
         # Every process of a priors pod generates: prometheus_client's multiprocess mode lets
         # the first one serve their summed counts (on the pod's own /tmp emptyDir).
-        env.append({"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/tmp/prometheus"})
+        variables.append({"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/tmp/prometheus"})
     secret = spec.storage.s3.credentials_secret
     if secret:
         for variable, key in (
             ("AWS_ACCESS_KEY_ID", secret.access_key_id_key),
             ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key),
         ):
-            env.append(
+            variables.append(
                 {
                     "name": variable,
                     "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}},
                 }
             )
-    return env
+    return variables
 
 
 def _trainer_command(subcommand: str, torchrun: str) -> tuple[list[str], list[str]]:
     """torchrun with the operator's rendezvous variables, expanded by the kubelet ($(VAR))."""
-    config = f"{names.CONFIG_MOUNT}/{names.CONFIG_FILE}"
+    config = f"{env.CONFIG_MOUNT}/{env.CONFIG_FILE}"
     if torchrun == "none":
         return ["dreambooth"], [subcommand, "--config", config]
     if torchrun == "standalone":
@@ -252,15 +250,15 @@ def pod_template(
                 "args": args,
                 "env": _env(job, rank, component),
                 "ports": [
-                    {"name": "rendezvous", "containerPort": names.RENDEZVOUS_PORT},
-                    {"name": "metrics", "containerPort": names.TRAINER_METRICS_PORT},
+                    {"name": "rendezvous", "containerPort": env.RENDEZVOUS_PORT},
+                    {"name": "metrics", "containerPort": env.TRAINER_METRICS_PORT},
                 ],
                 "resources": _resources(spec.resources.resources, gpus),
                 "securityContext": RESTRICTED_CONTAINER_SECURITY,
-                "terminationMessagePath": names.TERMINATION_LOG,
+                "terminationMessagePath": env.TERMINATION_LOG,
                 "terminationMessagePolicy": "FallbackToLogsOnError",
                 "volumeMounts": [
-                    {"name": "config", "mountPath": names.CONFIG_MOUNT, "readOnly": True},
+                    {"name": "config", "mountPath": env.CONFIG_MOUNT, "readOnly": True},
                     {"name": "cache", "mountPath": "/cache"},
                     {"name": "tmp", "mountPath": "/tmp"},
                     {"name": "dshm", "mountPath": "/dev/shm"},

@@ -73,7 +73,7 @@ def crd() -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def validate(files: tuple[Path, ...]) -> None:
     """Check DreamBoothJob YAML files offline; every problem names its field."""
-    from .validation import JobInvalid, load_jobs
+    from dreambooth_contract.validation import JobInvalid, load_jobs
 
     failed = False
     for path in files:

@@ -23,7 +23,8 @@ from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 
-from .api import GROUP, PLURAL, VERSION
+from dreambooth_contract.api import GROUP, PLURAL, VERSION
+
 from .kube import TIMEOUT
 
 # The name kopf stores its finalizer under: handlers.configure sets

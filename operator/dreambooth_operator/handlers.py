@@ -20,8 +20,11 @@ from typing import Any, NamedTuple
 import click
 import kopf
 
-from . import builders, contract, kube, liveness, metrics, names
-from .api import GROUP, PLURAL, VERSION, DreamBoothJob
+from dreambooth_contract import names
+from dreambooth_contract.api import GROUP, PLURAL, VERSION, DreamBoothJob
+from dreambooth_contract.validation import JobInvalid, parse_job
+
+from . import builders, kube, liveness, metrics
 from .reconcile import (
     COND_FAILED,
     COND_TRAINING_STARTED,
@@ -39,7 +42,7 @@ from .reconcile import (
     immutable_changes,
     reconcile,
 )
-from .validation import JobInvalid, parse_job
+from .trainer_inputs import trainer_inputs
 
 log = logging.getLogger(__name__)
 
@@ -366,7 +369,7 @@ def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob
         applied = json.loads(applied_raw)
     document["spec"] = effective_spec(applied, current_spec)
     job = parse_job(document)
-    config_json, cache = contract.trainer_contract(job)
+    config_json, cache = trainer_inputs(job)
     observed = Observed(
         now=datetime.now(timezone.utc),
         jobs=children.jobs,

@@ -16,7 +16,7 @@ from typing import Any
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from . import api
+from dreambooth_contract import api
 
 log = logging.getLogger(__name__)
 

@@ -9,7 +9,7 @@ from prometheus_client import Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from .api import Phase
+from dreambooth_contract.api import Phase
 
 JOBS_CREATED = Counter(
     "dreambooth_operator_jobs_created_total", "DreamBoothJobs seen for the first time."

@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from . import builders, names
-from .api import (
+from dreambooth_contract import env, names
+from dreambooth_contract.api import (
     TERMINAL_PHASES,
     Condition,
     DreamBoothJob,
@@ -22,6 +22,8 @@ from .api import (
     PriorsStatus,
     Progress,
 )
+
+from . import builders
 
 # Phases after the batch work, which activeDeadlineSeconds does not bound.
 UNBOUNDED_PHASES = (*TERMINAL_PHASES, Phase.serving.value)
@@ -252,8 +254,8 @@ def _failure_detail(
             and (pod.rank, pod.attempt) in failed_ranks
             and pod.phase == "Failed"
         ):
-            bad_input = pod.exit_code == builders.EXIT_BAD_INPUT or pod.message.startswith(
-                names.BAD_INPUT_PREFIX
+            bad_input = pod.exit_code == env.EXIT_BAD_INPUT or pod.message.startswith(
+                env.BAD_INPUT_PREFIX
             )
             return bad_input, f"rank {pod.rank} (pod {pod.name}) exited with code " + (
                 f"{pod.exit_code}: {pod.message.strip()[-500:]}"

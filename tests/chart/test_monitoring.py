@@ -88,7 +88,7 @@ def test_service_monitor_scrapes_the_metrics_service(render):
 
 def test_pod_monitors_match_the_operators_pods(render):
     """Selectors and relabelings agree with the labels and ports the operator's builders use."""
-    from dreambooth_operator import names
+    from dreambooth_contract import names
 
     def meta_label(label: str) -> str:
         return "__meta_kubernetes_pod_label_" + re.sub(r"[^a-zA-Z0-9_]", "_", label)
@@ -110,7 +110,7 @@ def test_pod_monitors_match_the_operators_pods(render):
     assert expr["key"] == names.LABEL_COMPONENT
     assert set(expr["values"]) == {names.PRIORS, names.TRAIN, names.EXPORT}
     (endpoint,) = trainers["podMetricsEndpoints"]
-    assert endpoint["port"] == "metrics"  # containerPort names.TRAINER_METRICS_PORT
+    assert endpoint["port"] == "metrics"  # containerPort env.TRAINER_METRICS_PORT
     keep = endpoint["relabelings"][0]
     assert keep["sourceLabels"] == [meta_label(names.LABEL_COMPONENT), meta_label(names.LABEL_RANK)]
     assert keep["action"] == "keep"

@@ -20,7 +20,7 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from dreambooth_operator.api import GROUP, PLURAL, VERSION
+from dreambooth_contract.api import GROUP, PLURAL, VERSION
 from dreambooth_operator.finalizers import FINALIZER
 from tests.e2e.harness import job_document as harness_job_document
 from tests.support.procs import free_port, wait_for

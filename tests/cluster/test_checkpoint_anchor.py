@@ -8,13 +8,13 @@ from __future__ import annotations
 import kubernetes
 import pytest
 
+from dreambooth_contract.api import GROUP, PLURAL, VERSION
+from dreambooth_contract.trainer_config import ConfigError
+from dreambooth_contract.validation import parse_job
 from dreambooth_operator import builders, kube
-from dreambooth_operator.api import GROUP, PLURAL, VERSION
-from dreambooth_operator.validation import parse_job
 from dreambooth_trainer import progress
 from dreambooth_trainer.callbacks import Callback
 from dreambooth_trainer.checkpointing import Checkpointing
-from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.storage import LocalStore
 from tests.e2e.harness import job_document
 from tests.storage.test_checkpoint_anchor import StubTrainer, plant

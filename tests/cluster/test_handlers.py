@@ -8,8 +8,9 @@ from dataclasses import replace
 import kubernetes
 import pytest
 
-from dreambooth_operator import handlers, kube, names
-from dreambooth_operator.api import GROUP, PLURAL, VERSION
+from dreambooth_contract import names
+from dreambooth_contract.api import GROUP, PLURAL, VERSION
+from dreambooth_operator import handlers, kube
 from dreambooth_operator.reconcile import ChildJob
 
 pytestmark = pytest.mark.cluster

@@ -6,9 +6,10 @@ from __future__ import annotations
 import kubernetes
 import pytest
 
-from dreambooth_operator import builders, kube, names
-from dreambooth_operator.api import GROUP, PLURAL, VERSION
-from dreambooth_operator.validation import parse_job
+from dreambooth_contract import names
+from dreambooth_contract.api import GROUP, PLURAL, VERSION
+from dreambooth_contract.validation import parse_job
+from dreambooth_operator import builders, kube
 from tests.e2e.harness import job_document
 from tests.support.access import allowed, service_account_user
 from tests.support.procs import wait_for

@@ -12,7 +12,7 @@ import kubernetes
 import pytest
 from kubernetes.client.rest import ApiException
 
-from dreambooth_operator.api import GROUP, PLURAL, VERSION, is_container_resource_name
+from dreambooth_contract.api import GROUP, PLURAL, VERSION, is_container_resource_name
 
 pytestmark = pytest.mark.cluster
 

@@ -13,10 +13,10 @@ import psutil
 import torch
 from safetensors.torch import load_file
 
+from dreambooth_contract.layout import CHECKPOINTS_DIR
+from dreambooth_contract.trainer_config import TrainerConfig
 from dreambooth_trainer import checkpoint
 from dreambooth_trainer.callbacks import PAUSE_ENV
-from dreambooth_trainer.checkpointing import CHECKPOINTS_DIR
-from dreambooth_trainer.config import TrainerConfig
 from dreambooth_trainer.storage import Store, open_store
 from tests.support.procs import ManagedProcess, free_port, wait_for
 from tests.trainer.conftest import BASE_SPEC, merged

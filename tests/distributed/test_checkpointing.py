@@ -13,13 +13,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dreambooth_contract.layout import CHECKPOINTS_DIR, TRAINED_DIR
 from dreambooth_trainer import checkpoint
 from dreambooth_trainer.callbacks import Callback, StatusReport, StepMetrics
-from dreambooth_trainer.checkpointing import CHECKPOINTS_DIR
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.random_models import materialize
 from dreambooth_trainer.storage import LocalStore
-from dreambooth_trainer.train import TRAINED_DIR, Trainer, run_training
+from dreambooth_trainer.train import Trainer, run_training
 
 from .jobs import TRAINED_FILES, same_weights, trainer_config
 

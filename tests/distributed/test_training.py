@@ -13,9 +13,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from dreambooth_contract.layout import CHECKPOINTS_DIR, join_uri
 from dreambooth_trainer import checkpoint, random_models
-from dreambooth_trainer.checkpointing import CHECKPOINTS_DIR
-from dreambooth_trainer.storage import join
 
 from . import harness
 from .jobs import (
@@ -160,7 +159,7 @@ def plant_cut_off_checkpoint(job: Job, from_step: int, step: int) -> None:
     for obj in store.list(source):
         rel = obj.key[len(source) + 1 :]
         if rel != checkpoint.MANIFEST:
-            store.write_bytes(join(target, rel), store.read_bytes(obj.key))
+            store.write_bytes(join_uri(target, rel), store.read_bytes(obj.key))
 
 
 def plant_corrupt_checkpoint(source_job: Job, job: Job, step: int, rank: int) -> None:

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
+from dreambooth_contract.layout import CHECKPOINTS_DIR
 from dreambooth_trainer import checkpoint
-from dreambooth_trainer.checkpointing import CHECKPOINTS_DIR
 
 from .jobs import Job, trainer_config
 

@@ -31,14 +31,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dreambooth_contract.api import MixedPrecision
 from dreambooth_trainer.cli import exit_without_teardown
-from dreambooth_trainer.parallel.base import (
-    Backend,
-    BackendOptions,
-    MixedPrecision,
-    OptimizerFactory,
-    World,
-)
+from dreambooth_trainer.parallel.base import Backend, BackendOptions, OptimizerFactory, World
 
 FEATURES = 8
 HIDDEN = 32

@@ -22,12 +22,13 @@ from typing import Any
 import deepspeed
 import torch
 
-from dreambooth_operator.api import CheckpointStatus
+from dreambooth_contract.api import CheckpointStatus
+from dreambooth_contract.layout import CHECKPOINTS_DIR
+from dreambooth_contract.trainer_config import ConfigError
 from dreambooth_trainer import checkpoint, progress
 from dreambooth_trainer.callbacks import Callback
-from dreambooth_trainer.checkpointing import CHECKPOINTS_DIR, Checkpointing
+from dreambooth_trainer.checkpointing import Checkpointing
 from dreambooth_trainer.cli import exit_without_teardown
-from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.parallel.base import World
 from dreambooth_trainer.storage import LocalStore
 

@@ -10,7 +10,7 @@ from typing import Any
 import kubernetes
 import pytest
 
-from dreambooth_operator import api
+from dreambooth_contract import api
 from tests.e2e.harness import OperatorProcess, job_document
 from tests.support.procs import wait_for
 

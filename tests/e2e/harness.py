@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dreambooth_operator import api
+from dreambooth_contract import api
 from tests.support.procs import ManagedProcess, free_port, port_open, wait_for
 
 REPO = Path(__file__).resolve().parents[2]

@@ -23,8 +23,9 @@ import kubernetes
 import pytest
 import yaml
 
-from dreambooth_operator import builders, names
-from dreambooth_operator.api import GROUP, PLURAL, VERSION
+from dreambooth_contract import env
+from dreambooth_contract.api import GROUP, PLURAL, VERSION
+from dreambooth_operator import builders
 from dreambooth_trainer.callbacks import PAUSE_ENV
 from tests.e2e.conftest import wait_until
 
@@ -138,7 +139,7 @@ def test_local_example_trains_on_two_nodes_exports_and_serves(
     operator_factory, kube_node, jobs, namespace, s3_job, prometheus, s3_server, s3_bucket, tmp_path
 ):
     operator = operator_factory(namespace)
-    trainer_metrics = kube_node.host_port(namespace, names.TRAINER_METRICS_PORT)
+    trainer_metrics = kube_node.host_port(namespace, env.TRAINER_METRICS_PORT)
     prom = prometheus(
         [f"127.0.0.1:{operator.metrics_port}", f"127.0.0.1:{trainer_metrics}"],
         scrape_interval="500ms",
@@ -278,7 +279,7 @@ def test_a_job_recreated_with_another_spec_never_gets_the_old_weights(
     assert status["phase"] == "Failed", status
     failed = next(c for c in status["conditions"] if c["type"] == "Failed")
     assert failed["reason"] == "InvalidConfig", (failed, _pod_logs(kube_node, jobs))
-    assert f"{names.BAD_INPUT_PREFIX}storage.outputUri: " in failed["message"], failed
+    assert f"{env.BAD_INPUT_PREFIX}storage.outputUri: " in failed["message"], failed
     assert "another training than this run's" in failed["message"]
     assert "artifact" not in status and status.get("restarts", 0) == 0
     assert not jobs.batch_jobs("dreambooth.dev/job=toy,dreambooth.dev/component=export")

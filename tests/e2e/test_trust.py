@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from dreambooth_operator.api import GROUP, PLURAL, VERSION
-from dreambooth_operator.validation import parse_job
-from dreambooth_trainer.config import TrainerConfig
+from dreambooth_contract.api import GROUP, PLURAL, VERSION
+from dreambooth_contract.trainer_config import TrainerConfig
+from dreambooth_contract.validation import parse_job
 from tests.e2e.conftest import job_document, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster]

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from dreambooth_contract.layout import join_uri
 from dreambooth_trainer import checkpoint as ckpt
-from dreambooth_trainer.storage import Store, join
+from dreambooth_trainer.storage import Store
 
 ROOT = "checkpoints"
 
@@ -29,7 +30,7 @@ def save_steps(store: Store, tmp_path: Path, steps, **kwargs) -> list[ckpt.Check
 
 
 def file_key(step: int, rel: str) -> str:
-    return join(ckpt.checkpoint_key(ROOT, step), rel)
+    return join_uri(ckpt.checkpoint_key(ROOT, step), rel)
 
 
 def test_save_then_restore_round_trip(store, tmp_path):

@@ -15,12 +15,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from dreambooth_operator.api import CheckpointStatus
+from dreambooth_contract.api import CheckpointStatus
+from dreambooth_contract.env import JOB_NAME_ENV, JOB_NAMESPACE_ENV
+from dreambooth_contract.trainer_config import ConfigError
 from dreambooth_trainer import checkpoint, progress
 from dreambooth_trainer.callbacks import Callback
 from dreambooth_trainer.checkpoint import CheckpointInvalid
 from dreambooth_trainer.checkpointing import Checkpointing
-from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.progress import AnchorUnavailable
 from dreambooth_trainer.storage import LocalStore
@@ -314,7 +315,7 @@ def test_a_new_job_with_empty_storage_does_not_need_its_status(make, status):
 
 
 def test_local_runs_trust_their_storage(make, status, store, monkeypatch):
-    monkeypatch.delenv(progress.ENV_NAME, raising=False)
+    monkeypatch.delenv(JOB_NAME_ENV, raising=False)
     train_to(make(anchor=None), status, 2)
     status.checkpoint = None
     assert Checkpointing(store, Path("/unused"), 2, 1).anchor is None  # the default, locally
@@ -322,8 +323,8 @@ def test_local_runs_trust_their_storage(make, status, store, monkeypatch):
 
 
 def test_under_the_operator_the_default_anchor_is_the_jobs_status(monkeypatch, store):
-    monkeypatch.setenv(progress.ENV_NAME, "dog")
-    monkeypatch.setenv(progress.ENV_NAMESPACE, "team")
+    monkeypatch.setenv(JOB_NAME_ENV, "dog")
+    monkeypatch.setenv(JOB_NAMESPACE_ENV, "team")
     anchor = Checkpointing(store, Path("/unused"), 2, 1).anchor
     assert isinstance(anchor, progress.JobStatusAnchor)
     assert (anchor.name, anchor.namespace) == ("dog", "team")

@@ -8,7 +8,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from dreambooth_operator.api import GROUP, PLURAL, VERSION, DreamBoothJobStatus
+from dreambooth_contract.api import GROUP, PLURAL, VERSION, DreamBoothJobStatus
+from dreambooth_contract.env import JOB_NAME_ENV, JOB_NAMESPACE_ENV
 from dreambooth_trainer import progress
 from dreambooth_trainer.checkpoint import CheckpointInfo
 
@@ -167,7 +168,7 @@ def test_kubernetes_reporter_retries_only_transient_errors(failures, attempts, c
 
 
 def test_reporter_from_env(monkeypatch, tmp_path):
-    for name in (progress.ENV_NAME, progress.ENV_NAMESPACE, progress.ENV_FILE):
+    for name in (JOB_NAME_ENV, JOB_NAMESPACE_ENV, progress.ENV_FILE):
         monkeypatch.delenv(name, raising=False)
     assert type(progress.reporter_from_env(10)) is progress.NullReporter
 
@@ -178,8 +179,8 @@ def test_reporter_from_env(monkeypatch, tmp_path):
     assert type(progress.reporter_from_env(10, rank=1)) is progress.NullReporter
 
     # asked for Kubernetes but no cluster credentials: training goes on without status
-    monkeypatch.setenv(progress.ENV_NAME, "job")
-    monkeypatch.setenv(progress.ENV_NAMESPACE, "ns")
+    monkeypatch.setenv(JOB_NAME_ENV, "job")
+    monkeypatch.setenv(JOB_NAMESPACE_ENV, "ns")
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     assert type(progress.reporter_from_env(10)) is progress.NullReporter
@@ -218,8 +219,8 @@ def test_an_artifact_that_cannot_be_recorded_fails_the_export(failures, delivere
 
 
 def test_the_export_insists_on_a_kubernetes_reporter(monkeypatch, tmp_path):
-    monkeypatch.setenv(progress.ENV_NAME, "job")
-    monkeypatch.setenv(progress.ENV_NAMESPACE, "ns")
+    monkeypatch.setenv(JOB_NAME_ENV, "job")
+    monkeypatch.setenv(JOB_NAMESPACE_ENV, "ns")
     monkeypatch.setenv("KUBECONFIG", str(tmp_path / "missing-kubeconfig"))
     monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
     with pytest.raises(Exception, match="missing-kubeconfig|Invalid kube-config|kube-config"):

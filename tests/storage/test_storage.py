@@ -8,12 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from dreambooth_contract.layout import join_uri
 from dreambooth_trainer.storage import (
     LocalStore,
     ObjectNotFound,
     S3Store,
     StorageError,
-    join,
     normalize_key,
     open_store,
     sha256_file,
@@ -66,10 +66,10 @@ def test_file_round_trip(store, tmp_path):
 def test_dir_round_trip_list_and_select(store, tmp_path):
     files = make_tree(tmp_path / "tree")
     keys = store.upload_dir(tmp_path / "tree", "run/ckpt")
-    assert sorted(keys) == sorted(join("run/ckpt", rel) for rel in files)
+    assert sorted(keys) == sorted(join_uri("run/ckpt", rel) for rel in files)
 
     listed = {o.key: o.size for o in store.list("run")}
-    assert listed == {join("run/ckpt", rel): len(data) for rel, data in files.items()}
+    assert listed == {join_uri("run/ckpt", rel): len(data) for rel, data in files.items()}
     assert store.list_dirs("run/ckpt") == ["sub"]
     assert store.list_dirs("") == ["run"]
     assert store.list("does/not/exist") == []
@@ -116,7 +116,7 @@ def test_keys_cannot_escape_the_root(store, key):
 
 
 def test_normalize_and_join():
-    assert join("a/", "/b", "", "c/") == "a/b/c"
+    assert join_uri("a/", "/b", "", "c/") == "a/b/c"
     assert normalize_key("a//b/") == "a/b"
 
 

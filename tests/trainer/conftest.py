@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dreambooth_operator.api import DreamBoothJob
+from dreambooth_contract.api import DreamBoothJob
 
 REPO = Path(__file__).resolve().parents[2]
 SUBJECT_DIR = REPO / "examples" / "local" / "subject"
@@ -82,7 +82,7 @@ def shared_dir(tmp_path_factory) -> Path:
 @pytest.fixture
 def make_config(shared_dir: Path, tmp_path: Path) -> Callable[..., Any]:
     """TrainerConfig from BASE_SPEC + overrides (camelCase, nested); output under tmp_path."""
-    from dreambooth_trainer.config import TrainerConfig
+    from dreambooth_contract.trainer_config import TrainerConfig
 
     def make(overrides: dict[str, Any] | None = None, output: Path | None = None):
         spec = merged(BASE_SPEC, overrides or {})

@@ -9,8 +9,8 @@ import torch
 
 
 def train_rank(rank: int, world_size: int, port: int, config_json: str, out: str) -> None:
+    from dreambooth_contract.trainer_config import TrainerConfig
     from dreambooth_trainer import priors
-    from dreambooth_trainer.config import TrainerConfig
     from dreambooth_trainer.parallel import World
     from dreambooth_trainer.train import build_trainer
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from dreambooth_contract.trainer_config import ConfigError
 from dreambooth_trainer import priors
 from dreambooth_trainer.callbacks import Callback
-from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.train import run_training
 

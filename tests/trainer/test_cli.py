@@ -9,8 +9,8 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
+from dreambooth_contract.env import EXIT_BAD_INPUT
 from dreambooth_operator.cli import main
-from dreambooth_trainer.cli import EXIT_BAD_INPUT
 from dreambooth_trainer.digest import verify
 
 from .conftest import REPO

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from pydantic import BaseModel
 
-from dreambooth_operator.api import DreamBoothJobSpec
-from dreambooth_trainer.config import TrainerConfig, sibling_uri
-from dreambooth_trainer.priors_key import cache_key
+from dreambooth_contract.api import DreamBoothJobSpec
+from dreambooth_contract.priors_key import cache_key
+from dreambooth_contract.trainer_config import TrainerConfig, sibling_uri
 
 from .conftest import REPO, make_job, merged
 
@@ -229,7 +229,7 @@ def test_cache_key_ignores_what_does_not_change_pixels():
 
 def test_operator_can_compute_the_key_and_config_without_torch():
     code = (
-        "import sys; import dreambooth_trainer.priors_key, dreambooth_trainer.config; "
+        "import sys; import dreambooth_contract.priors_key, dreambooth_contract.trainer_config; "
         "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -18,11 +18,12 @@ import pytest
 from click.testing import CliRunner
 from PIL import Image
 
+from dreambooth_contract import env
+from dreambooth_contract.env import EXIT_BAD_INPUT
+from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 from dreambooth_operator.cli import main
 from dreambooth_trainer import cli as trainer_cli
 from dreambooth_trainer import data, priors
-from dreambooth_trainer.cli import EXIT_BAD_INPUT
-from dreambooth_trainer.config import ConfigError, TrainerConfig
 from dreambooth_trainer.local import load_config
 from dreambooth_trainer.storage import LocalStore, open_store
 
@@ -163,7 +164,7 @@ def model_cache(shared_dir: Path, monkeypatch):
 @pytest.fixture
 def termination_log(tmp_path: Path, monkeypatch) -> Path:
     path = tmp_path / "termination-log"
-    monkeypatch.setenv(trainer_cli.names.TERMINATION_LOG_ENV, str(path))
+    monkeypatch.setenv(env.TERMINATION_LOG_ENV, str(path))
     # `train` ends with os._exit (cli.exit_without_teardown); in this process a plain exit.
     monkeypatch.setattr(trainer_cli, "exit_without_teardown", sys.exit)
     return path
@@ -189,7 +190,7 @@ def run(command: str, config: dict, tmp_path: Path):
 def assert_bad_input(result, termination_log: Path, *expected: str) -> None:
     assert result.exit_code == EXIT_BAD_INPUT, (result.output, result.exception)
     message = termination_log.read_text()
-    assert message.startswith(trainer_cli.names.BAD_INPUT_PREFIX), message
+    assert message.startswith(env.BAD_INPUT_PREFIX), message
     for text in expected:
         assert text in message and text in result.output, (text, message)
 
@@ -231,7 +232,7 @@ def test_a_uri_the_storage_refuses_is_bad_input(uri: str, termination_log):
         open_store(uri)
     assert exited.value.code == EXIT_BAD_INPUT
     message = termination_log.read_text()
-    assert message.startswith(trainer_cli.names.BAD_INPUT_PREFIX) and uri in message
+    assert message.startswith(env.BAD_INPUT_PREFIX) and uri in message
 
 
 # -- the class-image manifest ----------------------------------------------------------------------

@@ -10,10 +10,10 @@ import pytest
 import torch
 from diffusers import StableDiffusionPipeline
 
+from dreambooth_contract.layout import PIPELINE_DIR, TRAINED_DIR
 from dreambooth_trainer import priors
 from dreambooth_trainer.digest import MANIFEST, DigestMismatch, verify
 from dreambooth_trainer.export import (
-    PIPELINE_DIR,
     SINGLE_FILE,
     SINGLE_FILE_FP16,
     export_pipeline,
@@ -22,7 +22,7 @@ from dreambooth_trainer.export import (
 )
 from dreambooth_trainer.models import load_pipeline
 from dreambooth_trainer.parallel import World
-from dreambooth_trainer.train import TRAINED_DIR, build_trainer
+from dreambooth_trainer.train import build_trainer
 
 from .conftest import SUBJECT_DIR
 

@@ -12,11 +12,12 @@ import torch
 from click.testing import CliRunner
 from diffusers import DDPMScheduler
 
+from dreambooth_contract import env
+from dreambooth_contract.env import EXIT_BAD_INPUT
+from dreambooth_contract.trainer_config import ConfigError
 from dreambooth_operator.cli import main
 from dreambooth_trainer import cli as trainer_cli
 from dreambooth_trainer import random_models
-from dreambooth_trainer.cli import EXIT_BAD_INPUT
-from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.local import load_config
 from dreambooth_trainer.loss import DreamBoothObjective
 
@@ -69,7 +70,7 @@ def test_phases_exit_2_on_a_base_model_with_an_unknown_prediction_type(
     config["priorPreservation"]["enabled"] = phase == "priors"
     config["training"]["maxSteps"] = 1
     termination_log = tmp_path / "termination-log"
-    monkeypatch.setenv(trainer_cli.names.TERMINATION_LOG_ENV, str(termination_log))
+    monkeypatch.setenv(env.TERMINATION_LOG_ENV, str(termination_log))
     config_file = tmp_path / "config.json"
     config_file.write_text(json.dumps(config))
 
@@ -80,6 +81,6 @@ def test_phases_exit_2_on_a_base_model_with_an_unknown_prediction_type(
     assert "'epsilon', 'v_prediction'" in result.output
     # The termination message is what tells the operator (under torchrun, exit code 1).
     message = termination_log.read_text()
-    assert message.startswith(trainer_cli.names.BAD_INPUT_PREFIX)
+    assert message.startswith(env.BAD_INPUT_PREFIX)
     assert "baseModel.uri" in message
     assert not (tmp_path / "out" / "trained").exists()

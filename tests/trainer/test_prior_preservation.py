@@ -23,10 +23,11 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
+from dreambooth_contract.layout import PIPELINE_DIR
+from dreambooth_contract.trainer_config import TrainerConfig
 from dreambooth_trainer import priors
 from dreambooth_trainer.callbacks import Callback, StepMetrics
-from dreambooth_trainer.config import TrainerConfig
-from dreambooth_trainer.export import PIPELINE_DIR, export_pipeline
+from dreambooth_trainer.export import export_pipeline
 from dreambooth_trainer.models import load_pipeline
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.train import Trainer, build_trainer

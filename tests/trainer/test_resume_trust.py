@@ -11,10 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_operator.api import CheckpointStatus
+from dreambooth_contract.api import CheckpointStatus
+from dreambooth_contract.env import JOB_NAME_ENV
+from dreambooth_contract.layout import CHECKPOINTS_DIR
+from dreambooth_contract.trainer_config import ConfigError
 from dreambooth_trainer import checkpoint, checkpointing, priors, progress
-from dreambooth_trainer.checkpointing import CHECKPOINTS_DIR
-from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.storage import LocalStore
 from dreambooth_trainer.train import Trainer, run_training
@@ -44,7 +45,7 @@ class StatusFileAnchor:
 @pytest.fixture
 def status_file(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "status.json"
-    monkeypatch.delenv(progress.ENV_NAME, raising=False)
+    monkeypatch.delenv(JOB_NAME_ENV, raising=False)
     monkeypatch.setenv(progress.ENV_FILE, str(path))
     monkeypatch.setattr(checkpointing, "anchor_from_env", lambda: StatusFileAnchor(path))
     return path

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import copy
 
-from dreambooth_operator import builders, names
-from dreambooth_operator.contract import trainer_contract
-from dreambooth_operator.validation import parse_job
-from dreambooth_trainer.config import TrainerConfig
+from dreambooth_contract import names
+from dreambooth_contract.env import CONFIG_FILE
+from dreambooth_contract.trainer_config import TrainerConfig
+from dreambooth_contract.validation import parse_job
+from dreambooth_operator import builders
+from dreambooth_operator.trainer_inputs import trainer_inputs
 
 DOCUMENT = {
     "apiVersion": "dreambooth.dev/v1alpha1",
@@ -68,21 +70,21 @@ def test_credentials_only_by_secret_reference():
     assert env["AWS_ACCESS_KEY_ID"] == {
         "secretKeyRef": {"name": "s3-creds", "key": "AWS_ACCESS_KEY_ID"}
     }
-    config_json, _cache = trainer_contract(JOB)
+    config_json, _cache = trainer_inputs(JOB)
     config_map = builders.config_map(JOB, config_json)
     assert "s3-creds" not in str(config_map) and "AWS_" not in str(config_map)
     assert TrainerConfig.model_validate_json(config_json).s3.credentials_secret is None
 
 
 def test_config_map_holds_the_trainer_config_the_spec_implies():
-    config_json, _cache = trainer_contract(JOB)
+    config_json, _cache = trainer_inputs(JOB)
     config_map = next(
         o for o in builders.shared_objects(JOB, config_json) if o["kind"] == "ConfigMap"
     )
     assert config_map["metadata"]["name"] == names.config_map("dog")
     assert config_map["metadata"]["namespace"] == "team"
     (key,) = config_map["data"]
-    assert key == names.CONFIG_FILE  # the file the pods' --config points at
+    assert key == CONFIG_FILE  # the file the pods' --config points at
     config = TrainerConfig.model_validate_json(config_map["data"][key])
     spec = JOB.spec
     assert (config.job_name, config.namespace) == ("dog", "team")

@@ -7,7 +7,7 @@ from pathlib import Path
 import yaml
 from click.testing import CliRunner
 
-from dreambooth_operator import api
+from dreambooth_contract import api
 from dreambooth_operator.cli import main
 from dreambooth_operator.crd import crd, crd_yaml
 

@@ -5,7 +5,8 @@ from __future__ import annotations
 import copy
 from datetime import datetime, timedelta, timezone
 
-from dreambooth_operator import names
+from dreambooth_contract import env, names
+from dreambooth_contract.validation import parse_job
 from dreambooth_operator.reconcile import (
     ChildJob,
     ChildPod,
@@ -19,7 +20,6 @@ from dreambooth_operator.reconcile import (
     immutable_changes,
     reconcile,
 )
-from dreambooth_operator.validation import parse_job
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
 CACHE = PriorCache(key="abc123", uri="s3://runs/priors/abc123")
@@ -203,7 +203,7 @@ def test_bad_input_exit_code_fails_at_once_with_the_trainers_message():
 def test_a_lingering_pod_of_an_earlier_attempt_does_not_explain_a_failure():
     status = {"restarts": 1}
     failed = jobs(names.PRIORS, attempt=1, failed=True, ranks=1)
-    old_message = f"{names.BAD_INPUT_PREFIX}instance.imagesUri: no images"
+    old_message = f"{env.BAD_INPUT_PREFIX}instance.imagesUri: no images"
     pods = (
         ChildPod("dog-priors-0-old", names.PRIORS, 0, 0, "Failed", 1, old_message),
         ChildPod("dog-priors-0-new", names.PRIORS, 0, 1, "Failed", 137, "OOMKilled"),
@@ -244,7 +244,7 @@ def test_suspend_deletes_pods_and_resume_recreates_them():
 def test_bad_input_under_torchrun_is_told_by_the_termination_message():
     """torchrun exits 1 whatever its workers did; the trainer's message says bad input."""
     failed = jobs(names.PRIORS, failed=True, ranks=1) + jobs(names.PRIORS, ranks=2)[1:]
-    message = f"{names.BAD_INPUT_PREFIX}instance.imagesUri: no images (png, jpg, webp) in /x"
+    message = f"{env.BAD_INPUT_PREFIX}instance.imagesUri: no images (png, jpg, webp) in /x"
     pods = (ChildPod("dog-priors-0-p", names.PRIORS, 0, 0, "Failed", 1, message),)
     decision, _ = step(job_with(), jobs=failed, pods=pods)
     failure = next(c for c in decision.status.conditions if c.type == "Failed")

@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 from kubernetes.client.exceptions import ApiException
 
+from dreambooth_contract.api import GROUP, PLURAL, VERSION
 from dreambooth_operator import finalizers, handlers, kube
-from dreambooth_operator.api import GROUP, PLURAL, VERSION
 from dreambooth_operator.cli import main
 from dreambooth_operator.finalizers import (
     FINALIZER,

@@ -10,10 +10,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from dreambooth_operator import api
+from dreambooth_contract import api
+from dreambooth_contract.validation import JobInvalid, load_jobs, parse_job
 from dreambooth_operator.cli import main
 from dreambooth_operator.crd import crd
-from dreambooth_operator.validation import JobInvalid, load_jobs, parse_job
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

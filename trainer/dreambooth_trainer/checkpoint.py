@@ -58,7 +58,9 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from .storage import Store, join, local_files, normalize_key, sha256_file
+from dreambooth_contract.layout import join_uri
+
+from .storage import Store, local_files, normalize_key, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -141,7 +143,7 @@ def manifest_digest(data: bytes) -> str:
 
 def checkpoint_key(root: str, step: int) -> str:
     """Directory key of ``step``: zero-padded so names sort like steps."""
-    return join(root, f"{DIR_PREFIX}{step:08d}")
+    return join_uri(root, f"{DIR_PREFIX}{step:08d}")
 
 
 def list_steps(store: Store, root: str) -> list[int]:
@@ -179,7 +181,7 @@ def upload(
     """
     entries = describe_files(local_dir, paths)
     directory = checkpoint_key(root, step)
-    store.upload_files([(Path(local_dir, e.path), join(directory, e.path)) for e in entries])
+    store.upload_files([(Path(local_dir, e.path), join_uri(directory, e.path)) for e in entries])
     return entries
 
 
@@ -202,7 +204,7 @@ def commit(
     )
     directory = checkpoint_key(root, step)
     data = manifest.model_dump_json(indent=1).encode()
-    store.write_bytes(join(directory, MANIFEST), data)
+    store.write_bytes(join_uri(directory, MANIFEST), data)
     info = _info(store, directory, manifest, manifest_digest(data))
     log.info("committed checkpoint %s (%d files)", info.uri, len(info.files))
     return info
@@ -246,7 +248,7 @@ def _read_manifest(
     directory = checkpoint_key(root, step)
     uri = store.uri_for(directory)
     try:
-        data = store.read_bytes(join(directory, MANIFEST))
+        data = store.read_bytes(join_uri(directory, MANIFEST))
     except FileNotFoundError:
         raise CheckpointMissing(uri, "no manifest (uncommitted)") from None
     digest = manifest_digest(data)
@@ -277,7 +279,7 @@ def verify(
         _check_sizes(store, directory, manifest)
     if level == "sha256":
         for entry in manifest.files:
-            actual = store.sha256(join(directory, entry.path))
+            actual = store.sha256(join_uri(directory, entry.path))
             _check_hash(store.uri_for(directory), entry, actual)
     return _info(store, directory, manifest, digest)
 
@@ -348,7 +350,7 @@ def _restore_one(
     dest.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".restoring", dir=dest.parent))
     try:
-        store.download_files([(join(directory, e.path), staging / e.path) for e in wanted])
+        store.download_files([(join_uri(directory, e.path), staging / e.path) for e in wanted])
         for entry in wanted:
             _check_hash(store.uri_for(directory), entry, sha256_file(staging / entry.path))
         _replace_dir(staging, dest)
@@ -429,7 +431,7 @@ def _classify(store: Store, root: str) -> tuple[list[int], list[int]]:
 
 def _delete_checkpoint(store: Store, directory: str) -> None:
     """Manifest first, so a half-deleted checkpoint is never mistaken for a committed one."""
-    store.delete(join(directory, MANIFEST))
+    store.delete(join_uri(directory, MANIFEST))
     store.delete(directory)
 
 

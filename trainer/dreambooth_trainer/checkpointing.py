@@ -63,10 +63,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from dreambooth_contract.layout import CHECKPOINTS_DIR
+from dreambooth_contract.trainer_config import ConfigError
+
 from . import checkpoint
 from .callbacks import Callback, StepMetrics
 from .checkpoint import CheckpointInfo, CheckpointInvalid, CheckpointMissing, FileEntry
-from .config import ConfigError
 from .parallel import World
 from .progress import AnchorUnavailable, CheckpointAnchor, anchor_from_env
 from .storage import Store
@@ -76,7 +78,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-CHECKPOINTS_DIR = "checkpoints"  # inside the output location
 COMPARED = ("worldSize", "backend")  # besides the identity, what a resumed run must match
 RESUMING = "resuming it would continue other weights"
 REPLACING = "training here from step 0 would replace its checkpoints and export"

@@ -1,4 +1,5 @@
-"""Trainer subcommands of `dreambooth` (imported lazily by dreambooth_operator.cli).
+"""Trainer subcommands of `dreambooth` (imported lazily by dreambooth_operator.cli, the one
+import between the two programs).
 
     dreambooth run JOB.yaml [--output DIR]       everything, locally
     dreambooth priors --config FILE [--shard i/n] one shard of class images (a priors pod)
@@ -22,9 +23,8 @@ from typing import NoReturn
 
 import click
 
-from dreambooth_operator import names
+from dreambooth_contract import env
 
-EXIT_BAD_INPUT = 2
 TERMINATION_MESSAGE_CHARS = 3000  # Kubernetes keeps 4096 bytes of it
 EXIT_TERMINATED = 143
 
@@ -58,8 +58,8 @@ def configure_logging() -> None:
 def bad_input(lines: list[str]) -> NoReturn:
     for line in lines:
         click.echo(f"error: {line}", err=True)
-    leave_termination_message(names.BAD_INPUT_PREFIX + "; ".join(lines))
-    sys.exit(EXIT_BAD_INPUT)
+    leave_termination_message(env.BAD_INPUT_PREFIX + "; ".join(lines))
+    sys.exit(env.EXIT_BAD_INPUT)
 
 
 def leave_termination_message(message: str) -> None:
@@ -68,7 +68,7 @@ def leave_termination_message(message: str) -> None:
     Under torchrun the pod's exit code is torchrun's (1 for any failed worker), so exit code 2
     alone would not tell the operator that a restart cannot help; the message does.
     """
-    path = os.environ.get(names.TERMINATION_LOG_ENV)
+    path = os.environ.get(env.TERMINATION_LOG_ENV)
     if path:
         with contextlib.suppress(OSError):
             Path(path).write_text(message[:TERMINATION_MESSAGE_CHARS])
@@ -79,9 +79,9 @@ def input_errors() -> Iterator[None]:
     """Map every kind of bad input to exit code 2 with field-naming messages."""
     from pydantic import ValidationError
 
-    from dreambooth_operator.validation import JobInvalid, problems
+    from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
+    from dreambooth_contract.validation import JobInvalid, problems
 
-    from .config import ConfigError, TrainerConfig
     from .storage import InvalidUri
 
     try:
@@ -99,7 +99,7 @@ def input_errors() -> Iterator[None]:
 def read_config(path: Path):
     import yaml
 
-    from .config import TrainerConfig
+    from dreambooth_contract.trainer_config import TrainerConfig
 
     try:
         document = yaml.safe_load(path.read_text())  # JSON is YAML

@@ -16,7 +16,7 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from dreambooth_operator.api import TrainingSpec
+from dreambooth_contract.api import TrainingSpec
 
 from .models import training_noise_scheduler
 

@@ -21,7 +21,8 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image, ImageOps
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .config import ConfigError, TrainerConfig
+from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
+
 from .seeds import derive_seed
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})

@@ -19,17 +19,16 @@ import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextModel
 
-from .config import TrainerConfig
+from dreambooth_contract.layout import EXPORT_DIR, PIPELINE_DIR, TRAINED_DIR
+from dreambooth_contract.trainer_config import TrainerConfig
+
 from .digest import MANIFEST, write_manifest
 from .locations import fetch_dir, publish_dir, working_dir
 from .models import load_pipeline
 from .single_file import save_single_file, single_file_unsupported
-from .train import TRAINED_DIR
 
 log = logging.getLogger(__name__)
 
-EXPORT_DIR = "export"
-PIPELINE_DIR = "pipeline"
 SINGLE_FILE = "model.safetensors"
 SINGLE_FILE_FP16 = "model.fp16.safetensors"
 

@@ -21,14 +21,15 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
-from dreambooth_operator.validation import JobInvalid, load_jobs
+from dreambooth_contract.layout import EXPORT_DIR, PIPELINE_DIR, PRIORS_DIR, SAMPLES_DIR
+from dreambooth_contract.trainer_config import TrainerConfig, sibling_uri
+from dreambooth_contract.validation import JobInvalid, load_jobs
 
-from .config import TrainerConfig, sibling_uri
-from .export import EXPORT_DIR, PIPELINE_DIR, run_export
+from .export import run_export
 from .locations import publish_dir, working_dir
 from .priors import run_priors
 from .samples import render_grid
-from .train import SAMPLES_DIR, run_training
+from .train import run_training
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def load_config(job_file: Path, output: Path | None = None) -> TrainerConfig:
     output_uri = str(output.resolve())
     update = {"output_uri": output_uri}
     if job.spec.storage.prior_cache_uri is None:
-        update["prior_cache_uri"] = sibling_uri(output_uri, "priors")
+        update["prior_cache_uri"] = sibling_uri(output_uri, PRIORS_DIR)
     return config.model_copy(update=update)
 
 

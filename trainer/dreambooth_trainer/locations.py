@@ -9,7 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
-from dreambooth_operator.api import S3Spec
+from dreambooth_contract.api import S3Spec
 
 from .storage import LocalStore, Store, local_files, open_store
 

@@ -5,7 +5,7 @@ prefix, base units, ``_seconds`` for durations, ``_total`` for counters (prometh
 appends it to counter names).
 
 Environment: ``DREAMBOOTH_METRICS_PORT`` (set by the operator's pod builder) is the port rank 0
-serves ``/metrics`` on (default: the operator's ``TRAINER_METRICS_PORT``, 9400); ``0``, ``off``
+serves ``/metrics`` on (default: the contract's ``TRAINER_METRICS_PORT``, 9400); ``0``, ``off``
 or ``false`` disables the exporter.
 
 Each ``TrainerMetrics`` has its own registry (not the process-global one), so tests and a
@@ -23,13 +23,11 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
-from dreambooth_operator.names import TRAINER_METRICS_PORT
+from dreambooth_contract.env import METRICS_PORT_ENV, TRAINER_METRICS_PORT
 
 log = logging.getLogger(__name__)
 
 PREFIX = "dreambooth_trainer"
-ENV_PORT = "DREAMBOOTH_METRICS_PORT"
-DEFAULT_PORT = TRAINER_METRICS_PORT
 MULTIPROCESS_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's own variable
 DISABLED = frozenset({"", "0", "off", "false", "no"})
 # Checkpoint saves range from under a second (tiny model, local disk) to many minutes
@@ -113,7 +111,7 @@ def prepare_multiprocess_dir() -> None:
 
 def metrics_port_from_env() -> int | None:
     """The exporter port from ``DREAMBOOTH_METRICS_PORT``, or None when disabled."""
-    value = os.environ.get(ENV_PORT, str(DEFAULT_PORT)).strip().lower()
+    value = os.environ.get(METRICS_PORT_ENV, str(TRAINER_METRICS_PORT)).strip().lower()
     return None if value in DISABLED else int(value)
 
 

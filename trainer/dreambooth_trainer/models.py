@@ -10,11 +10,11 @@ from pathlib import Path
 import torch
 from diffusers import DDPMScheduler, SchedulerMixin, StableDiffusionPipeline
 
-from dreambooth_operator.api import BaseModelSpec, S3Spec
+from dreambooth_contract.api import BaseModelSpec, S3Spec
+from dreambooth_contract.trainer_config import ConfigError, is_local_model
 
 from . import random_models
 from .cache_dirs import build_once
-from .config import ConfigError, is_local_model
 
 log = logging.getLogger(__name__)
 

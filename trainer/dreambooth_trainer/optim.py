@@ -9,7 +9,7 @@ import torch
 from diffusers.optimization import get_scheduler
 from torch import nn
 
-from dreambooth_operator.api import TrainingSpec
+from dreambooth_contract.api import TrainingSpec
 
 from .parallel.base import OptimizerFactory, SchedulerFactory
 

@@ -30,10 +30,11 @@ from diffusers import StableDiffusionPipeline
 from PIL import Image
 from tqdm.auto import tqdm
 
-from .config import ConfigError, TrainerConfig
+from dreambooth_contract.priors_key import PRIORS_FORMAT, generation_params
+from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
+
 from .locations import fetch_dir, staging_dir, store_for
 from .models import load_pipeline
-from .priors_key import PRIORS_FORMAT, generation_params
 from .storage import LocalStore, Store
 
 log = logging.getLogger(__name__)

@@ -1,11 +1,11 @@
 """How rank 0 tells the operator where training is: ``status.progress`` and ``status.checkpoint``;
 and how it reads ``status.checkpoint`` back, the trust anchor of a resume (``anchor_from_env``).
 
-Contract (shared/DESIGN.md): rank 0 reports step, loss, throughput and the latest committed
-checkpoint at least every 30 s. The trainer calls ``report()`` every optimizer step and
-``report_checkpoint()`` after every commit; the reporter sends at most every ``min_interval``
-seconds, and always for a checkpoint and on ``close()``. Reporting never raises into the training
-loop: failures are logged and training goes on.
+The promise to users (``kubectl get dbj``) and the operator: rank 0 reports step, loss,
+throughput and the latest committed checkpoint at least every 30 s. The trainer calls
+``report()`` every optimizer step and ``report_checkpoint()`` after every commit; the reporter
+sends at most every ``min_interval`` seconds, and always for a checkpoint and on ``close()``.
+Reporting never raises into the training loop: failures are logged and training goes on.
 
 ``status.checkpoint`` carries the sha256 of the checkpoint's manifest (``manifestDigest``). Anyone
 who may write the job's storage may also rewrite a checkpoint and its manifest consistently, but
@@ -14,7 +14,7 @@ and only while its manifest still has the recorded digest (checkpointing.py). Th
 reporter therefore waits until a checkpoint's report has arrived (or was given up) before
 training goes on: a checkpoint the status does not name is one no resume will use.
 
-Field names come from the operator's API models (``Progress``, ``CheckpointStatus``), so the
+Field names come from the contract's API models (``Progress``, ``CheckpointStatus``), so the
 trainer and the CRD cannot drift apart.
 
 Environment (set by the operator on training pods; ``reporter_from_env`` reads it):
@@ -43,7 +43,7 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from dreambooth_operator.api import (
+from dreambooth_contract.api import (
     GROUP,
     PLURAL,
     VERSION,
@@ -51,18 +51,17 @@ from dreambooth_operator.api import (
     CheckpointStatus,
     Progress,
 )
+from dreambooth_contract.env import JOB_NAME_ENV, JOB_NAMESPACE_ENV
 
 from .checkpoint import CheckpointInfo
 from .storage import LocalStore
 
 log = logging.getLogger(__name__)
 
-ENV_NAME = "DBJ_NAME"
-ENV_NAMESPACE = "DBJ_NAMESPACE"
 ENV_FILE = "DBJ_PROGRESS_FILE"
 ENV_INTERVAL = "DBJ_PROGRESS_INTERVAL"
 DEFAULT_INTERVAL = 10.0
-MAX_INTERVAL = 30.0  # the operator's contract
+MAX_INTERVAL = 30.0  # the promise above
 SA_NAMESPACE_FILE = Path("/var/run/secrets/kubernetes.io/serviceaccount/namespace")
 MERGE_PATCH = "application/merge-patch+json"
 RETRY_STATUSES = frozenset({409, 429, 500, 502, 503, 504})
@@ -455,7 +454,7 @@ class JobStatusAnchor:
     def _read(self, attempts: int) -> dict[str, Any]:
         """The job, from its status subresource; retried like the reporter's patches."""
         if not self.namespace:
-            raise AnchorUnavailable(f"{ENV_NAMESPACE} unset and no service-account namespace")
+            raise AnchorUnavailable(f"{JOB_NAMESPACE_ENV} unset and no service-account namespace")
         try:
             if self._api is None:
                 self._api = _custom_objects_api()
@@ -487,7 +486,7 @@ class JobStatusAnchor:
 def anchor_from_env() -> CheckpointAnchor | None:
     """The job's status under the operator (``DBJ_NAME`` set); None for local runs, whose
     storage is the user's own disk or bucket and trusted as it is."""
-    name = os.environ.get(ENV_NAME)
+    name = os.environ.get(JOB_NAME_ENV)
     return JobStatusAnchor(name, _namespace_from_env()) if name else None
 
 
@@ -504,8 +503,8 @@ def _custom_objects_api() -> Any:
 
 
 def _namespace_from_env() -> str | None:
-    if os.environ.get(ENV_NAMESPACE):
-        return os.environ[ENV_NAMESPACE]
+    if os.environ.get(JOB_NAMESPACE_ENV):
+        return os.environ[JOB_NAMESPACE_ENV]
     try:
         return SA_NAMESPACE_FILE.read_text().strip() or None
     except OSError:
@@ -525,12 +524,12 @@ def reporter_from_env(
     if rank != 0:
         return NullReporter(total_steps)
     kwargs.setdefault("min_interval", float(os.environ.get(ENV_INTERVAL, DEFAULT_INTERVAL)))
-    name = os.environ.get(ENV_NAME)
+    name = os.environ.get(JOB_NAME_ENV)
     if name:
         namespace = _namespace_from_env()
         try:
             if not namespace:
-                raise RuntimeError(f"{ENV_NAMESPACE} unset and no service-account namespace")
+                raise RuntimeError(f"{JOB_NAMESPACE_ENV} unset and no service-account namespace")
             if must_deliver:
                 kwargs.setdefault("retries", MUST_DELIVER_RETRIES)
             return KubernetesReporter(total_steps, name, namespace, **kwargs)

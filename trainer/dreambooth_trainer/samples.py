@@ -12,7 +12,7 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from dreambooth_operator.api import ValidationSpec
+from dreambooth_contract.api import ValidationSpec
 
 from .callbacks import Callback, StepMetrics
 from .parallel.base import mixed_precision_autocast

@@ -1,7 +1,7 @@
 """One small interface over a local directory and s3:// (MinIO and friends included).
 
-Both the trainer and the operator (which has no torch) import this module, so it depends only on
-the standard library and boto3.
+The trainer's phases and the inference server use it; it depends only on the standard library,
+boto3 and the contract's URI joiner (layout.join_uri).
 
 A ``Store`` is rooted at a URI; everything inside it is addressed by a *key*: a relative,
 '/'-separated path (``checkpoints/checkpoint-00000100/manifest.json``). Keys behave like paths
@@ -41,6 +41,8 @@ from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 from s3transfer.futures import TransferFuture
 from s3transfer.manager import TransferManager
+
+from dreambooth_contract.layout import join_uri
 
 log = logging.getLogger(__name__)
 
@@ -86,11 +88,6 @@ class ObjectInfo:
     size: int
 
 
-def join(*parts: str) -> str:
-    """Join key parts with '/', dropping empty parts and stray slashes."""
-    return "/".join(p.strip("/") for p in parts if p and p.strip("/"))
-
-
 def normalize_key(key: str) -> str:
     """Return ``key`` in canonical form; reject keys that could escape the store's root.
 
@@ -100,7 +97,7 @@ def normalize_key(key: str) -> str:
     segments = key.split("/")
     if key.startswith("/") or "\\" in key or any(s in (".", "..") for s in segments):
         raise ValueError(f"invalid storage key {key!r}: must be a relative path without '..'")
-    return join(*segments)
+    return join_uri(*segments)
 
 
 def sha256_file(path: Path | str) -> str:
@@ -188,7 +185,7 @@ class Store(ABC):
 
     def upload_dir(self, local_dir: Path | str, prefix: str = "") -> list[str]:
         """Upload every file under ``local_dir`` below ``prefix``; return the keys written."""
-        pairs = [(path, join(prefix, rel)) for path, rel in local_files(local_dir)]
+        pairs = [(path, join_uri(prefix, rel)) for path, rel in local_files(local_dir)]
         self.upload_files(pairs)
         return [key for _, key in pairs]
 
@@ -405,13 +402,13 @@ class S3Store(Store):
                 "'.' and '..' path segments and backslashes are not allowed (object keys have "
                 "no parent directories)",
             ) from None
-        self.uri = join(f"s3://{bucket}", self.prefix)
+        self.uri = join_uri(f"s3://{bucket}", self.prefix)
         self.transfer_config = transfer_config or default_transfer_config()
         pool = max(20, 2 * (self.transfer_config.max_concurrency or 10))
         self.client = client or make_s3_client(endpoint, region, max_pool_connections=pool)
 
     def _key(self, key: str) -> str:
-        return join(self.prefix, normalize_key(key)) if key else self.prefix
+        return join_uri(self.prefix, normalize_key(key)) if key else self.prefix
 
     def _rel(self, full_key: str) -> str:
         return full_key[len(self.prefix) :].lstrip("/") if self.prefix else full_key

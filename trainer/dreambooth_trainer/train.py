@@ -20,6 +20,9 @@ import torch
 from diffusers import StableDiffusionPipeline
 from torch.utils.tensorboard import SummaryWriter
 
+from dreambooth_contract.layout import CHECKPOINTS_DIR, LOGS_DIR, SAMPLES_DIR, TRAINED_DIR
+from dreambooth_contract.trainer_config import TrainerConfig
+
 from .callbacks import (
     Callback,
     ProgressBar,
@@ -28,9 +31,8 @@ from .callbacks import (
     TensorBoardScalars,
     pause_from_env,
 )
-from .checkpointing import CHECKPOINTS_DIR, Checkpointing
+from .checkpointing import Checkpointing
 from .components import DreamBoothModel, FrozenParts, sampling_pipeline, split_pipeline
-from .config import TrainerConfig
 from .data import DreamBoothData, build_data
 from .locations import fetch_dir, is_s3, publish_dir, staging_dir, store_for, working_dir
 from .loss import DreamBoothObjective
@@ -45,10 +47,6 @@ from .timing import PhaseClock
 
 log = logging.getLogger(__name__)
 
-# Inside the output location.
-TRAINED_DIR = "trained"
-SAMPLES_DIR = "samples"
-LOGS_DIR = "logs"
 # Inside a checkpoint (see checkpointing.py).
 STATE_DIR = "trainer"
 BACKEND_DIR = "backend"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib
 from enum import Enum
 
+from dreambooth_contract.api import DEFAULT_ZERO_STAGE
+
 from .base import Backend, BackendOptions, World
 from .single import SingleProcessBackend
 
@@ -15,7 +17,6 @@ DISTRIBUTED_BACKENDS = {
     "ddp": "dreambooth_trainer.parallel.ddp:DDPBackend",
     "fsdp": "dreambooth_trainer.parallel.fsdp:FSDPBackend",
 }
-DEFAULT_ZERO_STAGE = 2
 
 
 def create_backend(

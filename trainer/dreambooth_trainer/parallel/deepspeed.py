@@ -23,13 +23,15 @@ import tempfile
 import warnings
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
 from torch import nn
+
+from dreambooth_contract.api import DEFAULT_ZERO_STAGE, ZeroStage
 
 from .base import (
     BackendOptions,
@@ -43,7 +45,6 @@ from .full_weights import FullWeights
 
 log = logging.getLogger(__name__)
 
-ZeroStage = Literal[2, 3]
 # The engine's checkpoint tag: the directory below the save dir. One fixed name, because the
 # checkpoint module, not DeepSpeed, decides which step a directory holds.
 TAG = "zero"
@@ -92,7 +93,9 @@ def rank_reads(path: str, rank: int) -> bool:
 
 
 class DeepSpeedBackend:
-    def __init__(self, world: World, options: BackendOptions, zero_stage: ZeroStage = 2):
+    def __init__(
+        self, world: World, options: BackendOptions, zero_stage: ZeroStage = DEFAULT_ZERO_STAGE
+    ):
         if zero_stage not in (2, 3):
             raise ValueError(f"ZeRO stage must be 2 or 3, not {zero_stage}")
         self.world = world

@@ -16,14 +16,15 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from dreambooth_contract.layout import PIPELINE_DIR
+
 from .. import digest as artifact_digest
 from .. import random_models
 from ..storage import open_store
 
 log = logging.getLogger(__name__)
 
-# export.py's layout: <artifact>/pipeline/ holds the diffusers pipeline, fp16 weights as a variant.
-PIPELINE_DIR = "pipeline"
+# fp16 weights are a variant of the exported pipeline (export.py).
 FP16_VARIANT = "fp16"
 
 
@@ -53,7 +54,7 @@ class Artifact:
 
     @property
     def pipeline_dir(self) -> Path:
-        """export.py puts the diffusers pipeline under pipeline/; a bare pipeline dir works too."""
+        """The export's diffusers pipeline (layout.PIPELINE_DIR); a bare pipeline dir works too."""
         nested = self.path / PIPELINE_DIR
         return nested if (nested / "model_index.json").is_file() else self.path
 

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import click
 
-from ..config import CACHE_DIR_ENV
+from dreambooth_contract.env import CACHE_DIR_ENV, DEFAULT_CACHE_DIR
+
 from .config import MAX_BODY_BYTES, REQUEST_TIMEOUT_S, BatchingSettings, Limits, ServeSettings
 
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE = "~/.cache/dreambooth"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The API key itself (e.g. from a Secret via env valueFrom); --api-key-file is the other way.
 API_KEY_ENV = "DREAMBOOTH_API_KEY"
@@ -129,7 +129,7 @@ def read_api_key(key_file: Path | None, environ: dict[str, str] | None = None) -
 @click.option(
     "--cache-dir",
     envvar=CACHE_DIR_ENV,
-    default=DEFAULT_CACHE,
+    default=DEFAULT_CACHE_DIR,
     show_default=True,
     type=click.Path(file_okay=False, path_type=Path),
     help="Where s3:// artifacts are downloaded.",

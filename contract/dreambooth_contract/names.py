@@ -5,7 +5,7 @@ Never generateName: a retried create must hit 409 (already there), not make a tw
 
 from __future__ import annotations
 
-GROUP = "dreambooth.dev"
+from .api import GROUP
 
 LABEL_JOB = f"{GROUP}/job"
 LABEL_COMPONENT = f"{GROUP}/component"
@@ -22,16 +22,6 @@ PRIORS = "priors"
 TRAIN = "train"
 EXPORT = "export"
 INFERENCE = "inference"
-
-CONFIG_FILE = "trainer.json"
-CONFIG_MOUNT = "/etc/dreambooth"
-RENDEZVOUS_PORT = 29500
-TRAINER_METRICS_PORT = 9400
-# Bad input (a config error): the trainer exits 2 and, because torchrun reports its own exit
-# code (1) for a failed worker, also leaves a termination message starting with this prefix.
-TERMINATION_LOG = "/dev/termination-log"
-TERMINATION_LOG_ENV = "DREAMBOOTH_TERMINATION_LOG"
-BAD_INPUT_PREFIX = "bad input: "
 
 
 def config_map(job: str) -> str:

@@ -1,18 +1,18 @@
 """What the operator hands the trainers: their config and where their class images go.
 
-Both come from the trainer package's torch-free config module, so the operator and the
-trainer can never disagree about a cache key or a field.
+Both come from the contract's trainer config, so the operator and the trainer can never
+disagree about a cache key or a field.
 """
 
 from __future__ import annotations
 
-from dreambooth_trainer.config import TrainerConfig
+from dreambooth_contract.api import DreamBoothJob
+from dreambooth_contract.trainer_config import TrainerConfig
 
-from .api import DreamBoothJob
 from .reconcile import PriorCache
 
 
-def trainer_contract(job: DreamBoothJob) -> tuple[str, PriorCache | None]:
+def trainer_inputs(job: DreamBoothJob) -> tuple[str, PriorCache | None]:
     """(trainer config JSON for the ConfigMap, the job's prior cache or None without priors).
 
     Whether the cache already holds a complete set is for the priors pods to find out, from

@@ -1,7 +1,7 @@
 """Content-addressed key of a class-image set.
 
-Torch-free on purpose: the operator (no torch in its image) computes the same key to find cached
-class images and to skip the priors phase when they are already there.
+Jobs whose class images would come out the same share them: the key names their directory in
+the prior cache (TrainerConfig.priors_uri), and the operator reports it in status.priors.
 """
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import hashlib
 import json
 from typing import Any
 
-from dreambooth_operator.api import BaseModelSpec, PriorPreservationSpec
+from .api import BaseModelSpec, PriorPreservationSpec
 
 # Bump when the generation code changes what the same parameters produce.
 PRIORS_FORMAT = "dreambooth-priors/v1"

@@ -4,8 +4,6 @@ The operator builds it with `TrainerConfig.from_job(job)` and ships `config.to_j
 ConfigMap; every trainer pod reads it back with `TrainerConfig.model_validate_json`. The spec
 sections are the API models themselves (api.py is the single source of truth), so a field added
 there reaches the trainer without being declared twice.
-
-Torch-free, like priors_key: the operator imports it.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from dreambooth_operator.api import (
+from .api import (
     DNS_LABEL,
     ApiModel,
     BaseModelSpec,
@@ -31,10 +29,10 @@ from dreambooth_operator.api import (
     ValidationSpec,
     no_dot_segments,
 )
-
+from .env import CACHE_DIR_ENV, DEFAULT_CACHE_DIR
+from .layout import PRIORS_DIR, join_uri
 from .priors_key import cache_key
 
-CACHE_DIR_ENV = "DREAMBOOTH_CACHE"
 REMOTE_SCHEMES = ("s3://", "random://")
 
 
@@ -106,7 +104,7 @@ class TrainerConfig(ApiModel):
         prior_cache_uri = (
             resolve(spec.storage.prior_cache_uri)
             if spec.storage.prior_cache_uri
-            else sibling_uri(output_uri, "priors")
+            else sibling_uri(output_uri, PRIORS_DIR)
         )
         base_model = spec.base_model.model_copy(update={"uri": model_uri})
         instance = spec.instance.model_copy(
@@ -154,7 +152,7 @@ class TrainerConfig(ApiModel):
         return join_uri(self.prior_cache_uri, self.priors_key)
 
     def output(self, *parts: str) -> str:
-        """URI of a path inside the output location (trained/, export/, samples/, logs/)."""
+        """URI of a path inside the output location (see layout)."""
         return join_uri(self.output_uri, *parts)
 
     def weights_identity(self) -> dict[str, str]:
@@ -174,7 +172,7 @@ class TrainerConfig(ApiModel):
     def model_cache_dir(self) -> Path:
         if self.cache_dir:
             return Path(self.cache_dir).expanduser()
-        return Path(os.environ.get(CACHE_DIR_ENV, "~/.cache/dreambooth")).expanduser()
+        return Path(os.environ.get(CACHE_DIR_ENV, DEFAULT_CACHE_DIR)).expanduser()
 
 
 # -- URIs ------------------------------------------------------------------------------------------
@@ -195,11 +193,6 @@ def resolve_local_uri(uri: str, base_dir: Path) -> str:
         return uri
     path = Path(uri).expanduser()
     return str(path if path.is_absolute() else (base_dir / path).resolve())
-
-
-def join_uri(base: str, *parts: str) -> str:
-    parts = tuple(part.strip("/") for part in parts if part)
-    return "/".join([base.rstrip("/"), *parts]) if parts else base
 
 
 def sibling_uri(uri: str, name: str) -> str:

@@ -1,7 +1,8 @@
 """The DreamBoothJob API: the single source of truth.
 
-The CRD schema (crd.py), offline validation (validation.py), the operator's builders and the
-trainer's config are all derived from these models; no field is spelled out anywhere else.
+The CRD schema (the operator's crd.py), offline validation (validation.py), the operator's
+builders and the trainer's config (trainer_config.py) are all derived from these models; no field
+is spelled out anywhere else.
 
 Python attributes are snake_case, the Kubernetes wire format is camelCase (aliases).
 Cross-field rules raise `FieldRuleError`, which names the offending field so that every
@@ -227,20 +228,26 @@ class ShardingBackend(str, Enum):
     fsdp = "fsdp"
 
 
+ZeroStage = Literal[2, 3]
+DEFAULT_ZERO_STAGE: ZeroStage = 2
+
+
 class ShardingSpec(ApiModel):
     backend: ShardingBackend = field(
         ShardingBackend.deepspeed,
         description="deepspeed (ZeRO), ddp (replicated) or fsdp (FSDP2 fully_shard).",
     )
-    zero_stage: Literal[2, 3] | None = field(
-        None, description="DeepSpeed ZeRO stage (2 or 3); only with backend deepspeed; default 2."
+    zero_stage: ZeroStage | None = field(
+        None,
+        description="DeepSpeed ZeRO stage (2 or 3); only with backend deepspeed; "
+        f"default {DEFAULT_ZERO_STAGE}.",
     )
 
     @model_validator(mode="after")
     def _zero_stage_only_with_deepspeed(self) -> ShardingSpec:
         if self.backend == ShardingBackend.deepspeed.value:
             if self.zero_stage is None:
-                self.zero_stage = 2
+                self.zero_stage = DEFAULT_ZERO_STAGE
         elif self.zero_stage is not None:
             raise FieldRuleError(
                 "zeroStage", f"only allowed with backend deepspeed (backend is {self.backend})"
