@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The test command (README's second command, and what CI runs): install, provide the test
 # infrastructure (control plane, S3, Prometheus, helm, kubectl; cached after the first run),
-# lint, then the whole suite. Extra arguments go to pytest.
+# lint (style, and the import contracts in pyproject.toml), then the whole suite. Extra
+# arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,4 +12,5 @@ if [ -f hack/setup-test-infra.sh ]; then
 fi
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
+.venv/bin/lint-imports --no-logo
 exec .venv/bin/pytest "$@"
