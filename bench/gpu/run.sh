@@ -43,7 +43,7 @@ else
     --disable-pip-version-check --target "$site" "$wheels"/*.whl
   # The wheelhouse first (it shadows older copies on the machine), then this tree: the code
   # under test is the working tree itself, never a wheel of it that could be stale.
-  export PYTHONPATH="$site:$repo/operator:$repo/trainer:$repo${PYTHONPATH:+:$PYTHONPATH}"
+  export PYTHONPATH="$site:$repo/contract:$repo/operator:$repo/trainer:$repo${PYTHONPATH:+:$PYTHONPATH}"
 fi
 export PYTHONUNBUFFERED=1
 setup=$(($(date +%s) - started))
