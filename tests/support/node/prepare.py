@@ -33,11 +33,15 @@ def prepare_pod(
 ) -> PortMap:
     """Materialise the pod's volumes and prepare each container; return the pod's port map.
     Raises ``ConfigError`` while something the pod refers to is missing: the caller retries."""
-    return _PodPreparation(node, pod, pod_dir).run(containers)
+    preparation = _PodPreparation(node, pod, pod_dir)
+    for container in containers:
+        preparation.prepare(container)
+    return preparation.ports
 
 
 class _PodPreparation:
-    """One attempt at preparing a pod: what its containers share, then each container."""
+    """One attempt at preparing a pod: made with what its containers share (volumes, cluster
+    host names, ports), then prepares each container."""
 
     def __init__(self, node: TestNode, pod: dict, pod_dir: Path) -> None:
         self.node = node
@@ -47,24 +51,18 @@ class _PodPreparation:
         references = References(node.apiserver.read, self.namespace)
         downward = DownwardApi(pod, node.name, node.capacity)
         self.env_resolver = EnvResolver(references, downward)
-        self.volumes = Volumes(
+        self.volume_dirs = Volumes(
             pod,
             pod_dir,
             claims_dir=node.workdir / "pvc",
             references=references,
             downward=downward,
             service_account_token=node.apiserver.service_account_token,
-        )
+        ).materialise()
+        self.host_map = HostMap(node.apiserver.cluster_host_names(self.namespace))
+        self.ports = node.port_map(self.namespace, pod)
 
-    def run(self, containers: Sequence[Container]) -> PortMap:
-        self.volume_dirs = self.volumes.materialise()
-        self.host_map = HostMap(self.node.apiserver.cluster_host_names(self.namespace))
-        self.ports = self.node.port_map(self.namespace, self.pod)
-        for container in containers:
-            self._prepare(container)
-        return self.ports
-
-    def _prepare(self, container: Container) -> None:
+    def prepare(self, container: Container) -> None:
         container.directory.mkdir(parents=True, exist_ok=True)
         paths = self._mounts(container)
         env = self._environment(container, paths)

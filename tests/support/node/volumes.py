@@ -13,6 +13,7 @@ import os
 import re
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from .references import ConfigError, DownwardApi, References
@@ -43,24 +44,16 @@ class PathMap:
         return self._re.sub(lambda match: self.mapping[match.group(1)], value)
 
 
+@dataclass
 class Volumes:
     """Materialises the volumes of one pod under `pod_dir` (claims under `claims_dir`)."""
 
-    def __init__(
-        self,
-        pod: dict,
-        pod_dir: Path,
-        claims_dir: Path,
-        references: References,
-        downward: DownwardApi,
-        service_account_token: Callable[[dict, dict], str],
-    ) -> None:
-        self.pod = pod
-        self.pod_dir = pod_dir
-        self.claims_dir = claims_dir
-        self.references = references
-        self.downward = downward
-        self.service_account_token = service_account_token
+    pod: dict
+    pod_dir: Path
+    claims_dir: Path
+    references: References
+    downward: DownwardApi
+    service_account_token: Callable[[dict, dict], str]  # (pod, token source) -> token
 
     def materialise(self) -> dict[str, Path]:
         """Every volume of the pod: its name -> its local directory."""
