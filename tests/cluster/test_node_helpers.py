@@ -5,7 +5,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 
-from tests.support.node import HostMap, PathMap, PortMap, _free_host_port, expand
+from tests.support.node import HostMap, PathMap, PortMap, expand, free_host_port
 
 
 def test_expand_follows_kubernetes_rules():
@@ -52,7 +52,7 @@ def test_free_host_ports_are_bindable_outside_the_ephemeral_range():
     low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     taken: set[int] = set()
     for _ in range(20):
-        port = _free_host_port(taken)
+        port = free_host_port(taken)
         assert port < low and port not in taken
         taken.add(port)
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
