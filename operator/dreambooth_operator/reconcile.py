@@ -249,7 +249,7 @@ def deadline_exceeded(job: DreamBoothJob, status: DreamBoothJobStatus, now: date
     started = status.start_time
     if deadline is None or started is None or _elapsed(started, now) < deadline:
         return False
-    # Still marked Suspended: the pass that asks resumes it, and the clock restarts.
+    # Still marked Suspended: this pass resumes it, and the clock restarts from the resume.
     paused = job.spec.run_policy.suspend or condition_is_true(status, COND_SUSPENDED)
     return not paused and status.phase not in UNBOUNDED_PHASES
 

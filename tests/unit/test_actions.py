@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from dreambooth_operator import actions, kube, names
+from dreambooth_operator import actions, kube, names, reconcile
 from dreambooth_operator.api import DreamBoothJobStatus
-from dreambooth_operator.reconcile import (
-    Create,
-    Decision,
-    Delete,
-    DeleteSelf,
-    Event,
-    RecordAppliedSpec,
-)
 
 DOCUMENT = {
     "metadata": {"name": "dog", "namespace": "team"},
@@ -39,17 +31,17 @@ def calls(monkeypatch) -> list[tuple]:
     return made
 
 
-def decision(restarts=0, phase="Training", *acts) -> Decision:
-    return Decision(DreamBoothJobStatus(phase=phase, restarts=restarts), list(acts))
+def decision(restarts=0, phase="Training", *acts) -> reconcile.Decision:
+    return reconcile.Decision(DreamBoothJobStatus(phase=phase, restarts=restarts), list(acts))
 
 
 def test_the_applied_spec_first_the_events_last(calls):
     applied = decision(
         0,
         "Training",
-        Event("Normal", "PhaseTraining", "x"),
-        Create(CONFIG_MAP),
-        RecordAppliedSpec('{"a": 1}'),
+        reconcile.Event("Normal", "PhaseTraining", "x"),
+        reconcile.Create(CONFIG_MAP),
+        reconcile.RecordAppliedSpec('{"a": 1}'),
     )
     actions.apply(DOCUMENT, applied)
     assert [c[0] for c in calls] == ["patch_job_annotations", "create", "post_event"]
@@ -58,7 +50,10 @@ def test_the_applied_spec_first_the_events_last(calls):
 
 def test_a_gang_restart_is_written_ahead_and_only_once(calls):
     restart = decision(
-        1, "Training", Delete("batch/v1", "Job", "dog-train-0"), Event("Warning", "GangRestart", "")
+        1,
+        "Training",
+        reconcile.Delete("batch/v1", "Job", "dog-train-0"),
+        reconcile.Event("Warning", "GangRestart", ""),
     )
     actions.apply(DOCUMENT, restart)
     assert [c[0] for c in calls] == ["patch_job_status", "delete", "post_event"]
@@ -66,12 +61,15 @@ def test_a_gang_restart_is_written_ahead_and_only_once(calls):
 
 
 def test_a_changed_status_is_written_after_the_children(calls):
-    actions.apply(DOCUMENT, decision(0, "Exporting", Create(CONFIG_MAP)))
+    actions.apply(DOCUMENT, decision(0, "Exporting", reconcile.Create(CONFIG_MAP)))
     assert [c[0] for c in calls] == ["create", "patch_job_status"]
 
 
 def test_deleting_the_job_itself_ends_the_decision(calls):
-    actions.apply(DOCUMENT, decision(0, "Succeeded", DeleteSelf(), Event("Normal", "x", "")))
+    actions.apply(
+        DOCUMENT,
+        decision(0, "Succeeded", reconcile.DeleteSelf(), reconcile.Event("Normal", "x", "")),
+    )
     assert [c[0] for c in calls] == ["delete_job"]
 
 
@@ -81,12 +79,15 @@ def test_a_refused_child_leaves_the_status_and_events_unwritten(calls, monkeypat
 
     monkeypatch.setattr(kube, "create", refuse)
     with pytest.raises(kube.OwnedByAnother):
-        actions.apply(DOCUMENT, decision(0, "Exporting", Create(CONFIG_MAP), Event("N", "x", "")))
+        actions.apply(
+            DOCUMENT,
+            decision(0, "Exporting", reconcile.Create(CONFIG_MAP), reconcile.Event("N", "x", "")),
+        )
     assert calls == []
 
 
 def test_writes_tells_events_and_an_unchanged_status_from_a_write():
-    same = decision(0, "Training", Event("Normal", "x", ""))
+    same = decision(0, "Training", reconcile.Event("Normal", "x", ""))
     assert not actions.writes(DOCUMENT, same)
     assert actions.writes(DOCUMENT, decision(0, "Exporting"))
-    assert actions.writes(DOCUMENT, decision(0, "Training", RecordAppliedSpec("{}")))
+    assert actions.writes(DOCUMENT, decision(0, "Training", reconcile.RecordAppliedSpec("{}")))
