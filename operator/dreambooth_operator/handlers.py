@@ -1,7 +1,10 @@
-"""Thin kopf handlers: observe (from kopf's in-memory indexes), reconcile (pure), act (kube.py).
+"""Thin kopf handlers: observe (from kopf's in-memory indexes), decide (reconcile.py, pure),
+act (actions.py).
 
-One daemon per DreamBoothJob loops reconcile -> act -> wait, woken early by events of the
-job's children. Observing reads kopf indexes fed by watches, so a reconcile costs no list calls.
+One daemon per DreamBoothJob loops decide -> act -> wait, woken early by events of the job's
+children. Observing reads kopf indexes fed by watches, so a reconcile costs no list calls. What
+the handlers share (the daemons' wake-up calls, the phase index for the metrics) lives in kopf's
+memo, made once by the operator's startup.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import datetime, timezone
 from typing import Any, NamedTuple
 
@@ -21,40 +24,46 @@ import click
 import kopf
 
 from dreambooth_contract import names
-from dreambooth_contract.api import GROUP, PLURAL, VERSION, DreamBoothJob
+from dreambooth_contract.api import (
+    GROUP,
+    PLURAL,
+    TERMINAL_PHASES,
+    VERSION,
+    DreamBoothJob,
+    DreamBoothJobStatus,
+    Phase,
+)
 from dreambooth_contract.validation import JobInvalid, parse_job
 
-from . import builders, kube, liveness, metrics
+from . import actions, builders, kube, liveness, metrics
 from .reconcile import (
     COND_FAILED,
     COND_TRAINING_STARTED,
+    POD_PENDING,
+    REASON_CHILD_REJECTED,
     ChildDeployment,
     ChildJob,
     ChildPod,
-    Create,
     Decision,
-    Delete,
-    DeleteSelf,
-    Event,
     Observed,
-    Update,
+    RecordAppliedSpec,
+    condition,
     effective_spec,
+    failure,
     immutable_changes,
     reconcile,
+    rejection,
 )
 from .trainer_inputs import trainer_inputs
 
 log = logging.getLogger(__name__)
 
-TERMINAL_PHASES = ("Succeeded", "Failed")
 RESYNC_SECONDS = 10.0  # level-triggered safety net on top of child events
 FINISHED_RESYNC_SECONDS = 60.0
 # A pass makes a handful of API calls, each bounded by kube.TIMEOUT (and urllib3's retries of a
 # GET): one still running after this long is stuck, and the liveness probe says so.
 STUCK_PASS_SECONDS = 600
 OWNED = {names.LABEL_MANAGED_BY: names.MANAGER}
-
-_wakeups: dict[tuple[str, str], asyncio.Event] = {}
 
 
 # What the operator watches besides DreamBoothJobs: only objects it made (the API server
@@ -78,6 +87,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.networking.connect_timeout, settings.networking.request_timeout = kube.TIMEOUT
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 32
+    memo.wakeups = Wakeups()
     if memo.get("filter_children", True):
         managed = ",".join(f"{key}={value}" for key, value in OWNED.items())
         for resource in CHILD_RESOURCES:
@@ -141,7 +151,7 @@ def owned_pods(namespace: str, name: str, labels: dict, status: dict, meta: dict
             component=labels.get(names.LABEL_COMPONENT, ""),
             rank=int(labels.get(names.LABEL_RANK, 0)),
             attempt=int(labels.get(names.LABEL_ATTEMPT, 0)),
-            phase=status.get("phase", "Pending"),
+            phase=status.get("phase", POD_PENDING),
             exit_code=terminated.get("exitCode"),
             message=terminated.get("message") or "",
             owner_uid=_controller_uid(meta),
@@ -197,33 +207,52 @@ def output_taken_by(uid: str, claims: Iterable[OutputClaim]) -> str | None:
 
 @kopf.index(GROUP, VERSION, PLURAL)
 def job_phases(namespace: str, name: str, status: dict, **_: Any):
-    return {(namespace, name): status.get("phase") or "Pending"}
+    return {(namespace, name): status.get("phase") or Phase.pending.value}
 
 
-def _wake(namespace: str, labels: dict) -> None:
-    wakeup = _wakeups.get((namespace, labels.get(names.LABEL_JOB, "")))
-    if wakeup:
-        wakeup.set()
+class Wakeups:
+    """Cuts a job's daemon's wait short when the job or one of its children changes: one
+    asyncio.Event per running daemon, keyed by (namespace, job name)."""
+
+    def __init__(self) -> None:
+        self._events: dict[tuple[str, str], asyncio.Event] = {}
+
+    @contextlib.contextmanager
+    def registered(self, key: tuple[str, str]) -> Iterator[asyncio.Event]:
+        event = self._events.setdefault(key, asyncio.Event())
+        try:
+            yield event
+        finally:
+            self._events.pop(key, None)
+
+    def wake(self, namespace: str, job: str) -> None:
+        event = self._events.get((namespace, job))
+        if event:
+            event.set()
+
+
+def _wake_owner(namespace: str, labels: dict, memo: kopf.Memo) -> None:
+    memo.wakeups.wake(namespace, labels.get(names.LABEL_JOB, ""))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
-def job_changed(namespace: str, labels: dict, **_: Any) -> None:
-    _wake(namespace, labels)
+def job_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner(namespace, labels, memo)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=OWNED)
-def deployment_changed(namespace: str, labels: dict, **_: Any) -> None:
-    _wake(namespace, labels)
+def deployment_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner(namespace, labels, memo)
 
 
 @kopf.on.event("", "v1", "services", labels={**OWNED, names.LABEL_COMPONENT: names.INFERENCE})
-def service_changed(namespace: str, labels: dict, **_: Any) -> None:
-    _wake(namespace, labels)
+def service_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner(namespace, labels, memo)
 
 
 @kopf.on.event("", "v1", "pods", labels=OWNED)
-def pod_changed(namespace: str, labels: dict, **_: Any) -> None:
-    _wake(namespace, labels)
+def pod_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner(namespace, labels, memo)
 
 
 @kopf.on.create(GROUP, VERSION, PLURAL)
@@ -232,8 +261,8 @@ def job_created(**_: Any) -> None:
 
 
 @kopf.on.update(GROUP, VERSION, PLURAL, field="spec")
-def spec_changed(namespace: str, name: str, **_: Any) -> None:
-    _wake(namespace, {names.LABEL_JOB: name})
+def spec_changed(namespace: str, name: str, memo: kopf.Memo, **_: Any) -> None:
+    memo.wakeups.wake(namespace, name)
 
 
 # ------------------------------------------------------------------------------ the daemon
@@ -254,8 +283,7 @@ async def drive(
     **_: Any,
 ) -> None:
     key = (namespace, name)
-    wakeup = _wakeups.setdefault(key, asyncio.Event())
-    try:
+    with memo.wakeups.registered(key) as wakeup:
         while not stopped:
             wakeup.clear()
             started = time.perf_counter()
@@ -277,8 +305,6 @@ async def drive(
             timeout = FINISHED_RESYNC_SECONDS if finished else RESYNC_SECONDS
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(wakeup.wait(), timeout=timeout)
-    finally:
-        _wakeups.pop(key, None)
 
 
 class Children(NamedTuple):
@@ -316,62 +342,60 @@ def children_of(
     )
 
 
-def reconcile_once(document: dict[str, Any], children: Children, *, fresh: bool = False) -> bool:
-    """Observe, decide, act. Returns True when the job is finished.
+def reconcile_once(document: dict[str, Any], children: Children) -> bool:
+    """Decide, then act: one pass. Returns True when the job is finished.
 
     kopf's copy of the job lags our own writes by a watch event. Acting on a stale status could
     undo what the last pass did (create the previous attempt's pods again right after a gang
-    restart), so a pass that writes decides on a fresh read; a pass with nothing to do makes no
-    API call at all.
+    restart), so a decision that writes is made again on a fresh read when the job changed
+    since kopf's copy; a pass with nothing to do makes no API call at all.
     """
-    meta = document["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    if not fresh and names.ANNOTATION_APPLIED_SPEC not in (meta.get("annotations") or {}):
-        return _on_fresh_read(namespace, name, children)  # recording the applied spec writes
-    try:
-        job, decision = _decide(document, children)
-    except JobInvalid as invalid:
-        if not fresh:
-            return _on_fresh_read(namespace, name, children)  # failing the job writes
-        _reject(document, invalid, children)
-        return True
-    if not fresh and _would_write(document, decision):
-        latest = kube.read_job(namespace, name)
+    decision = _decide(document, children)
+    if actions.writes(document, decision):
+        meta = document["metadata"]
+        latest = kube.read_job(meta["namespace"], meta["name"])
         if latest is None:
             return True
         if latest["metadata"]["resourceVersion"] != meta.get("resourceVersion"):
-            return reconcile_once(latest, children, fresh=True)
-    _act(document, decision)
-    _record_metrics(job, decision)
+            document, decision = latest, _decide(latest, children)
+    _carry_out(document, decision)
     return decision.status.phase in TERMINAL_PHASES
 
 
-def _on_fresh_read(namespace: str, name: str, children: Children) -> bool:
-    latest = kube.read_job(namespace, name)
-    return latest is None or reconcile_once(latest, children, fresh=True)
+def _decide(document: dict[str, Any], children: Children) -> Decision:
+    """What to do about the job as this document has it (no API call).
 
-
-def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob, Decision]:
-    """The job parsed from this document and what reconcile decides for it (recording the
-    applied spec first if it is not yet); raises JobInvalid for a spec the models refuse."""
+    The spec it obeys is the one it started with (recorded in an annotation by its first pass)
+    plus today's mutable sections; one the models refuse is a rejection.
+    """
     meta = document["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
     current_spec = document.get("spec", {})
-    applied_raw = meta.get("annotations", {}).get(names.ANNOTATION_APPLIED_SPEC)
-    if applied_raw is None:
-        kube.patch_job_annotations(
-            namespace,
-            name,
-            {names.ANNOTATION_APPLIED_SPEC: json.dumps(current_spec, sort_keys=True)},
-        )
-        applied = current_spec
+    recorded = (meta.get("annotations") or {}).get(names.ANNOTATION_APPLIED_SPEC)
+    applied = current_spec if recorded is None else json.loads(recorded)
+    now = datetime.now(timezone.utc)
+    try:
+        job = parse_job({**document, "spec": effective_spec(applied, current_spec)})
+    except JobInvalid as invalid:
+        observed = Observed(now=now, jobs=children.jobs, inference=children.deployment)
+        status, generation = _status_of(document), meta.get("generation")
+        decision = rejection(meta["name"], status, generation, observed, invalid.problems)
     else:
-        applied = json.loads(applied_raw)
-    document["spec"] = effective_spec(applied, current_spec)
-    job = parse_job(document)
+        decision = reconcile(job, _observe(job, children, applied, current_spec, now))
+    if recorded is None:
+        decision.actions.insert(0, RecordAppliedSpec(json.dumps(current_spec, sort_keys=True)))
+    return decision
+
+
+def _observe(
+    job: DreamBoothJob,
+    children: Children,
+    applied: dict[str, Any],
+    current_spec: dict[str, Any],
+    now: datetime,
+) -> Observed:
     config_json, cache = trainer_inputs(job)
-    observed = Observed(
-        now=datetime.now(timezone.utc),
+    return Observed(
+        now=now,
         jobs=children.jobs,
         pods=children.pods,
         prior_cache=cache,
@@ -381,123 +405,43 @@ def _decide(document: dict[str, Any], children: Children) -> tuple[DreamBoothJob
         rejected_changes=tuple(immutable_changes(applied, current_spec)),
         output_taken_by=children.output_taken_by,
     )
-    return job, reconcile(job, observed)
 
 
-def _changes_status(document: dict[str, Any], decision: Decision) -> bool:
-    # The API server stores no nulls: a null in the patch matches an absent field.
-    current = document.get("status") or {}
-    return any(current.get(k) != _without_nulls(v) for k, v in decision.status_patch().items())
+def _status_of(document: dict[str, Any]) -> DreamBoothJobStatus:
+    return DreamBoothJobStatus.model_validate(document.get("status") or {})
 
 
-def _without_nulls(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
-    if isinstance(value, list):
-        return [_without_nulls(v) for v in value]
-    return value
-
-
-def _would_write(document: dict[str, Any], decision: Decision) -> bool:
-    acts = any(not isinstance(action, Event) for action in decision.actions)
-    return acts or _changes_status(document, decision)
-
-
-def _act(document: dict[str, Any], decision: Decision) -> None:
+def _carry_out(document: dict[str, Any], decision: Decision) -> None:
     meta = document["metadata"]
-    namespace, name = meta["namespace"], meta["name"]
-    if decision.status.restarts > (document.get("status") or {}).get("restarts", 0):
-        # A gang restart is recorded before its Jobs are deleted: an operator that dies in
-        # between must not lose the count (and with it the backoff limit). The next pass
-        # deletes the previous attempt's Jobs as stale.
-        kube.patch_job_status(namespace, name, decision.status_patch())
+    before = _status_of(document)
     try:
-        for action in decision.actions:
-            if isinstance(action, Create):
-                kube.create(action.manifest)
-            elif isinstance(action, Update):
-                kube.replace(action.manifest)
-            elif isinstance(action, Delete):
-                kube.delete(action.kind, namespace, action.name)
-            elif isinstance(action, DeleteSelf):
-                kube.delete_job(namespace, name)
-                return
+        actions.apply(document, decision)
     except kube.Rejected as rejected:
         # Something validation let through (requests above limits, say): fail with the API
         # server's words instead of retrying for ever in Pending.
-        _fail(document, "ChildRejected", str(rejected))
-        return
+        now = datetime.now(timezone.utc)
+        failed = failure(before, meta.get("generation"), now, REASON_CHILD_REJECTED, str(rejected))
+        actions.apply(document, failed)
+        _record_metrics(before, failed, meta)
     except kube.OwnedByAnother as taken:
         # A deleted namesake's child, on its way out: act once it is gone (a later pass).
-        log.info("%s/%s waits: %s", namespace, name, taken)
-        return
-    if _changes_status(document, decision):
-        kube.patch_job_status(namespace, name, decision.status_patch())
-    for action in decision.actions:
-        if isinstance(action, Event):
-            kopf.event(document, type=action.type, reason=action.reason, message=action.message)
+        log.info("%s/%s waits: %s", meta["namespace"], meta["name"], taken)
+    _record_metrics(before, decision, meta)
 
 
-def _reject(document: dict[str, Any], invalid: JobInvalid, children: Children) -> None:
-    """Specs the CRD schema cannot catch (cross-field rules) fail with the validator's words.
-
-    A running job can meet a rule only a newer operator has: what it runs stops too, rather
-    than training on under a Failed job.
-    """
-    meta = document["metadata"]
-    for job in children.jobs:
-        if not job.deleting and not job.succeeded:
-            kube.delete("Job", meta["namespace"], job.name)
-    if children.deployment is not None:
-        kube.delete("Deployment", meta["namespace"], names.inference(meta["name"]))
-    _fail(document, "InvalidSpec", "; ".join(invalid.problems))
-
-
-def _fail(document: dict[str, Any], reason: str, message: str) -> None:
-    """Phase Failed with a Failed condition, a Warning event and the failure counted (once)."""
-    meta = document["metadata"]
-    status = document.get("status") or {}
-    if status.get("phase") == "Failed":
-        return
-    now = datetime.now(timezone.utc).isoformat()
-    kube.patch_job_status(
-        meta["namespace"],
-        meta["name"],
-        {
-            "phase": "Failed",
-            "completionTime": now,
-            "conditions": [
-                *(c for c in status.get("conditions") or [] if c.get("type") != COND_FAILED),
-                {
-                    "type": COND_FAILED,
-                    "status": "True",
-                    "reason": reason,
-                    "message": message,
-                    "lastTransitionTime": now,
-                    "observedGeneration": meta.get("generation"),
-                },
-            ],
-        },
-    )
-    kopf.event(document, type="Warning", reason=reason, message=message)
-    metrics.JOBS_FAILED.labels(reason).inc()
-
-
-def _record_metrics(job: DreamBoothJob, decision: Decision) -> None:
-    before = job.status
+def _record_metrics(before: DreamBoothJobStatus, decision: Decision, meta: dict[str, Any]) -> None:
     after = decision.status
-    if after.phase != (before.phase if before else None):
-        if after.phase == "Succeeded":
+    if after.phase != before.phase:
+        if after.phase == Phase.succeeded.value:
             metrics.JOBS_SUCCEEDED.inc()
-        elif after.phase == "Failed":
-            reason = next((c.reason for c in after.conditions if c.type == COND_FAILED), "Unknown")
-            metrics.JOBS_FAILED.labels(reason).inc()
-    restarts_before = before.restarts if before else 0
-    if after.restarts > restarts_before:
-        metrics.GANG_RESTARTS.inc(after.restarts - restarts_before)
-    started_before = before and any(c.type == COND_TRAINING_STARTED for c in before.conditions)
-    if not started_before and any(c.type == COND_TRAINING_STARTED for c in after.conditions):
-        created = getattr(job.metadata, "creationTimestamp", None)
+        elif after.phase == Phase.failed.value:
+            failed = condition(after, COND_FAILED)
+            metrics.JOBS_FAILED.labels(failed.reason if failed else "Unknown").inc()
+    if after.restarts > before.restarts:
+        metrics.GANG_RESTARTS.inc(after.restarts - before.restarts)
+    started = condition(after, COND_TRAINING_STARTED) is not None
+    if started and condition(before, COND_TRAINING_STARTED) is None:
+        created = meta.get("creationTimestamp")
         if created:
             born = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
             metrics.TIME_TO_FIRST_STEP.observe((datetime.now(timezone.utc) - born).total_seconds())
@@ -505,18 +449,23 @@ def _record_metrics(job: DreamBoothJob, decision: Decision) -> None:
 
 # ------------------------------------------------------------------------------ entry point
 
-_phase_index: kopf.Index | None = None
+
+class JobPhases:
+    """Every job's phase, for the jobs-by-phase gauge, read at scrape time from the job_phases
+    index (which kopf hands only to handlers: the startup handler below passes it on)."""
+
+    def __init__(self) -> None:
+        self.index: kopf.Index | None = None
+
+    def __call__(self) -> Iterator[str]:
+        for values in (self.index or {}).values():
+            yield from values
 
 
 @kopf.on.startup()
-def _keep_phase_index(job_phases: kopf.Index, **_: Any) -> None:
-    global _phase_index
-    _phase_index = job_phases
-
-
-def _phases() -> Iterable[str]:
-    for values in (_phase_index or {}).values():
-        yield from values
+def hand_phase_index_to_metrics(job_phases: kopf.Index, memo: kopf.Memo, **_: Any) -> None:
+    if "phases" in memo:  # absent when kopf runs this module without operator_command
+        memo.phases.index = job_phases
 
 
 @click.command("operator")
@@ -551,7 +500,8 @@ def operator_command(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO)
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # for kopf's login and for kube.load_config
-    metrics.serve(metrics_port, _phases)
+    phases = JobPhases()
+    metrics.serve(metrics_port, phases)
     kopf.run(
         standalone=True,
         clusterwide=not namespaces,
@@ -560,5 +510,6 @@ def operator_command(
         memo=kopf.Memo(
             passes=liveness.PassTracker(stuck_pass_seconds),
             filter_children=server_side_filtering,
+            phases=phases,
         ),
     )

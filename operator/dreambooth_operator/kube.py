@@ -1,4 +1,4 @@
-"""The one module that talks to the API server (besides kopf itself).
+"""The one module that talks to the API server (kopf's watches aside).
 
 Every call is idempotent: a create that finds the object (409) succeeds, a delete that finds
 nothing (404) succeeds. Callers retry by reconciling again, never by looping here; a manifest
@@ -13,6 +13,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
@@ -193,3 +194,8 @@ def delete_job(namespace: str, name: str) -> None:
     except ApiException as error:
         if error.status != 404:
             raise
+
+
+def post_event(document: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+    """An event about the DreamBoothJob, posted by kopf's poster (batched, in the background)."""
+    kopf.event(document, type=event_type, reason=reason, message=message)

@@ -1,4 +1,9 @@
-"""The pure reconcile function: a DreamBoothJob + what exists -> new status and next actions.
+"""Deciding, purely: a DreamBoothJob + what exists (+ the time) -> a Decision.
+
+A Decision is the job's new status and the actions that move it forward; nothing here talks
+to the API server (actions.py carries decisions out). Predicates only answer; the steps that
+build a decision are named for what they decide, and `reconcile` calls them in the one order
+that is right (see `_decide_phase`).
 
 Level-triggered: nothing here remembers events. The phase is recomputed every time from the
 milestone conditions (PriorsReady, Trained, Exported) and the children that exist, so an
@@ -39,6 +44,16 @@ COND_COMPLETE = "Complete"
 COND_SPEC_ACCEPTED = "SpecAccepted"
 COND_TRAINING_STARTED = "TrainingStarted"
 COND_INFERENCE_READY = "InferenceReady"
+TRUE, FALSE = "True", "False"  # a condition's status
+EVENT_NORMAL, EVENT_WARNING = "Normal", "Warning"
+
+# Why a job failed (the Failed condition's reason), where more than one place fails it.
+REASON_INVALID_SPEC = "InvalidSpec"
+REASON_CHILD_REJECTED = "ChildRejected"
+
+# Pod phases (Kubernetes'), as the pod index reports them.
+POD_PENDING, POD_RUNNING = "Pending", "Running"
+POD_SUCCEEDED, POD_FAILED = "Succeeded", "Failed"
 
 PHASE_OF_COMPONENT = {
     names.PRIORS: Phase.generating_priors.value,
@@ -76,7 +91,7 @@ class ChildPod:
     component: str
     rank: int
     attempt: int
-    phase: str = "Pending"
+    phase: str = POD_PENDING
     exit_code: int | None = None
     message: str = ""
     owner_uid: str = ""  # its controller's: the batch Job that created it
@@ -143,17 +158,27 @@ class DeleteSelf:
 
 
 @dataclass(frozen=True)
+class RecordAppliedSpec:
+    """Remember the spec the job started with (an annotation): later changes to fields that
+    cannot change are told apart from it. Carried out before anything else."""
+
+    spec_json: str
+
+
+@dataclass(frozen=True)
 class Event:
     type: str  # Normal or Warning
     reason: str
     message: str
 
 
-Action = Create | Update | Delete | DeleteSelf | Event
+Action = Create | Update | Delete | DeleteSelf | Event | RecordAppliedSpec
 
 
 @dataclass
 class Decision:
+    """What one pass decided: the status to write and the actions to take, in order."""
+
     status: DreamBoothJobStatus
     actions: list[Action] = field(default_factory=list)
     # The trainers own status.progress; the operator writes it only to start it at step 0
@@ -189,52 +214,75 @@ class Decision:
         return owned
 
 
-# ------------------------------------------------------------------------------ helpers
-
-
-class _Conditions:
-    """metav1.Condition bookkeeping: a transition keeps its time until the status changes."""
-
-    def __init__(self, decision: Decision, now: datetime, generation: int | None):
-        self.decision, self.now, self.generation = decision, now, generation
-
-    def get(self, kind: str) -> Condition | None:
-        return next((c for c in self.decision.status.conditions if c.type == kind), None)
-
-    def is_true(self, kind: str) -> bool:
-        condition = self.get(kind)
-        return condition is not None and condition.status == "True"
-
-    def set(self, kind: str, status: bool, reason: str, message: str, warn: bool = False) -> None:
-        value = "True" if status else "False"
-        current = self.get(kind)
-        if current and (current.status, current.reason, current.message) == (
-            value,
-            reason,
-            message,
-        ):
-            return
-        changed = current is None or current.status != value
-        updated = Condition(
-            type=kind,
-            status=value,
-            reason=reason,
-            message=message,
-            last_transition_time=self.now if changed else current.last_transition_time,
-            observed_generation=self.generation,
-        )
-        others = [c for c in self.decision.status.conditions if c.type != kind]
-        self.decision.status.conditions = [*others, updated]
-        if changed and (status or current is not None):
-            self.decision.actions.append(Event("Warning" if warn else "Normal", reason, message))
+# ------------------------------------------------------------------------------ predicates
+# Each answers a question about the job and what exists; none changes anything.
 
 
 def _elapsed(since: datetime | None, now: datetime) -> float:
     return (now - since).total_seconds() if since else 0.0
 
 
-def _delete(job: ChildJob) -> Delete:
-    return Delete("batch/v1", "Job", job.name)
+def condition(status: DreamBoothJobStatus, kind: str) -> Condition | None:
+    return next((c for c in status.conditions if c.type == kind), None)
+
+
+def condition_is_true(status: DreamBoothJobStatus, kind: str) -> bool:
+    found = condition(status, kind)
+    return found is not None and found.status == TRUE
+
+
+def is_finished(job: DreamBoothJob, status: DreamBoothJobStatus) -> bool:
+    """A terminal phase: only the TTL is left to act on. Not a succeeded job whose serving was
+    switched on after it finished."""
+    if status.phase not in TERMINAL_PHASES:
+        return False
+    return not (status.phase == Phase.succeeded.value and job.spec.inference.enabled)
+
+
+def ttl_expired(job: DreamBoothJob, status: DreamBoothJobStatus, now: datetime) -> bool:
+    ttl = job.spec.run_policy.ttl_seconds_after_finished
+    return ttl is not None and _elapsed(status.completion_time, now) >= ttl
+
+
+def deadline_exceeded(job: DreamBoothJob, status: DreamBoothJobStatus, now: datetime) -> bool:
+    """activeDeadlineSeconds bounds the batch work, as a Job's does: not a suspended job (whose
+    clock restarts on resume) and not serving, which may last as long as it is wanted."""
+    deadline = job.spec.run_policy.active_deadline_seconds
+    started = status.start_time
+    if deadline is None or started is None or _elapsed(started, now) < deadline:
+        return False
+    # Still marked Suspended: this pass resumes it, and the clock restarts from the resume.
+    paused = job.spec.run_policy.suspend or condition_is_true(status, COND_SUSPENDED)
+    return not paused and status.phase not in UNBOUNDED_PHASES
+
+
+def resuming(job: DreamBoothJob, status: DreamBoothJobStatus) -> bool:
+    """Marked Suspended, and no longer asked to be."""
+    return not job.spec.run_policy.suspend and condition_is_true(status, COND_SUSPENDED)
+
+
+def _pods_in(observed: Observed, *phases: str) -> bool:
+    return any(p.phase in phases for p in observed.pods)
+
+
+def phase_in_progress(status: DreamBoothJobStatus, observed: Observed, component: str) -> str:
+    """The phase of a job whose `component` runs: Pending until one of its pods has run."""
+    if status.start_time is None and not _pods_in(observed, POD_RUNNING, POD_SUCCEEDED):
+        return Phase.pending.value
+    return PHASE_OF_COMPONENT[component]
+
+
+def _by_attempt(
+    jobs: tuple[ChildJob, ...], component: str, attempt: int
+) -> tuple[list[ChildJob], list[ChildJob]]:
+    """(live, stale): the phase's Jobs of this attempt not being deleted, and all the others."""
+    mine = [j for j in jobs if j.component == component]
+    live = [j for j in mine if j.attempt == attempt and not j.deleting]
+    return live, [j for j in mine if j not in live]
+
+
+def _all_succeeded(live: list[ChildJob], wanted: list[dict[str, Any]]) -> bool:
+    return len(live) == len(wanted) and all(j.succeeded for j in live)
 
 
 def _failure_detail(
@@ -252,7 +300,7 @@ def _failure_detail(
         if (
             pod.component == component
             and (pod.rank, pod.attempt) in failed_ranks
-            and pod.phase == "Failed"
+            and pod.phase == POD_FAILED
         ):
             bad_input = pod.exit_code == env.EXIT_BAD_INPUT or pod.message.startswith(
                 env.BAD_INPUT_PREFIX
@@ -265,297 +313,390 @@ def _failure_detail(
     return False, f"{component} Job {jobs[0].name} failed"
 
 
+# ------------------------------------------------------------------------------ the draft
+
+
+def _delete(job: ChildJob) -> Delete:
+    return Delete("batch/v1", "Job", job.name)
+
+
+class _Draft:
+    """The decision one call is building: a copy of the status, and the actions so far.
+
+    Made fresh by each call and handed out only as a Decision, so decisions never share state.
+    """
+
+    def __init__(
+        self, status: DreamBoothJobStatus | None, generation: int | None, observed: Observed
+    ):
+        self.status = (status or DreamBoothJobStatus()).model_copy(deep=True)
+        self.generation, self.observed, self.now = generation, observed, observed.now
+        self.actions: list[Action] = []
+        self.progress_started = False
+
+    def decision(self) -> Decision:
+        return Decision(self.status, self.actions, self.progress_started)
+
+    def act(self, *actions: Action) -> None:
+        self.actions.extend(actions)
+
+    def is_true(self, kind: str) -> bool:
+        return condition_is_true(self.status, kind)
+
+    def set_condition(
+        self, kind: str, status: bool, reason: str, message: str, warn: bool = False
+    ) -> None:
+        """metav1.Condition bookkeeping: a transition keeps its time until the status changes,
+        and each change of status is an event (a condition born False is not)."""
+        value = TRUE if status else FALSE
+        current = condition(self.status, kind)
+        if current and (current.status, current.reason, current.message) == (
+            value,
+            reason,
+            message,
+        ):
+            return
+        changed = current is None or current.status != value
+        updated = Condition(
+            type=kind,
+            status=value,
+            reason=reason,
+            message=message,
+            last_transition_time=self.now if changed else current.last_transition_time,
+            observed_generation=self.generation,
+        )
+        others = [c for c in self.status.conditions if c.type != kind]
+        self.status.conditions = [*others, updated]
+        if changed and (status or current is not None):
+            self.act(Event(EVENT_WARNING if warn else EVENT_NORMAL, reason, message))
+
+    def fail(self, reason: str, message: str) -> None:
+        """The Failed condition, with its Warning event: the one place either is made."""
+        self.set_condition(COND_FAILED, True, reason, message, warn=True)
+
+    def stop_batch(self) -> None:
+        """Delete the Jobs that have not succeeded (their pods go with them)."""
+        self.act(*(_delete(j) for j in self.observed.jobs if not j.deleting and not j.succeeded))
+
+    def fail_and_stop(self, reason: str, message: str) -> None:
+        self.fail(reason, message)
+        self.stop_batch()
+
+
 # ------------------------------------------------------------------------------ reconcile
 
 
-class _Reconciler:
-    def __init__(self, job: DreamBoothJob, observed: Observed):
-        self.job, self.observed, self.spec = job, observed, job.spec
-        status = (job.status or DreamBoothJobStatus()).model_copy(deep=True)
-        self.decision = Decision(status=status)
-        generation = getattr(job.metadata, "generation", None)
-        self.conditions = _Conditions(self.decision, observed.now, generation)
-        self.status = status
-        self.shared_created = False
-
-    # ---- outcome helpers
-
-    def fail(self, reason: str, message: str) -> None:
-        self.conditions.set(COND_FAILED, True, reason, message, warn=True)
-        self.stop_all_pods()
-
-    def stop_all_pods(self) -> None:
-        for child in self.observed.jobs:
-            if not child.deleting and not child.succeeded:
-                self.decision.actions.append(_delete(child))
-
-    def create(self, manifest: dict[str, Any]) -> None:
-        if not self.shared_created:
-            # Whatever the pods mount or use must exist first; creates are idempotent (409).
-            for shared in builders.shared_objects(self.job, self.observed.trainer_config_json):
-                self.decision.actions.append(Create(shared))
-            self.shared_created = True
-        self.decision.actions.append(Create(manifest))
-
-    # ---- phases
-
-    def run_phase(self, component: str) -> bool:
-        """Drive one phase's Jobs; True once every rank succeeded in the current attempt."""
-        attempt = self.status.restarts
-        mine = [j for j in self.observed.jobs if j.component == component]
-        live = [j for j in mine if j.attempt == attempt and not j.deleting]
-        stale = [j for j in mine if j not in live]
-        failed = [j for j in live if j.failed]
-        if failed:
-            self.restart_gang(component, live, failed)
-            return False
-        if stale:
-            # Names are deterministic: the next attempt waits until the old pods are gone.
-            self.decision.actions += [_delete(j) for j in stale if not j.deleting]
-            return False
-        wanted = builders.phase_jobs(self.job, component, attempt)
-        if len(live) == len(wanted) and all(j.succeeded for j in live):
-            return True
-        present = {j.name for j in live}
-        for manifest in wanted:
-            if manifest["metadata"]["name"] not in present:
-                self.create(manifest)
-        return False
-
-    def restart_gang(self, component: str, live: list[ChildJob], failed: list[ChildJob]) -> None:
-        bad_input, detail = _failure_detail(component, failed, self.observed.pods)
-        if bad_input:
-            self.fail("InvalidConfig", detail)
-            return
-        limit = self.spec.run_policy.backoff_limit
-        if self.status.restarts >= limit:
-            self.fail(
-                "BackoffLimitExceeded", f"{detail}; {self.status.restarts} restarts, limit {limit}"
-            )
-            return
-        self.status.restarts += 1
-        self.decision.actions += [_delete(j) for j in live]
-        self.decision.actions.append(
-            Event(
-                "Warning",
-                "GangRestart",
-                f"{detail}; restarting all {len(live)} {component} pods "
-                f"(restart {self.status.restarts} of {limit}); training resumes from the newest "
-                "committed checkpoint",
-            )
-        )
-
-    def priors_ready(self) -> bool:
-        if self.conditions.is_true(COND_PRIORS_READY):
-            return True
-        priors, cache = self.spec.prior_preservation, self.observed.prior_cache
-        if not priors.enabled:
-            self.conditions.set(COND_PRIORS_READY, True, "Disabled", "prior preservation is off")
-            return True
-        if cache:
-            self.status.priors = self.status.priors or PriorsStatus(
-                cache_key=cache.key, uri=cache.uri
-            )
-        if self.run_phase(names.PRIORS):
-            if self.status.priors:
-                self.status.priors.images = priors.num_class_images
-            self.conditions.set(
-                COND_PRIORS_READY,
-                True,
-                "Generated",
-                f"{priors.num_class_images} class images at {self.status.priors.uri}"
-                if self.status.priors
-                else f"{priors.num_class_images} class images",
-            )
-            return True
-        return False
-
-    def milestone(self, component: str, message: str) -> bool:
-        kind = MILESTONE_OF_COMPONENT[component]
-        if self.conditions.is_true(kind):
-            return True
-        if self.run_phase(component):
-            self.conditions.set(kind, True, "Succeeded", message)
-            return True
-        return False
-
-    # ---- the whole job
-
-    def phase_in_progress(self, component: str) -> str:
-        running = any(p.phase in ("Running", "Succeeded") for p in self.observed.pods)
-        if self.status.start_time is None and not running:
-            return Phase.pending.value
-        return PHASE_OF_COMPONENT[component]
-
-    def track_start(self) -> None:
-        if self.status.start_time is None and any(p.phase == "Running" for p in self.observed.pods):
-            self.status.start_time = self.observed.now
-
-    def finished(self) -> bool:
-        """Terminal phases: only the TTL is left to act on."""
-        if self.status.phase not in TERMINAL_PHASES:
-            return False
-        if self.status.phase == Phase.succeeded.value and self.spec.inference.enabled:
-            return False  # serving was switched on after the job finished
-        ttl = self.spec.run_policy.ttl_seconds_after_finished
-        if ttl is not None and _elapsed(self.status.completion_time, self.observed.now) >= ttl:
-            self.decision.actions.append(DeleteSelf())
-        return True
-
-    def past_deadline(self) -> bool:
-        """activeDeadlineSeconds bounds the batch work, as a Job's does: not a suspended job
-        (whose clock restarts on resume) and not serving, which may last as long as it is
-        wanted."""
-        deadline = self.spec.run_policy.active_deadline_seconds
-        started = self.status.start_time
-        if deadline is None or started is None or _elapsed(started, self.observed.now) < deadline:
-            return False
-        # Still marked Suspended: this pass resumes it (suspended() restarts the clock).
-        paused = self.spec.run_policy.suspend or self.conditions.is_true(COND_SUSPENDED)
-        if paused or self.status.phase in UNBOUNDED_PHASES:
-            return False
-        self.fail("DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={deadline}")
-        return True
-
-    def suspended(self) -> bool:
-        if self.spec.run_policy.suspend:
-            self.stop_all_pods()
-            self.stop_serving()
-            self.conditions.set(
-                COND_SUSPENDED, True, "Suspended", "pods stopped; checkpoints kept for resuming"
-            )
-            return True
-        if self.conditions.is_true(COND_SUSPENDED):
-            self.conditions.set(
-                COND_SUSPENDED, False, "Resumed", "resuming from the newest checkpoint"
-            )
-            self.status.start_time = None  # the deadline counts from the resumed pods' start
-        return False
-
-    def check_spec_changes(self) -> None:
-        rejected = self.observed.rejected_changes
-        if rejected:
-            self.conditions.set(
-                COND_SPEC_ACCEPTED,
-                False,
-                "ImmutableFieldChanged",
-                f"{', '.join(rejected)} cannot change after the job started; the job goes on with "
-                "the values it started with (only runPolicy and inference may change: delete and "
-                "re-create the job to change the rest)",
-                warn=True,
-            )
-        elif self.conditions.get(COND_SPEC_ACCEPTED) is not None:
-            self.conditions.set(COND_SPEC_ACCEPTED, True, "Accepted", "the spec is in force")
-
-    def track_first_step(self) -> None:
-        progress = self.status.progress
-        if progress and progress.step > 0 and not self.conditions.is_true(COND_TRAINING_STARTED):
-            self.conditions.set(
-                COND_TRAINING_STARTED, True, "FirstStep", f"step {progress.step} reported"
-            )
-
-    def run(self) -> Decision:
-        if self.finished():
-            return self.decision
-        self.check_spec_changes()
-        self.track_start()
-        self.track_first_step()
-        phase = self.next_phase()
-        if phase in TERMINAL_PHASES and self.status.completion_time is None:
-            self.status.completion_time = self.observed.now
-        if phase != self.status.phase:
-            self.decision.actions.append(
-                Event("Normal", f"Phase{phase}", f"phase {self.status.phase or 'none'} -> {phase}")
-            )
-        self.status.phase = phase
-        self.status.observed_generation = getattr(self.job.metadata, "generation", None)
-        return self.decision
-
-    def next_phase(self) -> str:
-        if self.past_deadline() or self.conditions.is_true(COND_FAILED):
-            return Phase.failed.value
-        if self.observed.output_taken_by:
-            # Both would resume from, and prune, the same checkpoints.
-            self.fail(
-                "InvalidSpec",
-                f"spec.storage.outputUri: {self.spec.storage.output_uri} is in use by job "
-                f"{self.observed.output_taken_by}; each job needs an outputUri of its own",
-            )
-            return Phase.failed.value
-        if self.suspended():
-            return Phase.suspended.value
-        if not self.priors_ready():
-            return self.failed_or(self.phase_in_progress(names.PRIORS))
-        if self.status.progress is None:
-            total = self.spec.training.max_steps
-            self.status.progress = Progress(step=0, total_steps=total)
-            self.decision.progress_started = True
-        if not self.milestone(names.TRAIN, f"trained {self.spec.training.max_steps} steps"):
-            return self.failed_or(self.phase_in_progress(names.TRAIN))
-        if not self.milestone(names.EXPORT, "pipeline exported"):
-            return self.failed_or(Phase.exporting.value)
-        if self.spec.inference.enabled:
-            return self.serve()
-        self.stop_serving()
-        self.conditions.set(COND_COMPLETE, True, "Succeeded", "trained and exported")
-        return Phase.succeeded.value
-
-    def serve(self) -> str:
-        """Keep a Deployment serving exactly the exported artifact (rolls on a new digest)."""
-        artifact = self.status.artifact
-        if artifact is None:
-            self.conditions.set(
-                COND_INFERENCE_READY,
-                False,
-                "NoArtifact",
-                "the export reported no artifact",
-                warn=True,
-            )
-            return Phase.exporting.value
-        wanted = builders.inference_deployment(self.job, artifact.uri, artifact.digest)
-        wanted_hash = wanted["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH]
-        current = self.observed.inference
-        if not self.observed.inference_service:  # also when someone deleted it
-            self.decision.actions.append(Create(builders.inference_service(self.job)))
-        if current is None or current.template_hash != wanted_hash:
-            # Its pods' identity first (a 409 when it exists is fine).
-            self.decision.actions.append(Create(builders.inference_service_account(self.job)))
-        if current is None:
-            self.decision.actions.append(Create(wanted))
-        elif current.template_hash != wanted_hash:
-            self.decision.actions.append(Update(wanted))
-        ready = current.ready_replicas if current and current.template_hash == wanted_hash else 0
-        self.status.inference = InferenceStatus(
-            endpoint=builders.inference_endpoint(self.job),
-            ready_replicas=ready,
-            digest=artifact.digest,
-        )
-        replicas = self.spec.inference.replicas
-        if ready >= min(replicas, 1):
-            self.conditions.set(
-                COND_INFERENCE_READY, True, "Ready", f"{ready}/{replicas} replicas ready"
-            )
-        else:
-            self.conditions.set(
-                COND_INFERENCE_READY, False, "Starting", f"{ready}/{replicas} replicas ready"
-            )
-        return Phase.serving.value
-
-    def stop_serving(self) -> None:
-        name = names.inference(self.job.metadata.name)
-        if self.observed.inference is not None:
-            self.decision.actions.append(Delete("apps/v1", "Deployment", name))
-        if self.observed.inference_service:
-            self.decision.actions.append(Delete("v1", "Service", name))
-        self.status.inference = None
-
-    def failed_or(self, phase: str) -> str:
-        return Phase.failed.value if self.conditions.is_true(COND_FAILED) else phase
+def _generation(job: DreamBoothJob) -> int | None:
+    return getattr(job.metadata, "generation", None)
 
 
 def reconcile(job: DreamBoothJob, observed: Observed) -> Decision:
     """Compute the job's new status and the actions that move it forward."""
-    return _Reconciler(job, observed).run()
+    draft = _Draft(job.status, _generation(job), observed)
+    if is_finished(job, draft.status):
+        if ttl_expired(job, draft.status, observed.now):
+            draft.act(DeleteSelf())
+        return draft.decision()
+    _note_spec_changes(draft)
+    _note_start(draft)
+    _note_first_step(draft)
+    _enter(draft, _decide_phase(draft, job))
+    return draft.decision()
+
+
+def _enter(draft: _Draft, phase: str) -> None:
+    status = draft.status
+    if phase in TERMINAL_PHASES and status.completion_time is None:
+        status.completion_time = draft.now
+    if phase != status.phase:
+        draft.act(
+            Event(EVENT_NORMAL, f"Phase{phase}", f"phase {status.phase or 'none'} -> {phase}")
+        )
+    status.phase = phase
+    status.observed_generation = draft.generation
+
+
+def _decide_phase(draft: _Draft, job: DreamBoothJob) -> str:
+    """The phase this pass moves the job to, deciding on the way what moves it there.
+
+    The order is the rule: a job past its deadline fails (and stops) before anything else is
+    looked at; a failed job stays failed; a job whose outputUri an earlier live job holds fails
+    before it runs anything; a suspended job runs nothing; then the batch phases, each started
+    only once the one before it is done; then serving, or success.
+    """
+    if deadline_exceeded(job, draft.status, draft.now):
+        deadline = job.spec.run_policy.active_deadline_seconds
+        draft.fail_and_stop(
+            "DeadlineExceeded", f"the job ran longer than activeDeadlineSeconds={deadline}"
+        )
+        return Phase.failed.value
+    if draft.is_true(COND_FAILED):
+        return Phase.failed.value
+    if draft.observed.output_taken_by:
+        # Both would resume from, and prune, the same checkpoints.
+        draft.fail_and_stop(
+            REASON_INVALID_SPEC,
+            f"spec.storage.outputUri: {job.spec.storage.output_uri} is in use by job "
+            f"{draft.observed.output_taken_by}; each job needs an outputUri of its own",
+        )
+        return Phase.failed.value
+    if job.spec.run_policy.suspend:
+        _suspend(draft, job)
+        return Phase.suspended.value
+    if resuming(job, draft.status):
+        _resume(draft)
+    if not _advance_priors(draft, job):
+        return _failed_or(draft, phase_in_progress(draft.status, draft.observed, names.PRIORS))
+    _start_progress(draft, job)
+    if not _advance_milestone(
+        draft, job, names.TRAIN, f"trained {job.spec.training.max_steps} steps"
+    ):
+        return _failed_or(draft, phase_in_progress(draft.status, draft.observed, names.TRAIN))
+    if not _advance_milestone(draft, job, names.EXPORT, "pipeline exported"):
+        return _failed_or(draft, Phase.exporting.value)
+    if job.spec.inference.enabled:
+        return _serve(draft, job)
+    _stop_serving(draft, job)
+    draft.set_condition(COND_COMPLETE, True, "Succeeded", "trained and exported")
+    return Phase.succeeded.value
+
+
+def _failed_or(draft: _Draft, phase: str) -> str:
+    """A phase's step may have failed the job (bad input, the backoff limit)."""
+    return Phase.failed.value if draft.is_true(COND_FAILED) else phase
+
+
+# ---- bookkeeping of every pass
+
+
+def _note_spec_changes(draft: _Draft) -> None:
+    rejected = draft.observed.rejected_changes
+    if rejected:
+        draft.set_condition(
+            COND_SPEC_ACCEPTED,
+            False,
+            "ImmutableFieldChanged",
+            f"{', '.join(rejected)} cannot change after the job started; the job goes on with "
+            "the values it started with (only runPolicy and inference may change: delete and "
+            "re-create the job to change the rest)",
+            warn=True,
+        )
+    elif condition(draft.status, COND_SPEC_ACCEPTED) is not None:
+        draft.set_condition(COND_SPEC_ACCEPTED, True, "Accepted", "the spec is in force")
+
+
+def _note_start(draft: _Draft) -> None:
+    if draft.status.start_time is None and _pods_in(draft.observed, POD_RUNNING):
+        draft.status.start_time = draft.now
+
+
+def _note_first_step(draft: _Draft) -> None:
+    progress = draft.status.progress
+    if progress and progress.step > 0 and not draft.is_true(COND_TRAINING_STARTED):
+        draft.set_condition(
+            COND_TRAINING_STARTED, True, "FirstStep", f"step {progress.step} reported"
+        )
+
+
+# ---- suspend
+
+
+def _suspend(draft: _Draft, job: DreamBoothJob) -> None:
+    draft.stop_batch()
+    _stop_serving(draft, job)
+    draft.set_condition(
+        COND_SUSPENDED, True, "Suspended", "pods stopped; checkpoints kept for resuming"
+    )
+
+
+def _resume(draft: _Draft) -> None:
+    draft.set_condition(COND_SUSPENDED, False, "Resumed", "resuming from the newest checkpoint")
+    draft.status.start_time = None  # the deadline counts from the resumed pods' start
+
+
+# ---- the batch phases
+
+
+def _run_phase(draft: _Draft, job: DreamBoothJob, component: str) -> bool:
+    """Drive one phase's Jobs; True once every rank succeeded in the current attempt."""
+    attempt = draft.status.restarts
+    live, stale = _by_attempt(draft.observed.jobs, component, attempt)
+    failed = [j for j in live if j.failed]
+    if failed:
+        _restart_gang(draft, job, component, live, failed)
+        return False
+    if stale:
+        # Names are deterministic: the next attempt waits until the old pods are gone.
+        draft.act(*(_delete(j) for j in stale if not j.deleting))
+        return False
+    wanted = builders.phase_jobs(job, component, attempt)
+    if _all_succeeded(live, wanted):
+        return True
+    present = {j.name for j in live}
+    missing = [Create(m) for m in wanted if m["metadata"]["name"] not in present]
+    if missing:
+        # Whatever the pods mount or use must exist first; creates are idempotent (409).
+        shared = builders.shared_objects(job, draft.observed.trainer_config_json)
+        draft.act(*(Create(s) for s in shared), *missing)
+    return False
+
+
+def _restart_gang(
+    draft: _Draft, job: DreamBoothJob, component: str, live: list[ChildJob], failed: list[ChildJob]
+) -> None:
+    """Restart every rank (torchrun cannot re-admit a single restarted one), unless the
+    failure is bad input, which no restart cures, or the backoff limit is spent."""
+    bad_input, detail = _failure_detail(component, failed, draft.observed.pods)
+    if bad_input:
+        draft.fail_and_stop("InvalidConfig", detail)
+        return
+    limit = job.spec.run_policy.backoff_limit
+    restarts = draft.status.restarts
+    if restarts >= limit:
+        draft.fail_and_stop("BackoffLimitExceeded", f"{detail}; {restarts} restarts, limit {limit}")
+        return
+    draft.status.restarts = restarts + 1
+    draft.act(*(_delete(j) for j in live))
+    draft.act(
+        Event(
+            EVENT_WARNING,
+            "GangRestart",
+            f"{detail}; restarting all {len(live)} {component} pods "
+            f"(restart {draft.status.restarts} of {limit}); training resumes from the newest "
+            "committed checkpoint",
+        )
+    )
+
+
+def _advance_priors(draft: _Draft, job: DreamBoothJob) -> bool:
+    """Drive the class-image generation; True once PriorsReady (which is never undone)."""
+    if draft.is_true(COND_PRIORS_READY):
+        return True
+    priors, cache = job.spec.prior_preservation, draft.observed.prior_cache
+    if not priors.enabled:
+        draft.set_condition(COND_PRIORS_READY, True, "Disabled", "prior preservation is off")
+        return True
+    status = draft.status
+    if cache:
+        status.priors = status.priors or PriorsStatus(cache_key=cache.key, uri=cache.uri)
+    if not _run_phase(draft, job, names.PRIORS):
+        return False
+    if status.priors:
+        status.priors.images = priors.num_class_images
+    draft.set_condition(
+        COND_PRIORS_READY,
+        True,
+        "Generated",
+        f"{priors.num_class_images} class images at {status.priors.uri}"
+        if status.priors
+        else f"{priors.num_class_images} class images",
+    )
+    return True
+
+
+def _start_progress(draft: _Draft, job: DreamBoothJob) -> None:
+    if draft.status.progress is None:
+        draft.status.progress = Progress(step=0, total_steps=job.spec.training.max_steps)
+        draft.progress_started = True
+
+
+def _advance_milestone(draft: _Draft, job: DreamBoothJob, component: str, message: str) -> bool:
+    """Drive training or export; True once its milestone condition holds (never undone)."""
+    kind = MILESTONE_OF_COMPONENT[component]
+    if draft.is_true(kind):
+        return True
+    if not _run_phase(draft, job, component):
+        return False
+    draft.set_condition(kind, True, "Succeeded", message)
+    return True
+
+
+# ---- serving
+
+
+def _serve(draft: _Draft, job: DreamBoothJob) -> str:
+    """Keep a Deployment serving exactly the exported artifact (rolls on a new digest)."""
+    artifact = draft.status.artifact
+    if artifact is None:
+        draft.set_condition(
+            COND_INFERENCE_READY, False, "NoArtifact", "the export reported no artifact", warn=True
+        )
+        return Phase.exporting.value
+    wanted = builders.inference_deployment(job, artifact.uri, artifact.digest)
+    wanted_hash = wanted["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH]
+    current = draft.observed.inference
+    if not draft.observed.inference_service:  # also when someone deleted it
+        draft.act(Create(builders.inference_service(job)))
+    if current is None or current.template_hash != wanted_hash:
+        # Its pods' identity first (a 409 when it exists is fine).
+        draft.act(Create(builders.inference_service_account(job)))
+    if current is None:
+        draft.act(Create(wanted))
+    elif current.template_hash != wanted_hash:
+        draft.act(Update(wanted))
+    ready = current.ready_replicas if current and current.template_hash == wanted_hash else 0
+    draft.status.inference = InferenceStatus(
+        endpoint=builders.inference_endpoint(job), ready_replicas=ready, digest=artifact.digest
+    )
+    replicas = job.spec.inference.replicas
+    reason = "Ready" if ready >= min(replicas, 1) else "Starting"
+    draft.set_condition(
+        COND_INFERENCE_READY, reason == "Ready", reason, f"{ready}/{replicas} replicas ready"
+    )
+    return Phase.serving.value
+
+
+def _stop_serving(draft: _Draft, job: DreamBoothJob) -> None:
+    name = names.inference(job.metadata.name)
+    if draft.observed.inference is not None:
+        draft.act(Delete("apps/v1", "Deployment", name))
+    if draft.observed.inference_service:
+        draft.act(Delete("v1", "Service", name))
+    draft.status.inference = None
+
+
+# --------------------------------------------------------------------- failing from outside
+# What fails a job outside its phases: a spec the models refuse, a child the API server refuses.
+
+
+def failure(
+    status: DreamBoothJobStatus | None,
+    generation: int | None,
+    now: datetime,
+    reason: str,
+    message: str,
+) -> Decision:
+    """Phase Failed, the Failed condition and its Warning event (a child the API server
+    refused, say); a job that failed already stays as it is."""
+    draft = _Draft(status, generation, Observed(now=now))
+    _fail_from_outside(draft, reason, message)
+    return draft.decision()
+
+
+def rejection(
+    name: str,
+    status: DreamBoothJobStatus | None,
+    generation: int | None,
+    observed: Observed,
+    problems: list[str],
+) -> Decision:
+    """A spec the models refuse (rules the CRD schema cannot express) fails with the
+    validator's words. A running job can meet a rule only a newer operator has: what it runs
+    stops too, rather than training on under a Failed job."""
+    draft = _Draft(status, generation, observed)
+    draft.stop_batch()
+    if observed.inference is not None:
+        draft.act(Delete("apps/v1", "Deployment", names.inference(name)))
+    _fail_from_outside(draft, REASON_INVALID_SPEC, "; ".join(problems))
+    return draft.decision()
+
+
+def _fail_from_outside(draft: _Draft, reason: str, message: str) -> None:
+    if draft.status.phase == Phase.failed.value:
+        return
+    draft.fail(reason, message)
+    draft.status.phase = Phase.failed.value
+    draft.status.completion_time = draft.now
 
 
 # ------------------------------------------------------------------------------ spec changes

@@ -11,13 +11,13 @@ import pytest
 from dreambooth_contract import names
 from dreambooth_contract.api import GROUP, PLURAL, VERSION
 from dreambooth_operator import handlers, kube
-from dreambooth_operator.reconcile import ChildJob
+from dreambooth_operator.reconcile import COND_PRIORS_READY, ChildJob
 
 pytestmark = pytest.mark.cluster
 
 # As a user or an older operator might have written it: no observedGeneration.
 PRIORS_READY = {
-    "type": "PriorsReady",
+    "type": COND_PRIORS_READY,
     "status": "True",
     "reason": "Generated",
     "message": "8 class images",
@@ -122,7 +122,16 @@ def test_a_pass_with_nothing_to_do_makes_no_api_call(
     assert len(jobs) == 2
 
     calls = []
-    for function in ("read_job", "patch_job_status", "patch_job_annotations", "create", "delete"):
+    for function in (
+        "read_job",
+        "patch_job_status",
+        "patch_job_annotations",
+        "create",
+        "replace",
+        "delete",
+        "delete_job",
+        "post_event",
+    ):
         monkeypatch.setattr(kube, function, lambda *args, f=function: calls.append(f))
     handlers.reconcile_once(training_job.read(), handlers.Children(jobs, (), None, False))
     assert calls == []

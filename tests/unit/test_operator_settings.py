@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import copy
+
 import kopf
 import pytest
 from kopf._cogs.structs.references import Resource
 
+from dreambooth_contract import names
 from dreambooth_operator import handlers, kube
 
 
@@ -40,3 +43,27 @@ def test_children_are_filtered_by_the_api_server_not_here(configured):
 def test_filtering_can_be_turned_off_for_comparison(configured):
     settings = configured(filter_children=False)
     assert selectors(settings, "", "v1", "pods") == []
+
+
+def test_a_childs_event_wakes_its_jobs_daemon_through_the_memo(monkeypatch):
+    """No module-level state: the wake-up calls live in the memo the startup handler fills
+    (kopf hands each object a shallow copy of it)."""
+    memo = kopf.Memo()
+    monkeypatch.setattr(kube, "load_config", lambda: None)
+    handlers.configure(settings=kopf.OperatorSettings(), memo=memo)
+    pod_memo = copy.copy(memo)
+    labels = {names.LABEL_JOB: "dog"}
+    with memo.wakeups.registered(("team", "dog")) as wakeup:
+        handlers.pod_changed(namespace="other", labels=labels, memo=pod_memo)
+        assert not wakeup.is_set()
+        handlers.pod_changed(namespace="team", labels=labels, memo=pod_memo)
+        assert wakeup.is_set()
+    handlers.pod_changed(namespace="team", labels=labels, memo=pod_memo)  # daemon gone: no-op
+
+
+def test_the_phase_gauge_reads_the_index_the_startup_hands_over():
+    phases = handlers.JobPhases()
+    assert list(phases()) == []
+    index = {("team", "dog"): ["Training"], ("team", "cat"): ["Failed"]}
+    handlers.hand_phase_index_to_metrics(job_phases=index, memo=kopf.Memo(phases=phases))
+    assert sorted(phases()) == ["Failed", "Training"]

@@ -1,13 +1,20 @@
-"""The pure reconcile function, scenario by scenario (no API server needed)."""
+"""The pure decide functions, scenario by scenario (no API server needed)."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from dreambooth_contract import env, names
 from dreambooth_contract.validation import parse_job
 from dreambooth_operator.reconcile import (
+    COND_EXPORTED,
+    COND_FAILED,
+    COND_INFERENCE_READY,
+    COND_PRIORS_READY,
+    COND_SUSPENDED,
+    COND_TRAINED,
     ChildJob,
     ChildPod,
     Create,
@@ -16,9 +23,14 @@ from dreambooth_operator.reconcile import (
     Event,
     Observed,
     PriorCache,
+    deadline_exceeded,
     effective_spec,
+    failure,
     immutable_changes,
+    is_finished,
     reconcile,
+    rejection,
+    resuming,
 )
 
 NOW = datetime(2026, 11, 22, 12, 0, tzinfo=timezone.utc)
@@ -126,7 +138,7 @@ def test_failed_rank_restarts_the_whole_gang_then_recreates_it():
     status = {
         "conditions": [
             {
-                "type": "PriorsReady",
+                "type": COND_PRIORS_READY,
                 "status": "True",
                 "reason": "Generated",
                 "lastTransitionTime": NOW.isoformat(),
@@ -165,7 +177,7 @@ def test_backoff_limit_fails_the_job():
         "restarts": 1,
         "conditions": [
             {
-                "type": "PriorsReady",
+                "type": COND_PRIORS_READY,
                 "status": "True",
                 "reason": "Generated",
                 "lastTransitionTime": NOW.isoformat(),
@@ -175,7 +187,7 @@ def test_backoff_limit_fails_the_job():
     failed = jobs(names.TRAIN, attempt=1, failed=True)
     decision, _ = step(job_with(status=status), jobs=failed)
     assert decision.status.phase == "Failed"
-    failure = next(c for c in decision.status.conditions if c.type == "Failed")
+    failure = next(c for c in decision.status.conditions if c.type == COND_FAILED)
     assert failure.reason == "BackoffLimitExceeded"
 
 
@@ -194,7 +206,7 @@ def test_bad_input_exit_code_fails_at_once_with_the_trainers_message():
     )
     decision, _ = step(job_with(), jobs=failed, pods=pods)
     assert decision.status.phase == "Failed"
-    failure = next(c for c in decision.status.conditions if c.type == "Failed")
+    failure = next(c for c in decision.status.conditions if c.type == COND_FAILED)
     assert failure.reason == "InvalidConfig"
     assert "instance images not found" in failure.message
     assert decision.status.restarts == 0
@@ -221,7 +233,7 @@ def test_suspend_deletes_pods_and_resume_recreates_them():
     status = {
         "conditions": [
             {
-                "type": "PriorsReady",
+                "type": COND_PRIORS_READY,
                 "status": "True",
                 "reason": "Generated",
                 "lastTransitionTime": NOW.isoformat(),
@@ -237,7 +249,7 @@ def test_suspend_deletes_pods_and_resume_recreates_them():
     document["spec"]["runPolicy"]["suspend"] = False
     decision, _ = step(parse_job(document))
     assert created(decision) == ["dog-train-0", "dog-train-1"]
-    resumed = next(c for c in decision.status.conditions if c.type == "Suspended")
+    resumed = next(c for c in decision.status.conditions if c.type == COND_SUSPENDED)
     assert (resumed.status, resumed.reason) == ("False", "Resumed")
 
 
@@ -247,7 +259,7 @@ def test_bad_input_under_torchrun_is_told_by_the_termination_message():
     message = f"{env.BAD_INPUT_PREFIX}instance.imagesUri: no images (png, jpg, webp) in /x"
     pods = (ChildPod("dog-priors-0-p", names.PRIORS, 0, 0, "Failed", 1, message),)
     decision, _ = step(job_with(), jobs=failed, pods=pods)
-    failure = next(c for c in decision.status.conditions if c.type == "Failed")
+    failure = next(c for c in decision.status.conditions if c.type == COND_FAILED)
     assert (decision.status.phase, failure.reason) == ("Failed", "InvalidConfig")
     assert "instance.imagesUri: no images" in failure.message
     assert decision.status.restarts == 0
@@ -259,7 +271,7 @@ def test_deadline_fails_a_running_job():
         job_with(status=status, runPolicy={"activeDeadlineSeconds": 60}), jobs=jobs(names.PRIORS)
     )
     assert decision.status.phase == "Failed"
-    failure = next(c for c in decision.status.conditions if c.type == "Failed")
+    failure = next(c for c in decision.status.conditions if c.type == COND_FAILED)
     assert failure.reason == "DeadlineExceeded"
     assert sorted(deleted(decision)) == ["dog-priors-0", "dog-priors-1"]
 
@@ -313,7 +325,7 @@ def test_immutable_changes_name_their_paths_and_mutable_sections_pass():
 
 DONE = [
     {"type": t, "status": "True", "reason": "Succeeded", "lastTransitionTime": NOW.isoformat()}
-    for t in ("PriorsReady", "Trained", "Exported")
+    for t in (COND_PRIORS_READY, COND_TRAINED, COND_EXPORTED)
 ]
 ARTIFACT = {"uri": "s3://runs/dog/export", "digest": "sha256:aaa"}
 
@@ -357,7 +369,7 @@ def test_serving_rolls_to_a_new_digest_and_reports_ready_replicas():
     same = ChildDeployment(current["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH], 1)
     decision, _ = step(job, inference=same, inference_service=True)
     assert not [a for a in decision.actions if isinstance(a, (Create, Update))]
-    ready = next(c for c in decision.status.conditions if c.type == "InferenceReady")
+    ready = next(c for c in decision.status.conditions if c.type == COND_INFERENCE_READY)
     assert (ready.status, decision.status.inference.ready_replicas) == ("True", 1)
     newer = job_with(
         status={"conditions": DONE, "artifact": {**ARTIFACT, "digest": "sha256:bbb"}},
@@ -429,8 +441,141 @@ def test_operator_writes_progress_only_to_start_it():
 def test_a_job_whose_output_uri_an_earlier_live_job_uses_is_refused():
     decision, _ = step(job_with(), output_taken_by="team/first")
     assert decision.status.phase == "Failed"
-    failure = next(c for c in decision.status.conditions if c.type == "Failed")
+    failure = next(c for c in decision.status.conditions if c.type == COND_FAILED)
     assert failure.reason == "InvalidSpec"
     assert failure.message.startswith("spec.storage.outputUri: ")
     assert "in use by job team/first" in failure.message
     assert created(decision) == []
+
+
+# ------------------------------------------------------------------------------ made explicit
+# What the order of the decide steps implies, and that predicates only answer.
+
+
+def failure_of(decision):
+    return next(c for c in decision.status.conditions if c.type == COND_FAILED)
+
+
+def test_predicates_only_answer():
+    status = {
+        "phase": "Training",
+        "startTime": (NOW - timedelta(seconds=100)).isoformat(),
+        "conditions": [
+            {
+                "type": COND_SUSPENDED,
+                "status": "True",
+                "reason": "Suspended",
+                "lastTransitionTime": NOW.isoformat(),
+            }
+        ],
+    }
+    job = job_with(status=status, runPolicy={"activeDeadlineSeconds": 60})
+    before = job.model_dump()
+    assert not deadline_exceeded(job, job.status, NOW)  # still marked Suspended: resuming
+    assert resuming(job, job.status)
+    assert not is_finished(job, job.status)
+    assert job.model_dump() == before
+    running = job_with(status={**status, "conditions": []}, runPolicy={"activeDeadlineSeconds": 60})
+    assert deadline_exceeded(running, running.status, NOW)
+    assert not deadline_exceeded(running, running.status, NOW - timedelta(seconds=50))
+
+
+def test_reconcile_leaves_the_job_it_decides_on_untouched():
+    job = job_with(status={"restarts": 0, "conditions": DONE[:1]})
+    before = job.model_dump()
+    failed = jobs(names.TRAIN, failed=True)
+    decision, _ = step(job, jobs=failed)
+    assert decision.status.restarts == 1
+    assert job.model_dump() == before
+
+
+def test_a_finished_job_only_waits_for_its_ttl():
+    """Nothing else is looked at: not its children, not its deadline."""
+    status = {
+        "phase": "Failed",
+        "completionTime": (NOW - timedelta(seconds=30)).isoformat(),
+        "startTime": (NOW - timedelta(hours=5)).isoformat(),
+    }
+    job = job_with(status=status, runPolicy={"activeDeadlineSeconds": 60})
+    decision, _ = step(job, jobs=jobs(names.TRAIN))
+    assert decision.actions == [] and decision.status == job.status
+    ttl = job_with(status=status, runPolicy={"ttlSecondsAfterFinished": 10})
+    decision, _ = step(ttl, jobs=jobs(names.TRAIN))
+    assert decision.actions == [DeleteSelf()]
+
+
+def test_the_deadline_is_decided_before_anything_else():
+    status = {"startTime": (NOW - timedelta(seconds=100)).isoformat()}
+    job = job_with(status=status, runPolicy={"activeDeadlineSeconds": 60})
+    decision, _ = step(job, jobs=jobs(names.PRIORS), output_taken_by="team/first")
+    assert failure_of(decision).reason == "DeadlineExceeded"
+
+
+def test_a_failed_job_stays_failed_and_starts_nothing():
+    status = {
+        "phase": "Training",
+        "conditions": [
+            *DONE[:1],
+            {
+                "type": COND_FAILED,
+                "status": "True",
+                "reason": "BackoffLimitExceeded",
+                "lastTransitionTime": NOW.isoformat(),
+            },
+        ],
+    }
+    decision, _ = step(job_with(status=status))
+    assert decision.status.phase == "Failed"
+    assert created(decision) == [] and deleted(decision) == []
+    assert decision.status.completion_time == NOW
+    assert events(decision) == ["PhaseFailed"]
+
+
+def test_a_taken_output_uri_fails_even_a_suspended_job():
+    """The outputUri is decided before suspension: a job that cannot own its output fails."""
+    job = job_with(runPolicy={"suspend": True})
+    decision, _ = step(job, output_taken_by="team/first")
+    assert decision.status.phase == "Failed"
+    assert failure_of(decision).reason == "InvalidSpec"
+
+
+def test_training_starts_only_once_the_priors_are_ready():
+    running = jobs(names.PRIORS, succeeded=False)
+    decision, _ = step(job_with(), jobs=running)
+    assert created(decision) == []
+    assert decision.status.progress is None and not decision.progress_started
+    one_done = (replace(running[0], succeeded=True), running[1])
+    decision, _ = step(job_with(), jobs=one_done)
+    assert created(decision) == []
+
+
+def test_a_failure_from_outside_is_the_failed_condition_reconcile_builds():
+    job = job_with(status={"phase": "Training", "restarts": 1, "conditions": DONE[:1]})
+    decision = failure(job.status, 1, NOW, "ChildRejected", "the API server refused Job x")
+    assert (decision.status.phase, decision.status.completion_time) == ("Failed", NOW)
+    assert decision.status.restarts == 1
+    failed = failure_of(decision)
+    assert (failed.status, failed.reason, failed.last_transition_time) == (
+        "True",
+        "ChildRejected",
+        NOW,
+    )
+    assert failed.observed_generation == 1
+    assert [(a.type, a.reason) for a in decision.actions] == [("Warning", "ChildRejected")]
+    # Once failed, a job stays as it failed first.
+    again = failure(decision.status, 1, NOW + timedelta(seconds=5), "ChildRejected", "other")
+    assert again.status == decision.status and again.actions == []
+
+
+def test_a_rejected_spec_stops_what_runs_even_once_failed():
+    from dreambooth_operator.reconcile import ChildDeployment
+
+    running = jobs(names.TRAIN) + (ChildJob("dog-priors-0", names.PRIORS, 0, 0, succeeded=True),)
+    observed = Observed(now=NOW, jobs=running, inference=ChildDeployment("h", 1))
+    decision = rejection("dog", job_with().status, 1, observed, ["a: no", "b: no"])
+    assert sorted(deleted(decision)) == ["dog-inference", "dog-train-0", "dog-train-1"]
+    assert (decision.status.phase, failure_of(decision).message) == ("Failed", "a: no; b: no")
+    assert failure_of(decision).reason == "InvalidSpec"
+    again = rejection("dog", decision.status, 1, observed, ["a: no"])
+    assert sorted(deleted(again)) == sorted(deleted(decision))
+    assert not events(again) and again.status == decision.status
