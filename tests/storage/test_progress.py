@@ -10,7 +10,7 @@ import pytest
 
 from dreambooth_operator.api import GROUP, PLURAL, VERSION, DreamBoothJobStatus
 from dreambooth_trainer import progress
-from dreambooth_trainer.checkpoint import CheckpointInfo
+from dreambooth_trainer.checkpoint_files import CheckpointInfo
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 CKPT = CheckpointInfo(

@@ -20,9 +20,10 @@ from dreambooth_trainer.export import (
     run_export,
     with_trained_weights,
 )
+from dreambooth_trainer.layout import TRAINED_DIR
 from dreambooth_trainer.models import load_pipeline
 from dreambooth_trainer.parallel import World
-from dreambooth_trainer.train import TRAINED_DIR, build_trainer
+from dreambooth_trainer.train import build_trainer
 
 from .conftest import SUBJECT_DIR
 

@@ -21,10 +21,10 @@ from transformers import CLIPTextModel
 
 from .config import TrainerConfig
 from .digest import MANIFEST, write_manifest
+from .layout import TRAINED_DIR
 from .locations import fetch_dir, publish_dir, working_dir
 from .models import load_pipeline
 from .single_file import save_single_file, single_file_unsupported
-from .train import TRAINED_DIR
 
 log = logging.getLogger(__name__)
 

@@ -25,10 +25,11 @@ from dreambooth_operator.validation import JobInvalid, load_jobs
 
 from .config import TrainerConfig, sibling_uri
 from .export import EXPORT_DIR, PIPELINE_DIR, run_export
+from .layout import SAMPLES_DIR
 from .locations import publish_dir, working_dir
 from .priors import run_priors
 from .samples import render_grid
-from .train import SAMPLES_DIR, run_training
+from .train import run_training
 
 log = logging.getLogger(__name__)
 
