@@ -17,8 +17,8 @@ from dreambooth_trainer import checkpoint_files
 from dreambooth_trainer.callbacks import Callback, StatusReport, StepMetrics
 from dreambooth_trainer.checkpoint_manager import CHECKPOINTS_DIR
 from dreambooth_trainer.layout import TRAINED_DIR
+from dreambooth_trainer.models.random_models import materialize
 from dreambooth_trainer.parallel import World
-from dreambooth_trainer.random_models import materialize
 from dreambooth_trainer.storage import LocalStore
 from dreambooth_trainer.train import Trainer, run_training
 

@@ -13,8 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from dreambooth_trainer import checkpoint_files, random_models
+from dreambooth_trainer import checkpoint_files
 from dreambooth_trainer.checkpoint_manager import CHECKPOINTS_DIR
+from dreambooth_trainer.models import random_models
 from dreambooth_trainer.storage import join
 
 from . import harness

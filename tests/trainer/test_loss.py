@@ -14,11 +14,11 @@ from diffusers import DDPMScheduler
 
 from dreambooth_operator.cli import main
 from dreambooth_trainer import cli as trainer_cli
-from dreambooth_trainer import random_models
 from dreambooth_trainer.cli import EXIT_BAD_INPUT
 from dreambooth_trainer.config import ConfigError
 from dreambooth_trainer.local import load_config
 from dreambooth_trainer.loss import DreamBoothObjective
+from dreambooth_trainer.models import random_models
 
 from .conftest import REPO
 

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from .config import ConfigError, TrainerConfig
 from .locations import fetch_dir, staging_dir, store_for
-from .models import load_pipeline
+from .models.loading import load_pipeline
 from .priors_key import PRIORS_FORMAT, generation_params
 from .storage import LocalStore, Store
 

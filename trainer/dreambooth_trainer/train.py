@@ -31,13 +31,14 @@ from .callbacks import (
 )
 from .checkpoint_files import CheckpointInfo
 from .checkpoint_manager import CHECKPOINTS_DIR, CheckpointManager
-from .components import DreamBoothModel, FrozenParts, sampling_pipeline, split_pipeline
 from .config import TrainerConfig
 from .data import DreamBoothData, build_data
 from .layout import LOGS_DIR, SAMPLES_DIR, TRAINED_DIR
 from .locations import fetch_dir, is_s3, publish_dir, staging_dir, store_for, working_dir
 from .loss import DreamBoothObjective
-from .models import load_pipeline
+from .methods import full
+from .models.components import DreamBoothModel, FrozenParts, sampling_pipeline
+from .models.loading import load_pipeline
 from .optim import optimizer_factory, scheduler_factory
 from .parallel import Backend, BackendOptions, World, create_backend
 from .priors import PriorRequest, is_complete
@@ -265,14 +266,10 @@ class Trainer:
         return sampling_pipeline(self.trained_model, self.frozen)
 
     def save_trained(self, directory: Path) -> None:
-        """Collective. Rank 0 writes the trained components in diffusers layout: what the
-        export phase starts from."""
+        """Collective. Rank 0 writes what the export phase starts from (`full.save_trained`)."""
         model = self.trained_model
-        if not self.world.is_main:
-            return
-        model.unet.save_pretrained(directory / "unet", safe_serialization=True)
-        if model.text_encoder is not None:
-            model.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
+        if self.world.is_main:
+            full.save_trained(model, directory)
 
 
 def build_trainer(
@@ -299,7 +296,7 @@ def build_trainer(
     pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3)
     sharding = training.sharding
     backend = create_backend(sharding.backend, world, options, sharding.zero_stage)
-    model, frozen = split_pipeline(pipeline, training, world.device)
+    model, frozen = full.split_pipeline(pipeline, training, world.device)
     data = build_data(
         config,
         frozen.vae,

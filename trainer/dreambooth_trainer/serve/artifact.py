@@ -17,7 +17,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from .. import digest as artifact_digest
-from .. import random_models
+from ..models import random_models
 from ..storage import open_store
 
 log = logging.getLogger(__name__)
