@@ -1,4 +1,4 @@
-"""CheckpointManager in one process (no torchrun): exact resume through the real callback after a
+"""Checkpoints in one process (no torchrun): exact resume through the real manager after a
 crash, with a local output directory; and the status report when the metrics port is taken."""
 
 from __future__ import annotations

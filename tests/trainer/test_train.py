@@ -224,7 +224,7 @@ def test_metrics_report_throughput(make_config):
 
 
 def test_callbacks_see_every_step(make_config):
-    """The hook a checkpoint callback will use: state every N steps, start and end."""
+    """What callbacks hear of a run: state every N steps, start and end."""
 
     class Recorder(Callback):
         def __init__(self) -> None:
