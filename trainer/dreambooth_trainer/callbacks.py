@@ -56,12 +56,23 @@ class StepMetrics:
 class TrainingState(Protocol):
     """What callbacks read of the training loop, and what they may ask of it."""
 
-    world: World
-    step: int  # optimizer steps done
-    max_steps: int
-    stop_reason: str | None  # why training ends early; None while it runs to max_steps
-    # The mixed-precision dtype the frozen modules run in (None: full precision).
-    autocast_dtype: torch.dtype | None
+    @property
+    def world(self) -> World: ...
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+
+    @property
+    def max_steps(self) -> int: ...
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training ends early; None while it runs to max_steps."""
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The mixed-precision dtype the frozen modules run in (None: full precision)."""
 
     def request_stop(self, reason: str) -> None:
         """End training after this step (every rank must ask alike)."""

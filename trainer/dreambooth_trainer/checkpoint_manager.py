@@ -83,10 +83,20 @@ RETENTION_READ_ATTEMPTS = 2
 class Checkpointable(Protocol):
     """What the manager saves, restores and records of a training run (train.Trainer)."""
 
-    world: World
-    step: int  # optimizer steps done
-    micro_step: int  # the data position
-    backend_name: str  # recorded: a run on another backend does not resume the checkpoint
+    @property
+    def world(self) -> World: ...
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+
+    @property
+    def micro_step(self) -> int:
+        """The data position: micro-batches consumed."""
+
+    @property
+    def backend_name(self) -> str:
+        """Recorded: a run on another backend does not resume the checkpoint."""
 
     def save_state(self, directory: Path) -> None:
         """Collective. This rank's files of the full training state."""
