@@ -15,7 +15,7 @@ BATCH_SIZES = (1, 2, 4, 8, 16)
 @benchmark("priors")
 def class_images(settings: Settings) -> dict[str, Any]:
     """Class images/s by batch size (classifier-free guidance: 2 UNet passes' worth per image)."""
-    from dreambooth_trainer.models import load_pipeline
+    from dreambooth_trainer.models.loading import load_pipeline
     from dreambooth_trainer.priors import PriorRequest, generate_batch, generation_device
 
     inference_steps = 10 if settings.quick else 25

@@ -278,7 +278,7 @@ def environment(ctx: Context) -> dict[str, Any]:
 def prepare(ctx: Context) -> dict[str, Any]:
     """Build (or find) the random model, then the class images the training steps use."""
     from bench.training import config_for, prepare_class_images
-    from dreambooth_trainer.models import resolve_model_source
+    from dreambooth_trainer.models.loading import resolve_model_source
     from dreambooth_trainer.priors import generation_device
 
     config = config_for(settings(ctx), {})
@@ -521,7 +521,7 @@ def priors_fp16(ctx: Context) -> dict[str, Any]:
     import torch
 
     from bench.training import config_for
-    from dreambooth_trainer.models import load_pipeline
+    from dreambooth_trainer.models.loading import load_pipeline
     from dreambooth_trainer.priors import PriorRequest, generate_batch
 
     require_device(ctx)

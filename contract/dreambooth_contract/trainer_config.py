@@ -157,7 +157,7 @@ class TrainerConfig(ApiModel):
 
     def weights_identity(self) -> dict[str, str]:
         """What determines the trained weights, part by part, each as a short digest: a run
-        resumes only from checkpoints written with the same parts (see checkpointing.py).
+        resumes only from checkpoints written with the same parts (see checkpoint_manager.py).
         Where and how often checkpoints and samples are written is left out."""
         parts = {
             "baseModel": self.base_model.model_dump(mode="json", by_alias=True),

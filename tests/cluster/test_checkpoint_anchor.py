@@ -13,8 +13,7 @@ from dreambooth_contract.trainer_config import ConfigError
 from dreambooth_contract.validation import parse_job
 from dreambooth_operator import builders, kube
 from dreambooth_trainer import progress
-from dreambooth_trainer.callbacks import Callback
-from dreambooth_trainer.checkpointing import Checkpointing
+from dreambooth_trainer.checkpoint_manager import CheckpointManager
 from dreambooth_trainer.storage import LocalStore
 from tests.e2e.harness import job_document
 from tests.storage.test_checkpoint_anchor import StubTrainer, plant
@@ -22,14 +21,15 @@ from tests.storage.test_checkpoint_anchor import StubTrainer, plant
 pytestmark = pytest.mark.cluster
 
 
-class Report(Callback):
+class Report:
     """StatusReport's part, through the real Kubernetes reporter."""
 
     def __init__(self, reporter: progress.KubernetesReporter):
         self.reporter = reporter
         self.delivered: list[bool] = []
 
-    def on_checkpoint(self, trainer, info, seconds) -> None:
+    def announce(self, info, seconds) -> None:
+        """What the manager calls on each commit (the loop's `announce_checkpoint`)."""
         self.delivered.append(self.reporter.report_checkpoint(info))
 
 
@@ -52,16 +52,16 @@ def test_the_jobs_status_anchors_resume(
     store = LocalStore(tmp_path / "output")
     anchor = progress.JobStatusAnchor("dog", namespace, api=as_trainer)
 
-    def checkpointing() -> Checkpointing:
-        return Checkpointing(store, tmp_path / "staging", interval=2, keep=2, anchor=anchor)
+    def checkpointing() -> CheckpointManager:
+        return CheckpointManager(store, tmp_path / "staging", interval=2, keep=2, anchor=anchor)
 
     reporter = progress.KubernetesReporter(100, "dog", namespace, api=as_trainer)
     report = Report(reporter)
     ckpt = checkpointing()
-    trainer = StubTrainer([ckpt, report])
+    trainer = StubTrainer()
     for step in (2, 4):
         trainer.step = step
-        ckpt.save(trainer)
+        ckpt.save(trainer, report.announce)
     reporter.close()
     assert report.delivered == [True, True]
 

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from dreambooth_contract.layout import CHECKPOINTS_DIR
 from dreambooth_contract.trainer_config import TrainerConfig
-from dreambooth_trainer import checkpoint
+from dreambooth_trainer import checkpoint_files
 from dreambooth_trainer.callbacks import PAUSE_ENV
 from dreambooth_trainer.storage import Store, open_store
 from tests.support.procs import ManagedProcess, free_port, wait_for
@@ -90,10 +90,10 @@ class Job:
         return self.workdir / f"train-{launch}.log"
 
     def checkpoint_steps(self) -> list[int]:
-        return checkpoint.list_steps(self.store, CHECKPOINTS_DIR)
+        return checkpoint_files.list_steps(self.store, CHECKPOINTS_DIR)
 
-    def verified(self, step: int) -> checkpoint.CheckpointInfo:
-        return checkpoint.verify(self.store, CHECKPOINTS_DIR, step, level="sha256")
+    def verified(self, step: int) -> checkpoint_files.CheckpointInfo:
+        return checkpoint_files.verify(self.store, CHECKPOINTS_DIR, step, level="sha256")
 
     def trained_weights(self) -> dict[str, dict[str, torch.Tensor]]:
         local = self.workdir / f"trained-{self.launches}"
@@ -151,7 +151,7 @@ def kill_all(proc: ManagedProcess) -> None:
 
 
 def wait_for_manifest(job: Job, step: int, proc: ManagedProcess, timeout: float = 120) -> None:
-    key = f"{checkpoint.checkpoint_key(CHECKPOINTS_DIR, step)}/{checkpoint.MANIFEST}"
+    key = f"{checkpoint_files.checkpoint_key(CHECKPOINTS_DIR, step)}/{checkpoint_files.MANIFEST}"
 
     def committed() -> bool:
         proc.check_alive()

@@ -1,4 +1,4 @@
-"""Checkpointing in one process (no torchrun): exact resume through the real callback after a
+"""Checkpoints in one process (no torchrun): exact resume through the real manager after a
 crash, with a local output directory; and the status report when the metrics port is taken."""
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth_contract.layout import CHECKPOINTS_DIR, TRAINED_DIR
-from dreambooth_trainer import checkpoint
+from dreambooth_trainer import checkpoint_files
 from dreambooth_trainer.callbacks import Callback, StatusReport, StepMetrics
+from dreambooth_trainer.models.random_models import materialize
 from dreambooth_trainer.parallel import World
-from dreambooth_trainer.random_models import materialize
 from dreambooth_trainer.storage import LocalStore
 from dreambooth_trainer.train import Trainer, run_training
 
@@ -36,7 +36,9 @@ class CrashAfterCheckpoint(Callback):
     def __init__(self, step: int):
         self.step = step
 
-    def on_checkpoint(self, trainer: Trainer, info: checkpoint.CheckpointInfo, seconds: float):
+    def on_checkpoint(
+        self, trainer: Trainer, info: checkpoint_files.CheckpointInfo, seconds: float
+    ):
         if info.step == self.step:
             raise Crash
 
@@ -73,13 +75,13 @@ def test_single_process_resume_after_a_crash_is_exact(tmp_path: Path, one_thread
     with pytest.raises(Crash):
         run("crashed", CrashAfterCheckpoint(2))
     store = LocalStore(tmp_path / "crashed")
-    assert checkpoint.list_steps(store, CHECKPOINTS_DIR) == [2]
+    assert checkpoint_files.list_steps(store, CHECKPOINTS_DIR) == [2]
     start = FirstStep()
     actual = run("crashed", start)
     assert start.step == 2
     for name in TRAINED_FILES:
         assert same_weights(actual[name], expected[name]), name
-    assert checkpoint.list_steps(store, CHECKPOINTS_DIR) == [4, 2]
+    assert checkpoint_files.list_steps(store, CHECKPOINTS_DIR) == [4, 2]
 
 
 def test_status_report_goes_on_when_the_metrics_port_is_taken(monkeypatch, tmp_path: Path):
@@ -97,7 +99,9 @@ def test_status_report_goes_on_when_the_metrics_port_is_taken(monkeypatch, tmp_p
         metrics = StepMetrics(4, 0.5, 0.5, 0.0, 1.0, 1e-4, images=8, seconds=2.0)
         report.on_step_end(trainer, metrics)
         now = datetime.now(timezone.utc)
-        info = checkpoint.CheckpointInfo(4, "c/checkpoint-00000004", "s3://b/c/4", created=now)
+        info = checkpoint_files.CheckpointInfo(
+            4, "c/checkpoint-00000004", "s3://b/c/4", created=now
+        )
         report.on_checkpoint(trainer, info, seconds=1.5)
         report.on_train_end(trainer)
     status = json.loads(progress_file.read_text())

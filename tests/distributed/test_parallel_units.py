@@ -45,8 +45,8 @@ def test_full_weights_refuses_incomplete_weights():
 
 
 def test_fsdp_units_are_unet_blocks_and_text_encoder_layers():
+    from dreambooth_trainer.models.random_models import TINY_SD, build_pipeline
     from dreambooth_trainer.parallel.fsdp import is_block, shard_units
-    from dreambooth_trainer.random_models import TINY_SD, build_pipeline
 
     pipeline = build_pipeline(TINY_SD)
     model = torch.nn.ModuleDict({"unet": pipeline.unet, "text_encoder": pipeline.text_encoder})

@@ -14,7 +14,8 @@ import torch
 from safetensors.torch import load_file
 
 from dreambooth_contract.layout import CHECKPOINTS_DIR, join_uri
-from dreambooth_trainer import checkpoint, random_models
+from dreambooth_trainer import checkpoint_files
+from dreambooth_trainer.models import random_models
 
 from . import harness
 from .jobs import (
@@ -154,18 +155,18 @@ def test_exact_resume_after_a_crash_skips_broken_checkpoints(new_job, use_8bit_a
 
 def plant_cut_off_checkpoint(job: Job, from_step: int, step: int) -> None:
     """A checkpoint whose files arrived but whose manifest never did."""
-    store, source = job.store, checkpoint.checkpoint_key(CHECKPOINTS_DIR, from_step)
-    target = checkpoint.checkpoint_key(CHECKPOINTS_DIR, step)
+    store, source = job.store, checkpoint_files.checkpoint_key(CHECKPOINTS_DIR, from_step)
+    target = checkpoint_files.checkpoint_key(CHECKPOINTS_DIR, step)
     for obj in store.list(source):
         rel = obj.key[len(source) + 1 :]
-        if rel != checkpoint.MANIFEST:
+        if rel != checkpoint_files.MANIFEST:
             store.write_bytes(join_uri(target, rel), store.read_bytes(obj.key))
 
 
 def plant_corrupt_checkpoint(source_job: Job, job: Job, step: int, rank: int) -> None:
     """A committed-looking checkpoint (manifest, right sizes) with one rank's file corrupted."""
     source, store = source_job.store, job.store
-    prefix = checkpoint.checkpoint_key(CHECKPOINTS_DIR, step)
+    prefix = checkpoint_files.checkpoint_key(CHECKPOINTS_DIR, step)
     victim = None
     for obj in source.list(prefix):
         data = source.read_bytes(obj.key)

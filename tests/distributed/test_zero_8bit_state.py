@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from dreambooth_contract.layout import CHECKPOINTS_DIR
-from dreambooth_trainer import checkpoint
+from dreambooth_trainer import checkpoint_files
 
 from .jobs import Job, trainer_config
 
@@ -49,7 +49,7 @@ def test_zero2_shards_hold_the_8bit_adamw_moments(tmp_path: Path, deepspeed_ops)
     job.train()
 
     info = job.verified(2)
-    directory = checkpoint.checkpoint_key(CHECKPOINTS_DIR, 2)
+    directory = checkpoint_files.checkpoint_key(CHECKPOINTS_DIR, 2)
     shards = sorted(f.path for f in info.files if f.path.endswith("optim_states.pt"))
     assert len(shards) == 2, [f.path for f in info.files]  # one per rank
     for path in shards:

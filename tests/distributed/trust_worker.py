@@ -1,5 +1,5 @@
 """torchrun worker for test_checkpoint_trust: DeepSpeed ZeRO-2 (the toy model) checkpointed and
-resumed through the real Checkpointing callback, its commits recorded in a status file that
+resumed through the real CheckpointManager, its commits recorded in a status file that
 stands in for the job's status (the trust anchor; the API server's part is a cluster test).
 
 1. genuine: train, save (rank 0 records it), resume: DeepSpeed loads it.
@@ -25,9 +25,8 @@ import torch
 from dreambooth_contract.api import CheckpointStatus
 from dreambooth_contract.layout import CHECKPOINTS_DIR
 from dreambooth_contract.trainer_config import ConfigError
-from dreambooth_trainer import checkpoint, progress
-from dreambooth_trainer.callbacks import Callback
-from dreambooth_trainer.checkpointing import Checkpointing
+from dreambooth_trainer import checkpoint_files, progress
+from dreambooth_trainer.checkpoint_manager import CheckpointManager
 from dreambooth_trainer.cli import exit_without_teardown
 from dreambooth_trainer.parallel.base import World
 from dreambooth_trainer.storage import LocalStore
@@ -60,24 +59,25 @@ class StatusFile:
         return f"the status file {self.path}"
 
 
-class Record(Callback):
+class Record:
     def __init__(self, path: Path):
         self.path = path
 
-    def on_checkpoint(self, trainer, info, seconds) -> None:
+    def announce(self, info, seconds) -> None:
+        """What the manager calls on each commit (the loop's `announce_checkpoint`)."""
         wire = progress.checkpoint_model(info).model_dump(mode="json", by_alias=True)
         self.path.write_text(json.dumps(wire))
 
 
 class Shim:
-    """The parts of train.Trainer that Checkpointing uses, over the toy run's backend."""
+    """The parts of train.Trainer that CheckpointManager uses, over the toy run's backend."""
 
-    def __init__(self, run: toy.Run, callbacks: list[Callback]):
+    def __init__(self, run: toy.Run):
         self.backend = run.backend
+        self.backend_name = type(run.backend).__name__
         self.world = run.backend.world
         self.step = run.step
         self.micro_step = run.step
-        self.callbacks = callbacks
 
     @property
     def state_file(self) -> str:
@@ -99,19 +99,19 @@ class Shim:
 
 def plant(store: LocalStore, step: int, marker: Path) -> None:
     """Replace the shared file and commit a manifest that matches, with the genuine metadata."""
-    genuine = checkpoint.read_manifest(store, CHECKPOINTS_DIR, step)
-    directory = checkpoint.checkpoint_key(CHECKPOINTS_DIR, step)
+    genuine = checkpoint_files.read_manifest(store, CHECKPOINTS_DIR, step)
+    directory = checkpoint_files.checkpoint_key(CHECKPOINTS_DIR, step)
     torch.save(Payload(marker), store.path(f"{directory}/{SHARED_FILE}"))
     entries = [
-        checkpoint.FileEntry(
+        checkpoint_files.FileEntry(
             path=e.path,
             size=store.path(f"{directory}/{e.path}").stat().st_size,
             sha256=store.sha256(f"{directory}/{e.path}"),
         )
         for e in genuine.files
     ]
-    checkpoint.commit(store, CHECKPOINTS_DIR, step, entries, genuine.metadata)
-    checkpoint.verify(store, CHECKPOINTS_DIR, step, level="sha256")  # consistent
+    checkpoint_files.commit(store, CHECKPOINTS_DIR, step, entries, genuine.metadata)
+    checkpoint_files.verify(store, CHECKPOINTS_DIR, step, level="sha256")  # consistent
 
 
 def main() -> None:
@@ -132,14 +132,14 @@ def main() -> None:
 
     deepspeed.DeepSpeedEngine.load_checkpoint = counted_load
 
-    def checkpointing(anchor: Any) -> Checkpointing:
+    def checkpointing(anchor: Any) -> CheckpointManager:
         staging = out / f"staging-{world.rank}"
-        return Checkpointing(store, staging, interval=100, keep=2, anchor=anchor)
+        return CheckpointManager(store, staging, interval=100, keep=2, anchor=anchor)
 
     run = toy.Setup("zero2", world, "no", "sgd", 1, world.world_size).start()
     run.train(2)
-    shim = Shim(run, [Record(status.path)] if world.is_main else [])
-    checkpointing(status).save(shim)
+    shim = Shim(run)
+    checkpointing(status).save(shim, Record(status.path).announce)
 
     results: dict[str, Any] = {}
     shim.step = 0

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from dreambooth_trainer import random_models
+from dreambooth_trainer.models import random_models
 from dreambooth_trainer.serve import artifact
 from dreambooth_trainer.serve.app import create_app
 from dreambooth_trainer.serve.config import BatchingSettings, Limits, ServeSettings

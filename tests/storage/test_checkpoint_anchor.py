@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timezone
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -18,10 +17,9 @@ import torch
 from dreambooth_contract.api import CheckpointStatus
 from dreambooth_contract.env import JOB_NAME_ENV, JOB_NAMESPACE_ENV
 from dreambooth_contract.trainer_config import ConfigError
-from dreambooth_trainer import checkpoint, progress
-from dreambooth_trainer.callbacks import Callback
-from dreambooth_trainer.checkpoint import CheckpointInvalid
-from dreambooth_trainer.checkpointing import Checkpointing
+from dreambooth_trainer import checkpoint_files, progress
+from dreambooth_trainer.checkpoint_files import CheckpointInvalid
+from dreambooth_trainer.checkpoint_manager import CheckpointManager
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.progress import AnchorUnavailable
 from dreambooth_trainer.storage import LocalStore
@@ -56,7 +54,7 @@ class StubStatus:
         return "the stub status"
 
 
-class Report(Callback):
+class Report:
     """StatusReport's part: the checkpoint's status, through the wire format. `lost`: a patch
     that never arrived."""
 
@@ -64,21 +62,22 @@ class Report(Callback):
         self.status = status
         self.lost = False
 
-    def on_checkpoint(self, trainer, info, seconds) -> None:
+    def announce(self, info, seconds) -> None:
+        """What the manager calls on each commit (the loop's `announce_checkpoint`)."""
         if not self.lost:
             wire = progress.status_patch(checkpoint=progress.checkpoint_model(info))
             self.status.checkpoint = CheckpointStatus.model_validate(wire["status"]["checkpoint"])
 
 
 class StubTrainer:
-    """What Checkpointing uses of a Trainer; loads its state as DeepSpeed does (pickle)."""
+    """What CheckpointManager uses of a Trainer (checkpoint_manager.Checkpointable); loads its
+    state as DeepSpeed does (pickle)."""
 
-    def __init__(self, callbacks=()) -> None:
+    def __init__(self) -> None:
         self.world = World()
-        self.backend = SimpleNamespace()
+        self.backend_name = "stub"
         self.step = 0
         self.micro_step = 0
-        self.callbacks = list(callbacks)
         self.loaded: list[int] = []
 
     def save_state(self, directory: Path) -> None:
@@ -121,37 +120,39 @@ def store(tmp_path) -> LocalStore:
 
 @pytest.fixture
 def make(tmp_path, store, status):
-    def make(anchor=status, keep: int = 3, identity=None) -> Checkpointing:
+    def make(anchor=status, keep: int = 3, identity=None) -> CheckpointManager:
         staging = tmp_path / "staging"
         identity = identity or {"instance": "a photo of sks dog"}
-        return Checkpointing(
+        return CheckpointManager(
             store, staging, interval=2, keep=keep, anchor=anchor, identity=identity
         )
 
     return make
 
 
-def train_to(ckpt: Checkpointing, status: StubStatus, *steps: int, lost=()) -> None:
+def train_to(ckpt: CheckpointManager, status: StubStatus, *steps: int, lost=()) -> None:
     report = Report(status)
-    trainer = StubTrainer([ckpt, report])
+    trainer = StubTrainer()
     for step in steps:
         trainer.step = step
         report.lost = step in lost
-        ckpt.save(trainer)
+        ckpt.save(trainer, report.announce)
 
 
 def plant(store: LocalStore, tmp_path: Path, step: int, marker: Path) -> None:
     """Replace checkpoint `step` consistently: new files, a new manifest with their sha256s and
     the genuine metadata (identity and all), committed by the real protocol."""
-    genuine = checkpoint.read_manifest(store, ROOT, checkpoint.list_steps(store, ROOT)[0])
+    genuine = checkpoint_files.read_manifest(
+        store, ROOT, checkpoint_files.list_steps(store, ROOT)[0]
+    )
     staging = tmp_path / f"planted-{step}"
     (staging / STATE).parent.mkdir(parents=True)
     torch.save(Payload(marker), staging / STATE)
-    checkpoint.save(staging, store, ROOT, step, genuine.metadata)
-    assert checkpoint.verify(store, ROOT, step, level="sha256").step == step  # it checks out
+    checkpoint_files.save(staging, store, ROOT, step, genuine.metadata)
+    assert checkpoint_files.verify(store, ROOT, step, level="sha256").step == step  # it checks out
 
 
-def resume(ckpt: Checkpointing) -> StubTrainer:
+def resume(ckpt: CheckpointManager) -> StubTrainer:
     trainer = StubTrainer()
     ckpt.resume(trainer)
     return trainer
@@ -196,15 +197,15 @@ def test_a_checkpoint_replaced_after_rank_0_checked_it_is_refused_by_the_downloa
     """Every rank checks the manifest bytes it reads itself against the recorded digest."""
     train_to(make(), status, 2, 4)
     marker = tmp_path / "attacker-code-ran"
-    checked = checkpoint.verify
+    checked = checkpoint_files.verify
 
     def verify_then_replace(*args, **kwargs):
         info = checked(*args, **kwargs)
-        monkeypatch.setattr(checkpoint, "verify", checked)
+        monkeypatch.setattr(checkpoint_files, "verify", checked)
         plant(store, tmp_path, 4, marker)  # between rank 0's look and the download
         return info
 
-    monkeypatch.setattr(checkpoint, "verify", verify_then_replace)
+    monkeypatch.setattr(checkpoint_files, "verify", verify_then_replace)
     with pytest.raises(ConfigError, match="a file does not match it"):
         make().resume(StubTrainer())
     assert unpickled == [] and not marker.exists()
@@ -231,10 +232,10 @@ def test_a_lost_report_never_gets_the_recorded_checkpoint_retired(make, status, 
     ckpt = make(keep=1)
     train_to(ckpt, status, 2)
     train_to(ckpt, status, 4, lost={4})
-    assert checkpoint.list_steps(store, ROOT) == [4, 2]
+    assert checkpoint_files.list_steps(store, ROOT) == [4, 2]
     assert resume(make()).step == 2
     train_to(ckpt, status, 6)
-    assert checkpoint.list_steps(store, ROOT) == [6]
+    assert checkpoint_files.list_steps(store, ROOT) == [6]
     assert resume(make()).step == 6
 
 
@@ -243,10 +244,10 @@ def test_retention_waits_while_the_status_cannot_be_read(make, status, store):
     train_to(ckpt, status, 2, 4)
     status.unreadable = "apiserver down"
     train_to(ckpt, status, 6)
-    assert checkpoint.list_steps(store, ROOT) == [6, 4]  # nothing deleted blind
+    assert checkpoint_files.list_steps(store, ROOT) == [6, 4]  # nothing deleted blind
     status.unreadable = None
     train_to(ckpt, status, 8)
-    assert checkpoint.list_steps(store, ROOT) == [8]
+    assert checkpoint_files.list_steps(store, ROOT) == [8]
 
 
 @pytest.mark.parametrize("record", ["none", "no digest", "another location"])
@@ -264,7 +265,7 @@ def test_checkpoints_nobody_recorded_are_not_trusted_and_training_starts_over(
     }[record]
     trainer = resume(make())
     assert (trainer.step, trainer.loaded, unpickled) == (0, [], [])
-    assert checkpoint.list_steps(store, ROOT) == [4, 2]
+    assert checkpoint_files.list_steps(store, ROOT) == [4, 2]
 
 
 def test_unrecorded_checkpoints_of_another_spec_are_refused_not_overwritten(
@@ -278,7 +279,7 @@ def test_unrecorded_checkpoints_of_another_spec_are_refused_not_overwritten(
     with pytest.raises(ConfigError, match="another instance than this run's: training here"):
         make(identity={"instance": "a photo of zwx cat"}).resume(StubTrainer())
     assert unpickled == []
-    assert checkpoint.list_steps(store, ROOT) == [4, 2]
+    assert checkpoint_files.list_steps(store, ROOT) == [4, 2]
 
 
 def test_the_recorded_checkpoint_deleted_means_training_starts_over(make, status, store, unpickled):
@@ -318,14 +319,14 @@ def test_local_runs_trust_their_storage(make, status, store, monkeypatch):
     monkeypatch.delenv(JOB_NAME_ENV, raising=False)
     train_to(make(anchor=None), status, 2)
     status.checkpoint = None
-    assert Checkpointing(store, Path("/unused"), 2, 1).anchor is None  # the default, locally
+    assert CheckpointManager(store, Path("/unused"), 2, 1).anchor is None  # the default, locally
     assert resume(make(anchor=None)).step == 2
 
 
 def test_under_the_operator_the_default_anchor_is_the_jobs_status(monkeypatch, store):
     monkeypatch.setenv(JOB_NAME_ENV, "dog")
     monkeypatch.setenv(JOB_NAMESPACE_ENV, "team")
-    anchor = Checkpointing(store, Path("/unused"), 2, 1).anchor
+    anchor = CheckpointManager(store, Path("/unused"), 2, 1).anchor
     assert isinstance(anchor, progress.JobStatusAnchor)
     assert (anchor.name, anchor.namespace) == ("dog", "team")
 
@@ -337,19 +338,19 @@ def test_restore_checks_the_manifest_bytes_against_the_expected_digest(store, tm
     staging = tmp_path / "staging"
     staging.mkdir()
     (staging / "a.bin").write_bytes(b"genuine")
-    info = checkpoint.save(staging, store, ROOT, 3)
+    info = checkpoint_files.save(staging, store, ROOT, 3)
     written = store.read_bytes(f"{ROOT}/checkpoint-00000003/manifest.json")
-    assert info.manifest_digest == checkpoint.manifest_digest(written)
-    assert checkpoint.verify(store, ROOT, 3, expect_digest=info.manifest_digest).step == 3
+    assert info.manifest_digest == checkpoint_files.manifest_digest(written)
+    assert checkpoint_files.verify(store, ROOT, 3, expect_digest=info.manifest_digest).step == 3
 
     (staging / "a.bin").write_bytes(b"planted")
-    checkpoint.save(staging, store, ROOT, 3)  # consistent, but another manifest
+    checkpoint_files.save(staging, store, ROOT, 3)  # consistent, but another manifest
     dest = tmp_path / "dest"
     with pytest.raises(CheckpointInvalid, match="not the expected"):
-        checkpoint.restore(store, ROOT, dest, step=3, expect_digest=info.manifest_digest)
+        checkpoint_files.restore(store, ROOT, dest, step=3, expect_digest=info.manifest_digest)
     assert not dest.exists()
     with pytest.raises(ValueError, match="give its step"):
-        checkpoint.restore(store, ROOT, dest, expect_digest=info.manifest_digest)
+        checkpoint_files.restore(store, ROOT, dest, expect_digest=info.manifest_digest)
 
 
 def test_retention_upto_keeps_the_trusted_one_and_leaves_newer_ones(store, tmp_path):
@@ -357,9 +358,9 @@ def test_retention_upto_keeps_the_trusted_one_and_leaves_newer_ones(store, tmp_p
     staging.mkdir()
     (staging / "a.bin").write_bytes(b"x")
     for step in (1, 2, 3, 4, 5):
-        checkpoint.save(staging, store, ROOT, step)
-    assert checkpoint.apply_retention(store, ROOT, keep=2, upto=3) == [1]
-    assert checkpoint.list_steps(store, ROOT) == [5, 4, 3, 2]
+        checkpoint_files.save(staging, store, ROOT, step)
+    assert checkpoint_files.apply_retention(store, ROOT, keep=2, upto=3) == [1]
+    assert checkpoint_files.list_steps(store, ROOT) == [5, 4, 3, 2]
 
 
 # -- the status: written confirmed, read back --------------------------------------------------
@@ -392,7 +393,7 @@ class StubCustomObjects:
 
 
 DIGEST = "sha256:" + "ab" * 32
-INFO = checkpoint.CheckpointInfo(
+INFO = checkpoint_files.CheckpointInfo(
     step=8,
     key="c/checkpoint-00000008",
     uri="s3://b/c/checkpoint-00000008",

@@ -76,7 +76,7 @@ def test_storage_side_imports_no_torch():
     """The operator image has no torch: these modules must import without it."""
     code = (
         "import sys\n"
-        "import dreambooth_trainer.storage, dreambooth_trainer.checkpoint\n"
+        "import dreambooth_trainer.storage, dreambooth_trainer.checkpoint_files\n"
         "import dreambooth_trainer.progress, dreambooth_trainer.metrics\n"
         "assert 'torch' not in sys.modules, 'torch was imported'\n"
     )

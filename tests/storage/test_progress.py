@@ -11,7 +11,7 @@ import pytest
 from dreambooth_contract.api import GROUP, PLURAL, VERSION, DreamBoothJobStatus
 from dreambooth_contract.env import JOB_NAME_ENV, JOB_NAMESPACE_ENV
 from dreambooth_trainer import progress
-from dreambooth_trainer.checkpoint import CheckpointInfo
+from dreambooth_trainer.checkpoint_files import CheckpointInfo
 
 T0 = datetime(2024, 5, 1, 12, 0, 0, tzinfo=timezone.utc)
 CKPT = CheckpointInfo(

@@ -99,7 +99,7 @@ def make_config(shared_dir: Path, tmp_path: Path) -> Callable[..., Any]:
 @pytest.fixture
 def tiny_pipeline(make_config):
     """The random://tiny-sd base pipeline (fp32, CPU)."""
-    from dreambooth_trainer.models import load_pipeline
+    from dreambooth_trainer.models.loading import load_pipeline
 
     config = make_config()
     return load_pipeline(config.base_model, config.model_cache_dir())

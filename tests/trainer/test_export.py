@@ -18,9 +18,9 @@ from dreambooth_trainer.export import (
     SINGLE_FILE_FP16,
     export_pipeline,
     run_export,
-    with_trained_weights,
 )
-from dreambooth_trainer.models import load_pipeline
+from dreambooth_trainer.methods.full import with_trained_weights
+from dreambooth_trainer.models.loading import load_pipeline
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.train import build_trainer
 

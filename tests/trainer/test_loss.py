@@ -17,9 +17,9 @@ from dreambooth_contract.env import EXIT_BAD_INPUT
 from dreambooth_contract.trainer_config import ConfigError
 from dreambooth_operator.cli import main
 from dreambooth_trainer import cli as trainer_cli
-from dreambooth_trainer import random_models
 from dreambooth_trainer.local import load_config
 from dreambooth_trainer.loss import DreamBoothObjective
+from dreambooth_trainer.models import random_models
 
 from .conftest import REPO
 

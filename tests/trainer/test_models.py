@@ -15,8 +15,8 @@ from diffusers.loaders.single_file_utils import (
 )
 from transformers import CLIPTextConfig, CLIPTextModel
 
-from dreambooth_trainer import random_models
-from dreambooth_trainer.single_file import convert_text_encoder, convert_unet, convert_vae
+from dreambooth_trainer.models import random_models
+from dreambooth_trainer.models.single_file import convert_text_encoder, convert_unet, convert_vae
 from dreambooth_trainer.storage import local_files, sha256_file
 
 from .conftest import CLASS_PROMPT, INSTANCE_PROMPT

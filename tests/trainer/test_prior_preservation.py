@@ -28,7 +28,7 @@ from dreambooth_contract.trainer_config import TrainerConfig
 from dreambooth_trainer import priors
 from dreambooth_trainer.callbacks import Callback, StepMetrics
 from dreambooth_trainer.export import export_pipeline
-from dreambooth_trainer.models import load_pipeline
+from dreambooth_trainer.models.loading import load_pipeline
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.train import Trainer, build_trainer
 

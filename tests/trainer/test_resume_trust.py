@@ -1,4 +1,4 @@
-"""The training phase as train.py wires it: Checkpointing takes its anchor from the environment
+"""The training phase as train.py wires it: CheckpointManager takes its anchor from the environment
 (progress.anchor_from_env, here a stand-in for the job's status that reads what StatusReport
 recorded), so a checkpoint replaced consistently in the output location is refused before the
 trainer loads anything, and the genuine one resumes."""
@@ -15,7 +15,7 @@ from dreambooth_contract.api import CheckpointStatus
 from dreambooth_contract.env import JOB_NAME_ENV
 from dreambooth_contract.layout import CHECKPOINTS_DIR
 from dreambooth_contract.trainer_config import ConfigError
-from dreambooth_trainer import checkpoint, checkpointing, priors, progress
+from dreambooth_trainer import checkpoint_files, checkpoint_manager, priors, progress
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.storage import LocalStore
 from dreambooth_trainer.train import Trainer, run_training
@@ -47,7 +47,7 @@ def status_file(tmp_path, monkeypatch) -> Path:
     path = tmp_path / "status.json"
     monkeypatch.delenv(JOB_NAME_ENV, raising=False)
     monkeypatch.setenv(progress.ENV_FILE, str(path))
-    monkeypatch.setattr(checkpointing, "anchor_from_env", lambda: StatusFileAnchor(path))
+    monkeypatch.setattr(checkpoint_manager, "anchor_from_env", lambda: StatusFileAnchor(path))
     return path
 
 
@@ -73,7 +73,7 @@ def test_only_the_recorded_checkpoint_is_resumed(make_config, tmp_path, status_f
     recorded = json.loads(status_file.read_text())["checkpoint"]
     store = LocalStore(output)
     manifest = store.read_bytes(f"{CHECKPOINTS_DIR}/checkpoint-00000002/manifest.json")
-    assert recorded["manifestDigest"] == checkpoint.manifest_digest(manifest)
+    assert recorded["manifestDigest"] == checkpoint_files.manifest_digest(manifest)
     assert loads == []
 
     # The genuine checkpoint resumes (nothing left to train).
@@ -82,7 +82,7 @@ def test_only_the_recorded_checkpoint_is_resumed(make_config, tmp_path, status_f
 
     # Someone with write access to the output location trains other weights and commits them
     # as checkpoint 2: files and manifest consistent, the genuine metadata, identity and all.
-    genuine = checkpoint.read_manifest(store, CHECKPOINTS_DIR, 2)
+    genuine = checkpoint_files.read_manifest(store, CHECKPOINTS_DIR, 2)
     planted = tmp_path / "planted"
     store.download_dir(f"{CHECKPOINTS_DIR}/checkpoint-00000002", planted)
     (planted / "manifest.json").unlink()
@@ -92,8 +92,8 @@ def test_only_the_recorded_checkpoint_is_resumed(make_config, tmp_path, status_f
         if tensor.is_floating_point():
             tensor.add_(1.0)
     torch.save(state, state_path)
-    checkpoint.save(planted, store, CHECKPOINTS_DIR, 2, genuine.metadata)
-    checkpoint.verify(store, CHECKPOINTS_DIR, 2, level="sha256")  # it checks out
+    checkpoint_files.save(planted, store, CHECKPOINTS_DIR, 2, genuine.metadata)
+    checkpoint_files.verify(store, CHECKPOINTS_DIR, 2, level="sha256")  # it checks out
 
     loads.clear()
     with pytest.raises(ConfigError) as refused:

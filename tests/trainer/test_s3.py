@@ -8,11 +8,12 @@ import pytest
 from torch.utils.tensorboard import SummaryWriter
 
 from dreambooth_contract.layout import EXPORT_DIR, TRAINED_DIR
-from dreambooth_trainer import priors, random_models
+from dreambooth_trainer import priors
 from dreambooth_trainer.callbacks import Callback
 from dreambooth_trainer.digest import MANIFEST, verify
 from dreambooth_trainer.export import run_export
 from dreambooth_trainer.locations import publish_dir
+from dreambooth_trainer.models import random_models
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.storage import open_store
 from dreambooth_trainer.train import PublishAsYouGo, TrainingInterrupted, run_training

@@ -17,7 +17,7 @@ from torch.utils.tensorboard import SummaryWriter
 from dreambooth_trainer import data, priors
 from dreambooth_trainer.callbacks import PAUSE_ENV, Callback, StepMetrics, pause_from_env
 from dreambooth_trainer.loss import min_snr_weights
-from dreambooth_trainer.models import load_pipeline
+from dreambooth_trainer.models.loading import load_pipeline
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.samples import ValidationSamples
 from dreambooth_trainer.train import Trainer, build_trainer
@@ -224,7 +224,7 @@ def test_metrics_report_throughput(make_config):
 
 
 def test_callbacks_see_every_step(make_config):
-    """The hook a checkpoint callback will use: state every N steps, start and end."""
+    """What callbacks hear of a run: state every N steps, start and end."""
 
     class Recorder(Callback):
         def __init__(self) -> None:

@@ -1,5 +1,11 @@
 """Hooks into the training loop, and the standard ones: progress bar, TensorBoard scalars,
-status for the operator and Prometheus; and one for tests, a pause at a given step."""
+status for the operator and Prometheus; and one for tests, a pause at a given step.
+
+Callbacks see the loop through `TrainingState` only (train.Trainer is one), so that they need
+not know the trainer, and the trainer imports them, not the reverse. The loop calls each hook on
+its callbacks in list order (train.rank_callbacks builds the list and says why that order); a
+callback never calls another's hooks.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from torch.utils.tensorboard import SummaryWriter
 from tqdm.auto import tqdm
@@ -20,8 +26,11 @@ from .progress import ProgressReporter, reporter_from_env
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
 
-    from .checkpoint import CheckpointInfo
-    from .train import Trainer
+    import torch
+    from diffusers import StableDiffusionPipeline
+
+    from .checkpoint_files import CheckpointInfo
+    from .parallel import World
 
 log = logging.getLogger(__name__)
 
@@ -44,19 +53,47 @@ class StepMetrics:
         return self.images / self.seconds if self.seconds > 0 else 0.0
 
 
+class TrainingState(Protocol):
+    """What callbacks read of the training loop, and what they may ask of it."""
+
+    @property
+    def world(self) -> World: ...
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+
+    @property
+    def max_steps(self) -> int: ...
+
+    @property
+    def stop_reason(self) -> str | None:
+        """Why training ends early; None while it runs to max_steps."""
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """The mixed-precision dtype the frozen modules run in (None: full precision)."""
+
+    def request_stop(self, reason: str) -> None:
+        """End training after this step (every rank must ask alike)."""
+
+    def pipeline(self) -> StableDiffusionPipeline:
+        """Collective. A sampling pipeline over the current weights (usable on rank 0)."""
+
+
 class Callback:
-    """Hooks into the loop (progress, samples, checkpoints); override what you need."""
+    """Hooks into the loop (progress, samples, reports); override what you need."""
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        """Before the first step; a checkpoint callback restores state here."""
+    def on_train_start(self, state: TrainingState) -> None:
+        """Before the first step (after a resume: state.step is where training goes on)."""
 
-    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
-        """After each optimizer step (trainer.step is already incremented)."""
+    def on_step_end(self, state: TrainingState, metrics: StepMetrics) -> None:
+        """After each optimizer step (state.step is already incremented)."""
 
-    def on_checkpoint(self, trainer: Trainer, info: CheckpointInfo, seconds: float) -> None:
+    def on_checkpoint(self, state: TrainingState, info: CheckpointInfo, seconds: float) -> None:
         """On rank 0, after a checkpoint was committed (`seconds` to save and commit it)."""
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, state: TrainingState) -> None:
         """After the last step (or the step at which training was asked to stop)."""
 
 
@@ -64,14 +101,14 @@ class ProgressBar(Callback):
     def __init__(self) -> None:
         self.bar: tqdm | None = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        self.bar = tqdm(total=trainer.max_steps, initial=trainer.step, desc="training", unit="step")
+    def on_train_start(self, state: TrainingState) -> None:
+        self.bar = tqdm(total=state.max_steps, initial=state.step, desc="training", unit="step")
 
-    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
+    def on_step_end(self, state: TrainingState, metrics: StepMetrics) -> None:
         self.bar.set_postfix(loss=f"{metrics.loss:.4f}", img_s=f"{metrics.images_per_second:.1f}")
         self.bar.update(1)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, state: TrainingState) -> None:
         self.bar.close()
 
 
@@ -79,7 +116,7 @@ class TensorBoardScalars(Callback):
     def __init__(self, writer: SummaryWriter):
         self.writer = writer
 
-    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
+    def on_step_end(self, state: TrainingState, metrics: StepMetrics) -> None:
         scalars = {
             "loss/total": metrics.loss,
             "loss/instance": metrics.instance_loss,
@@ -91,7 +128,7 @@ class TensorBoardScalars(Callback):
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, metrics.step)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, state: TrainingState) -> None:
         self.writer.close()
 
 
@@ -104,28 +141,28 @@ class StatusReport(Callback):
         self.reporter: ProgressReporter | None = None
         self.server: WSGIServer | None = None
 
-    def on_train_start(self, trainer: Trainer) -> None:
-        self.reporter = reporter_from_env(trainer.max_steps, trainer.world.rank)
-        self.metrics.total_steps.set(trainer.max_steps)
-        self.metrics.step.set(trainer.step)
+    def on_train_start(self, state: TrainingState) -> None:
+        self.reporter = reporter_from_env(state.max_steps, state.world.rank)
+        self.metrics.total_steps.set(state.max_steps)
+        self.metrics.step.set(state.step)
         try:
-            self.server = start_exporter(self.metrics, trainer.world.rank)
+            self.server = start_exporter(self.metrics, state.world.rank)
         except OSError as exc:  # the port is taken (another trainer on this host): go on
             log.warning("trainer metrics not served: %s", exc)
-        self.reporter.report(trainer.step)  # a resumed run says where it starts at once
+        self.reporter.report(state.step)  # a resumed run says where it starts at once
 
-    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
+    def on_step_end(self, state: TrainingState, metrics: StepMetrics) -> None:
         self.reporter.report(
             metrics.step, loss=metrics.loss, images_per_second=metrics.images_per_second
         )
         self.metrics.observe_step(metrics.step, metrics.loss, metrics.images_per_second)
 
-    def on_checkpoint(self, trainer: Trainer, info: CheckpointInfo, seconds: float) -> None:
+    def on_checkpoint(self, state: TrainingState, info: CheckpointInfo, seconds: float) -> None:
         self.reporter.report_checkpoint(info)
         self.metrics.checkpoint_save_seconds.observe(seconds)
         self.metrics.checkpoint_step.set(info.step)
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def on_train_end(self, state: TrainingState) -> None:
         self.reporter.close()
         if self.server is not None:
             self.server.shutdown()
@@ -148,8 +185,8 @@ class PauseAtStep(Callback):
     def __init__(self, step: int, path: Path, poll_seconds: float = 0.05):
         self.step, self.path, self.poll_seconds = step, path, poll_seconds
 
-    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
-        if trainer.step != self.step or not self.path.exists():
+    def on_step_end(self, state: TrainingState, metrics: StepMetrics) -> None:
+        if state.step != self.step or not self.path.exists():
             return
         log.warning("%s: paused after step %d while %s exists", PAUSE_ENV, self.step, self.path)
         while self.path.exists():

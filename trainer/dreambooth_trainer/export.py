@@ -16,16 +16,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from transformers import CLIPTextModel
+from diffusers import StableDiffusionPipeline
 
 from dreambooth_contract.layout import EXPORT_DIR, PIPELINE_DIR, TRAINED_DIR
 from dreambooth_contract.trainer_config import TrainerConfig
 
 from .digest import MANIFEST, write_manifest
 from .locations import fetch_dir, publish_dir, working_dir
-from .models import load_pipeline
-from .single_file import save_single_file, single_file_unsupported
+from .methods import full
+from .models.loading import load_pipeline
+from .models.single_file import save_single_file, single_file_unsupported
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +38,6 @@ class ExportResult:
     directory: Path
     uri: str
     digest: str
-
-
-def with_trained_weights(
-    pipeline: StableDiffusionPipeline, trained_dir: Path
-) -> StableDiffusionPipeline:
-    """The base pipeline with the fine-tuned UNet (and text encoder, if it was trained)."""
-    components = dict(pipeline.components)
-    components["unet"] = UNet2DConditionModel.from_pretrained(trained_dir / "unet")
-    if (trained_dir / "text_encoder").is_dir():
-        components["text_encoder"] = CLIPTextModel.from_pretrained(trained_dir / "text_encoder")
-    trained = StableDiffusionPipeline(**components)
-    trained.set_progress_bar_config(disable=True)
-    return trained
 
 
 def forget_load_paths(pipeline: StableDiffusionPipeline) -> None:
@@ -91,10 +78,10 @@ def run_export(config: TrainerConfig) -> ExportResult:
     """The export phase: base model + trained weights -> artifact under <outputUri>/export."""
     cache = config.model_cache_dir()
     trained_dir = fetch_dir(config.output(TRAINED_DIR), config.s3, cache)
-    if not (trained_dir / "unet").is_dir():
+    if not full.has_trained_weights(trained_dir):
         raise FileNotFoundError(f"{config.output(TRAINED_DIR)}: no trained UNet; train first")
     base = load_pipeline(config.base_model, cache, config.s3)
-    pipeline = with_trained_weights(base, trained_dir)
+    pipeline = full.with_trained_weights(base, trained_dir)
     directory = working_dir(config.output(EXPORT_DIR), cache)
     metadata = {
         "job": config.job_name,

@@ -12,7 +12,7 @@ from diffusers.training_utils import compute_snr
 from torch import nn
 
 from .data import Batch
-from .models import check_prediction_type
+from .models.loading import check_prediction_type
 
 
 @dataclass

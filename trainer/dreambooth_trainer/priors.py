@@ -34,7 +34,7 @@ from dreambooth_contract.priors_key import PRIORS_FORMAT, generation_params
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
 from .locations import fetch_dir, staging_dir, store_for
-from .models import load_pipeline
+from .models.loading import load_pipeline
 from .storage import LocalStore, Store
 
 log = logging.getLogger(__name__)

@@ -10,7 +10,7 @@ Reporting never raises into the training loop: failures are logged and training 
 ``status.checkpoint`` carries the sha256 of the checkpoint's manifest (``manifestDigest``). Anyone
 who may write the job's storage may also rewrite a checkpoint and its manifest consistently, but
 not the job's status; so under the operator a resume trusts only the checkpoint recorded there,
-and only while its manifest still has the recorded digest (checkpointing.py). The Kubernetes
+and only while its manifest still has the recorded digest (checkpoint_manager.py). The Kubernetes
 reporter therefore waits until a checkpoint's report has arrived (or was given up) before
 training goes on: a checkpoint the status does not name is one no resume will use.
 
@@ -53,7 +53,7 @@ from dreambooth_contract.api import (
 )
 from dreambooth_contract.env import JOB_NAME_ENV, JOB_NAMESPACE_ENV
 
-from .checkpoint import CheckpointInfo
+from .checkpoint_files import CheckpointInfo
 from .storage import LocalStore
 
 log = logging.getLogger(__name__)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -14,11 +13,8 @@ from torch.utils.tensorboard import SummaryWriter
 
 from dreambooth_contract.api import ValidationSpec
 
-from .callbacks import Callback, StepMetrics
+from .callbacks import Callback, StepMetrics, TrainingState
 from .parallel.base import mixed_precision_autocast
-
-if TYPE_CHECKING:
-    from .train import Trainer
 
 
 @torch.inference_mode()
@@ -58,25 +54,24 @@ class ValidationSamples(Callback):
         self.directory = directory
         self.writer = writer
 
-    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
-        due = trainer.step % self.spec.interval == 0 or trainer.step == trainer.max_steps
+    def on_step_end(self, state: TrainingState, metrics: StepMetrics) -> None:
+        due = state.step % self.spec.interval == 0 or state.step == state.max_steps
         if due and self.spec.prompts:
-            self.render(trainer)
+            self.render(state)
 
-    def render(self, trainer: Trainer) -> Path | None:
+    def render(self, state: TrainingState) -> Path | None:
         """Every rank calls it (sharded weights are gathered); rank 0 renders and saves."""
-        pipeline = trainer.pipeline()
-        if not trainer.world.is_main:
+        pipeline = state.pipeline()
+        if not state.world.is_main:
             return None
         # Autocast whatever the backend (FSDP2 trains without it): the gathered weights are
         # float32 and the frozen VAE and text encoder run in the mixed-precision dtype.
-        dtype = trainer.backend.options.autocast_dtype
-        with mixed_precision_autocast(trainer.world.device, dtype):
+        with mixed_precision_autocast(state.world.device, state.autocast_dtype):
             grid = render_grid(pipeline, self.spec.prompts, self.spec, self.resolution)
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"step-{trainer.step:06d}.png"
+        path = self.directory / f"step-{state.step:06d}.png"
         grid.save(path)
         if self.writer is not None:
             pixels = torch.from_numpy(np.array(grid)).permute(2, 0, 1)
-            self.writer.add_image("samples", pixels, trainer.step)
+            self.writer.add_image("samples", pixels, state.step)
         return path

@@ -29,14 +29,17 @@ from .callbacks import (
     StatusReport,
     StepMetrics,
     TensorBoardScalars,
+    TrainingState,
     pause_from_env,
 )
-from .checkpointing import Checkpointing
-from .components import DreamBoothModel, FrozenParts, sampling_pipeline, split_pipeline
+from .checkpoint_files import CheckpointInfo
+from .checkpoint_manager import CheckpointManager
 from .data import DreamBoothData, build_data
 from .locations import fetch_dir, is_s3, publish_dir, staging_dir, store_for, working_dir
 from .loss import DreamBoothObjective
-from .models import load_pipeline
+from .methods import full
+from .models.components import DreamBoothModel, FrozenParts, sampling_pipeline
+from .models.loading import load_pipeline
 from .optim import optimizer_factory, scheduler_factory
 from .parallel import Backend, BackendOptions, World, create_backend
 from .priors import PriorRequest, is_complete
@@ -47,7 +50,7 @@ from .timing import PhaseClock
 
 log = logging.getLogger(__name__)
 
-# Inside a checkpoint (see checkpointing.py).
+# Inside a checkpoint (see checkpoint_manager.py).
 STATE_DIR = "trainer"
 BACKEND_DIR = "backend"
 
@@ -57,7 +60,10 @@ class TrainingInterrupted(Exception):
 
 
 class Trainer:
-    """Runs optimizer steps; `state_dict()` covers weights, optimizer, step, RNG, data position."""
+    """Runs optimizer steps; `state_dict()` covers weights, optimizer, step, RNG, data position.
+
+    What callbacks see of it is `callbacks.TrainingState`; what the checkpoint manager saves and
+    restores, `checkpoint_manager.Checkpointable`."""
 
     def __init__(
         self,
@@ -67,6 +73,7 @@ class Trainer:
         data: DreamBoothData,
         backend: Backend,
         callbacks: Sequence[Callback] = (),
+        checkpoints: CheckpointManager | None = None,
     ):
         self.config = config
         self.training = config.training
@@ -74,6 +81,7 @@ class Trainer:
         self.data = data
         self.backend = backend
         self.callbacks = list(callbacks)
+        self.checkpoints = checkpoints
         self.world = backend.world
         self.objective = DreamBoothObjective(
             frozen.noise_scheduler,
@@ -111,15 +119,41 @@ class Trainer:
             * self.world.world_size
         )
 
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        return self.backend.options.autocast_dtype
+
+    @property
+    def backend_name(self) -> str:
+        return type(self.backend).__name__
+
     def fit(self) -> None:
+        """Train from where the checkpoints say (or step 0) to max_steps, or until a callback or
+        SIGTERM asks to stop.
+
+        The checkpoint manager goes first at each point: its resume sets the step the callbacks
+        start from, and a step's checkpoint is committed, and announced to the callbacks
+        (`on_checkpoint`), before they see the step end. Each hook goes to the callbacks in
+        list order."""
+        if self.checkpoints is not None:
+            self.checkpoints.start(self)
         for callback in self.callbacks:
             callback.on_train_start(self)
         while self.step < self.max_steps and self.stop_reason is None:
             metrics = self.train_step()
+            if self.checkpoints is not None:
+                self.checkpoints.after_step(self, self.announce_checkpoint)
             for callback in self.callbacks:
                 callback.on_step_end(self, metrics)
+        if self.checkpoints is not None:
+            self.checkpoints.end()
         for callback in self.callbacks:
             callback.on_train_end(self)
+
+    def announce_checkpoint(self, info: CheckpointInfo, seconds: float) -> None:
+        """Rank 0: tell the callbacks of a committed checkpoint."""
+        for callback in self.callbacks:
+            callback.on_checkpoint(self, info, seconds)
 
     def request_stop(self, reason: str) -> None:
         """End `fit()` after the current step (callbacks call it; every rank must agree)."""
@@ -233,14 +267,10 @@ class Trainer:
         return sampling_pipeline(self.trained_model, self.frozen)
 
     def save_trained(self, directory: Path) -> None:
-        """Collective. Rank 0 writes the trained components in diffusers layout: what the
-        export phase starts from."""
+        """Collective. Rank 0 writes what the export phase starts from (`full.save_trained`)."""
         model = self.trained_model
-        if not self.world.is_main:
-            return
-        model.unet.save_pretrained(directory / "unet", safe_serialization=True)
-        if model.text_encoder is not None:
-            model.text_encoder.save_pretrained(directory / "text_encoder", safe_serialization=True)
+        if self.world.is_main:
+            full.save_trained(model, directory)
 
 
 def build_trainer(
@@ -249,6 +279,7 @@ def build_trainer(
     class_dir: Path | None,
     world: World | None = None,
     callbacks: Sequence[Callback] = (),
+    checkpoints: CheckpointManager | None = None,
 ) -> Trainer:
     """Load the base model, prepare data and backend: a Trainer ready to `fit()`."""
     world = world or World.from_env()
@@ -266,7 +297,7 @@ def build_trainer(
     pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3)
     sharding = training.sharding
     backend = create_backend(sharding.backend, world, options, sharding.zero_stage)
-    model, frozen = split_pipeline(pipeline, training, world.device)
+    model, frozen = full.split_pipeline(pipeline, training, world.device)
     data = build_data(
         config,
         frozen.vae,
@@ -275,7 +306,7 @@ def build_trainer(
         instance_dir,
         class_dir,
     )
-    return Trainer(config, model, frozen, data, backend, callbacks)
+    return Trainer(config, model, frozen, data, backend, callbacks, checkpoints)
 
 
 # -- the phase -------------------------------------------------------------------------------------
@@ -291,10 +322,10 @@ def class_images_dir(config: TrainerConfig, cache_dir: Path) -> Path | None:
     return fetch_dir(config.priors_uri, config.s3, cache_dir)
 
 
-def checkpointing(config: TrainerConfig) -> Checkpointing:
+def checkpoint_manager_for(config: TrainerConfig) -> CheckpointManager:
     """Checkpoints in <outputUri>/checkpoints, staged in a local directory per rank."""
     spec = config.training.checkpointing
-    return Checkpointing(
+    return CheckpointManager(
         store=store_for(config.output_uri, config.s3),
         staging=staging_dir(config.output(CHECKPOINTS_DIR), config.model_cache_dir()),
         interval=spec.interval,
@@ -305,27 +336,41 @@ def checkpointing(config: TrainerConfig) -> Checkpointing:
 
 
 def rank_callbacks(
-    config: TrainerConfig, world: World, output: Path, progress: bool
+    config: TrainerConfig,
+    world: World,
+    output: Path,
+    progress: bool,
+    extra: Sequence[Callback] = (),
 ) -> tuple[list[Callback], SummaryWriter | None]:
-    """Checkpoints (resume first, so the others see the resumed step), samples (collective:
-    all ranks gather the weights, rank 0 renders), and on rank 0 progress, status, TensorBoard;
-    last, on every rank, the pause tests may ask for (callbacks.PauseAtStep)."""
+    """This rank's callbacks, in the order the loop calls them; and rank 0's TensorBoard writer.
+
+    The one list of callbacks a training run has. (The checkpoint manager is not among them:
+    the loop calls it before them, see `Trainer.fit`.) Why this order:
+    - sample grids, on every rank: rendering is collective (all ranks gather the weights), so
+      it must be there, and in the same place among the collective calls, on every rank;
+    - on rank 0 only: progress bar, status report, publishing to S3, TensorBoard scalars. The
+      publisher goes before TensorBoardScalars, whose `on_train_end` closes the writer that
+      the publisher flushes;
+    - the pause tests may ask for (callbacks.PauseAtStep): it holds training after everything
+      the callbacks above do at its step (a checkpoint's report, metrics, samples);
+    - last, the caller's `extra` callbacks (tests, benchmarks): they see what ours did, e.g.
+      a checkpoint already recorded by the status report when theirs hears of it.
+    """
     writer = SummaryWriter(str(output / LOGS_DIR)) if world.is_main else None
     resolution = config.training.resolution
     callbacks: list[Callback] = [
-        checkpointing(config),
         ValidationSamples(config.validation, resolution, output / SAMPLES_DIR, writer),
     ]
     if world.is_main:
         callbacks += [ProgressBar()] if progress else []
         callbacks.append(StatusReport())
-        if is_s3(config.output_uri):  # before TensorBoardScalars, which closes the writer
+        if is_s3(config.output_uri):
             callbacks.append(PublishAsYouGo(output, config, writer))
         callbacks.append(TensorBoardScalars(writer))
     pause = pause_from_env()
     if pause is not None:
         callbacks.append(pause)
-    return callbacks, writer
+    return [*callbacks, *extra], writer
 
 
 class PublishAsYouGo(Callback):
@@ -350,11 +395,11 @@ class PublishAsYouGo(Callback):
         if changed:
             self.store.upload_files(changed)
 
-    def on_checkpoint(self, trainer: Trainer, info: Any, seconds: float) -> None:
+    def on_checkpoint(self, state: TrainingState, info: CheckpointInfo, seconds: float) -> None:
         self.publish()
 
-    def on_train_end(self, trainer: Trainer) -> None:
-        if trainer.stop_reason is not None:
+    def on_train_end(self, state: TrainingState) -> None:
+        if state.stop_reason is not None:
             self.publish()
 
 
@@ -375,8 +420,9 @@ def run_training(
     instance_dir = fetch_dir(config.instance.images_uri, config.s3, cache)
     class_dir = class_images_dir(config, cache)
     output = working_dir(config.output_uri, cache)
-    ours, writer = rank_callbacks(config, world, output, progress)
-    trainer = build_trainer(config, instance_dir, class_dir, world, [*ours, *callbacks])
+    callbacks, writer = rank_callbacks(config, world, output, progress, extra=callbacks)
+    checkpoints = checkpoint_manager_for(config)
+    trainer = build_trainer(config, instance_dir, class_dir, world, callbacks, checkpoints)
     try:
         trainer.fit()
         if trainer.stop_reason is None:

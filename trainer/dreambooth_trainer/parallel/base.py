@@ -93,14 +93,12 @@ class World:
         if self.distributed and dist.is_initialized():
             dist.barrier()
 
+    def leave_process_group(self) -> None:
+        """End what `init_process_group` joined (backends call it from `close`)."""
+        import torch.distributed as dist
 
-def mean_over_ranks(value: torch.Tensor, world: World, device: torch.device) -> torch.Tensor:
-    """Mean of `value` over all ranks, for logging; reduced on `device` (nccl needs the GPU)."""
-    import torch.distributed as dist
-
-    reduced = value.detach().to(device, copy=True)
-    dist.all_reduce(reduced, op=dist.ReduceOp.SUM)  # gloo has no AVG
-    return (reduced / world.world_size).to(value.device)
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 @dataclass(frozen=True)

@@ -5,20 +5,13 @@ from __future__ import annotations
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
-import torch
-import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from .base import BackendOptions, World, mean_over_ranks
 from .single import SingleProcessBackend
 
 
 class DDPBackend(SingleProcessBackend):
-    def __init__(self, world: World, options: BackendOptions):
-        super().__init__(world, options)
-        world.init_process_group()
-
     def wrap(self, model: nn.Module) -> nn.Module:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids)
@@ -29,10 +22,3 @@ class DDPBackend(SingleProcessBackend):
     def accumulate(self, sync: bool) -> AbstractContextManager[Any]:
         # Reducing gradients on every micro-step would waste all but the last all-reduce.
         return nullcontext() if sync else self.model.no_sync()
-
-    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        return mean_over_ranks(value, self.world, self.device)
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

@@ -12,7 +12,7 @@ rank which of a checkpoint's files it must download before `load_from_dir`.
 
 `load_from_dir` is the engine's `load_checkpoint`, which unpickles (torch.load with
 weights_only=False: optimizer states hold Python objects): it runs whatever code the files ask
-for. Only hand it files checkpointing.py verified against the job's trust anchor.
+for. Only hand it files checkpoint_manager.py verified against the job's trust anchor.
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ from .base import (
     OptimizerFactory,
     SchedulerFactory,
     World,
-    mean_over_ranks,
     mixed_precision_autocast,
 )
+from .collectives import broadcast_from_main, mean_over_ranks
 from .full_weights import FullWeights
 
 log = logging.getLogger(__name__)
@@ -204,9 +204,9 @@ class DeepSpeedBackend:
         with tempfile.TemporaryDirectory(prefix="zero-state-") as tmp:
             self.save_to_dir(tmp)
             mine = _read_files(Path(tmp))
-        shared = [{k: v for k, v in mine.items() if RANK_FILE.search(k) is None}]
-        dist.broadcast_object_list(shared, src=0)  # only rank 0 wrote them
-        return {"files": {**shared[0], **mine}}
+        shared = {k: v for k, v in mine.items() if RANK_FILE.search(k) is None}
+        shared = broadcast_from_main(shared, self.world)  # only rank 0 wrote them
+        return {"files": {**shared, **mine}}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Collective. `state` is what `state_dict()` returned on this rank."""
@@ -220,8 +220,7 @@ class DeepSpeedBackend:
     def close(self) -> None:
         if self.engine is not None:
             self.engine.destroy()
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        self.world.leave_process_group()
 
 
 def _read_files(root: Path) -> dict[str, bytes]:

@@ -9,7 +9,7 @@ State: `state_dict()` is the sharded (DTensor) model and optimizer state from
 `torch.distributed.checkpoint.state_dict`; `save_to_dir` writes it with torch.distributed.checkpoint
 (one file per rank plus metadata), which can also load into a different number of ranks.
 Its `.metadata` file is a pickle that `load_from_dir` unpickles: only hand it files
-checkpointing.py verified against the job's trust anchor.
+checkpoint_manager.py verified against the job's trust anchor.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
@@ -35,16 +34,9 @@ from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 from torch.distributed.tensor import DTensor
 
-from .base import (
-    BackendOptions,
-    OptimizerFactory,
-    SchedulerFactory,
-    World,
-    apply_update,
-    mean_over_ranks,
-    unscale_and_clip,
-)
+from .base import BackendOptions, World
 from .full_weights import FullWeights
+from .single import SingleProcessBackend
 
 ShardUnit = Callable[[str, nn.Module], bool]
 # diffusers' UNet blocks and transformers' encoder layers, by their qualified names.
@@ -63,26 +55,21 @@ def shard_units(model: nn.Module, is_unit: ShardUnit) -> Iterator[nn.Module]:
             yield module
 
 
-class FSDPBackend:
+class FSDPBackend(SingleProcessBackend):
+    """The single-process loss scaling, backward and step over sharded parameters and
+    gradients; the model is sharded by `wrap`, its state saved with torch.distributed.checkpoint."""
+
     def __init__(self, world: World, options: BackendOptions, is_unit: ShardUnit = is_block):
-        self.world = world
-        self.options = options
-        self.device = world.device
         self.is_unit = is_unit
-        world.init_process_group()
+        super().__init__(world, options)
         self.mesh = init_device_mesh(self.device.type, (world.world_size,))
-        # With sharded gradients no rank sees them all: this scaler agrees on overflows.
-        fp16 = options.mixed_precision == "fp16"
-        self.scaler = ShardedGradScaler(device=self.device.type) if fp16 else None
-        self.model: nn.Module | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
-        self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
         self.full_weights: FullWeights | None = None
 
-    def prepare(
-        self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
-    ) -> nn.Module:
-        model = model.to(self.device)
+    def make_scaler(self) -> torch.amp.GradScaler:
+        # With sharded gradients no rank sees them all: this scaler agrees on overflows.
+        return ShardedGradScaler(device=self.device.type)
+
+    def wrap(self, model: nn.Module) -> nn.Module:
         self.full_weights = FullWeights(model)
         dtype = self.options.autocast_dtype
         policy = MixedPrecisionPolicy(
@@ -91,9 +78,6 @@ class FSDPBackend:
         for unit in shard_units(model, self.is_unit):
             fully_shard(unit, mesh=self.mesh, mp_policy=policy)
         fully_shard(model, mesh=self.mesh, mp_policy=policy)
-        self.model = model
-        self.optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad])
-        self.lr_scheduler = make_scheduler(self.optimizer)
         return model
 
     def unwrap(self) -> nn.Module:
@@ -117,23 +101,9 @@ class FSDPBackend:
         self.model.set_requires_gradient_sync(sync)
         return nullcontext()
 
-    def backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.options.gradient_accumulation_steps
-        (self.scaler.scale(loss) if self.scaler else loss).backward()
-
-    def step(self) -> float:
-        norm = unscale_and_clip(self.model, self.optimizer, self.scaler, self.options.max_grad_norm)
-        if isinstance(norm, DTensor):
-            norm = norm.full_tensor()
-        apply_update(self.optimizer, self.lr_scheduler, self.scaler)
-        return float(norm)
-
-    @property
-    def learning_rate(self) -> float:
-        return self.lr_scheduler.get_last_lr()[0]
-
-    def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        return mean_over_ranks(value, self.world, self.device)
+    def clip_gradients(self) -> torch.Tensor:
+        norm = super().clip_gradients()  # a DTensor: clip_grad_norm_ handles sharded gradients
+        return norm.full_tensor() if isinstance(norm, DTensor) else norm
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -174,7 +144,3 @@ class FSDPBackend:
         # The planner may store an item every rank holds (scheduler, step counts) in any
         # rank's file, so a loading rank may read from all of them.
         return True
-
-    def close(self) -> None:
-        if dist.is_initialized():
-            dist.destroy_process_group()

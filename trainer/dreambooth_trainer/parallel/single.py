@@ -1,4 +1,10 @@
-"""One process, one device: the reference backend (and the base of DDP)."""
+"""One process, one device: the reference backend, and the base of DDP and FSDP2.
+
+The loss scaler, backward, clipping, optimizer and learning-rate steps live here once; the
+subclasses change how the model is wrapped (`wrap`), how its gradients are reduced and its state
+is saved. What involves other ranks (the process group, the mean over ranks) does nothing in a
+lone process, so the same code serves the subclasses.
+"""
 
 from __future__ import annotations
 
@@ -18,6 +24,7 @@ from .base import (
     mixed_precision_autocast,
     unscale_and_clip,
 )
+from .collectives import mean_over_ranks
 
 STATE_FILE = "state.pt"
 
@@ -27,13 +34,17 @@ class SingleProcessBackend:
         self.world = world
         self.options = options
         self.device = world.device
+        world.init_process_group()  # a lone process has none to join
         # fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
         # (torch scales on the CPU too: pointless for real work, but the fp16 path is tested.)
         fp16 = options.mixed_precision == "fp16"
-        self.scaler = torch.amp.GradScaler(self.device.type) if fp16 else None
+        self.scaler = self.make_scaler() if fp16 else None
         self.model: nn.Module | None = None
         self.optimizer: torch.optim.Optimizer | None = None
         self.lr_scheduler: torch.optim.lr_scheduler.LRScheduler | None = None
+
+    def make_scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device.type)
 
     def prepare(
         self, model: nn.Module, make_optimizer: OptimizerFactory, make_scheduler: SchedulerFactory
@@ -45,6 +56,7 @@ class SingleProcessBackend:
         return self.model
 
     def wrap(self, model: nn.Module) -> nn.Module:
+        """The module to train, on the device: the model itself here."""
         return model
 
     def unwrap(self) -> nn.Module:
@@ -61,17 +73,21 @@ class SingleProcessBackend:
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> float:
-        max_norm = self.options.max_grad_norm
-        grad_norm = unscale_and_clip(self.model, self.optimizer, self.scaler, max_norm)
+        grad_norm = self.clip_gradients()
         apply_update(self.optimizer, self.lr_scheduler, self.scaler)
         return float(grad_norm)
+
+    def clip_gradients(self) -> torch.Tensor:
+        """Undo fp16 loss scaling and clip; the pre-clip gradient norm."""
+        max_norm = self.options.max_grad_norm
+        return unscale_and_clip(self.model, self.optimizer, self.scaler, max_norm)
 
     @property
     def learning_rate(self) -> float:
         return self.lr_scheduler.get_last_lr()[0]
 
     def all_reduce_mean(self, value: torch.Tensor) -> torch.Tensor:
-        return value
+        return mean_over_ranks(value, self.world, self.device)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -103,4 +119,4 @@ class SingleProcessBackend:
         return path == STATE_FILE
 
     def close(self) -> None:
-        pass
+        self.world.leave_process_group()

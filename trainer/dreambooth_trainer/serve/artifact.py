@@ -19,7 +19,7 @@ from diffusers import StableDiffusionPipeline
 from dreambooth_contract.layout import PIPELINE_DIR
 
 from .. import digest as artifact_digest
-from .. import random_models
+from ..models import random_models
 from ..storage import open_store
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNe
 from tokenizers import pre_tokenizers
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from .cache_dirs import build_once
+from ..cache_dirs import build_once
 
 RANDOM_SCHEME = "random://"
 

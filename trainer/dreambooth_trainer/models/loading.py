@@ -13,8 +13,8 @@ from diffusers import DDPMScheduler, SchedulerMixin, StableDiffusionPipeline
 from dreambooth_contract.api import BaseModelSpec, S3Spec
 from dreambooth_contract.trainer_config import ConfigError, is_local_model
 
+from ..cache_dirs import build_once
 from . import random_models
-from .cache_dirs import build_once
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,7 @@ def resolve_model_source(spec: BaseModelSpec, cache_dir: Path, s3: S3Spec | None
 
 def download_s3_model(uri: str, cache_dir: Path, s3: S3Spec) -> Path:
     """Copy a diffusers pipeline from s3:// into the cache once (keyed by its URI)."""
-    from .storage import open_store  # boto3 only when a model actually lives in S3
+    from ..storage import open_store  # boto3 only when a model actually lives in S3
 
     target = cache_dir / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
 

@@ -1,4 +1,4 @@
-"""The base pipeline split into what trains (one module) and what stays frozen."""
+"""Stable Diffusion 1.x/2.x components: the module that trains and the parts that stay frozen."""
 
 from __future__ import annotations
 
@@ -12,13 +12,8 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
-from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
-
-from dreambooth_contract.api import TrainingSpec
-
-from .models import training_noise_scheduler
 
 
 class DreamBoothModel(nn.Module):
@@ -75,35 +70,6 @@ def enable_activation_checkpointing(text_encoder: CLIPTextModel) -> None:
     # transformers 5 renamed gradient_checkpointing_enable (the old name warns).
     enable = getattr(text_encoder, "activation_checkpointing_enable", None)
     (enable or text_encoder.gradient_checkpointing_enable)()
-
-
-def split_pipeline(
-    pipeline: StableDiffusionPipeline, training: TrainingSpec, device: torch.device
-) -> tuple[DreamBoothModel, FrozenParts]:
-    """UNet (+ text encoder) trainable in fp32; VAE (+ text encoder) frozen, eval, on `device`."""
-    dtype = frozen_dtype(training.mixed_precision)
-    unet, text_encoder, vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
-    for module in (unet, vae):
-        module.set_attn_processor(AttnProcessor2_0())  # torch SDPA: flash / memory-efficient
-    unet.train().requires_grad_(True)
-    freeze(vae, device, dtype)
-    if training.train_text_encoder:
-        text_encoder.train().requires_grad_(True)
-    else:
-        freeze(text_encoder, device, dtype)
-    if training.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if training.train_text_encoder:
-            enable_activation_checkpointing(text_encoder)
-    model = DreamBoothModel(unet, text_encoder if training.train_text_encoder else None)
-    frozen = FrozenParts(
-        vae=vae,
-        tokenizer=pipeline.tokenizer,
-        text_encoder=text_encoder,
-        sampling_scheduler=pipeline.scheduler,
-        noise_scheduler=training_noise_scheduler(pipeline),
-    )
-    return model, frozen
 
 
 def sampling_pipeline(model: DreamBoothModel, frozen: FrozenParts) -> StableDiffusionPipeline:

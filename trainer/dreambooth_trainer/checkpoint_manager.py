@@ -1,7 +1,7 @@
 """Training checkpoints: the full state every `checkpointing.interval` steps and on SIGTERM, and
 automatic resume from the newest committed checkpoint.
 
-One checkpoint under ``<outputUri>/checkpoints`` (commit protocol: checkpoint.py)::
+One checkpoint under ``<outputUri>/checkpoints`` (commit protocol: checkpoint_files.py)::
 
     checkpoint-00000100/
       trainer/rank-00000.pt   per rank: step, data position, RNG and generator states
@@ -55,35 +55,69 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import TYPE_CHECKING, Any
-
-import torch
-import torch.distributed as dist
+from typing import Any, Protocol
 
 from dreambooth_contract.layout import CHECKPOINTS_DIR
 from dreambooth_contract.trainer_config import ConfigError
 
-from . import checkpoint
-from .callbacks import Callback, StepMetrics
-from .checkpoint import CheckpointInfo, CheckpointInvalid, CheckpointMissing, FileEntry
+from . import checkpoint_files
+from .checkpoint_files import CheckpointInfo, CheckpointInvalid, CheckpointMissing
 from .parallel import World
+from .parallel.collectives import all_ranks, any_rank, broadcast_from_main, gather_to_main
 from .progress import AnchorUnavailable, CheckpointAnchor, anchor_from_env
 from .storage import Store
-
-if TYPE_CHECKING:
-    from .train import Trainer
 
 log = logging.getLogger(__name__)
 
 COMPARED = ("worldSize", "backend")  # besides the identity, what a resumed run must match
 RESUMING = "resuming it would continue other weights"
 REPLACING = "training here from step 0 would replace its checkpoints and export"
-FROM_ENV = "from-env"  # Checkpointing's default anchor: progress.anchor_from_env()
+FROM_ENV = "from-env"  # CheckpointManager's default anchor: progress.anchor_from_env()
 # Reads of the anchor for retention: a status that cannot be read only postpones retention.
 RETENTION_READ_ATTEMPTS = 2
+
+
+class Checkpointable(Protocol):
+    """What the manager saves, restores and records of a training run (train.Trainer)."""
+
+    @property
+    def world(self) -> World: ...
+
+    @property
+    def step(self) -> int:
+        """Optimizer steps done."""
+
+    @property
+    def micro_step(self) -> int:
+        """The data position: micro-batches consumed."""
+
+    @property
+    def backend_name(self) -> str:
+        """Recorded: a run on another backend does not resume the checkpoint."""
+
+    def save_state(self, directory: Path) -> None:
+        """Collective. This rank's files of the full training state."""
+
+    def load_state(self, directory: Path) -> None:
+        """Collective. Load what `save_state` wrote; `directory` holds this rank's files."""
+
+    def needs_file(self, path: str) -> bool:
+        """Whether this rank reads `path` (relative to a saved state) to load it."""
+
+    def request_stop(self, reason: str) -> None:
+        """End training after this step (every rank asks alike)."""
+
+
+# Told on rank 0 of each committed checkpoint (and the seconds it took), before retention.
+Announce = Callable[[CheckpointInfo, float], None]
+
+
+def announce_nothing(info: CheckpointInfo, seconds: float) -> None:
+    pass
 
 
 class StopSignal:
@@ -111,8 +145,11 @@ class StopSignal:
         log.warning("%s: saving a checkpoint after this step, then stopping", self.received.name)
 
 
-class Checkpointing(Callback):
-    """Saves every `interval` steps and on SIGTERM; resumes at train start. On every rank."""
+class CheckpointManager:
+    """Saves every `interval` steps and on SIGTERM; resumes at train start. On every rank.
+
+    The training loop calls `start` before the first step, `after_step` after each and `end`
+    after the last (train.Trainer.fit)."""
 
     def __init__(
         self,
@@ -136,46 +173,47 @@ class Checkpointing(Callback):
         self.metadata = dict(metadata or {})
         self.stop_signal = StopSignal()
 
-    # -- hooks -------------------------------------------------------------------------------------
+    # -- the loop's calls --------------------------------------------------------------------------
 
-    def on_train_start(self, trainer: Trainer) -> None:
+    def start(self, state: Checkpointable) -> None:
         self.stop_signal.install()
-        self.resume(trainer)
+        self.resume(state)
 
-    def on_step_end(self, trainer: Trainer, metrics: StepMetrics) -> None:
-        stopping = any_rank(trainer.world, self.stop_signal.received is not None)
-        if stopping or trainer.step % self.interval == 0:
-            self.save(trainer)
+    def after_step(self, state: Checkpointable, announce: Announce) -> None:
+        """Collective. Save when due or after SIGTERM on any rank (then ask the loop to stop)."""
+        stopping = any_rank(state.world, self.stop_signal.received is not None)
+        if stopping or state.step % self.interval == 0:
+            self.save(state, announce)
         if stopping:
-            trainer.request_stop("SIGTERM")
+            state.request_stop("SIGTERM")
 
-    def on_train_end(self, trainer: Trainer) -> None:
+    def end(self) -> None:
         self.stop_signal.uninstall()
 
     # -- saving ------------------------------------------------------------------------------------
 
-    def save(self, trainer: Trainer) -> CheckpointInfo | None:
-        """Collective. Save and upload; rank 0 commits, tells the callbacks (the status report,
-        which records it, confirmed) and applies retention; rank 0 gets the info."""
-        world, step = trainer.world, trainer.step
+    def save(
+        self, state: Checkpointable, announce: Announce = announce_nothing
+    ) -> CheckpointInfo | None:
+        """Collective. Save and upload; rank 0 commits, `announce`s it (the status report
+        records it, confirmed) and applies retention; rank 0 gets the info."""
+        world, step = state.world, state.step
         started = time.perf_counter()
         local = self._empty_dir(f"save-rank-{world.rank:05d}")
-        trainer.save_state(local)
+        state.save_state(local)
         if world.is_main:
-            checkpoint.begin(self.store, self.root, step)  # drop debris of an earlier attempt
+            checkpoint_files.begin(self.store, self.root, step)  # drop debris of an earlier attempt
         world.barrier()  # nobody uploads into the directory begin() is clearing
-        entries = checkpoint.upload(self.store, self.root, step, local)
+        entries = checkpoint_files.upload(self.store, self.root, step, local)
         everyone = gather_to_main(entries, world)
         info = None
         if world.is_main:
             files = [entry for rank_entries in everyone for entry in rank_entries]
-            metadata = {**self.metadata, **self.describe(trainer)}
-            info = checkpoint.commit(self.store, self.root, step, files, metadata)
+            metadata = {**self.metadata, **self.describe(state)}
+            info = checkpoint_files.commit(self.store, self.root, step, files, metadata)
             seconds = time.perf_counter() - started
             log.info("checkpoint at step %d: %s (%.1fs)", step, info.uri, seconds)
-            # The status report among these is confirmed: recorded before retention looks.
-            for callback in trainer.callbacks:
-                callback.on_checkpoint(trainer, info, seconds)
+            announce(info, seconds)  # recorded, confirmed, before retention looks
             self._retain()
         # No rank runs ahead (or exits, after SIGTERM) before the commit and its report:
         # torchrun would stop rank 0 mid-commit as soon as any rank is gone.
@@ -186,7 +224,7 @@ class Checkpointing(Callback):
     def _retain(self) -> None:
         """Retention up to the recorded checkpoint (see the module docstring)."""
         if self.anchor is None:
-            checkpoint.apply_retention(self.store, self.root, self.keep)
+            checkpoint_files.apply_retention(self.store, self.root, self.keep)
             return
         try:
             recorded = self._recorded(attempts=RETENTION_READ_ATTEMPTS)
@@ -196,51 +234,51 @@ class Checkpointing(Callback):
         if recorded is None:
             log.warning("retention postponed: no checkpoint in %s yet", self.anchor.describe())
             return
-        checkpoint.apply_retention(self.store, self.root, self.keep, upto=recorded.step)
+        checkpoint_files.apply_retention(self.store, self.root, self.keep, upto=recorded.step)
 
-    def describe(self, trainer: Trainer) -> dict[str, Any]:
+    def describe(self, state: Checkpointable) -> dict[str, Any]:
         """What a resuming run must match: the weights' parts (`identity`) and, since resharding
         to other world sizes is not supported, world size and backend."""
         return {
             "identity": self.identity,
-            "worldSize": trainer.world.world_size,
-            "backend": type(trainer.backend).__name__,
-            "microStep": trainer.micro_step,
+            "worldSize": state.world.world_size,
+            "backend": state.backend_name,
+            "microStep": state.micro_step,
         }
 
     # -- resuming ----------------------------------------------------------------------------------
 
-    def resume(self, trainer: Trainer) -> CheckpointInfo | None:
+    def resume(self, state: Checkpointable) -> CheckpointInfo | None:
         """Collective. Load the newest checkpoint every rank could restore; None if none.
 
         With an anchor, only the recorded checkpoint, and only if it checks out against the
         recorded manifest digest on every rank (module docstring)."""
         if self.anchor is not None:
-            return self._resume_recorded(trainer)
-        world = trainer.world
+            return self._resume_recorded(state)
+        world = state.world
         below = None
         while (step := self._newest_step(world, below)) is not None:
             local = self.staging / f"restore-rank-{world.rank:05d}"
-            info = self._download(trainer, step, local)
+            info = self._download(state, step, local)
             if all_ranks(world, info is not None):
-                return self._load(trainer, info, local)
+                return self._load(state, info, local)
             below = step  # some rank found it broken: everyone takes the previous one
         log.info("no committed checkpoint in %s: training from step 0", self._uri())
         return None
 
-    def _load(self, trainer: Trainer, info: CheckpointInfo, local: Path) -> CheckpointInfo:
-        self._check_compatible(info, trainer)
-        trainer.load_state(local)
+    def _load(self, state: Checkpointable, info: CheckpointInfo, local: Path) -> CheckpointInfo:
+        self._check_compatible(info, state)
+        state.load_state(local)
         shutil.rmtree(local, ignore_errors=True)
-        log.info("resumed from %s at step %d", info.uri, trainer.step)
+        log.info("resumed from %s at step %d", info.uri, state.step)
         return info
 
-    def _resume_recorded(self, trainer: Trainer) -> CheckpointInfo | None:
-        world = trainer.world
+    def _resume_recorded(self, state: Checkpointable) -> CheckpointInfo | None:
+        world = state.world
         choice = _Choice(failed="rank 0 did not decide")
         if world.is_main:
             try:
-                choice = self._choose_recorded(trainer)
+                choice = self._choose_recorded(state)
             except Exception as exc:  # noqa: BLE001 - every rank must hear of it, not hang
                 log.exception("choosing the checkpoint to resume failed")
                 choice = _Choice(failed=f"choosing the checkpoint to resume failed: {exc}")
@@ -252,18 +290,18 @@ class Checkpointing(Callback):
         if choice.step is None:
             return None
         local = self.staging / f"restore-rank-{world.rank:05d}"
-        info = self._download(trainer, choice.step, local, choice.digest)
+        info = self._download(state, choice.step, local, choice.digest)
         if not all_ranks(world, info is not None):
             # No fallback: an older checkpoint is vouched for by nothing.
             raise ConfigError(
                 "storage.outputUri",
                 self._refusal(self._uri_of(choice.step), "a file does not match it (see the log)"),
             )
-        return self._load(trainer, info, local)
+        return self._load(state, info, local)
 
-    def _choose_recorded(self, trainer: Trainer) -> _Choice:
+    def _choose_recorded(self, state: Checkpointable) -> _Choice:
         """Rank 0: which checkpoint to resume under the anchor, or why none (docstring)."""
-        steps = checkpoint.list_steps(self.store, self.root)
+        steps = checkpoint_files.list_steps(self.store, self.root)
         if not steps:  # nothing to trust or distrust: no need to ask
             log.info("no checkpoint in %s: training from step 0", self._uri())
             return _Choice()
@@ -273,7 +311,7 @@ class Checkpointing(Callback):
             return _Choice(failed=f"{exc}: not resuming from {self._uri()} unverified")
         where = self.anchor.describe()
         if recorded is None:
-            return self._start_over(trainer, f"none is recorded in {where} (a re-created job?)")
+            return self._start_over(state, f"none is recorded in {where} (a re-created job?)")
         newer = [step for step in steps if step > recorded.step]
         if newer:
             log.warning(
@@ -285,7 +323,7 @@ class Checkpointing(Callback):
                 recorded.step,
             )
         try:
-            checkpoint.verify(
+            checkpoint_files.verify(
                 self.store,
                 self.root,
                 recorded.step,
@@ -293,19 +331,19 @@ class Checkpointing(Callback):
                 expect_digest=recorded.manifest_digest,
             )
         except CheckpointMissing:
-            return self._start_over(trainer, f"the one recorded in {where} is gone")
+            return self._start_over(state, f"the one recorded in {where} is gone")
         except CheckpointInvalid as exc:
             log.error("refusing %s", exc)
             return _Choice(refused=self._refusal(recorded.uri, exc.reason))
         return _Choice(step=recorded.step, digest=recorded.manifest_digest)
 
-    def _start_over(self, trainer: Trainer, why: str) -> _Choice:
+    def _start_over(self, state: Checkpointable, why: str) -> _Choice:
         """Train from step 0 past checkpoints nothing vouches for; but not over another spec's:
         their manifests' metadata (parsed, nothing loaded) still says whose they are, and a run
         of another spec would replace their checkpoints and export (see _check_compatible)."""
-        newest = checkpoint.latest_valid(self.store, self.root, level="manifest")
+        newest = checkpoint_files.latest_valid(self.store, self.root, level="manifest")
         if newest is not None:
-            differs = self._differences(newest.metadata, trainer, compared=())
+            differs = self._differences(newest.metadata, state, compared=())
             if differs:
                 return _Choice(refused=self._incompatible(newest, differs, REPLACING))
         log.warning(
@@ -343,33 +381,33 @@ class Checkpointing(Callback):
         """Rank 0 lists and verifies (manifest, sizes); every rank gets its answer."""
         step = None
         if world.is_main:
-            info = checkpoint.latest_valid(self.store, self.root, level="size", below=below)
+            info = checkpoint_files.latest_valid(self.store, self.root, level="size", below=below)
             step = info.step if info else None
         return broadcast_from_main(step, world)
 
     def _download(
-        self, trainer: Trainer, step: int, local: Path, digest: str | None = None
+        self, state: Checkpointable, step: int, local: Path, digest: str | None = None
     ) -> CheckpointInfo | None:
         try:
-            return checkpoint.restore(
+            return checkpoint_files.restore(
                 self.store,
                 self.root,
                 local,
                 step=step,
-                select=trainer.needs_file,
+                select=state.needs_file,
                 expect_digest=digest,
             )
         except CheckpointInvalid as exc:
             log.warning("skipping %s", exc)
             return None
 
-    def _check_compatible(self, info: CheckpointInfo, trainer: Trainer) -> None:
-        differs = self._differences(info.metadata, trainer)
+    def _check_compatible(self, info: CheckpointInfo, state: Checkpointable) -> None:
+        differs = self._differences(info.metadata, state)
         if differs:
             raise ConfigError("storage.outputUri", self._incompatible(info, differs, RESUMING))
 
     def _differences(
-        self, metadata: dict[str, Any], trainer: Trainer, compared: tuple[str, ...] = COMPARED
+        self, metadata: dict[str, Any], state: Checkpointable, compared: tuple[str, ...] = COMPARED
     ) -> list[str]:
         """The parts of this run that a checkpoint's metadata names otherwise."""
 
@@ -377,7 +415,7 @@ class Checkpointing(Callback):
             # Checkpoints of older trainers have no identity: world size and backend only.
             return {**metadata.get("identity", {}), **{k: metadata.get(k) for k in compared}}
 
-        saved, ours = matched(metadata), matched(self.describe(trainer))
+        saved, ours = matched(metadata), matched(self.describe(state))
         return [part for part in ours if part in saved and saved[part] != ours[part]]
 
     @staticmethod
@@ -400,7 +438,7 @@ class Checkpointing(Callback):
         return self.store.uri_for(self.root)
 
     def _uri_of(self, step: int) -> str:
-        return self.store.uri_for(checkpoint.checkpoint_key(self.root, step))
+        return self.store.uri_for(checkpoint_files.checkpoint_key(self.root, step))
 
 
 @dataclass(frozen=True)
@@ -418,39 +456,3 @@ class _Choice:
     digest: str | None = None  # what the manifest of `step` must hash to, on every rank
     refused: str | None = None  # bad input: ConfigError on every rank
     failed: str | None = None  # cannot decide now (status unreadable): RuntimeError
-
-
-# -- agreement between ranks -------------------------------------------------------------------
-
-
-def any_rank(world: World, flag: bool) -> bool:
-    return _reduce_flag(world, flag, dist.ReduceOp.MAX)
-
-
-def all_ranks(world: World, flag: bool) -> bool:
-    return _reduce_flag(world, flag, dist.ReduceOp.MIN)
-
-
-def _reduce_flag(world: World, flag: bool, op: dist.ReduceOp) -> bool:
-    if not world.distributed:
-        return flag
-    value = torch.tensor([int(flag)], device=world.device)  # nccl reduces GPU tensors only
-    dist.all_reduce(value, op=op)
-    return bool(value.item())
-
-
-def broadcast_from_main(value: Any, world: World) -> Any:
-    if not world.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather_to_main(entries: list[FileEntry], world: World) -> list[list[FileEntry]]:
-    """Every rank's entries on rank 0 (others get an empty list)."""
-    if not world.distributed:
-        return [entries]
-    gathered: list[list[FileEntry]] | None = [[] for _ in range(world.world_size)]
-    dist.gather_object(entries, gathered if world.is_main else None, dst=0)
-    return gathered if world.is_main else []

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from dreambooth_contract.layout import join_uri
-from dreambooth_trainer import checkpoint as ckpt
+from dreambooth_trainer import checkpoint_files as ckpt
 from dreambooth_trainer.storage import Store
 
 ROOT = "checkpoints"
@@ -88,7 +88,7 @@ REASONS = {
 def test_cut_off_checkpoint_is_never_restored(store, tmp_path, caplog, damage):
     save_steps(store, tmp_path, [10, 20])
     CUT_OFF[damage](store, 20)
-    caplog.set_level(logging.WARNING, logger="dreambooth_trainer.checkpoint")
+    caplog.set_level(logging.WARNING, logger="dreambooth_trainer.checkpoint_files")
 
     latest = ckpt.latest_valid(store, ROOT)
     assert latest is not None and latest.step == 10
