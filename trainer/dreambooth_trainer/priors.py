@@ -34,6 +34,7 @@ from dreambooth_contract.priors_key import PRIORS_FORMAT, generation_params
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
 from .locations import fetch_dir, staging_dir, store_for
+from .models.generation import generate_images
 from .models.loading import load_pipeline
 from .storage import LocalStore, Store
 
@@ -104,17 +105,16 @@ def generate_batch(
     # CPU generators: the starting noise of image i is the same on every device.
     generators = [torch.Generator().manual_seed(request.seed + i) for i in indices]
     negative = request.negative_prompt
-    output = pipeline(
-        prompt=[request.prompt] * len(indices),
-        negative_prompt=[negative] * len(indices) if negative else None,
-        height=request.resolution,
+    return generate_images(
+        pipeline,
+        [request.prompt] * len(indices),
+        [negative] * len(indices) if negative else None,
         width=request.resolution,
-        num_inference_steps=request.steps,
+        height=request.resolution,
+        steps=request.steps,
         guidance_scale=request.guidance_scale,
-        generator=generators,
-        output_type="pil",
+        generators=generators,
     )
-    return output.images
 
 
 def generate_shard(

@@ -14,6 +14,7 @@ from torch.utils.tensorboard import SummaryWriter
 from dreambooth_contract.api import ValidationSpec
 
 from .callbacks import Callback, StepMetrics, TrainingState
+from .models.generation import generate_images
 from .parallel.base import mixed_precision_autocast
 
 
@@ -26,14 +27,16 @@ def render_grid(
 ) -> Image.Image:
     """One image per prompt, side by side; prompt i always starts from the noise of seed + i."""
     generators = [torch.Generator().manual_seed(spec.seed + i) for i in range(len(prompts))]
-    images = pipeline(
+    images = generate_images(
+        pipeline,
         prompts,
-        height=resolution,
+        None,
         width=resolution,
-        num_inference_steps=spec.num_inference_steps,
+        height=resolution,
+        steps=spec.num_inference_steps,
         guidance_scale=spec.guidance_scale,
-        generator=generators,
-    ).images
+        generators=generators,
+    )
     return make_image_grid(images, rows=1, cols=len(images))
 
 

@@ -24,6 +24,7 @@ import torch
 from diffusers import StableDiffusionPipeline
 from PIL.Image import Image
 
+from ..models.generation import generate_images
 from .batching import Job
 from .schedulers import SCHEDULERS
 from .schemas import Generation
@@ -51,18 +52,17 @@ class Text2ImageEngine:
             torch.Generator("cpu").manual_seed(seed) for g in generations for seed in g.seeds
         ]
         with torch.inference_mode():
-            output = self._pipeline_for(first.scheduler)(
-                prompt=prompts,
+            images = generate_images(
+                self._pipeline_for(first.scheduler),
+                prompts,
                 # "" and None encode the same unconditional prompt; a list only when needed.
-                negative_prompt=negatives if any(negatives) else None,
+                negatives if any(negatives) else None,
                 width=first.width,
                 height=first.height,
-                num_inference_steps=first.steps,
+                steps=first.steps,
                 guidance_scale=first.guidance_scale,
-                generator=generators,
-                output_type="pil",
+                generators=generators,
             )
-        images = list(output.images)
         results, start = [], 0
         for g in generations:
             results.append(images[start : start + g.n])

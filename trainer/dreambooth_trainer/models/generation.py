@@ -1,0 +1,41 @@
+"""Stable Diffusion 1.x/2.x text-to-image: the one pipeline call that turns prompts into images.
+
+The priors phase, the inference server, validation samples and the GPU checks all generate
+through here, so a family whose pipeline wants other arguments (SDXL: sizes it conditions on,
+two prompts) changes one place.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from diffusers import StableDiffusionPipeline
+
+
+def generate_images(
+    pipeline: StableDiffusionPipeline,
+    prompts: list[str],
+    negative_prompts: list[str] | None,
+    *,
+    width: int,
+    height: int,
+    steps: int,
+    guidance_scale: float,
+    generators: list[torch.Generator],
+    output_type: str = "pil",
+) -> Any:
+    """Image i of `prompts` starts from the noise of `generators[i]` (CPU generators: the same
+    noise on every device). With `negative_prompts` None the unconditional half of classifier-free
+    guidance encodes the empty prompt. Returns PIL images, or an array for output_type "np".
+    """
+    return pipeline(
+        prompt=prompts,
+        negative_prompt=negative_prompts,
+        width=width,
+        height=height,
+        num_inference_steps=steps,
+        guidance_scale=guidance_scale,
+        generator=generators,
+        output_type=output_type,
+    ).images
