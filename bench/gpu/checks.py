@@ -547,22 +547,27 @@ def generate_arrays(pipeline: Any, request: Any, indices: range) -> Any:
     """`generate_batch`'s call, decoded to floats instead of pixels (so NaN stays visible)."""
     import torch
 
+    from dreambooth_trainer.models.generation import generate_images
+
     with torch.inference_mode():
-        return pipeline(
-            prompt=[request.prompt] * len(indices),
-            height=request.resolution,
+        return generate_images(
+            pipeline,
+            [request.prompt] * len(indices),
+            None,
             width=request.resolution,
-            num_inference_steps=request.steps,
+            height=request.resolution,
+            steps=request.steps,
             guidance_scale=request.guidance_scale,
-            generator=[torch.Generator().manual_seed(request.seed + i) for i in indices],
+            generators=[torch.Generator().manual_seed(request.seed + i) for i in indices],
             output_type="np",
-        ).images
+        )
 
 
 def inference_fp16(ctx: Context) -> dict[str, Any]:
     """The server's loader and engine in fp16: served images are finite and not blank."""
     import torch
 
+    from dreambooth_trainer.models.generation import generate_images
     from dreambooth_trainer.serve import artifact
     from dreambooth_trainer.serve.batching import Job
     from dreambooth_trainer.serve.engine import Text2ImageEngine
@@ -586,15 +591,17 @@ def inference_fp16(ctx: Context) -> dict[str, Any]:
         pil_images = engine([Job(generation.batch_key, generation.n, generation)])[0]
         seconds = time.perf_counter() - started
         with torch.inference_mode():
-            arrays = loaded.pipeline(
-                prompt=[generation.prompt] * generation.n,
+            arrays = generate_images(
+                loaded.pipeline,
+                [generation.prompt] * generation.n,
+                None,
                 width=width,
                 height=height,
-                num_inference_steps=generation.steps,
+                steps=generation.steps,
                 guidance_scale=generation.guidance_scale,
-                generator=[torch.Generator().manual_seed(s) for s in generation.seeds],
+                generators=[torch.Generator().manual_seed(s) for s in generation.seeds],
                 output_type="np",
-            ).images
+            )
     result = check_images(arrays, pil_images, caught)
     result.update(
         device=device, dtype=str(loaded.pipeline.unet.dtype), size=profile.inference_size,
