@@ -114,15 +114,22 @@ def owned_jobs(namespace: str, name: str, labels: dict, status: dict, meta: dict
     return {
         (namespace, labels[names.LABEL_JOB]): ChildJob(
             name=name,
-            component=labels.get(names.LABEL_COMPONENT, ""),
-            rank=int(labels.get(names.LABEL_RANK, 0)),
-            attempt=int(labels.get(names.LABEL_ATTEMPT, 0)),
+            **_placement(labels),
             succeeded=succeeded,
             failed=failed,
             deleting=bool(meta.get("deletionTimestamp")),
             uid=meta.get("uid", ""),
             owner_uid=_controller_uid(meta),
         )
+    }
+
+
+def _placement(labels: dict) -> dict[str, Any]:
+    """Component, rank and attempt of a batch Job or of its pod: builders label both alike."""
+    return {
+        "component": labels.get(names.LABEL_COMPONENT, ""),
+        "rank": int(labels.get(names.LABEL_RANK, 0)),
+        "attempt": int(labels.get(names.LABEL_ATTEMPT, 0)),
     }
 
 
@@ -148,9 +155,7 @@ def owned_pods(namespace: str, name: str, labels: dict, status: dict, meta: dict
     return {
         (namespace, labels[names.LABEL_JOB]): ChildPod(
             name=name,
-            component=labels.get(names.LABEL_COMPONENT, ""),
-            rank=int(labels.get(names.LABEL_RANK, 0)),
-            attempt=int(labels.get(names.LABEL_ATTEMPT, 0)),
+            **_placement(labels),
             phase=status.get("phase", POD_PENDING),
             exit_code=terminated.get("exitCode"),
             message=terminated.get("message") or "",
