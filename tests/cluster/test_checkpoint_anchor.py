@@ -52,12 +52,12 @@ def test_the_jobs_status_anchors_resume(
     store = LocalStore(tmp_path / "output")
     anchor = progress.JobStatusAnchor("dog", namespace, api=as_trainer)
 
-    def checkpointing() -> CheckpointManager:
+    def checkpoint_manager() -> CheckpointManager:
         return CheckpointManager(store, tmp_path / "staging", interval=2, keep=2, anchor=anchor)
 
     reporter = progress.KubernetesReporter(100, "dog", namespace, api=as_trainer)
     report = Report(reporter)
-    ckpt = checkpointing()
+    ckpt = checkpoint_manager()
     trainer = StubTrainer()
     for step in (2, 4):
         trainer.step = step
@@ -70,7 +70,7 @@ def test_the_jobs_status_anchors_resume(
     assert digest.startswith("sha256:") and recorded["status"]["checkpoint"]["step"] == 4
 
     genuine = StubTrainer()
-    checkpointing().resume(genuine)
+    checkpoint_manager().resume(genuine)
     assert (genuine.step, genuine.loaded) == (4, [4])
 
     marker = tmp_path / "attacker-code-ran"
@@ -79,6 +79,6 @@ def test_the_jobs_status_anchors_resume(
     with pytest.raises(
         ConfigError, match=f"recorded in the status of dreamboothjobs {namespace}/dog"
     ):
-        checkpointing().resume(refused)
+        checkpoint_manager().resume(refused)
     assert (refused.step, refused.loaded) == (0, [])
     assert not marker.exists()
