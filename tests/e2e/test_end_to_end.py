@@ -311,6 +311,63 @@ def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(
     assert int(resumed.group(2)) == 8 and resumed.group(1).startswith("s3://")
 
 
+def test_suspended_while_training_keeps_checkpoints_and_resumes_from_the_newest(
+    operator_factory, kube_node, jobs, namespace, s3_job, s3_server, s3_bucket, tmp_path
+):
+    """Suspended while its trainer runs on the node: the pod is deleted as a kubelet would stop
+    it (SIGTERM, on which the trainer commits one more checkpoint), every checkpoint stays in
+    storage, and the resumed trainer goes on from the newest one, not from step 0."""
+    operator = operator_factory(namespace)
+    # The trainer waits after step 4 (checkpoint 4 committed) while it is suspended: the
+    # SIGTERM lands mid-run on any machine, and the trainer commits step 5 on its way out.
+    pause = pause_training(kube_node, tmp_path, step=4)
+    training = {"maxSteps": 8, "checkpointing": {"interval": 4, "keep": 2}}
+    one_node = {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1}
+    no_priors = {"enabled": False}  # a phase this test does not need
+    jobs.create(s3_job("toy", training=training, resources=one_node, priorPreservation=no_priors))
+    wait_until(
+        "training paused after step 4",
+        lambda: _paused(kube_node, jobs, "toy-train-0", step=4),
+        600,
+        operator.log,
+    )
+    trainer = _running(jobs, "toy-train-0")
+    assert trainer and jobs.status("toy")["checkpoint"]["step"] == 4
+
+    jobs.patch("toy", {"spec": {"runPolicy": {"suspend": True}}})
+    jobs.wait("toy", lambda s: s.get("phase") == "Suspended", "Suspended", 60, operator.log)
+    wait_until(
+        "the trainer got SIGTERM",
+        lambda: "SIGTERM: saving a checkpoint" in kube_node.logs(namespace, trainer),
+        60,
+        lambda: _pod_logs(kube_node, jobs),
+    )
+    pause.unlink()
+    wait_until("training pod stopped", lambda: not jobs.pods("job-name=toy-train-0"), 120)
+    assert "interrupted: stopped at step 5" in kube_node.logs(namespace, trainer)
+    checkpoints = sorted(
+        item["Key"].rsplit("/", 2)[-2]
+        for item in s3_server.client()
+        .list_objects_v2(Bucket=s3_bucket, Prefix="runs/toy/checkpoints/")
+        .get("Contents", [])
+        if item["Key"].endswith("/manifest.json")
+    )
+    assert len(checkpoints) == 2 and checkpoints[-1].endswith("5"), checkpoints
+    suspended = jobs.status("toy")
+    assert suspended["phase"] == "Suspended" and suspended["checkpoint"]["step"] == 5, suspended
+    newest = suspended["checkpoint"]["uri"]
+    assert newest == f"s3://{s3_bucket}/runs/toy/checkpoints/{checkpoints[-1]}"
+
+    jobs.patch("toy", {"spec": {"runPolicy": {"suspend": False}}})
+    status = jobs.wait("toy", _finished, "finished", 600, operator.log)
+    assert status["phase"] == "Succeeded", _pod_logs(kube_node, jobs)
+    assert status["checkpoint"]["step"] == 8 and status.get("restarts", 0) == 0, status
+    (resumed_pod,) = jobs.pods("job-name=toy-train-0")
+    log = kube_node.logs(namespace, resumed_pod.metadata.name)
+    assert f"resumed from {newest} at step 5" in log, log[-3000:]
+    assert_no_credentials(operator, kube_node, jobs, s3_server, s3_bucket)
+
+
 def test_a_job_recreated_with_another_spec_never_gets_the_old_weights(
     operator_factory, kube_node, jobs, namespace, s3_job
 ):
