@@ -2,8 +2,8 @@
 
 Rank 0 writes the run's figures as JSON to --out: throughput with the phase clock off, the
 data/forward/backward/optimizer split with it on (it synchronizes CUDA at every phase), peak
-memory over the ranks, and model FLOPs (3 x the forward pass's, counted by torch's
-FlopCounterMode) with their utilisation of the GPU's peak.
+memory and optimizer state (AdamW's moments) over the ranks, and model FLOPs (3 x the forward
+pass's, counted by torch's FlopCounterMode) with their utilisation of the GPU's peak.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.tensor import DTensor
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench import Settings
@@ -78,12 +79,25 @@ def peak_memory_mib(device: torch.device) -> dict[str, float]:
     return {"peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def max_over_ranks(values: dict[str, float]) -> dict[str, float]:
+def optimizer_state_mib(trainer: Trainer) -> float:
+    """This rank's optimizer state (AdamW's moments, 8-bit ones with their scales): the tensors
+    the innermost torch optimizer holds, under the wrappers a backend puts around it (DeepSpeed's
+    ZeRO optimizer keeps it in `.optimizer`). A peak RSS cannot show it on a small model."""
+    optimizer = trainer.backend.lr_scheduler.optimizer  # every backend schedules its optimizer
+    while hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    tensors = (t for state in optimizer.state.values() for t in state.values())
+    local = (t.to_local() if isinstance(t, DTensor) else t for t in tensors)  # FSDP2's shards
+    size = sum(t.numel() * t.element_size() for t in local if torch.is_tensor(t))
+    return size / 2**20
+
+
+def max_over_ranks(values: dict[str, float], digits: int = 1) -> dict[str, float]:
     if not dist.is_initialized():
-        return {key: round(value, 1) for key, value in values.items()}
+        return {key: round(value, digits) for key, value in values.items()}
     gathered: list[dict[str, float]] = [{} for _ in range(dist.get_world_size())]
     dist.all_gather_object(gathered, values)
-    return {key: round(max(rank[key] for rank in gathered), 1) for key in values}
+    return {key: round(max(rank[key] for rank in gathered), digits) for key in values}
 
 
 def phase_split(metrics: list) -> dict[str, float]:
@@ -111,6 +125,7 @@ def measure(trainer: Trainer, steps: int) -> dict[str, Any]:
     steps_per_second = steps / (time.perf_counter() - started)
     split = phase_split(timed_steps(trainer, steps, time_phases=True))
     memory = max_over_ranks(peak_memory_mib(device))
+    state = max_over_ranks({"optimizer_state_mib": optimizer_state_mib(trainer)}, digits=3)
     achieved = flops_per_step * steps_per_second / 1e12
     peak = peak_tflops(device)
     world_size = trainer.world.world_size
@@ -123,6 +138,7 @@ def measure(trainer: Trainer, steps: int) -> dict[str, Any]:
         "step_seconds": round(1 / steps_per_second, 5),
         "phase_seconds": split,
         **memory,
+        **state,  # per rank: the largest shard
         "model_tflop_per_step": significant(flops_per_step / 1e12),
         "achieved_tflops": significant(achieved),
         "mfu": significant(achieved / (peak * world_size)) if peak else None,

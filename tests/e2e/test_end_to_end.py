@@ -16,6 +16,7 @@ import re
 import signal
 import threading
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -27,6 +28,7 @@ from dreambooth_contract import env
 from dreambooth_contract.api import GROUP, PLURAL, VERSION
 from dreambooth_operator import builders
 from dreambooth_trainer.callbacks import PAUSE_ENV
+from dreambooth_trainer.serve.cli import API_KEY_ENV
 from tests.e2e.conftest import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
@@ -34,6 +36,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
 REPO = Path(__file__).resolve().parents[2]
 SUBJECT = REPO / "examples" / "local" / "subject"
 SECRET = "s3-credentials"
+# Recognisable fake credentials (moto takes any): a test can look for them in everything the
+# job's programs write or publish and find none (see assert_no_credentials).
+ACCESS_KEY_ID = "AKIACANARYE2E0000042"
+SECRET_ACCESS_KEY = "canary/e2e-secret-access-key+NeverLogged42"
+API_KEY = "canary-e2e-inference-api-key-42"
 
 
 @pytest.fixture
@@ -47,8 +54,8 @@ def s3_job(s3_server, s3_bucket, namespace, kube_api):
         {
             "metadata": {"name": SECRET},
             "stringData": {
-                "AWS_ACCESS_KEY_ID": s3_server.access_key,
-                "AWS_SECRET_ACCESS_KEY": s3_server.secret_key,
+                "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
+                "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
             },
         },
     )
@@ -135,6 +142,43 @@ def pause_training(node, directory: Path, step: int) -> Path:
     return path
 
 
+def assert_no_credentials(operator, node, jobs, s3_server, bucket: str) -> None:
+    """None of the job's credentials anywhere its programs write or publish: the operator's
+    log; every file of every pod the node ran (container logs, termination messages, each pod's
+    /tmp and cache: the trainers' own log files); every object in the bucket (checkpoints,
+    export, samples, TensorBoard logs); and the namespace's API objects but its Secrets
+    (events, ConfigMaps, pods with their statuses, Jobs, Deployments, the job's status)."""
+    api = jobs.core.api_client
+    objects = {
+        "events": jobs.core.list_namespaced_event(jobs.namespace),
+        "configmaps": jobs.core.list_namespaced_config_map(jobs.namespace),
+        "pods": jobs.core.list_namespaced_pod(jobs.namespace),
+        "services": jobs.core.list_namespaced_service(jobs.namespace),
+        "jobs": jobs.batch.list_namespaced_job(jobs.namespace),
+        "deployments": kubernetes.client.AppsV1Api(api).list_namespaced_deployment(jobs.namespace),
+        "dreamboothjobs": jobs.custom.list_namespaced_custom_object(
+            GROUP, VERSION, jobs.namespace, PLURAL
+        ),
+    }
+    places = {"operator log": operator.log().encode()}
+    places |= {kind: json.dumps(api.sanitize_for_serialization(listed)).encode()
+               for kind, listed in objects.items()}  # fmt: skip
+    places |= {str(path): path.read_bytes() for path in node.workdir.rglob("*") if path.is_file()}
+    client = s3_server.client()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            body = client.get_object(Bucket=bucket, Key=item["Key"])["Body"].read()
+            places[f"s3://{bucket}/{item['Key']}"] = body
+    assert len(places) > 20, sorted(places)  # it looked somewhere
+    leaks = [
+        f"{secret} in {where}"
+        for where, data in places.items()
+        for secret in (ACCESS_KEY_ID, SECRET_ACCESS_KEY, API_KEY)
+        if secret.encode() in data
+    ]
+    assert not leaks, leaks
+
+
 def test_local_example_trains_on_two_nodes_exports_and_serves(
     operator_factory, kube_node, jobs, namespace, s3_job, prometheus, s3_server, s3_bucket, tmp_path
 ):
@@ -147,6 +191,9 @@ def test_local_example_trains_on_two_nodes_exports_and_serves(
     # Rank 0's exporter lives as long as training (seconds with the tiny model): the trainers
     # wait after step 8 until Prometheus has scraped it there.
     pause = pause_training(kube_node, tmp_path, step=8)
+    # The spec has no inference API key yet: every pod gets one in its environment (as an
+    # admission webhook could give it), so the server requires it and no program may log it.
+    kube_node.extra_env[API_KEY_ENV] = API_KEY
     jobs.create(s3_job("toy", inference={"enabled": True, "gpus": 0, "replicas": 1}))
     recorder = StatusRecorder(jobs, "toy")
     recorder.start()
@@ -202,6 +249,7 @@ def test_local_example_trains_on_two_nodes_exports_and_serves(
         return any(s.metadata.name == "toy-inference" and s.metadata.uid != first for s in services)
 
     wait_until("inference Service recreated", recreated, 60, operator.log)
+    assert_no_credentials(operator, kube_node, jobs, s3_server, s3_bucket)
 
 
 def _running(jobs, job_name: str) -> str | None:
@@ -211,7 +259,8 @@ def _running(jobs, job_name: str) -> str | None:
 
 
 def _generate(port: int) -> bytes:
-    """POST /v1/images/generations to the inference pod (its port on this machine)."""
+    """POST /v1/images/generations to the inference pod (its port on this machine), with the
+    API key; without it the server refuses."""
     body = json.dumps(
         {
             "prompt": "a photo of sks cube",
@@ -225,6 +274,10 @@ def _generate(port: int) -> bytes:
         body,
         {"Content-Type": "application/json"},
     )
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=120)
+    assert refused.value.code == 401
+    request.add_header("Authorization", f"Bearer {API_KEY}")
     with urllib.request.urlopen(request, timeout=120) as response:
         return base64.b64decode(json.loads(response.read())["data"][0]["b64_json"])
 
@@ -257,6 +310,63 @@ def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(
     resumed = re.search(r"resumed from (\S+) at step (\d+)", log)
     assert resumed, log[-3000:]
     assert int(resumed.group(2)) == 8 and resumed.group(1).startswith("s3://")
+
+
+def test_suspended_while_training_keeps_checkpoints_and_resumes_from_the_newest(
+    operator_factory, kube_node, jobs, namespace, s3_job, s3_server, s3_bucket, tmp_path
+):
+    """Suspended while its trainer runs on the node: the pod is deleted as a kubelet would stop
+    it (SIGTERM, on which the trainer commits one more checkpoint), every checkpoint stays in
+    storage, and the resumed trainer goes on from the newest one, not from step 0."""
+    operator = operator_factory(namespace)
+    # The trainer waits after step 4 (checkpoint 4 committed) while it is suspended: the
+    # SIGTERM lands mid-run on any machine, and the trainer commits step 5 on its way out.
+    pause = pause_training(kube_node, tmp_path, step=4)
+    training = {"maxSteps": 8, "checkpointing": {"interval": 4, "keep": 2}}
+    one_node = {"nodes": 1, "gpusPerNode": 0, "processesPerNode": 1}
+    no_priors = {"enabled": False}  # a phase this test does not need
+    jobs.create(s3_job("toy", training=training, resources=one_node, priorPreservation=no_priors))
+    wait_until(
+        "training paused after step 4",
+        lambda: _paused(kube_node, jobs, "toy-train-0", step=4),
+        600,
+        operator.log,
+    )
+    trainer = _running(jobs, "toy-train-0")
+    assert trainer and jobs.status("toy")["checkpoint"]["step"] == 4
+
+    jobs.patch("toy", {"spec": {"runPolicy": {"suspend": True}}})
+    jobs.wait("toy", lambda s: s.get("phase") == "Suspended", "Suspended", 60, operator.log)
+    wait_until(
+        "the trainer got SIGTERM",
+        lambda: "SIGTERM: saving a checkpoint" in kube_node.logs(namespace, trainer),
+        60,
+        lambda: _pod_logs(kube_node, jobs),
+    )
+    pause.unlink()
+    wait_until("training pod stopped", lambda: not jobs.pods("job-name=toy-train-0"), 120)
+    assert "interrupted: stopped at step 5" in kube_node.logs(namespace, trainer)
+    checkpoints = sorted(
+        item["Key"].rsplit("/", 2)[-2]
+        for item in s3_server.client()
+        .list_objects_v2(Bucket=s3_bucket, Prefix="runs/toy/checkpoints/")
+        .get("Contents", [])
+        if item["Key"].endswith("/manifest.json")
+    )
+    assert len(checkpoints) == 2 and checkpoints[-1].endswith("5"), checkpoints
+    suspended = jobs.status("toy")
+    assert suspended["phase"] == "Suspended" and suspended["checkpoint"]["step"] == 5, suspended
+    newest = suspended["checkpoint"]["uri"]
+    assert newest == f"s3://{s3_bucket}/runs/toy/checkpoints/{checkpoints[-1]}"
+
+    jobs.patch("toy", {"spec": {"runPolicy": {"suspend": False}}})
+    status = jobs.wait("toy", _finished, "finished", 600, operator.log)
+    assert status["phase"] == "Succeeded", _pod_logs(kube_node, jobs)
+    assert status["checkpoint"]["step"] == 8 and status.get("restarts", 0) == 0, status
+    (resumed_pod,) = jobs.pods("job-name=toy-train-0")
+    log = kube_node.logs(namespace, resumed_pod.metadata.name)
+    assert f"resumed from {newest} at step 5" in log, log[-3000:]
+    assert_no_credentials(operator, kube_node, jobs, s3_server, s3_bucket)
 
 
 def test_a_job_recreated_with_another_spec_never_gets_the_old_weights(

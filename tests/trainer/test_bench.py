@@ -31,6 +31,7 @@ def test_a_training_run_reports_throughput_split_memory_and_flops(tmp_path: Path
     assert split["data"] > 0 and split["forward"] > 0 and split["backward"] > 0
     assert all(seconds >= 0 for seconds in split.values())  # timed apart from the throughput
     assert figures["peak_rss_mib"] > 100
+    assert figures["optimizer_state_mib"] > 0  # AdamW's moments, after the first steps
     assert figures["model_tflop_per_step"] > 0 and figures["mfu"] is None  # no peak for a CPU
 
 
