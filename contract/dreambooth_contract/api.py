@@ -278,15 +278,72 @@ LrScheduler = Literal[
 MixedPrecision = Literal["fp16", "bf16", "no"]
 
 
+# diffusers' train_dreambooth_lora.py: LoRA on the UNet's attention projections, and on the CLIP
+# text encoder's attention projections when the text encoder trains too.
+DEFAULT_LORA_UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+LORA_TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# Default peak learning rates per method: a LoRA adapter starts at zero and needs a far larger
+# step than the full model's weights do.
+FULL_LEARNING_RATE = 5e-6
+FULL_WITH_TEXT_ENCODER_LEARNING_RATE = 2e-6
+LORA_LEARNING_RATE = 1e-4
+TrainingMethod = Literal["full", "lora"]
+
+
+class LoraSpec(ApiModel):
+    rank: int = field(4, description="Rank r of each adapter matrix pair.", ge=1, le=1024)
+    alpha: float | None = field(
+        None,
+        description="Scaling alpha: the adapter's update is scaled by alpha/rank; default the "
+        "rank (scale 1).",
+        gt=0,
+    )
+    dropout: float = field(0.0, description="Dropout on the adapter's input.", ge=0, lt=1)
+    target_modules: list[
+        Annotated[
+            str,
+            Field(
+                description="A module name suffix, e.g. to_q.",
+                min_length=1,
+                max_length=200,
+                pattern=r"^[A-Za-z0-9_.]+$",
+            ),
+        ]
+    ] = field(
+        list(DEFAULT_LORA_UNET_TARGETS),
+        description="UNet modules that get an adapter (name suffixes); default the attention "
+        "projections to_q, to_k, to_v and to_out.0. With trainTextEncoder the text encoder's "
+        "attention projections (q_proj, k_proj, v_proj, out_proj) get one too.",
+        min_length=1,
+        max_length=64,
+    )
+
+    @property
+    def effective_alpha(self) -> float:
+        return float(self.rank) if self.alpha is None else self.alpha
+
+
 class TrainingSpec(ApiModel):
-    method: Literal["full"] = field("full", description="Fine-tuning method.")
-    train_text_encoder: bool = field(False, description="Also fine-tune the text encoder.")
+    method: TrainingMethod = field(
+        "full",
+        description="Fine-tuning method: full (every UNet weight) or lora (a low-rank adapter; "
+        "the base model stays frozen).",
+    )
+    lora: LoraSpec | None = field(
+        None, description="LoRA settings; only with method lora (defaults apply when omitted)."
+    )
+    train_text_encoder: bool = field(
+        False,
+        description="Also fine-tune the text encoder (with method lora: give it adapters too).",
+    )
     max_steps: int = field(
         800, description="Optimizer steps (800 with priors is the usual recipe).", ge=1, le=10**6
     )
     learning_rate: float | None = field(
         None,
-        description="Peak learning rate; default 5e-6, or 2e-6 when the text encoder is trained.",
+        description=f"Peak learning rate; default {FULL_LEARNING_RATE:g} "
+        f"({FULL_WITH_TEXT_ENCODER_LEARNING_RATE:g} when the text encoder is trained) for method "
+        f"full, {LORA_LEARNING_RATE:g} for method lora.",
         gt=0,
         le=1,
     )
@@ -353,6 +410,15 @@ class TrainingSpec(ApiModel):
         return self
 
     @model_validator(mode="after")
+    def _lora_settings_only_with_lora(self) -> TrainingSpec:
+        if self.method == "lora":
+            if self.lora is None:
+                self.lora = LoraSpec()
+        elif self.lora is not None:
+            raise FieldRuleError("lora", f"only allowed with method lora (method is {self.method})")
+        return self
+
+    @model_validator(mode="after")
     def _8bit_adam_not_with_fsdp(self) -> TrainingSpec:
         # bitsandbytes' kernels take plain tensors; FSDP2's parameters are DTensors.
         if self.use_8bit_adam and self.sharding.backend == ShardingBackend.fsdp:
@@ -367,7 +433,11 @@ class TrainingSpec(ApiModel):
     def effective_learning_rate(self) -> float:
         if self.learning_rate is not None:
             return self.learning_rate
-        return 2e-6 if self.train_text_encoder else 5e-6
+        if self.method == "lora":
+            return LORA_LEARNING_RATE
+        if self.train_text_encoder:
+            return FULL_WITH_TEXT_ENCODER_LEARNING_RATE
+        return FULL_LEARNING_RATE
 
 
 class ResourceRequirements(ApiModel):

@@ -175,7 +175,7 @@ BAD_SPECS = [
         "typo-in-training",
         spec_with(spec__training={"learningrate": 1e-6}),
         "spec.training.learningrate: unknown field; allowed: batchSize, cacheLatents, "
-        "cacheTextEmbeddings, centerCrop, checkpointing, gradientAccumulationSteps, gradientCheckpointing, learningRate, lrScheduler, "
+        "cacheTextEmbeddings, centerCrop, checkpointing, gradientAccumulationSteps, gradientCheckpointing, learningRate, lora, lrScheduler, "
         "lrWarmupSteps, maxGradNorm, maxSteps, method, mixedPrecision, offsetNoise, resolution, seed, "
         "sharding, snrGamma, trainTextEncoder, use8bitAdam, validation",
     ),
@@ -186,9 +186,25 @@ BAD_SPECS = [
         "resources, runPolicy, storage, training",
     ),
     (
-        "method-lora",
-        spec_with(spec__training={"method": "lora"}),
-        "spec.training.method: Input should be 'full' (got 'lora')",
+        "method-unknown",
+        spec_with(spec__training={"method": "dora"}),
+        "spec.training.method: Input should be 'full' or 'lora' (got 'dora')",
+    ),
+    (
+        "lora-settings-with-full",
+        spec_with(spec__training={"lora": {"rank": 8}}),
+        "spec.training.lora: only allowed with method lora (method is full)",
+    ),
+    (
+        "lora-rank-zero",
+        spec_with(spec__training={"method": "lora", "lora": {"rank": 0}}),
+        "spec.training.lora.rank: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "lora-target-not-a-name",
+        spec_with(spec__training={"method": "lora", "lora": {"targetModules": ["to q"]}}),
+        "spec.training.lora.targetModules[0]: String should match pattern '^[A-Za-z0-9_.]+$' "
+        "(got 'to q')",
     ),
     (
         "learning-rate-zero",
