@@ -33,9 +33,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
 def environment(settings: Settings) -> dict:
     import torch
 
+    from .hardware import cpu_description
+
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     return {
         "device": device,
+        "cpu": cpu_description(),
         "cpus": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

@@ -6,9 +6,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
 
-from bench import Settings
+import bench.training
+from bench import Settings, overhead
 from bench.__main__ import main
+from bench.hardware import cpu_description, parse_cpuinfo
 from bench.plots import write_plots
 from bench.training import BACKENDS, TrainingRun, measure, planned_runs, prepare_class_images
 
@@ -51,7 +54,8 @@ def test_a_failing_run_is_reported_not_raised(tmp_path: Path):
     assert figures["error"].startswith("exit ") and figures["log_tail"]
 
 
-def test_the_quick_plan_covers_every_backend_cache_and_precision():
+def test_the_quick_plan_covers_every_backend_cache_and_precision(monkeypatch):
+    monkeypatch.setattr(bench.training, "native_bf16", lambda: True)
     plan = planned_runs(quick=True, on_gpu=False)
     assert [run.backend for run in plan["backends"]] == list(BACKENDS)
     runs = [run for runs in plan.values() for run in runs]
@@ -64,6 +68,55 @@ def test_the_quick_plan_covers_every_backend_cache_and_precision():
     assert memory.backend == "zero3" and memory.train_text_encoder
     assert memory.gradient_checkpointing and memory.batch_size == 1
     assert not memory.use_8bit_adam and memory_8bit == replace(memory, use_8bit_adam=True)
+
+
+def test_a_cpu_without_bf16_hardware_measures_fp32_only(monkeypatch):
+    monkeypatch.setattr(bench.training, "native_bf16", lambda: False)
+    runs = [run for runs in planned_runs(quick=True, on_gpu=False).values() for run in runs]
+    assert {r.precision for r in runs} == {"no"}
+
+
+CPUINFO = """processor\t: 0
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx avx2 fma
+processor\t: 1
+model name\t: AMD EPYC 7B13
+flags\t\t: fpu sse2 avx avx2 fma avx512_bf16
+"""
+
+
+def test_the_cpu_model_and_instruction_sets_come_from_the_first_processor():
+    assert parse_cpuinfo(CPUINFO) == ("AMD EPYC 7B13", {"fpu", "sse2", "avx", "avx2", "fma"})
+
+
+def test_the_environment_names_the_cpu_and_its_instruction_sets():
+    described = cpu_description()
+    assert described["model"]
+    assert set(described["isa"]) == {"avx2", "avx512", "avx512_bf16", "amx_bf16"}
+    assert described["torch_capability"]  # e.g. AVX2 or AVX512
+
+
+def test_the_overhead_bench_times_ours_beside_a_bare_step_that_trains(tmp_path: Path):
+    settings = Settings(quick=True, work_dir=tmp_path)
+    prepare_class_images(settings)
+    trainer = overhead.build(settings, caches=False, precision="no")
+    try:
+        bare = overhead.BareStep(trainer, with_encoders=True)
+        before = [p.detach().clone() for p in bare.parameters]
+        encoded = []
+        vae_encode = trainer.frozen.vae.encode
+        trainer.frozen.vae.encode = lambda pixels: (
+            encoded.append(pixels.shape) or vae_encode(pixels)
+        )
+        bare()
+        assert encoded == [(2, 3, 64, 64)]  # instance and class rows, at the job's resolution
+        assert any(not torch.equal(a, b) for a, b in zip(before, bare.parameters, strict=True))
+        figures = overhead.compare(trainer, bare, overhead.Rounds(warmup=1, blocks=2, steps=1))
+    finally:
+        trainer.backend.close()
+    assert figures["ours_steps_per_second"] > 0 and figures["bare_steps_per_second"] > 0
+    assert len(figures["block_ratios"]) == 2 and figures["overhead_ratio"] > 0
+    assert trainer.step == 3  # warmup and both blocks ran our real step
 
 
 def test_plots_are_pngs(tmp_path: Path):
@@ -105,4 +158,6 @@ def test_unknown_benchmark_is_refused(capsys):
 
 def test_list_names_every_benchmark(capsys):
     assert main(["--list"]) == 0
-    assert capsys.readouterr().out.split() == ["inference", "operator", "priors", "training"]
+    assert capsys.readouterr().out.split() == [
+        "inference", "operator", "priors", "step_overhead", "training"
+    ]  # fmt: skip
