@@ -71,6 +71,13 @@ def test_payload_uses_the_crd_field_names(reporter, clock):
     assert status.progress.step == 50 and status.checkpoint.step == 100
 
 
+def test_the_loss_is_reported_to_four_significant_digits(reporter):
+    reporter.report(1, loss=1.6682686805725098)
+    assert reporter.sent[-1]["status"]["progress"]["loss"] == 1.668
+    reporter.report(2, loss=0.000123456, force=True)
+    assert reporter.sent[-1]["status"]["progress"]["loss"] == 0.0001235
+
+
 def test_rate_limited_but_checkpoint_and_close_always_sent(reporter, clock):
     assert reporter.report(1) is True  # first report goes out at once
     for step in range(2, 10):
