@@ -193,3 +193,15 @@ def test_export_of_a_lora_job_needs_its_adapter(make_config):
     config = make_config({"training": {"method": "lora"}})
     with pytest.raises(FileNotFoundError, match="no LoRA adapter; train first"):
         run_export(config)
+
+
+def test_final_samples_of_a_local_run_come_from_the_base_with_the_exported_adapter(
+    lora_job, tmp_path
+):
+    from dreambooth_trainer.local import exported_pipeline, render_final_samples
+
+    config, expected, _ = lora_job()
+    run_export(config)
+    output = Path(config.output_uri)
+    np.testing.assert_array_equal(image(exported_pipeline(config, output)), expected)
+    assert render_final_samples(config, output).is_file()
