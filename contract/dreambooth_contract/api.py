@@ -576,6 +576,15 @@ class StorageSpec(ApiModel):
     _uri_segments = field_validator("output_uri", "prior_cache_uri", mode="before")(no_dot_segments)
 
 
+class ExportSpec(ApiModel):
+    fuse: bool = field(
+        False,
+        description="With training.method lora: also export a full pipeline with the adapter "
+        "fused into the base weights (pipeline/ and model.safetensors beside the adapter files), "
+        "for tools that cannot apply an adapter.",
+    )
+
+
 class InferenceSpec(ApiModel):
     enabled: bool = field(False, description="Serve the exported pipeline once training ends.")
     replicas: int = field(1, description="Inference replicas.", ge=0, le=100)
@@ -614,6 +623,7 @@ class DreamBoothJobSpec(ApiModel):
     training: TrainingSpec = field(TrainingSpec, description="Training hyper-parameters.")
     resources: ResourcesSpec = field(ResourcesSpec, description="Pods and hardware.")
     storage: StorageSpec = field(description="Output and object storage.")
+    export: ExportSpec = field(ExportSpec, description="What the export phase writes.")
     inference: InferenceSpec = field(InferenceSpec, description="Inference deployment.")
     run_policy: RunPolicy = field(RunPolicy, description="Restarts, deadlines and suspension.")
 
@@ -624,6 +634,12 @@ class DreamBoothJobSpec(ApiModel):
             raise FieldRuleError(
                 "training.mixedPrecision",
                 'fp16 needs GPUs (gpusPerNode is 0): use "bf16" or "no" on CPU',
+            )
+        if self.export.fuse and self.training.method != "lora":
+            raise FieldRuleError(
+                "export.fuse",
+                f"only allowed with training.method lora (method is {self.training.method}: "
+                "a full fine-tune always exports the whole pipeline)",
             )
         return self
 
@@ -701,9 +717,20 @@ class CheckpointStatus(StatusModel):
     )
 
 
+ArtifactKind = Literal["pipeline", "lora"]
+
+
 class ArtifactStatus(StatusModel):
-    uri: str = field(description="Exported pipeline.")
+    uri: str = field(description="Where the export lies.")
     digest: str = field(description="sha256 digest of the export manifest.")
+    kind: ArtifactKind = field(
+        "pipeline",
+        description="pipeline (a whole diffusers pipeline) or lora (an adapter that needs "
+        "baseModel).",
+    )
+    base_model: str | None = field(
+        None, description="With kind lora: the URI of the base model the adapter applies to."
+    )
 
 
 class PriorsStatus(StatusModel):

@@ -21,6 +21,7 @@ from .api import (
     ApiModel,
     BaseModelSpec,
     DreamBoothJob,
+    ExportSpec,
     FieldRuleError,
     InstanceSpec,
     PriorPreservationSpec,
@@ -67,6 +68,7 @@ class TrainerConfig(ApiModel):
     cache_dir: str | None = Field(
         None, description=f"Model download/build cache; default ${CACHE_DIR_ENV} or ~/.cache."
     )
+    export: ExportSpec = Field(ExportSpec(), description="What the export phase writes.")
     export_fp16_variant: bool = Field(
         False, description="Also export fp16 weights (diffusers variant) and an fp16 single file."
     )
@@ -123,6 +125,7 @@ class TrainerConfig(ApiModel):
             output_uri=output_uri,
             prior_cache_uri=prior_cache_uri,
             s3=spec.storage.s3.model_copy(update={"credentials_secret": None}),
+            export=spec.export,
         )
 
     def to_json(self) -> str:

@@ -336,8 +336,14 @@ def _template_hash(template: dict[str, Any]) -> str:
     return hashlib.sha256(encoded).hexdigest()[:16]
 
 
-def _serve_args(job: DreamBoothJob, artifact_uri: str, digest: str) -> list[str]:
-    args = ["serve", "--model", artifact_uri, "--digest", digest]
+def _serve_args(
+    job: DreamBoothJob, artifact_uri: str, digest: str, base_model: str | None
+) -> list[str]:
+    if base_model is None:
+        args = ["serve", "--model", artifact_uri, "--digest", digest]
+    else:
+        # A LoRA export: the base as recorded by the export, the adapter checked by its digest.
+        args = ["serve", "--model", base_model, "--adapter", artifact_uri, "--digest", digest]
     args += [
         "--served-model-name",
         job.metadata.name,
@@ -373,8 +379,13 @@ def _cpu_cores(quantity: int | str) -> float:
     return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
 
 
-def inference_deployment(job: DreamBoothJob, artifact_uri: str, digest: str) -> Manifest:
-    """Serves exactly one exported artifact; a new digest rolls the Deployment."""
+def inference_deployment(
+    job: DreamBoothJob, artifact_uri: str, digest: str, base_model: str | None = None
+) -> Manifest:
+    """Serves exactly one exported artifact; a new digest rolls the Deployment.
+
+    With `base_model` the artifact is a LoRA adapter, served on that base model.
+    """
     spec, job_name = job.spec, job.metadata.name
     inference = spec.inference
     pod_labels = names.labels(job_name, names.INFERENCE)
@@ -384,7 +395,7 @@ def inference_deployment(job: DreamBoothJob, artifact_uri: str, digest: str) -> 
         "image": inference.image or spec.resources.image,
         "imagePullPolicy": spec.resources.image_pull_policy,
         "command": ["dreambooth"],
-        "args": _serve_args(job, artifact_uri, digest),
+        "args": _serve_args(job, artifact_uri, digest, base_model),
         "env": [
             e
             for e in _env(job, 0, names.INFERENCE)

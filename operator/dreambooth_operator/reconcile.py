@@ -622,7 +622,17 @@ def _serve(draft: _Draft, job: DreamBoothJob) -> str:
             COND_INFERENCE_READY, False, "NoArtifact", "the export reported no artifact", warn=True
         )
         return Phase.exporting.value
-    wanted = builders.inference_deployment(job, artifact.uri, artifact.digest)
+    if artifact.kind == "lora" and not artifact.base_model:
+        draft.set_condition(
+            COND_INFERENCE_READY,
+            False,
+            "NoBaseModel",
+            "the export reported a LoRA adapter without its base model",
+            warn=True,
+        )
+        return Phase.exporting.value
+    base_model = artifact.base_model if artifact.kind == "lora" else None
+    wanted = builders.inference_deployment(job, artifact.uri, artifact.digest, base_model)
     wanted_hash = wanted["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH]
     current = draft.observed.inference
     if not draft.observed.inference_service:  # also when someone deleted it

@@ -8,7 +8,7 @@ from datetime import datetime, timezone
 
 import pytest
 
-from dreambooth_contract.api import GROUP, PLURAL, VERSION, DreamBoothJobStatus
+from dreambooth_contract.api import GROUP, PLURAL, VERSION, ArtifactStatus, DreamBoothJobStatus
 from dreambooth_contract.env import JOB_NAME_ENV, JOB_NAMESPACE_ENV
 from dreambooth_trainer import progress
 from dreambooth_trainer.checkpoint_files import CheckpointInfo
@@ -193,6 +193,9 @@ def test_reporter_from_env(monkeypatch, tmp_path):
     assert type(progress.reporter_from_env(10)) is progress.NullReporter
 
 
+ARTIFACT = ArtifactStatus(uri="s3://runs/dog/export", digest="sha256:abc")
+
+
 def test_artifact_report_is_sent_at_once_in_the_wire_format():
     sent: list[dict] = []
 
@@ -200,10 +203,21 @@ def test_artifact_report_is_sent_at_once_in_the_wire_format():
         def _send(self, patch):
             sent.append(patch)
 
-    Recording(total_steps=10).report_artifact("s3://runs/dog/export", "sha256:abc")
-    assert sent == [
-        {"status": {"artifact": {"uri": "s3://runs/dog/export", "digest": "sha256:abc"}}}
-    ]
+    reporter = Recording(total_steps=10)
+    reporter.report_artifact(ArtifactStatus(uri="s3://runs/dog/export", digest="sha256:abc"))
+    reporter.report_artifact(
+        ArtifactStatus(
+            uri="s3://runs/dog/export", digest="sha256:def", kind="lora", base_model="s3://m/sd15"
+        )
+    )
+    pipeline = {"uri": "s3://runs/dog/export", "digest": "sha256:abc", "kind": "pipeline"}
+    lora = {
+        "uri": "s3://runs/dog/export",
+        "digest": "sha256:def",
+        "kind": "lora",
+        "baseModel": "s3://m/sd15",
+    }
+    assert sent == [{"status": {"artifact": pipeline}}, {"status": {"artifact": lora}}]
 
 
 @pytest.mark.parametrize(
@@ -215,13 +229,13 @@ def test_an_artifact_that_cannot_be_recorded_fails_the_export(failures, delivere
     api = StubCustomObjects(failures)
     r = k8s_reporter(api, retries=3)
     if delivered:
-        r.report_artifact("s3://runs/dog/export", "sha256:abc")
+        r.report_artifact(ARTIFACT)
         assert api.calls[-1][0][5] == {
-            "status": {"artifact": {"uri": "s3://runs/dog/export", "digest": "sha256:abc"}}
+            "status": {"artifact": ARTIFACT.model_dump(by_alias=True, exclude_none=True)}
         }
     else:
         with pytest.raises(progress.ReportNotDelivered, match="job"):
-            r.report_artifact("s3://runs/dog/export", "sha256:abc")
+            r.report_artifact(ARTIFACT)
     r.close()
 
 

@@ -177,3 +177,49 @@ def test_every_scratch_volume_has_a_size_limit():
         volumes = {v["name"]: v for v in pod["volumes"] if "emptyDir" in v}
         assert volumes and all("sizeLimit" in v["emptyDir"] for v in volumes.values()), volumes
         assert volumes["cache"]["emptyDir"]["sizeLimit"] == "300Gi"
+
+
+def test_the_export_setting_reaches_the_trainer_config():
+    document = copy.deepcopy(DOCUMENT)
+    document["spec"]["training"] = {"method": "lora"}
+    document["spec"]["export"] = {"fuse": True}
+    config_json, _cache = trainer_inputs(parse_job(document))
+    config = TrainerConfig.model_validate_json(config_json)
+    assert config.export.fuse is True
+    assert TrainerConfig.model_validate_json(trainer_inputs(JOB)[0]).export.fuse is False
+
+
+def serve_args(deployment) -> list[str]:
+    return deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+
+
+def test_a_pipeline_artifact_is_served_as_the_model():
+    args = serve_args(builders.inference_deployment(JOB, "s3://runs/dog/export", "sha256:a"))
+    assert args[:5] == ["serve", "--model", "s3://runs/dog/export", "--digest", "sha256:a"]
+    assert "--adapter" not in args
+
+
+def test_a_lora_artifact_is_served_as_an_adapter_on_its_base_model():
+    deployment = builders.inference_deployment(
+        JOB, "s3://runs/dog/export", "sha256:a", base_model="s3://models/sd15"
+    )
+    args = serve_args(deployment)
+    assert args[:7] == [
+        "serve",
+        "--model",
+        "s3://models/sd15",
+        "--adapter",
+        "s3://runs/dog/export",
+        "--digest",
+        "sha256:a",
+    ]
+    assert deployment["metadata"]["annotations"][f"{names.GROUP}/artifact-digest"] == "sha256:a"
+    # Another base is another Deployment template: the pods roll.
+    other = builders.inference_deployment(
+        JOB, "s3://runs/dog/export", "sha256:a", base_model="s3://models/sd21"
+    )
+    hash_key = builders.ANNOTATION_TEMPLATE_HASH
+    assert (
+        other["metadata"]["annotations"][hash_key]
+        != deployment["metadata"]["annotations"][hash_key]
+    )

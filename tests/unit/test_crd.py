@@ -75,5 +75,8 @@ def test_schema_carries_defaults_bounds_enums_and_required():
 def test_printer_columns_and_names():
     version = crd()["spec"]["versions"][0]
     assert {"Phase", "Progress", "Age"} <= {c["name"] for c in version["additionalPrinterColumns"]}
+    wide = {c["name"]: c["jsonPath"] for c in version["additionalPrinterColumns"]}
+    assert wide["Artifact"] == ".status.artifact.kind"  # pipeline or lora
+    assert wide["Base"] == ".status.artifact.baseModel"
     assert version["subresources"] == {"status": {}}
     assert crd()["spec"]["names"]["shortNames"] == api.SHORT_NAMES == ["dbj"]

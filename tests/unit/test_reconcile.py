@@ -360,6 +360,30 @@ def test_serving_creates_a_deployment_for_exactly_the_artifact():
     assert decision.status.inference.endpoint == "http://dog-inference.team.svc"
 
 
+def test_a_lora_artifact_is_served_on_the_base_the_export_recorded():
+    lora = {**ARTIFACT, "kind": "lora", "baseModel": "s3://models/sd15"}
+    job = job_with(status={"conditions": DONE, "artifact": lora}, inference={"enabled": True})
+    decision, _ = step(job)
+    deployment = next(
+        a.manifest
+        for a in decision.actions
+        if isinstance(a, Create) and a.manifest["kind"] == "Deployment"
+    )
+    args = deployment["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert args[args.index("--model") + 1] == "s3://models/sd15"
+    assert args[args.index("--adapter") + 1] == ARTIFACT["uri"]
+    assert args[args.index("--digest") + 1] == ARTIFACT["digest"]
+
+
+def test_a_lora_artifact_without_its_base_is_not_served():
+    lora = {**ARTIFACT, "kind": "lora"}
+    job = job_with(status={"conditions": DONE, "artifact": lora}, inference={"enabled": True})
+    decision, _ = step(job)
+    assert created(decision, "Deployment") == []
+    ready = next(c for c in decision.status.conditions if c.type == COND_INFERENCE_READY)
+    assert (ready.status, ready.reason) == ("False", "NoBaseModel")
+
+
 def test_serving_rolls_to_a_new_digest_and_reports_ready_replicas():
     from dreambooth_operator import builders
     from dreambooth_operator.reconcile import ChildDeployment, Update

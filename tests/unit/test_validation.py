@@ -182,13 +182,24 @@ BAD_SPECS = [
     (
         "unknown-top-level-spec-field",
         spec_with(spec__gpus=8),
-        "spec.gpus: unknown field; allowed: baseModel, inference, instance, priorPreservation, "
-        "resources, runPolicy, storage, training",
+        "spec.gpus: unknown field; allowed: baseModel, export, inference, instance, "
+        "priorPreservation, resources, runPolicy, storage, training",
     ),
     (
         "method-unknown",
         spec_with(spec__training={"method": "dora"}),
         "spec.training.method: Input should be 'full' or 'lora' (got 'dora')",
+    ),
+    (
+        "export-fuse-with-full",
+        spec_with(spec__export={"fuse": True}),
+        "spec.export.fuse: only allowed with training.method lora (method is full: a full "
+        "fine-tune always exports the whole pipeline)",
+    ),
+    (
+        "export-unknown-field",
+        spec_with(spec__export={"fp16": True}),
+        "spec.export.fp16: unknown field; allowed: fuse",
     ),
     (
         "lora-settings-with-full",
@@ -444,6 +455,13 @@ def test_minimal_spec_is_valid_and_gets_defaults():
 def test_text_encoder_training_lowers_the_default_learning_rate():
     job = parse_job(spec_with(spec__training={"trainTextEncoder": True}))
     assert job.spec.training.effective_learning_rate == 2e-6
+
+
+def test_a_lora_job_may_fuse_its_export_and_does_not_by_default():
+    lora = parse_job(spec_with(spec__training={"method": "lora"}))
+    assert lora.spec.export.fuse is False
+    fused = parse_job(spec_with(spec__training={"method": "lora"}, spec__export={"fuse": True}))
+    assert fused.spec.export.fuse is True
 
 
 def test_priors_can_be_disabled_without_a_class_prompt():

@@ -201,5 +201,5 @@ def export(config_file: Path) -> None:
         config = read_config(config_file)
         result = run_export(config)
     with reporter_from_env(config.training.max_steps, must_deliver=True) as reporter:
-        reporter.report_artifact(result.uri, result.digest)
+        reporter.report_artifact(result.status())
     click.echo(result.digest)

@@ -27,6 +27,8 @@ from dreambooth_contract.validation import JobInvalid, load_jobs
 
 from .export import run_export
 from .locations import publish_dir, working_dir
+from .methods.lora_export import apply_adapter
+from .models.loading import load_pipeline
 from .priors import run_priors
 from .samples import render_grid
 from .train import run_training
@@ -100,10 +102,20 @@ def run_ranks(
     subprocess.run(argv, check=True)
 
 
-def render_final_samples(config: TrainerConfig, output: Path) -> Path:
-    """Samples from the exported pipeline as loaded from disk: proof the artifact works."""
+def exported_pipeline(config: TrainerConfig, output: Path) -> StableDiffusionPipeline:
+    """The export as users load it: the pipeline, or the base with the LoRA adapter applied."""
+    if config.training.method == "lora":
+        pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3)
+        apply_adapter(pipeline, output / EXPORT_DIR)
+        return pipeline
     pipeline = StableDiffusionPipeline.from_pretrained(output / EXPORT_DIR / PIPELINE_DIR)
     pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def render_final_samples(config: TrainerConfig, output: Path) -> Path:
+    """Samples from the exported artifact as loaded from disk: proof the artifact works."""
+    pipeline = exported_pipeline(config, output)
     prompts = config.validation.prompts or [config.instance.prompt]
     grid = render_grid(pipeline, prompts, config.validation, config.training.resolution)
     path = output / SAMPLES_DIR / FINAL_SAMPLES

@@ -184,10 +184,10 @@ class ProgressReporter:
         """
         return self._deliver(status_patch(self._latest, checkpoint_model(info)), self._clock())
 
-    def report_artifact(self, uri: str, digest: str) -> None:
-        """The exported pipeline; the operator serves exactly this digest."""
-        patch = status_patch(artifact=ArtifactStatus(uri=uri, digest=digest))
-        self._deliver(patch, self._clock())
+    def report_artifact(self, artifact: ArtifactStatus) -> None:
+        """The export (a pipeline, or a LoRA adapter and its base); the operator serves exactly
+        this digest."""
+        self._deliver(status_patch(artifact=artifact), self._clock())
 
     def close(self) -> None:
         """Send the final progress, whatever the rate limit, and release resources."""
@@ -327,11 +327,11 @@ class KubernetesReporter(ProgressReporter):
             )
         return delivered
 
-    def report_artifact(self, uri: str, digest: str) -> None:
+    def report_artifact(self, artifact: ArtifactStatus) -> None:
         """Sent and confirmed before returning, unlike progress: the operator has no other way
         to learn what to serve, so an artifact that cannot be recorded fails the export (its pod
         is restarted) instead of leaving the job waiting for a patch that never came."""
-        super().report_artifact(uri, digest)
+        super().report_artifact(artifact)
         if not self._confirm():
             raise ReportNotDelivered(
                 f"could not record the artifact in the status of {PLURAL} "

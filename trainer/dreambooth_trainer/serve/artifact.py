@@ -3,6 +3,10 @@
 Order matters: the files are checked against the export's sha256 manifest (and, when given, the
 digest the operator recorded in status.artifact.digest) BEFORE anything is deserialized, so a
 tampered or half-copied artifact is refused instead of served.
+
+A LoRA export (`load_with_adapter`) is served on its base model: the adapter is verified first,
+then the base is checked against the one the adapter records (models/base_identity.py), and
+only then are the base and the adapter loaded.
 """
 
 from __future__ import annotations
@@ -16,10 +20,13 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
+from dreambooth_contract.api import S3Spec
 from dreambooth_contract.layout import PIPELINE_DIR
 
 from .. import digest as artifact_digest
-from ..models import random_models
+from ..methods import lora_export
+from ..models import base_identity, random_models
+from ..models.loading import resolve_model_source
 from ..storage import open_store
 
 log = logging.getLogger(__name__)
@@ -116,13 +123,22 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
 
 
-def load_pipeline(path: Path, device: torch.device, dtype: torch.dtype) -> StableDiffusionPipeline:
-    # The export's fp16 variant, when present, loads half the bytes for an fp16 server.
-    has_fp16 = any(path.glob(f"*/*.{FP16_VARIANT}.safetensors"))
-    variant = FP16_VARIANT if dtype == torch.float16 and has_fp16 else None
+def load_pipeline(
+    source: Path | str,
+    device: torch.device,
+    dtype: torch.dtype,
+    revision: str | None = None,
+    variant: str | None = None,
+) -> StableDiffusionPipeline:
+    """A pipeline from a directory (or, for a LoRA's base, a hub id) on `device`."""
+    if variant is None and isinstance(source, Path):
+        # The export's fp16 variant, when present, loads half the bytes for an fp16 server.
+        has_fp16 = any(source.glob(f"*/*.{FP16_VARIANT}.safetensors"))
+        variant = FP16_VARIANT if dtype == torch.float16 and has_fp16 else None
     pipeline = StableDiffusionPipeline.from_pretrained(
-        path,
+        source,
         torch_dtype=dtype,
+        revision=revision,
         variant=variant,
         safety_checker=None,
         requires_safety_checker=False,
@@ -148,3 +164,49 @@ def load(
     return LoadedModel(
         load_pipeline(verified.pipeline_dir, torch_device, torch_dtype), verified.digest
     )
+
+
+def load_with_adapter(
+    base_uri: str,
+    adapter_uri: str,
+    *,
+    cache_dir: Path,
+    expected_digest: str | None = None,
+    s3: S3Location | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> LoadedModel:
+    """The base model with a LoRA export applied, after checking both: the adapter's files
+    against its manifest (and `expected_digest`), the base against the adapter's record."""
+    if random_models.is_random_uri(adapter_uri):
+        raise ArtifactError(f"{adapter_uri}: an adapter is a LoRA export, not a random model")
+    adapter = verify(adapter_uri, fetch(adapter_uri, cache_dir, s3), expected_digest)
+    if not (adapter.path / base_identity.BASE_MODEL_FILE).is_file():
+        raise ArtifactError(
+            f"{adapter_uri}: not a LoRA export ({base_identity.BASE_MODEL_FILE} missing); "
+            "serve a pipeline with --model alone"
+        )
+    record = base_identity.read_record(adapter.path)
+    s3 = s3 or S3Location()
+    try:
+        base_identity.check_uri(record, base_uri)
+        spec = base_identity.spec_of(record)
+        source = resolve_model_source(
+            spec, cache_dir, S3Spec(endpoint=s3.endpoint, region=s3.region)
+        )
+        base_identity.check_files(record, source)
+    except (base_identity.BaseModelMismatch, FileNotFoundError) as exc:
+        raise ArtifactError(
+            f"refusing to serve {adapter_uri} on --model {base_uri}: {exc}"
+        ) from exc
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    log.info(
+        "loading %s with adapter %s on %s as %s", base_uri, adapter_uri, torch_device, torch_dtype
+    )
+    local = Path(source)
+    pipeline = load_pipeline(
+        local if local.is_dir() else source, torch_device, torch_dtype, spec.revision, spec.variant
+    )
+    lora_export.apply_adapter(pipeline, adapter.path)
+    return LoadedModel(pipeline, adapter.digest)

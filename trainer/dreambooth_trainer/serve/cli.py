@@ -1,4 +1,4 @@
-"""`dreambooth serve --model URI`: verify an exported pipeline and serve it over HTTP."""
+"""`dreambooth serve --model URI [--adapter URI]`: verify an export and serve it over HTTP."""
 
 from __future__ import annotations
 
@@ -57,12 +57,21 @@ def read_api_key(key_file: Path | None, environ: dict[str, str] | None = None) -
     "model_uri",
     required=True,
     metavar="URI",
-    help="Exported artifact: a directory or s3://bucket/prefix (random://tiny-sd for demos).",
+    help="Exported artifact: a directory or s3://bucket/prefix (random://tiny-sd for demos). "
+    "With --adapter: the base model the adapter was trained on, as its job's baseModel.uri.",
+)
+@click.option(
+    "--adapter",
+    "adapter_uri",
+    metavar="URI",
+    help="A LoRA job's export (a directory or s3://bucket/prefix), applied to --model; it is "
+    "refused unless it was trained on exactly that base.",
 )
 @click.option(
     "--digest",
     envvar="DREAMBOOTH_MODEL_DIGEST",
-    help="Expected artifact digest (sha256:...), e.g. status.artifact.digest; refuse any other.",
+    help="Expected artifact digest (sha256:...), e.g. status.artifact.digest; refuse any other. "
+    "With --adapter: the adapter's.",
 )
 @click.option("--served-model-name", help="Model id in the API (default: the --model URI).")
 @click.option("--host", default="0.0.0.0", show_default=True)
@@ -144,6 +153,7 @@ def read_api_key(key_file: Path | None, environ: dict[str, str] | None = None) -
 )
 def serve(
     model_uri: str,
+    adapter_uri: str | None,
     digest: str | None,
     served_model_name: str | None,
     host: str,
@@ -166,7 +176,8 @@ def serve(
     s3_region: str | None,
     log_level: str,
 ) -> None:
-    """Serve an exported pipeline over HTTP (OpenAI Images API, /readyz, /metrics).
+    """Serve an exported pipeline, or a base model with a LoRA adapter, over HTTP (OpenAI
+    Images API, /readyz, /metrics).
 
     The artifact is downloaded, checked against its sha256 manifest (and --digest) and loaded in
     the background: /healthz answers at once, /readyz once the model is ready. A refused
@@ -190,7 +201,7 @@ def serve(
         # threads than cores makes every op wait for descheduled threads.
         torch.set_num_threads(cpu_threads)
     settings = ServeSettings(
-        model_id=served_model_name or model_uri,
+        model_id=served_model_name or adapter_uri or model_uri,
         limits=Limits(max_n=max_images, max_side=max_size, max_steps=max_steps),
         batching=BatchingSettings(max_batch_size, max_queue, batch_timeout_ms),
         default_steps=default_steps,
@@ -199,9 +210,12 @@ def serve(
         api_key=api_key,
     )
     log.info("API key: %s", "required on /v1/" if api_key else "none (open API)")
+    if adapter_uri:
+        load = partial(artifact.load_with_adapter, model_uri, adapter_uri)
+    else:
+        load = partial(artifact.load, model_uri)
     loader = partial(
-        artifact.load,
-        model_uri,
+        load,
         cache_dir=cache_dir.expanduser(),
         expected_digest=digest,
         s3=artifact.S3Location(s3_endpoint, s3_region),

@@ -1,0 +1,94 @@
+"""What a LoRA job exports besides the adapter file training wrote (lora_files.LORA_WEIGHTS).
+
+- KOHYA_WEIGHTS: the same adapter in the single-file layout of kohya's sd-scripts, which
+  AUTOMATIC1111, ComfyUI, InvokeAI and diffusers' own load_lora_weights read;
+- optionally the base pipeline with the adapter fused into its weights (`fuse`).
+
+Both start from a base pipeline with the adapter applied by diffusers (`apply_adapter`), so the
+adapter is read the one way every user of LORA_WEIGHTS reads it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusionPipeline
+from diffusers.utils import convert_state_dict_to_kohya
+from peft.utils import get_peft_model_state_dict
+from safetensors.torch import save_file
+
+from .lora_files import LORA_WEIGHTS
+
+KOHYA_WEIGHTS = "lora.kohya.safetensors"
+# The name the adapter gets inside the pipeline while it is exported.
+ADAPTER_NAME = "dreambooth"
+# Pipeline components that can carry an adapter, with their kohya key prefixes. kohya names the
+# text encoder of a one-encoder model (SD1/SD2) lora_te_; lora_te1_/lora_te2_ are SDXL's two.
+KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+
+
+def apply_adapter(pipeline: StableDiffusionPipeline, adapter_dir: Path) -> None:
+    pipeline.load_lora_weights(adapter_dir, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER_NAME)
+
+
+def adapted_components(pipeline: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
+    """The pipeline's components that carry the exported adapter, by component name."""
+    return {
+        name: module
+        for name in KOHYA_PREFIXES
+        if ADAPTER_NAME in (getattr(module := getattr(pipeline, name), "peft_config", None) or {})
+    }
+
+
+def _peft_keys(name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The component's adapter in peft's key layout, under the component's name.
+
+    kohya names text-encoder modules by the original CLIP layout (text_model.encoder...), which
+    transformers 5 flattened (encoder... directly on CLIPTextModel): put the level back.
+    """
+    state = get_peft_model_state_dict(module, adapter_name=ADAPTER_NAME)
+    prefix = name
+    if name == "text_encoder" and not hasattr(module, "text_model"):
+        prefix = f"{name}.text_model"
+    return {f"{prefix}.{key}": tensor for key, tensor in state.items()}
+
+
+def kohya_state(pipeline: StableDiffusionPipeline) -> tuple[dict[str, torch.Tensor], dict]:
+    """(tensors, file metadata) of the pipeline's adapter in kohya's layout.
+
+    diffusers' converter writes every module's alpha as its rank (scale 1); the adapter's real
+    alpha goes in instead, or other tools would scale the update by the wrong factor.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+    ranks, alphas = set(), set()
+    for name, module in adapted_components(pipeline).items():
+        config = module.peft_config[ADAPTER_NAME]
+        if config.rank_pattern or config.alpha_pattern or config.use_rslora:
+            raise ValueError(f"{name}: per-module ranks, alphas or rsLoRA have no kohya form")
+        converted = convert_state_dict_to_kohya(_peft_keys(name, module))
+        for key, tensor in converted.items():
+            key = key.replace("lora_te1_", KOHYA_PREFIXES[name], 1)
+            if key.endswith(".alpha"):
+                tensor = torch.tensor(float(config.lora_alpha))
+            tensors[key] = tensor.detach().to("cpu").contiguous()
+        ranks.add(config.r)
+        alphas.add(config.lora_alpha)
+    # What sd-scripts writes and tools show (network dim and alpha), when one value fits all.
+    metadata = {"ss_network_module": "networks.lora"}
+    if len(ranks) == 1 and len(alphas) == 1:
+        metadata |= {"ss_network_dim": str(ranks.pop()), "ss_network_alpha": str(alphas.pop())}
+    return tensors, metadata
+
+
+def save_kohya(pipeline: StableDiffusionPipeline, path: Path) -> Path:
+    tensors, metadata = kohya_state(pipeline)
+    save_file(tensors, path, metadata=metadata)
+    return path
+
+
+def fuse_adapter(pipeline: StableDiffusionPipeline) -> StableDiffusionPipeline:
+    """The pipeline with the adapter merged into the base weights, and no adapter left."""
+    pipeline.fuse_lora(components=list(adapted_components(pipeline)), adapter_names=[ADAPTER_NAME])
+    pipeline.unload_lora_weights()
+    return pipeline
