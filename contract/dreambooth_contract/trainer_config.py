@@ -21,6 +21,7 @@ from .api import (
     ApiModel,
     BaseModelSpec,
     DreamBoothJob,
+    EvaluationSpec,
     FieldRuleError,
     InstanceSpec,
     PriorPreservationSpec,
@@ -67,6 +68,9 @@ class TrainerConfig(ApiModel):
     cache_dir: str | None = Field(
         None, description=f"Model download/build cache; default ${CACHE_DIR_ENV} or ~/.cache."
     )
+    evaluation: EvaluationSpec = Field(
+        EvaluationSpec(), description="The evaluation phase (spec.evaluation)."
+    )
     export_fp16_variant: bool = Field(
         False, description="Also export fp16 weights (diffusers variant) and an fp16 single file."
     )
@@ -110,6 +114,13 @@ class TrainerConfig(ApiModel):
         instance = spec.instance.model_copy(
             update={"images_uri": resolve(spec.instance.images_uri)}
         )
+        evaluation = spec.evaluation.model_copy(
+            update={
+                name: resolve(getattr(spec.evaluation, name))
+                for name in ("clip_uri", "dino_uri")
+                if is_local_model(getattr(spec.evaluation, name))
+            }
+        )
         return cls(
             job_name=job.metadata.name,
             namespace=job.metadata.namespace,
@@ -117,6 +128,7 @@ class TrainerConfig(ApiModel):
             instance=instance,
             prior_preservation=spec.prior_preservation,
             training=training,
+            evaluation=evaluation,
             nodes=spec.resources.nodes,
             processes_per_node=spec.resources.processes,
             gpus_per_node=spec.resources.gpus_per_node,
