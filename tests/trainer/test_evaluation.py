@@ -45,10 +45,11 @@ def test_prompt_fidelity_pairs_each_image_with_its_own_prompt():
 
 
 def test_prior_drift_is_how_close_class_images_come_to_the_subject():
-    # class image c = (0, 1); real r1 = (0, 3): cos 1; r2 = (1, 0): cos 0. mean = 1/2
-    class_images = torch.tensor([[0.0, 1.0]])
-    real = torch.tensor([[0.0, 3.0], [1.0, 0.0]])
-    assert metrics.prior_drift(class_images, real) == pytest.approx(0.5)
+    # class image c = (1, 0); real r1 = (0, 3): cos 0; r2 = (1, 1): cos 1/sqrt2.
+    # mean = 1 / (2 sqrt2) = 0.353553...
+    class_images = torch.tensor([[1.0, 0.0]])
+    real = torch.tensor([[0.0, 3.0], [1.0, 1.0]])
+    assert metrics.prior_drift(class_images, real) == pytest.approx(1 / (2 * ROOT2))
 
 
 def test_diversity_is_the_mean_pairwise_distance_within_each_prompt():
