@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline
+from PIL import Image
 
 from dreambooth_contract.api import EvaluationStatus
 from dreambooth_contract.layout import EVALUATION_DIR, PIPELINE_DIR
@@ -31,7 +32,7 @@ def evaluation_device() -> tuple[str, torch.dtype]:
     return "cpu", torch.float32
 
 
-def load_subject_images(config: TrainerConfig) -> list:
+def load_subject_images(config: TrainerConfig) -> list[Image.Image]:
     field = "instance.imagesUri"
     directory = fetch_dir(config.instance.images_uri, config.s3, config.model_cache_dir())
     paths = list_images(directory)
