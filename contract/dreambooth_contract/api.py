@@ -595,6 +595,88 @@ class InferenceSpec(ApiModel):
     gpus: int = field(1, description="GPUs per replica (0 for CPU).", ge=0, le=8)
 
 
+# The DreamBooth paper's evaluation encoders (Ruiz et al., CVPR 2023, section 4.1): CLIP ViT-B/32
+# for CLIP-I and CLIP-T, self-supervised DINO ViT-S/16 for DINO and PRES.
+DEFAULT_CLIP_URI = "openai/clip-vit-base-patch32"
+DEFAULT_DINO_URI = "facebook/dino-vits16"
+# A transformers model: a hub id (org/name), s3://, a local directory, or one built in code.
+CLIP_URI = rf"^({S3_URI}|random://tiny-clip|[/.~].*|[\w.\-]+/[\w.\-]+)$"
+DINO_URI = rf"^({S3_URI}|random://tiny-dino|[/.~].*|[\w.\-]+/[\w.\-]+)$"
+
+
+class EvaluationSpec(ApiModel):
+    enabled: bool = field(
+        True,
+        description="After export, measure the trained model and the base model the way the "
+        "DreamBooth paper does: subject fidelity (DINO, CLIP-I), prompt fidelity (CLIP-T), "
+        "prior drift (PRES, with a class prompt) and diversity (DIV). On by default: with the "
+        "defaults it generates 2 models x 6 prompts x 4 images, about a minute on one GPU at "
+        "512 px, little beside the training it judges.",
+    )
+    prompts: list[
+        Annotated[str, Field(description="A prompt of the subject.", min_length=1, max_length=1000)]
+    ] = field(
+        list,
+        description="Prompts of the subject (with the instance prompt's identifier); default: "
+        'the instance prompt and recontextualizations of it ("... on the beach", "... in the '
+        'snow", ...). The class prompt is added for PRES.',
+        max_length=25,
+    )
+    images_per_prompt: int = field(
+        4,
+        description="Images generated per prompt and model (at least 2: diversity compares "
+        "images of the same prompt).",
+        ge=2,
+        le=16,
+    )
+    steps: int = field(25, description="Denoising steps per image.", ge=1, le=200)
+    guidance_scale: float = field(7.5, description="Classifier-free guidance scale.", ge=1, le=50)
+    seed: int = field(
+        0,
+        description="Image i of every prompt starts from the noise of seed + i, for both models: "
+        "base and trained scores compare like with like.",
+        ge=0,
+        le=2**31 - 1,
+    )
+    clip_uri: str = field(
+        DEFAULT_CLIP_URI,
+        description="CLIP model for CLIP-I and CLIP-T (transformers CLIPModel with its processor): "
+        "a Hugging Face repo id, s3://bucket/prefix, a local directory, or random://tiny-clip "
+        f"(random weights, for tests). Default the paper's {DEFAULT_CLIP_URI}.",
+        pattern=CLIP_URI,
+        min_length=1,
+        max_length=512,
+    )
+    dino_uri: str = field(
+        DEFAULT_DINO_URI,
+        description="DINO ViT for DINO and PRES (transformers ViTModel, CLS embedding): a Hugging "
+        "Face repo id, s3://bucket/prefix, a local directory, or random://tiny-dino (random "
+        f"weights, for tests). Default the paper's {DEFAULT_DINO_URI}.",
+        pattern=DINO_URI,
+        min_length=1,
+        max_length=512,
+    )
+
+    @field_validator("clip_uri", "dino_uri", mode="before")
+    @classmethod
+    def _explain_uri(cls, value, info):
+        # Before the pattern, whose regex would be the whole message.
+        pattern, random_uri = {
+            "clip_uri": (CLIP_URI, "random://tiny-clip"),
+            "dino_uri": (DINO_URI, "random://tiny-dino"),
+        }[info.field_name]
+        if isinstance(value, str) and not re.match(pattern, value):
+            raise ValueError(
+                "must be a Hugging Face repo id (org/name), s3://bucket/prefix, a local "
+                f"directory (starting with /, . or ~) or {random_uri}"
+            )
+        return value
+
+    # Defined after _explain_uri so that it runs first (before-validators run last-defined
+    # first): a URI with '..' segments gets the reason, not the list of forms.
+    _uri_segments = field_validator("clip_uri", "dino_uri", mode="before")(no_dot_segments)
+
+
 class RunPolicy(ApiModel):
     backoff_limit: int = field(
         3, description="Gang restarts allowed before the job fails.", ge=0, le=100
@@ -625,6 +707,9 @@ class DreamBoothJobSpec(ApiModel):
     storage: StorageSpec = field(description="Output and object storage.")
     export: ExportSpec = field(ExportSpec, description="What the export phase writes.")
     inference: InferenceSpec = field(InferenceSpec, description="Inference deployment.")
+    evaluation: EvaluationSpec = field(
+        EvaluationSpec, description="Subject and prompt fidelity of the trained model."
+    )
     run_policy: RunPolicy = field(RunPolicy, description="Restarts, deadlines and suspension.")
 
     @model_validator(mode="after")
@@ -745,6 +830,56 @@ class InferenceStatus(StatusModel):
     digest: str | None = field(None, description="Artifact digest being served.")
 
 
+class EvaluationScores(StatusModel):
+    """One model's scores; cosine similarities lie in [-1, 1], in practice in [0, 1]."""
+
+    dino: float = field(
+        description="Subject fidelity: mean DINO cosine similarity of generated to real subject "
+        "images (higher is better; the paper's SD run: 0.668)."
+    )
+    clip_i: float = field(
+        description="Subject fidelity: the same with CLIP image embeddings (paper: 0.803)."
+    )
+    clip_t: float = field(
+        description="Prompt fidelity: mean CLIP cosine similarity of each image to its prompt "
+        "(paper: 0.305)."
+    )
+    pres: float | None = field(
+        None,
+        description="Prior drift: mean DINO similarity of class-prompt images to the real subject "
+        "(lower is better); absent without a class prompt.",
+    )
+    div: float = field(
+        description="Diversity: mean pairwise distance between images of the same prompt "
+        "(higher is better); see diversityMethod."
+    )
+
+    @field_validator("dino", "clip_i", "clip_t", "pres", "div")
+    @classmethod
+    def _four_decimals(cls, value: float | None) -> float | None:
+        # The paper reports three; more digits are noise in `kubectl get` and the report.
+        return None if value is None else round(value, 4)
+
+
+class EvaluationStatus(StatusModel):
+    trained: EvaluationScores = field(description="The exported model's scores.")
+    base: EvaluationScores = field(description="The base model's scores on the same prompts.")
+    diversity_method: Literal["lpips", "dino"] = field(
+        description="lpips: LPIPS distance (the paper's); dino: 1 - cosine similarity of DINO "
+        "embeddings (when LPIPS is not installed)."
+    )
+    images: int = field(0, description="Images generated per model.", ge=0)
+    report_uri: str | None = field(None, description="The JSON report.")
+    grid_uri: str | None = field(None, description="The image grid (base left, trained right).")
+    summary: str | None = field(None, description='"DINO 0.61 (+0.12)", for kubectl get.')
+
+    @model_validator(mode="after")
+    def _summarize(self) -> EvaluationStatus:
+        gain = self.trained.dino - self.base.dino
+        self.summary = f"DINO {self.trained.dino:.3f} ({gain:+.3f})"
+        return self
+
+
 class DreamBoothJobStatus(StatusModel):
     phase: PhaseName | None = field(None, description="Where the job is in its lifecycle.")
     conditions: list[Condition] = field(list, description="Standard conditions.")
@@ -753,6 +888,9 @@ class DreamBoothJobStatus(StatusModel):
     priors: PriorsStatus | None = field(None, description="Class-image cache.")
     artifact: ArtifactStatus | None = field(None, description="Exported pipeline.")
     inference: InferenceStatus | None = field(None, description="Inference deployment.")
+    evaluation: EvaluationStatus | None = field(
+        None, description="Scores of the trained and the base model."
+    )
     restarts: int = field(0, description="Gang restarts so far.", ge=0)
     observed_generation: int | None = field(None, description="Spec generation acted on.", ge=0)
     start_time: datetime | None = field(None, description="When the job started running.")

@@ -5,6 +5,7 @@
       trained/          the trained weights the export starts from
       export/           the artifact: manifest.json, single files and pipeline/ (diffusers)
       samples/          sample grids rendered during training, and final.png
+      evaluation/       report.json and grid.png: the trained and the base model's scores
       logs/             TensorBoard event files
     <outputUri>/../priors/<key>/   the class images, by default (storage.priorCacheUri)
 
@@ -18,6 +19,7 @@ TRAINED_DIR = "trained"
 EXPORT_DIR = "export"
 PIPELINE_DIR = "pipeline"  # inside EXPORT_DIR
 SAMPLES_DIR = "samples"
+EVALUATION_DIR = "evaluation"
 LOGS_DIR = "logs"
 PRIORS_DIR = "priors"  # beside the output location, unless storage.priorCacheUri says otherwise
 

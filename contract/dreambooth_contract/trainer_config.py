@@ -21,6 +21,7 @@ from .api import (
     ApiModel,
     BaseModelSpec,
     DreamBoothJob,
+    EvaluationSpec,
     ExportSpec,
     FieldRuleError,
     InstanceSpec,
@@ -69,6 +70,9 @@ class TrainerConfig(ApiModel):
         None, description=f"Model download/build cache; default ${CACHE_DIR_ENV} or ~/.cache."
     )
     export: ExportSpec = Field(ExportSpec(), description="What the export phase writes.")
+    evaluation: EvaluationSpec = Field(
+        EvaluationSpec(), description="The evaluation phase (spec.evaluation)."
+    )
     export_fp16_variant: bool = Field(
         False, description="Also export fp16 weights (diffusers variant) and an fp16 single file."
     )
@@ -112,6 +116,13 @@ class TrainerConfig(ApiModel):
         instance = spec.instance.model_copy(
             update={"images_uri": resolve(spec.instance.images_uri)}
         )
+        evaluation = spec.evaluation.model_copy(
+            update={
+                name: resolve(getattr(spec.evaluation, name))
+                for name in ("clip_uri", "dino_uri")
+                if is_local_model(getattr(spec.evaluation, name))
+            }
+        )
         return cls(
             job_name=job.metadata.name,
             namespace=job.metadata.namespace,
@@ -119,6 +130,7 @@ class TrainerConfig(ApiModel):
             instance=instance,
             prior_preservation=spec.prior_preservation,
             training=training,
+            evaluation=evaluation,
             nodes=spec.resources.nodes,
             processes_per_node=spec.resources.processes,
             gpus_per_node=spec.resources.gpus_per_node,

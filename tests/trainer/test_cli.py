@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
+from PIL import Image
 
+from dreambooth_contract.api import EvaluationStatus
 from dreambooth_contract.env import EXIT_BAD_INPUT
 from dreambooth_operator.cli import main
 from dreambooth_trainer.digest import verify
@@ -31,13 +33,28 @@ def invoke(*args: str):
 
 
 def test_local_run_of_the_example(tmp_path: Path):
-    """README's first command: priors -> train -> export -> samples, into --output."""
+    """README's first command: priors -> train -> export -> evaluate -> samples, into --output."""
     output = tmp_path / "out"
     result = invoke("run", str(EXAMPLE), "--output", str(output))
     assert result.exit_code == 0, result.output
     digest = verify(output / "export")
     assert f"digest: {digest}" in result.output
     assert (output / "samples" / "final.png").is_file()
+    # the evaluation: status.evaluation printed as the operator would set it, report and grid
+    printed = yaml.safe_load(
+        result.output[result.output.index("evaluation:") :].split("\nseconds:")[0]
+    )
+    evaluation = EvaluationStatus.model_validate(printed["evaluation"])
+    assert evaluation.report_uri == str(output / "evaluation" / "report.json")
+    report = json.loads(Path(evaluation.report_uri).read_text())
+    assert EvaluationStatus.model_validate(report).trained == evaluation.trained
+    assert evaluation.trained != evaluation.base  # training changed what the model draws
+    assert evaluation.trained.pres is not None and evaluation.diversity_method == "dino"
+    spec = yaml.safe_load(EXAMPLE.read_text())["spec"]["evaluation"]
+    rows = len(report["prompts"]) + 1  # and the class prompt
+    assert evaluation.images == rows * spec["imagesPerPrompt"]
+    with Image.open(evaluation.grid_uri) as grid:  # base left, trained right
+        assert grid.size == (2 * spec["imagesPerPrompt"] * 64, rows * 64)
     example = yaml.safe_load(EXAMPLE.read_text())["spec"]["training"]
     steps, interval = example["maxSteps"], example["validation"]["interval"]
     grids = sorted(p.name for p in (output / "samples").glob("step-*.png"))

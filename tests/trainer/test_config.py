@@ -20,7 +20,7 @@ pytestmark = pytest.mark.trainer
 
 # Every spec section either reaches the trainer or is the operator's alone (pods, serving,
 # restarts): a new section fails test_every_spec_section_is_decided until someone decides.
-CARRIED_SECTIONS = {"base_model", "instance", "prior_preservation", "training"}
+CARRIED_SECTIONS = {"base_model", "instance", "prior_preservation", "training", "evaluation"}
 OPERATOR_SECTIONS = {"resources", "storage", "inference", "run_policy"}
 
 # A job whose every trainer-relevant field differs from its default, so that a field dropped
@@ -70,6 +70,16 @@ FULL_SPEC: dict[str, Any] = {
             "guidanceScale": 4.0,
             "seed": 9,
         },
+    },
+    "evaluation": {
+        "enabled": False,
+        "prompts": ["a photo of zwx toy in a garden"],
+        "imagesPerPrompt": 3,
+        "steps": 20,
+        "guidanceScale": 6.0,
+        "seed": 5,
+        "clipUri": "s3://bucket/encoders/clip",
+        "dinoUri": "org/dino",
     },
     "resources": {"nodes": 2, "gpusPerNode": 4, "processesPerNode": 4},
     "storage": {
@@ -175,10 +185,13 @@ def test_relative_paths_resolve_against_base_dir(tmp_path: Path):
         {
             "baseModel": {"uri": "./models/sd", "variant": None},
             "instance": {"imagesUri": "photos"},
+            "evaluation": {"clipUri": "./encoders/clip", "dinoUri": "../dino"},
             "storage": {"outputUri": "out/run", "s3": {}},
         },
     )
     config = TrainerConfig.from_job(make_job(spec), base_dir=tmp_path)
+    assert config.evaluation.clip_uri == str(tmp_path / "encoders" / "clip")
+    assert config.evaluation.dino_uri == str(tmp_path.parent / "dino")
     assert config.base_model.uri == str(tmp_path / "models" / "sd")
     assert config.instance.images_uri == str(tmp_path / "photos")
     assert config.output_uri == str(tmp_path / "out" / "run")
@@ -189,6 +202,10 @@ def test_hub_ids_and_remote_uris_stay_as_written(tmp_path: Path):
     config = TrainerConfig.from_job(make_job(FULL_SPEC), base_dir=tmp_path)
     assert config.base_model.uri == "org/model"
     assert config.instance.images_uri == "s3://bucket/subject"
+    assert (config.evaluation.clip_uri, config.evaluation.dino_uri) == (
+        "s3://bucket/encoders/clip",
+        "org/dino",
+    )
 
 
 def test_sibling_uri():

@@ -1,4 +1,5 @@
-"""Every phase with S3 for everything: base model, subject photos, class images, outputs."""
+"""Every phase with S3 for everything: base model, subject photos, class images, outputs, and
+the evaluation's encoders."""
 
 from __future__ import annotations
 
@@ -7,10 +8,12 @@ from pathlib import Path
 import pytest
 from torch.utils.tensorboard import SummaryWriter
 
-from dreambooth_contract.layout import EXPORT_DIR, TRAINED_DIR
+from dreambooth_contract.layout import EVALUATION_DIR, EXPORT_DIR, TRAINED_DIR
 from dreambooth_trainer import priors
 from dreambooth_trainer.callbacks import Callback
 from dreambooth_trainer.digest import MANIFEST, verify
+from dreambooth_trainer.evaluation import random_encoders
+from dreambooth_trainer.evaluation.phase import run_evaluation
 from dreambooth_trainer.export import run_export
 from dreambooth_trainer.locations import publish_dir
 from dreambooth_trainer.models import random_models
@@ -30,6 +33,9 @@ def test_phases_read_and_write_s3(s3_server, s3_bucket, make_config, monkeypatch
     endpoint = s3_server.endpoint_url
     model = random_models.materialize("random://tiny-sd", tmp_path / "models")
     open_store(f"{bucket}/models/tiny", endpoint).upload_dir(model)
+    for name in ("tiny-clip", "tiny-dino"):
+        encoder = random_encoders.materialize(f"random://{name}", tmp_path / "models")
+        open_store(f"{bucket}/models/{name}", endpoint).upload_dir(encoder)
     open_store(f"{bucket}/subject", endpoint).upload_dir(SUBJECT_DIR)
 
     config = make_config(
@@ -37,6 +43,13 @@ def test_phases_read_and_write_s3(s3_server, s3_bucket, make_config, monkeypatch
             "baseModel": {"uri": f"{bucket}/models/tiny"},
             "instance": {"imagesUri": f"{bucket}/subject"},
             "training": {"maxSteps": 2},
+            "evaluation": {
+                "prompts": ["a photo of sks cube"],
+                "imagesPerPrompt": 2,
+                "steps": 1,
+                "clipUri": f"{bucket}/models/tiny-clip",
+                "dinoUri": f"{bucket}/models/tiny-dino",
+            },
         }
     )
     config = config.model_copy(
@@ -59,6 +72,11 @@ def test_phases_read_and_write_s3(s3_server, s3_bucket, make_config, monkeypatch
     export.download_dir("", downloaded)
     assert export.exists(MANIFEST)
     assert verify(downloaded) == result.digest
+
+    evaluation = run_evaluation(config, result.directory)
+    assert evaluation.report_uri == config.output(EVALUATION_DIR, "report.json")
+    assert open_store(config.output(EVALUATION_DIR), endpoint).exists("report.json")
+    assert open_store(config.output(EVALUATION_DIR), endpoint).exists("grid.png")
 
 
 class StopAt(Callback):

@@ -182,8 +182,42 @@ BAD_SPECS = [
     (
         "unknown-top-level-spec-field",
         spec_with(spec__gpus=8),
-        "spec.gpus: unknown field; allowed: baseModel, export, inference, instance, "
+        "spec.gpus: unknown field; allowed: baseModel, evaluation, export, inference, instance, "
         "priorPreservation, resources, runPolicy, storage, training",
+    ),
+    (
+        "evaluation-one-image-per-prompt",
+        spec_with(spec__evaluation={"imagesPerPrompt": 1}),
+        "spec.evaluation.imagesPerPrompt: Input should be greater than or equal to 2 (got 1)",
+    ),
+    (
+        "evaluation-dino-model-as-clip",
+        spec_with(spec__evaluation={"clipUri": "random://tiny-dino"}),
+        "spec.evaluation.clipUri: must be a Hugging Face repo id (org/name), s3://bucket/prefix, "
+        "a local directory (starting with /, . or ~) or random://tiny-clip "
+        "(got 'random://tiny-dino')",
+    ),
+    (
+        "evaluation-unknown-scheme",
+        spec_with(spec__evaluation={"dinoUri": "gs://models/dino"}),
+        "spec.evaluation.dinoUri: must be a Hugging Face repo id (org/name), s3://bucket/prefix, "
+        "a local directory (starting with /, . or ~) or random://tiny-dino (got 'gs://models/dino')",
+    ),
+    (
+        "evaluation-dot-segments",
+        spec_with(spec__evaluation={"dinoUri": "s3://models/../dino"}),
+        f"spec.evaluation.dinoUri: {DOT_SEGMENT_RULE} (got 's3://models/../dino')",
+    ),
+    (
+        "evaluation-empty-prompt",
+        spec_with(spec__evaluation={"prompts": [""]}),
+        "spec.evaluation.prompts[0]: String should have at least 1 character (got '')",
+    ),
+    (
+        "evaluation-typo",
+        spec_with(spec__evaluation={"imagesPerPromt": 4}),
+        "spec.evaluation.imagesPerPromt: unknown field; allowed: clipUri, dinoUri, enabled, "
+        "guidanceScale, imagesPerPrompt, prompts, seed, steps",
     ),
     (
         "method-unknown",
@@ -462,6 +496,29 @@ def test_a_lora_job_may_fuse_its_export_and_does_not_by_default():
     assert lora.spec.export.fuse is False
     fused = parse_job(spec_with(spec__training={"method": "lora"}, spec__export={"fuse": True}))
     assert fused.spec.export.fuse is True
+
+
+def test_evaluation_is_on_by_default_with_the_papers_encoders():
+    evaluation = parse_job(MINIMAL).spec.evaluation
+    assert evaluation.enabled and evaluation.prompts == []
+    assert (evaluation.clip_uri, evaluation.dino_uri) == (
+        "openai/clip-vit-base-patch32",
+        "facebook/dino-vits16",
+    )
+
+
+@pytest.mark.parametrize(
+    ("field", "uri"),
+    [
+        ("clipUri", "random://tiny-clip"),
+        ("dinoUri", "random://tiny-dino"),
+        ("clipUri", "s3://models/clip-vit-b32"),
+        ("dinoUri", "./encoders/dino"),
+    ],
+)
+def test_evaluation_encoders_come_from_anywhere_models_do(field: str, uri: str):
+    job = parse_job(spec_with(spec__evaluation={field: uri}))
+    assert job.spec.evaluation.model_dump(by_alias=True)[field] == uri
 
 
 def test_priors_can_be_disabled_without_a_class_prompt():

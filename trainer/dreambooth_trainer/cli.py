@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import NoReturn
 
 import click
+import yaml
 
 from dreambooth_contract import env
 
@@ -123,7 +124,7 @@ def parse_shard(ctx: click.Context, param: click.Parameter, value: str | None):
     "--output", type=click.Path(file_okay=False, path_type=Path), help="Output directory."
 )
 def run(job_file: Path, output: Path | None) -> None:
-    """Run a DreamBoothJob locally: priors, train, export, samples."""
+    """Run a DreamBoothJob locally: priors, train, export, evaluate, samples."""
     configure_logging()
     from .local import load_config, run_local
 
@@ -132,6 +133,12 @@ def run(job_file: Path, output: Path | None) -> None:
         result = run_local(config)
     click.echo(f"output: {result.output}")
     click.echo(f"digest: {result.digest}")
+    if result.evaluation is not None:
+        # What the operator puts in status.evaluation, in the shape `kubectl get -o yaml` shows.
+        evaluation = result.evaluation.model_dump(mode="json", by_alias=True, exclude_none=True)
+        click.echo(yaml.safe_dump({"evaluation": evaluation}, sort_keys=False).rstrip())
+    if result.evaluation_error is not None:
+        click.echo(f"evaluation failed: {result.evaluation_error}")
     click.echo(f"seconds: {result.seconds}")
 
 

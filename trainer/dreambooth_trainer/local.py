@@ -1,8 +1,9 @@
 """`dreambooth run job.yaml`: the operator's phases as local processes instead of pods.
 
 The same config (`TrainerConfig.from_job`) and the same phase functions the pods call, run one
-after another: priors -> train -> export -> samples. One process runs everything in place; a job
-with more processes (processesPerNode, nodes) runs priors and training under torchrun.
+after another: priors -> train -> export -> evaluate -> samples. One process runs everything in
+place; a job with more processes (processesPerNode, nodes) runs priors and training under
+torchrun.
 
 Relative paths in the YAML resolve against the YAML file's directory (like docker compose), so
 a job file works from any working directory. `--output DIR` overrides storage.outputUri.
@@ -21,10 +22,12 @@ from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
 
+from dreambooth_contract.api import EvaluationStatus
 from dreambooth_contract.layout import EXPORT_DIR, PIPELINE_DIR, PRIORS_DIR, SAMPLES_DIR
 from dreambooth_contract.trainer_config import TrainerConfig, sibling_uri
 from dreambooth_contract.validation import JobInvalid, load_jobs
 
+from .evaluation.phase import run_evaluation
 from .export import run_export
 from .locations import publish_dir, working_dir
 from .methods.lora_export import apply_adapter
@@ -43,6 +46,8 @@ FINAL_SAMPLES = "final.png"
 class LocalRun:
     output: Path
     digest: str = ""
+    evaluation: EvaluationStatus | None = None
+    evaluation_error: str | None = None  # what a failed evaluation said; the artifact stands
     seconds: dict[str, float] = field(default_factory=dict)
 
     @contextmanager
@@ -81,9 +86,23 @@ def run_local(config: TrainerConfig, progress: bool = True) -> LocalRun:
         run_ranks(config, "train", config_file, lambda: run_training(config, progress=progress))
     with run.phase("export"):
         run.digest = run_export(config).digest
+    if config.evaluation.enabled:
+        with run.phase("evaluate"):
+            evaluate_artifact(config, run)
     with run.phase("samples"):
         render_final_samples(config, output)
     return run
+
+
+def evaluate_artifact(config: TrainerConfig, run: LocalRun) -> None:
+    """The evaluation judges the artifact; it cannot unmake it. A failure (an encoder that will
+    not load, a hub out of reach) is reported, and the run goes on, as the operator's
+    evaluation phase fails only its own condition."""
+    try:
+        run.evaluation = run_evaluation(config, run.output / EXPORT_DIR)
+    except Exception as error:
+        log.exception("evaluation failed; the exported artifact is unaffected")
+        run.evaluation_error = f"{type(error).__name__}: {error}"
 
 
 def run_ranks(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -23,21 +24,41 @@ COMPLETE_MARKER = ".complete"
 
 def resolve_model_source(spec: BaseModelSpec, cache_dir: Path, s3: S3Spec | None = None) -> str:
     """What `from_pretrained` should open: a local directory, or a hub id (needs network)."""
-    uri = spec.uri
+    return resolve_source(
+        spec.uri,
+        cache_dir,
+        s3,
+        build_random=random_models.materialize,
+        index_file="model_index.json",
+        kind="diffusers pipeline",
+    )
+
+
+def resolve_source(
+    uri: str,
+    cache_dir: Path,
+    s3: S3Spec | None,
+    *,
+    build_random: Callable[[str, Path], Path],
+    index_file: str,
+    kind: str,
+) -> str:
+    """A hub id as it is; a local directory checked for `index_file`; s3:// downloaded into the
+    cache; random:// built into it by `build_random`. Shared with the evaluation encoders."""
     if random_models.is_random_uri(uri):
-        return str(random_models.materialize(uri, cache_dir))
+        return str(build_random(uri, cache_dir))
     if uri.startswith("s3://"):
         return str(download_s3_model(uri, cache_dir, s3 or S3Spec()))
     if is_local_model(uri):
         path = Path(uri).expanduser()
-        if not (path / "model_index.json").exists():
-            raise FileNotFoundError(f"{uri}: no diffusers pipeline here (model_index.json missing)")
+        if not (path / index_file).exists():
+            raise FileNotFoundError(f"{uri}: no {kind} here ({index_file} missing)")
         return str(path)
     return uri
 
 
 def download_s3_model(uri: str, cache_dir: Path, s3: S3Spec) -> Path:
-    """Copy a diffusers pipeline from s3:// into the cache once (keyed by its URI)."""
+    """Copy a model directory from s3:// into the cache once (keyed by its URI)."""
     from ..storage import open_store  # boto3 only when a model actually lives in S3
 
     target = cache_dir / "s3" / hashlib.sha256(uri.encode()).hexdigest()[:16]
