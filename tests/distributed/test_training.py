@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from dreambooth_contract.layout import CHECKPOINTS_DIR, join_uri
@@ -199,23 +200,73 @@ def plant_corrupt_checkpoint(source_job: Job, job: Job, step: int, victim: str) 
 
 
 # Where the model's tensors are in a checkpoint, by name: DDP's state, DeepSpeed's module file
-# (ZeRO's optimizer shards hold flat partitions of the trainable parameters, no names).
-MODEL_STATES = {"backend/state.pt": "model", "backend/zero/mp_rank_00_model_states.pt": "module"}
+# (ZeRO-2 writes one, ZeRO-3 one per rank; ZeRO's optimizer shards hold flat partitions of the
+# trainable parameters, no names), FSDP2's torch.distributed.checkpoint metadata.
+MODEL_STATES = {
+    "backend/state.pt": "model",
+    "backend/zero/mp_rank_00_model_states.pt": "module",
+    "backend/zero/zero_pp_rank_0_mp_rank_00_model_states.pt": "module",
+}
+DCP_METADATA = "backend/.metadata"
+
+
+def checkpoint_model_names(job: Job, step: int) -> set[str]:
+    """Names of the model tensors a verified checkpoint holds."""
+    paths = [f.path for f in job.verified(step).files]
+    prefix = checkpoint_files.checkpoint_key(CHECKPOINTS_DIR, step)
+    if DCP_METADATA in paths:
+        local = job.workdir / f"checkpoint-{step}"
+        job.store.download_dir(f"{prefix}/backend", local)
+        metadata = dcp.FileSystemReader(local).read_metadata()
+        return {k.removeprefix("model.") for k in metadata.state_dict_metadata if k[:6] == "model."}
+    found = [p for p in paths if p in MODEL_STATES]
+    assert len(found) == 1, paths
+    data = job.store.read_bytes(f"{prefix}/{found[0]}")
+    # Our own checkpoint, just verified by hash; DeepSpeed's file holds Python objects.
+    state = torch.load(io.BytesIO(data), weights_only=False)
+    assert state.get("frozen_param_fragments") is None  # DeepSpeed's copy of frozen weights
+    return set(state[MODEL_STATES[found[0]]])
 
 
 def assert_adapter_only(job: Job, step: int) -> None:
     """The checkpoint's model state holds LoRA adapter weights (UNet and text encoder) only."""
-    info = job.verified(step)
-    prefix = checkpoint_files.checkpoint_key(CHECKPOINTS_DIR, step)
-    found = [f.path for f in info.files if f.path in MODEL_STATES]
-    assert len(found) == 1, [f.path for f in info.files]
-    data = job.store.read_bytes(f"{prefix}/{found[0]}")
-    # Our own checkpoint, just verified by hash; DeepSpeed's file holds Python objects.
-    state = torch.load(io.BytesIO(data), weights_only=False)
-    names = set(state[MODEL_STATES[found[0]]])
+    names = checkpoint_model_names(job, step)
     assert names and all(".lora_A." in n or ".lora_B." in n for n in names), sorted(names)[:5]
     assert {n.split(".")[0] for n in names} == {"unet", "text_encoder"}
-    assert state.get("frozen_param_fragments") is None  # DeepSpeed's copy of frozen weights
+
+
+SHARDED_LORA = {
+    "zero3": {"zeroStage": 3},
+    "fsdp": {"backend": "fsdp", "zeroStage": None},
+}
+
+
+@pytest.mark.parametrize("sharding", SHARDED_LORA.values(), ids=SHARDED_LORA.keys())
+def test_sharded_backends_train_and_checkpoint_the_adapter_only(new_job, sharding):
+    """ZeRO-3 and FSDP2 shard the frozen base with the adapter; checkpoints and the saved
+    adapter still hold only the adapter, and samples gather it mid-training."""
+    job = new_job(
+        "lora-sharded",
+        {
+            "training": {
+                "method": "lora",
+                "maxSteps": 2,
+                "sharding": sharding,
+                "checkpointing": {"interval": 2},
+                "validation": {
+                    "prompts": ["a photo of sks cube"],
+                    "interval": 2,
+                    "numInferenceSteps": 2,
+                },
+            }
+        },
+    )
+    job.train()
+    assert [o.key for o in job.store.list("samples")] == ["samples/step-000002.png"]
+    assert_adapter_only(job, step=2)
+    adapter = job.trained_weights()[LORA_WEIGHTS]
+    up = [t for name, t in adapter.items() if name.startswith("unet.") and ".up." in name]
+    assert up and any(t.abs().max() > 0 for t in up)  # the up (lora_B) matrices start at 0
 
 
 def test_sigterm_commits_a_checkpoint_before_exit(new_job):
