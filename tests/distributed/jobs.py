@@ -96,9 +96,13 @@ class Job:
         return checkpoint_files.verify(self.store, CHECKPOINTS_DIR, step, level="sha256")
 
     def trained_weights(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every safetensors file the run left in trained/, by its path there (TRAINED_FILES
+        for full fine-tuning, the adapter's file for LoRA)."""
         local = self.workdir / f"trained-{self.launches}"
         self.store.download_dir("trained", local)
-        return {name: load_file(local / path) for name, path in TRAINED_FILES.items()}
+        files = sorted(local.rglob("*.safetensors"))
+        assert files, f"no weights in {self.name}'s trained/"
+        return {path.relative_to(local).as_posix(): load_file(path) for path in files}
 
     def progress(self) -> dict[str, Any]:
         return json.loads(Path(self.env["DBJ_PROGRESS_FILE"]).read_text())

@@ -7,6 +7,7 @@ import torch
 
 from dreambooth_trainer.parallel.base import BackendOptions, apply_update
 from dreambooth_trainer.parallel.full_weights import FullWeights
+from dreambooth_trainer.parallel.trainable import load_trainable_state, trainable_state
 
 from . import toy
 
@@ -42,6 +43,31 @@ def test_full_weights_refuses_incomplete_weights():
     with pytest.raises(KeyError, match="head.bias"):
         full.load(trainable, model)
     assert full.load(None, model) is full.skeleton  # other ranks: structure only
+
+
+def test_trainable_state_leaves_out_frozen_parameters_only():
+    state = trainable_state(toy.Toy())
+    assert "frozen.weight" not in state and "frozen.bias" not in state
+    assert "scale" in state  # buffers may change in training
+    assert state.keys() == toy.Toy().state_dict().keys() - {"frozen.weight", "frozen.bias"}
+
+
+def test_trainable_state_loads_into_a_model_with_its_own_frozen_weights():
+    trained, fresh = toy.Toy(seed=1), toy.Toy(seed=2)
+    load_trainable_state(fresh, trainable_state(trained))
+    assert torch.equal(fresh.head.weight, trained.head.weight)
+    assert torch.equal(fresh.frozen.weight, toy.Toy(seed=2).frozen.weight)  # not overwritten
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_trainable_state_load_is_strict_about_everything_but_frozen_weights(change):
+    state = trainable_state(toy.Toy())
+    if change == "missing":
+        del state["head.bias"]
+    else:
+        state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(KeyError, match=change):
+        load_trainable_state(toy.Toy(), state)
 
 
 def test_fsdp_units_are_unet_blocks_and_text_encoder_layers():

@@ -4,6 +4,7 @@ checkpoints skipped, SIGTERM saving a checkpoint before the exit."""
 
 from __future__ import annotations
 
+import io
 import re
 import signal
 from collections.abc import Callable
@@ -11,11 +12,14 @@ from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from dreambooth_contract.layout import CHECKPOINTS_DIR, join_uri
 from dreambooth_trainer import checkpoint_files
+from dreambooth_trainer.methods.lora_files import LORA_WEIGHTS
 from dreambooth_trainer.models import random_models
+from tests.trainer.conftest import merged
 
 from . import harness
 from .jobs import (
@@ -102,31 +106,44 @@ def test_zero_trains_unet_and_text_encoder_with_checkpoints_in_s3(new_job, model
         assert any(re.search(rf"backend/zero/.*zero_pp_rank_{rank}_", p) for p in paths), paths
 
     trained = job.trained_weights()
-    for name in ("unet", "text_encoder"):
+    assert trained.keys() == set(TRAINED_FILES.values())
+    for name, path in TRAINED_FILES.items():
         before = base_weights(model_cache, name)
-        assert trained[name].keys() == before.keys()
-        assert all(t.dtype == torch.float32 for t in trained[name].values())
-        assert not same_weights(trained[name], before), f"{name} did not train"
+        assert trained[path].keys() == before.keys()
+        assert all(t.dtype == torch.float32 for t in trained[path].values())
+        assert not same_weights(trained[path], before), f"{name} did not train"
 
     status = job.progress()
     assert status["progress"]["step"] == 4
     assert status["checkpoint"]["step"] == 4 and status["checkpoint"]["uri"] == info.uri
 
 
-@pytest.mark.parametrize("use_8bit_adam", [False, True], ids=["adamw", "adamw-8bit"])
-def test_exact_resume_after_a_crash_skips_broken_checkpoints(new_job, use_8bit_adam):
+LORA_DDP = {"method": "lora", "sharding": {"backend": "ddp", "zeroStage": None}}
+# What each run changes of DISTRIBUTED_SPEC (ZeRO-2, bf16, text encoder trained), and a file of
+# rank 1's that only rank 1 downloads on resume (the one the test corrupts).
+RESUME_RUNS = {
+    "adamw": ({}, "zero_pp_rank_1_"),
+    "adamw-8bit": ({"use8bitAdam": True}, "zero_pp_rank_1_"),
+    "lora-ddp": (LORA_DDP, "trainer/rank-00001"),
+    "lora-zero2-8bit": ({"method": "lora", "use8bitAdam": True}, "zero_pp_rank_1_"),
+}
+
+
+@pytest.mark.parametrize("changes, rank_1_file", RESUME_RUNS.values(), ids=RESUME_RUNS.keys())
+def test_exact_resume_after_a_crash_skips_broken_checkpoints(new_job, changes, rank_1_file):
     """6 steps straight == 3 steps, SIGKILL, restart, 3 more: bitwise. Before the restart a
     newer checkpoint 5 lost its manifest (upload cut off) and one of rank 1's files in a newer
     checkpoint 6 has the wrong content: only rank 1 downloads it, all ranks must skip it. ZeRO-2
-    shards the 8-bit AdamW state like any other. The first run pauses after step 3 (its
-    checkpoint committed) until it is killed, however fast the machine."""
+    shards the 8-bit AdamW state like any other. A LoRA run resumes its adapter (UNet and text
+    encoder) from checkpoints that hold nothing of the frozen base. The first run pauses after
+    step 3 (its checkpoint committed) until it is killed, however fast the machine."""
     # 4 micro-batches a step: the resumed data position is a micro-step, not a step.
     training = {
         "maxSteps": 6,
         "gradientAccumulationSteps": 4,
         "checkpointing": {"interval": 3, "keep": 2},
     }
-    overrides = {"training": {**training, "use8bitAdam": use_8bit_adam}}
+    overrides = {"training": merged(training, changes)}
     straight = new_job("straight", overrides)
     straight.train()
     assert straight.checkpoint_steps() == [6, 3]
@@ -139,7 +156,7 @@ def test_exact_resume_after_a_crash_skips_broken_checkpoints(new_job, use_8bit_a
     assert resumed.checkpoint_steps() == [3], "killed too late"
 
     plant_cut_off_checkpoint(resumed, from_step=3, step=5)
-    plant_corrupt_checkpoint(straight, resumed, step=6, rank=1)
+    plant_corrupt_checkpoint(straight, resumed, step=6, victim=rank_1_file)
     resumed.train()
 
     log = resumed.log(resumed.launches).read_text()
@@ -147,8 +164,12 @@ def test_exact_resume_after_a_crash_skips_broken_checkpoints(new_job, use_8bit_a
     assert re.search(r"skipping checkpoint .*checkpoint-00000005.*no manifest", log)
     assert re.search(r"resumed from .*checkpoint-00000003 at step 3", log)
     expected, actual = straight.trained_weights(), resumed.trained_weights()
-    for name in TRAINED_FILES:
-        assert same_weights(actual[name], expected[name]), f"{name} differs after resume"
+    assert actual.keys() == expected.keys()
+    for path in expected:
+        assert same_weights(actual[path], expected[path]), f"{path} differs after resume"
+    if changes.get("method") == "lora":
+        assert list(expected) == [LORA_WEIGHTS]
+        assert_adapter_only(straight, step=6)
     assert resumed.checkpoint_steps() == [6, 3]  # 6 saved anew, debris 5 retired
     resumed.verified(6)
 
@@ -163,18 +184,89 @@ def plant_cut_off_checkpoint(job: Job, from_step: int, step: int) -> None:
             store.write_bytes(join_uri(target, rel), store.read_bytes(obj.key))
 
 
-def plant_corrupt_checkpoint(source_job: Job, job: Job, step: int, rank: int) -> None:
-    """A committed-looking checkpoint (manifest, right sizes) with one rank's file corrupted."""
+def plant_corrupt_checkpoint(source_job: Job, job: Job, step: int, victim: str) -> None:
+    """A committed-looking checkpoint (manifest, right sizes) with the file whose key contains
+    `victim` corrupted."""
     source, store = source_job.store, job.store
     prefix = checkpoint_files.checkpoint_key(CHECKPOINTS_DIR, step)
-    victim = None
+    corrupted = None
     for obj in source.list(prefix):
         data = source.read_bytes(obj.key)
-        if victim is None and f"zero_pp_rank_{rank}_" in obj.key:
-            victim = obj.key
+        if corrupted is None and victim in obj.key:
+            corrupted = obj.key
             data = data[:-64] + bytes(64)  # same size, other bytes: only the hash can tell
         store.write_bytes(obj.key, data)
-    assert victim is not None
+    assert corrupted is not None
+
+
+# Where the model's tensors are in a checkpoint, by name: DDP's state, DeepSpeed's module file
+# (ZeRO-2 writes one, ZeRO-3 one per rank; ZeRO's optimizer shards hold flat partitions of the
+# trainable parameters, no names), FSDP2's torch.distributed.checkpoint metadata.
+MODEL_STATES = {
+    "backend/state.pt": "model",
+    "backend/zero/mp_rank_00_model_states.pt": "module",
+    "backend/zero/zero_pp_rank_0_mp_rank_00_model_states.pt": "module",
+}
+DCP_METADATA = "backend/.metadata"
+
+
+def checkpoint_model_names(job: Job, step: int) -> set[str]:
+    """Names of the model tensors a verified checkpoint holds."""
+    paths = [f.path for f in job.verified(step).files]
+    prefix = checkpoint_files.checkpoint_key(CHECKPOINTS_DIR, step)
+    if DCP_METADATA in paths:
+        local = job.workdir / f"checkpoint-{step}"
+        job.store.download_dir(f"{prefix}/backend", local)
+        metadata = dcp.FileSystemReader(local).read_metadata()
+        return {k.removeprefix("model.") for k in metadata.state_dict_metadata if k[:6] == "model."}
+    found = [p for p in paths if p in MODEL_STATES]
+    assert len(found) == 1, paths
+    data = job.store.read_bytes(f"{prefix}/{found[0]}")
+    # Our own checkpoint, just verified by hash; DeepSpeed's file holds Python objects.
+    state = torch.load(io.BytesIO(data), weights_only=False)
+    assert state.get("frozen_param_fragments") is None  # DeepSpeed's copy of frozen weights
+    return set(state[MODEL_STATES[found[0]]])
+
+
+def assert_adapter_only(job: Job, step: int) -> None:
+    """The checkpoint's model state holds LoRA adapter weights (UNet and text encoder) only."""
+    names = checkpoint_model_names(job, step)
+    assert names and all(".lora_A." in n or ".lora_B." in n for n in names), sorted(names)[:5]
+    assert {n.split(".")[0] for n in names} == {"unet", "text_encoder"}
+
+
+SHARDED_LORA = {
+    "zero3": {"zeroStage": 3},
+    "fsdp": {"backend": "fsdp", "zeroStage": None},
+}
+
+
+@pytest.mark.parametrize("sharding", SHARDED_LORA.values(), ids=SHARDED_LORA.keys())
+def test_sharded_backends_train_and_checkpoint_the_adapter_only(new_job, sharding):
+    """ZeRO-3 and FSDP2 shard the frozen base with the adapter; checkpoints and the saved
+    adapter still hold only the adapter, and samples gather it mid-training."""
+    job = new_job(
+        "lora-sharded",
+        {
+            "training": {
+                "method": "lora",
+                "maxSteps": 2,
+                "sharding": sharding,
+                "checkpointing": {"interval": 2},
+                "validation": {
+                    "prompts": ["a photo of sks cube"],
+                    "interval": 2,
+                    "numInferenceSteps": 2,
+                },
+            }
+        },
+    )
+    job.train()
+    assert [o.key for o in job.store.list("samples")] == ["samples/step-000002.png"]
+    assert_adapter_only(job, step=2)
+    adapter = job.trained_weights()[LORA_WEIGHTS]
+    up = [t for name, t in adapter.items() if name.startswith("unet.") and ".up." in name]
+    assert up and any(t.abs().max() > 0 for t in up)  # the up (lora_B) matrices start at 0
 
 
 def test_sigterm_commits_a_checkpoint_before_exit(new_job):

@@ -42,7 +42,8 @@ FULL_SPEC: dict[str, Any] = {
         },
     },
     "training": {
-        "method": "full",
+        "method": "lora",
+        "lora": {"rank": 8, "alpha": 16, "dropout": 0.1, "targetModules": ["to_q", "to_v"]},
         "trainTextEncoder": True,
         "maxSteps": 1234,
         "learningRate": 3e-6,
@@ -92,7 +93,7 @@ FULL_SPEC: dict[str, Any] = {
     },
 }
 # Not the default, yet only one value is allowed today.
-SINGLE_VALUE_FIELDS = {"training.method", "training.sharding.backend"}
+SINGLE_VALUE_FIELDS = {"training.sharding.backend"}
 
 
 def leaves(model: BaseModel, prefix: str = "") -> dict[str, Any]:
@@ -160,7 +161,9 @@ def test_from_job_resolves_runtime_values():
 
 
 def test_effective_learning_rate_is_resolved():
-    spec = merged(FULL_SPEC, {"training": {"learningRate": None, "trainTextEncoder": True}})
+    spec = merged(FULL_SPEC, {"training": {"learningRate": None}})
+    assert TrainerConfig.from_job(make_job(spec)).training.learning_rate == 1e-4  # lora
+    spec["training"].update(method="full", lora=None, trainTextEncoder=True)
     config = TrainerConfig.from_job(make_job(spec))
     assert config.training.learning_rate == 2e-6
     spec["training"]["trainTextEncoder"] = False

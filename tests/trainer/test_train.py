@@ -64,10 +64,17 @@ def test_loss_on_the_instance_images_falls(make_config):
     assert after < 0.6 * before, (before, after)
 
 
-@pytest.mark.parametrize("use_8bit_adam", [False, True], ids=["adamw", "adamw-8bit"])
-def test_resume_continues_exactly(make_config, use_8bit_adam):
+RESUMED_RUNS = {
+    "adamw": {},
+    "adamw-8bit": {"use8bitAdam": True},
+    "lora": {"method": "lora", "trainTextEncoder": True},
+}
+
+
+@pytest.mark.parametrize("changes", RESUMED_RUNS.values(), ids=RESUMED_RUNS.keys())
+def test_resume_continues_exactly(make_config, changes):
     """N steps, state_dict, a fresh trainer, load, N more == 2N straight (bitwise on CPU)."""
-    training = {"maxSteps": 4, "gradientAccumulationSteps": 2, "use8bitAdam": use_8bit_adam}
+    training = {"maxSteps": 4, "gradientAccumulationSteps": 2, **changes}
     config = make_config({"training": training})
     straight = trainer_for(config)
     straight.fit()
@@ -82,7 +89,8 @@ def test_resume_continues_exactly(make_config, use_8bit_adam):
 
     assert resumed.step == straight.step == 4
     assert resumed.micro_step == straight.micro_step == 8
-    expected, actual = unet_weights(straight), unet_weights(resumed)
+    expected, actual = (t.trained_model.state_dict() for t in (straight, resumed))
+    assert expected.keys() == actual.keys()
     assert all(torch.equal(expected[k], actual[k]) for k in expected)
     assert torch.equal(straight.generator.get_state(), resumed.generator.get_state())
 

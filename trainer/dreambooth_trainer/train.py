@@ -37,7 +37,7 @@ from .checkpoint_manager import CheckpointManager
 from .data import DreamBoothData, build_data
 from .locations import fetch_dir, is_s3, publish_dir, staging_dir, store_for, working_dir
 from .loss import DreamBoothObjective
-from .methods import full
+from .methods import method_for
 from .models.components import DreamBoothModel, FrozenParts, sampling_pipeline
 from .models.loading import load_pipeline
 from .optim import optimizer_factory, scheduler_factory
@@ -267,10 +267,11 @@ class Trainer:
         return sampling_pipeline(self.trained_model, self.frozen)
 
     def save_trained(self, directory: Path) -> None:
-        """Collective. Rank 0 writes what the export phase starts from (`full.save_trained`)."""
+        """Collective. Rank 0 writes what the export phase starts from (the training method's
+        `save_trained`)."""
         model = self.trained_model
         if self.world.is_main:
-            full.save_trained(model, directory)
+            method_for(self.training).save_trained(model, directory)
 
 
 def build_trainer(
@@ -297,7 +298,7 @@ def build_trainer(
     pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3)
     sharding = training.sharding
     backend = create_backend(sharding.backend, world, options, sharding.zero_stage)
-    model, frozen = full.split_pipeline(pipeline, training, world.device)
+    model, frozen = method_for(training).split_pipeline(pipeline, training, world.device)
     data = build_data(
         config,
         frozen.vae,

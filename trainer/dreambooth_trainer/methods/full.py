@@ -16,7 +16,6 @@ from pathlib import Path
 
 import torch
 from diffusers import StableDiffusionPipeline, UNet2DConditionModel
-from diffusers.models.attention_processor import AttnProcessor2_0
 from transformers import CLIPTextModel
 
 from dreambooth_contract.api import TrainingSpec
@@ -27,8 +26,9 @@ from ..models.components import (
     enable_activation_checkpointing,
     freeze,
     frozen_dtype,
+    frozen_parts,
+    use_torch_sdpa,
 )
-from ..models.loading import training_noise_scheduler
 
 UNET_DIR = "unet"
 TEXT_ENCODER_DIR = "text_encoder"
@@ -40,8 +40,7 @@ def split_pipeline(
     """UNet (+ text encoder) trainable in fp32; VAE (+ text encoder) frozen, eval, on `device`."""
     dtype = frozen_dtype(training.mixed_precision)
     unet, text_encoder, vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
-    for module in (unet, vae):
-        module.set_attn_processor(AttnProcessor2_0())  # torch SDPA: flash / memory-efficient
+    use_torch_sdpa(unet, vae)
     unet.train().requires_grad_(True)
     freeze(vae, device, dtype)
     if training.train_text_encoder:
@@ -53,14 +52,7 @@ def split_pipeline(
         if training.train_text_encoder:
             enable_activation_checkpointing(text_encoder)
     model = DreamBoothModel(unet, text_encoder if training.train_text_encoder else None)
-    frozen = FrozenParts(
-        vae=vae,
-        tokenizer=pipeline.tokenizer,
-        text_encoder=text_encoder,
-        sampling_scheduler=pipeline.scheduler,
-        noise_scheduler=training_noise_scheduler(pipeline),
-    )
-    return model, frozen
+    return model, frozen_parts(pipeline)
 
 
 def save_trained(model: DreamBoothModel, directory: Path) -> None:

@@ -12,8 +12,11 @@ from diffusers import (
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
+from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
+
+from .loading import training_noise_scheduler
 
 
 class DreamBoothModel(nn.Module):
@@ -53,6 +56,23 @@ class FrozenParts:
     text_encoder: CLIPTextModel  # the frozen one in use when the text encoder does not train
     sampling_scheduler: SchedulerMixin
     noise_scheduler: DDPMScheduler
+
+
+def frozen_parts(pipeline: StableDiffusionPipeline) -> FrozenParts:
+    """The pipeline's parts a training method never trains (its text encoder included)."""
+    return FrozenParts(
+        vae=pipeline.vae,
+        tokenizer=pipeline.tokenizer,
+        text_encoder=pipeline.text_encoder,
+        sampling_scheduler=pipeline.scheduler,
+        noise_scheduler=training_noise_scheduler(pipeline),
+    )
+
+
+def use_torch_sdpa(*modules: nn.Module) -> None:
+    """torch's scaled_dot_product_attention (flash / memory-efficient) in every attention."""
+    for module in modules:
+        module.set_attn_processor(AttnProcessor2_0())
 
 
 def frozen_dtype(mixed_precision: str) -> torch.dtype:

@@ -42,6 +42,7 @@ from .base import (
 )
 from .collectives import broadcast_from_main, mean_over_ranks
 from .full_weights import FullWeights
+from .trainable import load_trainable_state
 
 log = logging.getLogger(__name__)
 
@@ -186,12 +187,17 @@ class DeepSpeedBackend:
 
     def save_to_dir(self, directory: Path | str) -> None:
         """Collective. This rank's shards (and on rank 0 the module/scheduler file)."""
-        self.engine.save_checkpoint(str(directory), tag=TAG, save_latest=False)
+        # Trainable state only (parallel/trainable.py): no frozen base weights.
+        self.engine.save_checkpoint(
+            str(directory), tag=TAG, save_latest=False, exclude_frozen_parameters=True
+        )
 
     def load_from_dir(self, directory: Path | str) -> None:
         """Collective. `directory` must hold the files `needs_file` selects for this rank, and
         only verified ones: this unpickles them (module docstring)."""
-        path, _ = self.engine.load_checkpoint(str(directory), tag=TAG)
+        path, _ = self.engine.load_checkpoint(
+            str(directory), tag=TAG, custom_load_fn=_load_module_state
+        )
         if path is None:
             raise FileNotFoundError(f"no DeepSpeed checkpoint in {directory}")
 
@@ -221,6 +227,11 @@ class DeepSpeedBackend:
         if self.engine is not None:
             self.engine.destroy()
         self.world.leave_process_group()
+
+
+def _load_module_state(src: dict[str, Any], dst: nn.Module) -> None:
+    """The engine's module state, saved without frozen parameters, into the module."""
+    load_trainable_state(dst, src)
 
 
 def _read_files(root: Path) -> dict[str, bytes]:

@@ -37,10 +37,15 @@ from torch.distributed.tensor import DTensor
 from .base import BackendOptions, World
 from .full_weights import FullWeights
 from .single import SingleProcessBackend
+from .trainable import check_loaded_keys
 
 ShardUnit = Callable[[str, nn.Module], bool]
 # diffusers' UNet blocks and transformers' encoder layers, by their qualified names.
 BLOCK_NAME = re.compile(r"(^|\.)((down_blocks|up_blocks|layers)\.\d+|mid_block)$")
+# Checkpoints hold trainable state only (parallel/trainable.py); a load leaves the frozen
+# parameters as they are and check_loaded_keys is strict about the rest.
+SAVE_TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+LOAD_TRAINABLE = StateDictOptions(ignore_frozen_params=True, strict=False)
 
 
 def is_block(name: str, module: nn.Module) -> bool:
@@ -109,7 +114,7 @@ class FSDPBackend(SingleProcessBackend):
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's shards of model and optimizer state, and the scheduler (and scaler)."""
-        model, optimizer = get_state_dict(self.model, self.optimizer)
+        model, optimizer = get_state_dict(self.model, self.optimizer, options=SAVE_TRAINABLE)
         state = {
             "model": model,
             "optimizer": optimizer,
@@ -120,12 +125,14 @@ class FSDPBackend(SingleProcessBackend):
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        set_state_dict(
+        loaded = set_state_dict(
             self.model,
             self.optimizer,
             model_state_dict=state["model"],
             optim_state_dict=state["optimizer"],
+            options=LOAD_TRAINABLE,
         )
+        check_loaded_keys(self.model, loaded.missing_keys, loaded.unexpected_keys)
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.scaler and state.get("grad_scaler"):
             self.scaler.load_state_dict(state["grad_scaler"])

@@ -25,6 +25,7 @@ from .base import (
     unscale_and_clip,
 )
 from .collectives import mean_over_ranks
+from .trainable import load_trainable_state, trainable_state
 
 STATE_FILE = "state.pt"
 
@@ -91,14 +92,14 @@ class SingleProcessBackend:
 
     def state_dict(self) -> dict[str, Any]:
         return {
-            "model": self.unwrap().state_dict(),
+            "model": trainable_state(self.unwrap()),
             "optimizer": self.optimizer.state_dict(),
             "lr_scheduler": self.lr_scheduler.state_dict(),
             "grad_scaler": self.scaler.state_dict() if self.scaler else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.unwrap().load_state_dict(state["model"])
+        load_trainable_state(self.unwrap(), state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.scaler and state.get("grad_scaler"):
