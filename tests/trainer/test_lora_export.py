@@ -16,7 +16,7 @@ from diffusers import StableDiffusionPipeline
 from safetensors import safe_open
 
 from dreambooth_contract.api import BaseModelSpec
-from dreambooth_contract.layout import PIPELINE_DIR, TRAINED_DIR
+from dreambooth_contract.layout import EXPORT_DIR, PIPELINE_DIR, TRAINED_DIR
 from dreambooth_trainer.digest import MANIFEST, verify
 from dreambooth_trainer.export import SINGLE_FILE, run_export
 from dreambooth_trainer.methods.lora_export import KOHYA_WEIGHTS
@@ -198,10 +198,11 @@ def test_export_of_a_lora_job_needs_its_adapter(make_config):
 def test_final_samples_of_a_local_run_come_from_the_base_with_the_exported_adapter(
     lora_job, tmp_path
 ):
-    from dreambooth_trainer.local import exported_pipeline, render_final_samples
+    from dreambooth_trainer.export import load_exported
+    from dreambooth_trainer.local import render_final_samples
 
     config, expected, _ = lora_job()
     run_export(config)
     output = Path(config.output_uri)
-    np.testing.assert_array_equal(image(exported_pipeline(config, output)), expected)
+    np.testing.assert_array_equal(image(load_exported(config, output / EXPORT_DIR)), expected)
     assert render_final_samples(config, output).is_file()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,3 +163,24 @@ def run_export(config: TrainerConfig) -> ExportResult:
     publish_dir(directory, config.output(EXPORT_DIR), config.s3, last=MANIFEST, replace=True)
     log.info("exported %s (%s)", config.output(EXPORT_DIR), manifest["digest"])
     return ExportResult(directory, config.output(EXPORT_DIR), manifest["digest"], kind, base_model)
+
+
+def load_exported(
+    config: TrainerConfig, export_dir: Path, torch_dtype: torch.dtype = torch.float32
+) -> StableDiffusionPipeline:
+    """The export as users load it: the diffusers pipeline, or for a LoRA job the base model
+    with the exported adapter applied (what the server runs too)."""
+    if config.training.method == "lora":
+        pipeline = load_pipeline(
+            config.base_model, config.model_cache_dir(), config.s3, torch_dtype
+        )
+        lora_export.apply_adapter(pipeline, export_dir)
+        return pipeline
+    with warnings.catch_warnings():
+        # diffusers >= 0.36 renamed torch_dtype to dtype; the old name works everywhere.
+        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
+        pipeline = StableDiffusionPipeline.from_pretrained(
+            export_dir / PIPELINE_DIR, torch_dtype=torch_dtype
+        )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline

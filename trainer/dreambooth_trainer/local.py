@@ -20,18 +20,14 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
-
 from dreambooth_contract.api import EvaluationStatus
-from dreambooth_contract.layout import EXPORT_DIR, PIPELINE_DIR, PRIORS_DIR, SAMPLES_DIR
+from dreambooth_contract.layout import EXPORT_DIR, PRIORS_DIR, SAMPLES_DIR
 from dreambooth_contract.trainer_config import TrainerConfig, sibling_uri
 from dreambooth_contract.validation import JobInvalid, load_jobs
 
 from .evaluation.phase import run_evaluation
-from .export import run_export
+from .export import load_exported, run_export
 from .locations import publish_dir, working_dir
-from .methods.lora_export import apply_adapter
-from .models.loading import load_pipeline
 from .priors import run_priors
 from .samples import render_grid
 from .train import run_training
@@ -121,20 +117,9 @@ def run_ranks(
     subprocess.run(argv, check=True)
 
 
-def exported_pipeline(config: TrainerConfig, output: Path) -> StableDiffusionPipeline:
-    """The export as users load it: the pipeline, or the base with the LoRA adapter applied."""
-    if config.training.method == "lora":
-        pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3)
-        apply_adapter(pipeline, output / EXPORT_DIR)
-        return pipeline
-    pipeline = StableDiffusionPipeline.from_pretrained(output / EXPORT_DIR / PIPELINE_DIR)
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
-
-
 def render_final_samples(config: TrainerConfig, output: Path) -> Path:
     """Samples from the exported artifact as loaded from disk: proof the artifact works."""
-    pipeline = exported_pipeline(config, output)
+    pipeline = load_exported(config, output / EXPORT_DIR)
     prompts = config.validation.prompts or [config.instance.prompt]
     grid = render_grid(pipeline, prompts, config.validation, config.training.resolution)
     path = output / SAMPLES_DIR / FINAL_SAMPLES

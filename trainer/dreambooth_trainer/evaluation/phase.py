@@ -4,18 +4,17 @@ own photos, into <outputUri>/evaluation (report.json, grid.png)."""
 from __future__ import annotations
 
 import logging
-import warnings
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
 from PIL import Image
 
 from dreambooth_contract.api import EvaluationStatus
-from dreambooth_contract.layout import EVALUATION_DIR, PIPELINE_DIR
+from dreambooth_contract.layout import EVALUATION_DIR
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
 from ..data import list_images, load_rgb
+from ..export import load_exported
 from ..locations import fetch_dir, publish_dir, working_dir
 from ..models.loading import load_pipeline
 from .encoders import load_encoders
@@ -41,25 +40,13 @@ def load_subject_images(config: TrainerConfig) -> list[Image.Image]:
     return [load_rgb(path, field) for path in paths]
 
 
-def load_exported_pipeline(
-    export_dir: Path, device: str, dtype: torch.dtype
-) -> StableDiffusionPipeline:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            export_dir / PIPELINE_DIR, torch_dtype=dtype
-        )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
-
-
 def run_evaluation(config: TrainerConfig, export_dir: Path) -> EvaluationStatus:
     """Score the artifact in `export_dir` and the base model; publish the report and grid."""
     cache = config.model_cache_dir()
     device, dtype = evaluation_device()
     real = load_subject_images(config)
     encoders = load_encoders(config.evaluation, cache, config.s3, device)
-    trained = load_exported_pipeline(export_dir, device, dtype)
+    trained = load_exported(config, export_dir, torch_dtype=dtype).to(device)
     base = load_pipeline(config.base_model, cache, config.s3, torch_dtype=dtype).to(device)
     directory = working_dir(config.output(EVALUATION_DIR), cache)
     status = evaluate(trained, base, real, plan_for(config), encoders, directory)
