@@ -4,18 +4,27 @@ adapter and its optimizer state, and the saved adapter changes a plain diffusers
 from __future__ import annotations
 
 import copy
+import json
+import os
+import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from diffusers import StableDiffusionPipeline
+from safetensors import safe_open
+from safetensors.torch import save_file
 
-from dreambooth_trainer.methods.lora_files import LORA_WEIGHTS
+from dreambooth_trainer.methods.lora_files import LORA_WEIGHTS, sort_safetensors_header
 from dreambooth_trainer.models import random_models
 from dreambooth_trainer.parallel.single import STATE_FILE
 
 from .test_train import instance_loss, trainer_for
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.trainer
 
@@ -139,3 +148,59 @@ def test_saved_adapter_changes_a_plain_diffusers_pipeline(make_config, tmp_path:
     pipeline.load_lora_weights(tmp_path / "trained")
     assert set(pipeline.get_list_adapters()) == {"unet", "text_encoder"}
     assert not np.array_equal(generate(pipeline), base_image)
+
+
+ADAPTER_IN_A_FRESH_PROCESS = """
+import hashlib, sys, torch
+from pathlib import Path
+from dreambooth_trainer.models import random_models
+from tests.support.lora import write_random_adapter
+torch.manual_seed(0)
+pipeline = random_models.build_pipeline(random_models.architecture_for("random://tiny-sd"))
+path = write_random_adapter(pipeline, Path(sys.argv[1]))
+print(hashlib.sha256(path.read_bytes()).hexdigest())
+"""
+
+
+def test_the_adapter_file_is_the_same_bytes_in_every_process(tmp_path: Path):
+    """Written as it came, the same adapter got another sha256 (and artifact digest) per run:
+    peft keeps target_modules as a set, whose order follows PYTHONHASHSEED, and safetensors
+    writes its metadata map in a per-process order."""
+    digests = set()
+    for seed in ("1", "2", "3"):
+        out = tmp_path / seed
+        result = subprocess.run(
+            [sys.executable, "-c", ADAPTER_IN_A_FRESH_PROCESS, str(out)],
+            env={**os.environ, "PYTHONHASHSEED": seed},
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        digests.add(result.stdout.split()[-1])
+        metadata = safe_open(out / LORA_WEIGHTS, "pt").metadata()["lora_adapter_metadata"]
+        assert "/root" not in metadata and str(Path.home()) not in metadata
+    assert len(digests) == 1, digests
+
+
+def test_a_safetensors_header_is_rewritten_sorted_and_the_file_still_loads(tmp_path: Path):
+    tensors = {"b": torch.arange(3.0), "a": torch.ones(2, 2)}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, path, metadata={"z": "1", "format": "pt", "m": "2"})
+    data = path.read_bytes()
+    (size,) = struct.unpack("<Q", data[:8])
+    # Put the metadata's keys in reverse order by hand, as some process may have written them.
+    header = json.loads(data[8 : 8 + size])
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items(), reverse=True))
+    shuffled = json.dumps(header, separators=(",", ":")).encode().ljust(size, b" ")
+    path.write_bytes(data[:8] + shuffled + data[8 + size :])
+
+    sort_safetensors_header(path)
+
+    rewritten = path.read_bytes()
+    assert len(rewritten) == len(data) and rewritten[8 + size :] == data[8 + size :]
+    keys = list(json.loads(rewritten[8 : 8 + size])["__metadata__"])
+    assert keys == ["format", "m", "z"]
+    with safe_open(path, "pt") as loaded:
+        assert loaded.metadata() == {"z": "1", "format": "pt", "m": "2"}
+        assert all(torch.equal(loaded.get_tensor(name), tensors[name]) for name in tensors)

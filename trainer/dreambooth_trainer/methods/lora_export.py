@@ -18,7 +18,7 @@ from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
-from .lora_files import LORA_WEIGHTS
+from .lora_files import LORA_WEIGHTS, sort_safetensors_header
 
 KOHYA_WEIGHTS = "lora.kohya.safetensors"
 # The name the adapter gets inside the pipeline while it is exported.
@@ -84,6 +84,7 @@ def kohya_state(pipeline: StableDiffusionPipeline) -> tuple[dict[str, torch.Tens
 def save_kohya(pipeline: StableDiffusionPipeline, path: Path) -> Path:
     tensors, metadata = kohya_state(pipeline)
     save_file(tensors, path, metadata=metadata)
+    sort_safetensors_header(path)
     return path
 
 

@@ -8,6 +8,8 @@ on any StableDiffusionPipeline of the same base reads it, as do our export and s
 
 from __future__ import annotations
 
+import json
+import struct
 from pathlib import Path
 
 from diffusers import StableDiffusionPipeline
@@ -25,7 +27,14 @@ def adapter_state(module: nn.Module) -> dict:
 
 
 def adapter_config(module: nn.Module) -> dict:
-    return module.peft_config["default"].to_dict()
+    """peft's LoraConfig as the file's metadata, the same bytes on every machine and in every
+    process: its sets sorted (a set's order follows the process's hash seed, and the
+    artifact's digest would follow it) and no local path to the base it was built on."""
+    config = module.peft_config["default"].to_dict()
+    stable = {
+        key: sorted(value) if isinstance(value, set) else value for key, value in config.items()
+    }
+    return {**stable, "base_model_name_or_path": None}
 
 
 def save_adapter(unet: nn.Module, text_encoder: nn.Module | None, directory: Path) -> Path:
@@ -42,8 +51,26 @@ def save_adapter(unet: nn.Module, text_encoder: nn.Module | None, directory: Pat
         weight_name=LORA_WEIGHTS,
         safe_serialization=True,
     )
+    sort_safetensors_header(directory / LORA_WEIGHTS)
     return directory / LORA_WEIGHTS
 
 
 def has_adapter(directory: Path) -> bool:
     return (directory / LORA_WEIGHTS).is_file()
+
+
+def sort_safetensors_header(path: Path) -> None:
+    """Rewrite the file's JSON header with its keys sorted, so that its bytes depend on its
+    content alone: safetensors writes the metadata map in an order that changes from process
+    to process (a Rust HashMap), and with it the file's sha256 and the artifact's digest.
+
+    Every tensor entry states its own offsets, so the order of the entries means nothing; the
+    header keeps its length, padded with spaces as the format allows."""
+    with open(path, "r+b") as file:
+        (size,) = struct.unpack("<Q", file.read(8))
+        header = json.loads(file.read(size))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+        if len(canonical) > size:
+            raise ValueError(f"{path}: the sorted header would not fit in the original's place")
+        file.seek(8)
+        file.write(canonical.ljust(size, b" "))
