@@ -774,6 +774,13 @@ class Progress(StatusModel):
     loss: float | None = field(None, description="Recent training loss.")
     images_per_second: float | None = field(None, description="Training throughput.")
     eta_seconds: int | None = field(None, description="Estimated seconds to finish training.")
+    activity: str | None = field(
+        None,
+        description="What the trainer is doing: loading the base model, preparing the data "
+        "(encoding the caches), training. Set from the moment a training pod starts, so that a "
+        "job at step 0 says why.",
+        max_length=200,
+    )
     summary: str | None = field(None, description='"step/total", for kubectl get.')
     updated_at: datetime | None = field(None, description="When the trainer last reported.")
 

@@ -60,6 +60,7 @@ def test_payload_uses_the_crd_field_names(reporter, clock):
                 "loss": 0.2,
                 "imagesPerSecond": 4.0,
                 "etaSeconds": 375,  # 2 steps/s measured, 750 steps left
+                "activity": "training",
                 "summary": "50/800",
                 "updatedAt": "2024-05-01T12:00:00Z",
             },
@@ -123,6 +124,25 @@ def test_local_reporter_writes_status_file(tmp_path, clock):
     r.report(6, loss=0.5)
     status = json.loads(path.read_text())
     assert status["progress"]["step"] == 6 and status["checkpoint"]["step"] == 100
+
+
+def test_an_activity_is_announced_at_once_and_steps_say_training(reporter, clock):
+    reporter.report(8, loss=0.5)
+    reporter.announce(progress.PREPARING_DATA)  # within the rate limit: sent all the same
+    assert reporter.sent[-1] == {"status": {"progress": {"activity": "preparing the data"}}}
+    clock.now += 60
+    reporter.report(9, loss=0.4)
+    assert reporter.sent[-1]["status"]["progress"]["activity"] == progress.TRAINING
+
+
+def test_the_local_status_file_merges_an_activity_into_the_progress(tmp_path, clock):
+    """As the API server applies a merge patch: the step stays, the activity joins it."""
+    path = tmp_path / "status.json"
+    r = progress.LocalReporter(100, path, clock=clock, wallclock=lambda: T0)
+    r.report(5, loss=1.0)
+    r.announce(progress.LOADING_MODEL)
+    status = json.loads(path.read_text())["progress"]
+    assert status["step"] == 5 and status["activity"] == progress.LOADING_MODEL
 
 
 class ApiError(Exception):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import math
 import threading
 import types
@@ -14,13 +15,19 @@ from diffusers import DDPMScheduler
 from PIL import Image
 from torch.utils.tensorboard import SummaryWriter
 
-from dreambooth_trainer import data, priors
-from dreambooth_trainer.callbacks import PAUSE_ENV, Callback, StepMetrics, pause_from_env
+from dreambooth_trainer import data, priors, progress
+from dreambooth_trainer.callbacks import (
+    PAUSE_ENV,
+    Callback,
+    StatusReport,
+    StepMetrics,
+    pause_from_env,
+)
 from dreambooth_trainer.loss import min_snr_weights
 from dreambooth_trainer.models.loading import load_pipeline
 from dreambooth_trainer.parallel import World
 from dreambooth_trainer.samples import ValidationSamples
-from dreambooth_trainer.train import Trainer, build_trainer
+from dreambooth_trainer.train import Trainer, announcer, build_trainer
 
 from .conftest import SUBJECT_DIR
 
@@ -53,6 +60,22 @@ def instance_loss(trainer: Trainer, draws: int = 32) -> float:
         instance.condition.is_embedding,
     )
     return torch.nn.functional.mse_loss(prediction, noise).item()
+
+
+def test_building_a_trainer_says_what_it_is_doing(make_config):
+    config = make_config()
+    heard: list[str] = []
+    build_trainer(config, SUBJECT_DIR, priors.run_priors(config), World(), announce=heard.append)
+    assert heard == [progress.LOADING_MODEL, progress.PREPARING_DATA]
+
+
+def test_what_the_trainer_does_reaches_the_status_through_rank_0s_report(tmp_path, monkeypatch):
+    status_file = tmp_path / "status.json"
+    monkeypatch.setenv(progress.ENV_FILE, str(status_file))
+    announce = announcer([Callback(), StatusReport()], total_steps=10, rank=0)
+    announce(progress.PREPARING_DATA)
+    status = json.loads(status_file.read_text())
+    assert status["progress"]["activity"] == progress.PREPARING_DATA
 
 
 def test_loss_on_the_instance_images_falls(make_config):

@@ -141,8 +141,15 @@ class StatusReport(Callback):
         self.reporter: ProgressReporter | None = None
         self.server: WSGIServer | None = None
 
+    def announce(self, activity: str, total_steps: int, rank: int) -> None:
+        """Before training starts (the trainer is being built): say what rank 0 is doing."""
+        if self.reporter is None:
+            self.reporter = reporter_from_env(total_steps, rank)
+        self.reporter.announce(activity)
+
     def on_train_start(self, state: TrainingState) -> None:
-        self.reporter = reporter_from_env(state.max_steps, state.world.rank)
+        if self.reporter is None:
+            self.reporter = reporter_from_env(state.max_steps, state.world.rank)
         self.metrics.total_steps.set(state.max_steps)
         self.metrics.step.set(state.step)
         try:

@@ -73,6 +73,11 @@ Patch = dict[str, Any]
 
 
 LOSS_DIGITS = 4
+# status.progress.activity, what `kubectl get dbj` shows a job doing. Before the first step a
+# training pod loads the model and encodes the caches, which can take minutes at step 0.
+LOADING_MODEL = "loading the base model"
+PREPARING_DATA = "preparing the data"
+TRAINING = "training"
 
 
 def utcnow() -> datetime:
@@ -101,6 +106,7 @@ def progress_model(
         loss=None if loss is None else float(f"{loss:.{LOSS_DIGITS}g}"),
         images_per_second=images_per_second,
         eta_seconds=eta,
+        activity=TRAINING,
         summary=f"{step}/{total_steps}",
         updated_at=now,
     )
@@ -177,6 +183,11 @@ class ProgressReporter:
         self._deliver(status_patch(self._latest), now)
         return True
 
+    def announce(self, activity: str) -> None:
+        """Say what the trainer is doing now, at once; the rest of status.progress (a resumed
+        job's step) stays as it is: a merge patch of the one field."""
+        self._deliver({"status": {"progress": {"activity": activity}}}, self._clock())
+
     def report_checkpoint(self, info: CheckpointInfo) -> bool:
         """Always sent at once, with the latest progress (the operator shows both together).
 
@@ -250,7 +261,10 @@ class LocalReporter(ProgressReporter):
         return previous if isinstance(previous, dict) else {}
 
     def _send(self, patch: Patch) -> None:
-        self._status.update(patch["status"])
+        # A JSON merge patch, as the API server applies it to the job's status.
+        for key, value in patch["status"].items():
+            previous = self._status.get(key)
+            self._status[key] = {**previous, **value} if isinstance(previous, dict) else value
         progress = self._status.get("progress", {})
         log.info(
             "step %s loss %s images/s %s eta %ss",

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,7 @@ from .models.loading import load_pipeline
 from .optim import optimizer_factory, scheduler_factory
 from .parallel import Backend, BackendOptions, World, create_backend
 from .priors import PriorRequest, is_complete
+from .progress import LOADING_MODEL, PREPARING_DATA
 from .samples import ValidationSamples
 from .seeds import derive_seed
 from .storage import local_files
@@ -281,10 +282,14 @@ def build_trainer(
     world: World | None = None,
     callbacks: Sequence[Callback] = (),
     checkpoints: CheckpointManager | None = None,
+    announce: Callable[[str], None] = lambda activity: None,
 ) -> Trainer:
-    """Load the base model, prepare data and backend: a Trainer ready to `fit()`."""
+    """Load the base model, prepare data and backend: a Trainer ready to `fit()`.
+
+    `announce` hears what it is doing meanwhile (progress.LOADING_MODEL, PREPARING_DATA)."""
     world = world or World.from_env()
     training = config.training
+    announce(LOADING_MODEL)
     torch.manual_seed(derive_seed(training.seed, "torch", world.rank))
     options = BackendOptions(
         gradient_accumulation_steps=training.gradient_accumulation_steps,
@@ -299,6 +304,7 @@ def build_trainer(
     sharding = training.sharding
     backend = create_backend(sharding.backend, world, options, sharding.zero_stage)
     model, frozen = method_for(training).split_pipeline(pipeline, training, world.device)
+    announce(PREPARING_DATA)
     data = build_data(
         config,
         frozen.vae,
@@ -404,6 +410,17 @@ class PublishAsYouGo(Callback):
             self.publish()
 
 
+def announcer(callbacks: Sequence[Callback], total_steps: int, rank: int) -> Callable[[str], None]:
+    """Tell rank 0's status report (if among `callbacks`) what building the trainer is doing."""
+    reports = [callback for callback in callbacks if isinstance(callback, StatusReport)]
+
+    def announce(activity: str) -> None:
+        for report in reports:
+            report.announce(activity, total_steps, rank)
+
+    return announce
+
+
 def run_training(
     config: TrainerConfig,
     world: World | None = None,
@@ -423,7 +440,15 @@ def run_training(
     output = working_dir(config.output_uri, cache)
     callbacks, writer = rank_callbacks(config, world, output, progress, extra=callbacks)
     checkpoints = checkpoint_manager_for(config)
-    trainer = build_trainer(config, instance_dir, class_dir, world, callbacks, checkpoints)
+    trainer = build_trainer(
+        config,
+        instance_dir,
+        class_dir,
+        world,
+        callbacks,
+        checkpoints,
+        announce=announcer(callbacks, config.training.max_steps, world.rank),
+    )
     try:
         trainer.fit()
         if trainer.stop_reason is None:
