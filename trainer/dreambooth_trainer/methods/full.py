@@ -23,10 +23,10 @@ from dreambooth_contract.api import TrainingSpec
 from ..models.components import (
     DreamBoothModel,
     FrozenParts,
-    enable_activation_checkpointing,
     freeze,
     frozen_dtype,
     frozen_parts,
+    trained_model,
     use_torch_sdpa,
 )
 
@@ -47,12 +47,7 @@ def split_pipeline(
         text_encoder.train().requires_grad_(True)
     else:
         freeze(text_encoder, device, dtype)
-    if training.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if training.train_text_encoder:
-            enable_activation_checkpointing(text_encoder)
-    model = DreamBoothModel(unet, text_encoder if training.train_text_encoder else None)
-    return model, frozen_parts(pipeline)
+    return trained_model(unet, text_encoder, training), frozen_parts(pipeline)
 
 
 def save_trained(model: DreamBoothModel, directory: Path) -> None:

@@ -26,10 +26,10 @@ from dreambooth_contract.api import LORA_TEXT_ENCODER_TARGETS, LoraSpec, Trainin
 from ..models.components import (
     DreamBoothModel,
     FrozenParts,
-    enable_activation_checkpointing,
     freeze,
     frozen_dtype,
     frozen_parts,
+    trained_model,
     use_torch_sdpa,
 )
 from . import lora_files
@@ -67,12 +67,7 @@ def split_pipeline(
         module.train()  # adapter dropout; the frozen base has none that trains
     # peft creates adapter weights in their base layer's dtype; train them in fp32.
     cast_training_params(adapted, dtype=torch.float32)
-    if training.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-        if training.train_text_encoder:
-            enable_activation_checkpointing(text_encoder)
-    model = DreamBoothModel(unet, text_encoder if training.train_text_encoder else None)
-    return model, frozen_parts(pipeline)
+    return trained_model(unet, text_encoder, training), frozen_parts(pipeline)
 
 
 def save_trained(model: DreamBoothModel, directory: Path) -> None:

@@ -16,6 +16,8 @@ from diffusers.models.attention_processor import AttnProcessor2_0
 from torch import nn
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from dreambooth_contract.api import TrainingSpec
+
 from .loading import training_noise_scheduler
 
 
@@ -90,6 +92,18 @@ def enable_activation_checkpointing(text_encoder: CLIPTextModel) -> None:
     # transformers 5 renamed gradient_checkpointing_enable (the old name warns).
     enable = getattr(text_encoder, "activation_checkpointing_enable", None)
     (enable or text_encoder.gradient_checkpointing_enable)()
+
+
+def trained_model(
+    unet: UNet2DConditionModel, text_encoder: CLIPTextModel, training: TrainingSpec
+) -> DreamBoothModel:
+    """The module that trains: the UNet, and the text encoder when it trains too (its weights
+    or its adapter), with activations recomputed in backward when gradientCheckpointing asks."""
+    if training.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+        if training.train_text_encoder:
+            enable_activation_checkpointing(text_encoder)
+    return DreamBoothModel(unet, text_encoder if training.train_text_encoder else None)
 
 
 def sampling_pipeline(model: DreamBoothModel, frozen: FrozenParts) -> StableDiffusionPipeline:
