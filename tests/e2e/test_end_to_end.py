@@ -360,6 +360,9 @@ def test_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_a
     operator = operator_factory(namespace)
     pause = pause_training(kube_node, tmp_path, step=8)
     kube_node.extra_env[API_KEY_ENV] = API_KEY  # as in the serving test above
+    # Pods that ask for no GPU see none, as on a real node (here they would inherit the test's
+    # devices): the server computes on the CPU in float32, as the plain process below.
+    kube_node.extra_env["CUDA_VISIBLE_DEVICES"] = ""
     lora = {"method": "lora", "lora": {"rank": 4, "alpha": 8}, "trainTextEncoder": True}
     training = {**lora, "maxSteps": 16, "learningRate": 1e-3}
     # One CPU makes the server run one torch thread (--cpu-threads 1), as the plain process.
