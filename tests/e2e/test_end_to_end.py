@@ -396,7 +396,7 @@ def test_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_a
     images.mkdir()
     arguments = [base, export, images, PROMPT, seed, side, steps, guidance]
     subprocess.run(
-        # -I: no PYTHONPATH, so none of this project's code is importable by accident.
+        # -I: no PYTHONPATH; the process checks that it imported none of this project's code.
         [sys.executable, "-I", "-c", PLAIN_DIFFUSERS, *map(str, arguments)],
         check=True,
         timeout=300,
