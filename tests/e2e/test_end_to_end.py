@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import io
 import json
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 import urllib.error
@@ -21,13 +24,17 @@ import urllib.request
 from pathlib import Path
 
 import kubernetes
+import numpy as np
+import PIL.Image
 import pytest
 import yaml
 
 from dreambooth_contract import env
 from dreambooth_contract.api import GROUP, PLURAL, VERSION
 from dreambooth_operator import builders
+from dreambooth_trainer import digest
 from dreambooth_trainer.callbacks import PAUSE_ENV
+from dreambooth_trainer.models import random_models
 from dreambooth_trainer.serve.cli import API_KEY_ENV
 from tests.e2e.conftest import wait_until
 
@@ -41,6 +48,7 @@ SECRET = "s3-credentials"
 ACCESS_KEY_ID = "AKIACANARYE2E0000042"
 SECRET_ACCESS_KEY = "canary/e2e-secret-access-key+NeverLogged42"
 API_KEY = "canary-e2e-inference-api-key-42"
+PROMPT = "a photo of sks cube"
 
 
 @pytest.fixture
@@ -258,17 +266,11 @@ def _running(jobs, job_name: str) -> str | None:
     return running[0].metadata.name if running else None
 
 
-def _generate(port: int) -> bytes:
+def _generate(port: int, **request) -> bytes:
     """POST /v1/images/generations to the inference pod (its port on this machine), with the
-    API key; without it the server refuses."""
-    body = json.dumps(
-        {
-            "prompt": "a photo of sks cube",
-            "size": "64x64",
-            "response_format": "b64_json",
-            "num_inference_steps": 4,
-        }
-    ).encode()
+    API key; without it the server refuses. `request` adds to or overrides the small default."""
+    defaults = {"prompt": PROMPT, "size": "64x64", "response_format": "b64_json"}
+    body = json.dumps({**defaults, "num_inference_steps": 4, **request}).encode()
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/images/generations",
         body,
@@ -286,30 +288,140 @@ def test_killed_rank_restarts_the_gang_which_resumes_from_its_checkpoint(
     operator_factory, kube_node, jobs, namespace, s3_job, tmp_path
 ):
     operator = operator_factory(namespace)
-    # Both ranks wait after step 8 (checkpoint 8 committed and reported) until rank 1 is
-    # killed: on any machine the kill lands between checkpoints 8 and 16.
     pause = pause_training(kube_node, tmp_path, step=8)
     jobs.create(s3_job("toy", training={"maxSteps": 16}))
+    status = _kill_rank_1_at_checkpoint_8(operator, kube_node, jobs, "toy", pause)
+    assert status["phase"] == "Succeeded", _pod_logs(kube_node, jobs)
+
+
+def _kill_rank_1_at_checkpoint_8(operator, node, jobs, name: str, pause: Path) -> dict:
+    """Kill rank 1 of job `name` (its trainers told to pause after step 8, `pause`), let the
+    gang go on, and return the status the job finished with, having checked that the gang
+    restarted once and its new rank 0 resumed from checkpoint 8 in S3."""
+    # Both ranks wait after step 8 (checkpoint 8 committed and reported) until rank 1 is
+    # killed: on any machine the kill lands between checkpoints 8 and 16.
     status = jobs.wait(
-        "toy",
+        name,
         lambda s: (s.get("checkpoint") or {}).get("step", 0) >= 8,
         "a checkpoint",
         600,
         operator.log,
     )
     assert status["checkpoint"]["step"] == 8
-    rank1 = _running(jobs, "toy-train-1")
+    rank1 = _running(jobs, f"{name}-train-1")
     assert rank1, "rank 1 is not running"
-    kube_node.kill(namespace, rank1, signal.SIGKILL)
+    node.kill(jobs.namespace, rank1, signal.SIGKILL)
     pause.unlink()  # rank 0 goes on, finds rank 1 gone and fails too
-    status = jobs.wait("toy", _finished, "finished", 600, operator.log)
-    assert status["phase"] == "Succeeded", _pod_logs(kube_node, jobs)
-    assert status["restarts"] == 1
-    restarted = max(jobs.pods("job-name=toy-train-0"), key=lambda p: p.metadata.creation_timestamp)
-    log = kube_node.logs(namespace, restarted.metadata.name)
+    status = jobs.wait(name, _finished, "finished", 600, operator.log)
+    assert status.get("restarts") == 1, (status, _pod_logs(node, jobs))
+    restarted = max(
+        jobs.pods(f"job-name={name}-train-0"), key=lambda p: p.metadata.creation_timestamp
+    )
+    log = node.logs(jobs.namespace, restarted.metadata.name)
     resumed = re.search(r"resumed from (\S+) at step (\d+)", log)
     assert resumed, log[-3000:]
     assert int(resumed.group(2)) == 8 and resumed.group(1).startswith("s3://")
+    return status
+
+
+# What a user does with a LoRA job's export and diffusers alone (none of this project's code):
+# the base model, the adapter loaded onto it, one image for a fixed seed; the base's own image
+# first, which tells whether the adapter shows in the image at all.
+PLAIN_DIFFUSERS = """
+import sys
+import torch
+from diffusers import StableDiffusionPipeline
+
+base, adapter, out, prompt, seed, side, steps, guidance = sys.argv[1:]
+# One thread, as the server's (--cpu-threads 1): the same summation order, the same pixels.
+torch.set_num_threads(1)
+pipeline = StableDiffusionPipeline.from_pretrained(base)
+pipeline.set_progress_bar_config(disable=True)
+
+def image(name):
+    generator = torch.Generator("cpu").manual_seed(int(seed))
+    pipeline(prompt, width=int(side), height=int(side), num_inference_steps=int(steps),
+             guidance_scale=float(guidance), generator=generator).images[0].save(f"{out}/{name}")
+
+image("base.png")
+pipeline.load_lora_weights(adapter)
+image("adapted.png")
+assert not [m for m in sys.modules if m.startswith("dreambooth")]
+"""
+
+
+def test_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_adapter(
+    operator_factory, kube_node, jobs, namespace, s3_job, s3_server, s3_bucket, tmp_path
+):
+    """A 2-node LoRA job with its checkpoints in S3 loses rank 1 mid-run, resumes from
+    checkpoint 8, exports its adapter and serves it on the base; for a fixed seed the server's
+    image is, to the last 8-bit level, the one diffusers alone makes from the base and the
+    exported adapter."""
+    operator = operator_factory(namespace)
+    pause = pause_training(kube_node, tmp_path, step=8)
+    kube_node.extra_env[API_KEY_ENV] = API_KEY  # as in the serving test above
+    # Pods that ask for no GPU see none, as on a real node (here they would inherit the test's
+    # devices): the server computes on the CPU in float32, as the plain process below.
+    kube_node.extra_env["CUDA_VISIBLE_DEVICES"] = ""
+    lora = {"method": "lora", "lora": {"rank": 4, "alpha": 8}, "trainTextEncoder": True}
+    training = {**lora, "maxSteps": 16, "learningRate": 1e-3}
+    # One CPU makes the server run one torch thread (--cpu-threads 1), as the plain process.
+    inference = {"enabled": True, "gpus": 0, "resources": {"limits": {"cpu": "1"}}}
+    skipped = {"priorPreservation": {"enabled": False}, "evaluation": {"enabled": False}}
+    jobs.create(s3_job("lora", training=training, inference=inference, **skipped))
+    status = _kill_rank_1_at_checkpoint_8(operator, kube_node, jobs, "lora", pause)
+    assert status["phase"] == "Serving", _pod_logs(kube_node, jobs)
+    artifact = status["artifact"]
+    assert (artifact["kind"], artifact["baseModel"]) == ("lora", "random://tiny-sd"), artifact
+    wait_until(
+        "inference ready",
+        lambda: (jobs.status("lora").get("inference") or {}).get("readyReplicas"),
+        300,
+        lambda: _pod_logs(kube_node, jobs),
+    )
+    seed, side, steps, guidance = 1234, 64, 4, 5.0
+    served = _generate(
+        kube_node.host_port(namespace, builders.INFERENCE_PORT),
+        seed=seed,
+        size=f"{side}x{side}",
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+    )
+
+    export = _download(s3_server.client(), artifact["uri"], tmp_path / "export")
+    assert digest.verify(export) == artifact["digest"]
+    # The server built random://tiny-sd the same way in its own cache (a pure function of code).
+    base = random_models.materialize("random://tiny-sd", tmp_path / "cache")
+    images = tmp_path / "images"
+    images.mkdir()
+    arguments = [base, export, images, PROMPT, seed, side, steps, guidance]
+    subprocess.run(
+        # -I: no PYTHONPATH; the process checks that it imported none of this project's code.
+        [sys.executable, "-I", "-c", PLAIN_DIFFUSERS, *map(str, arguments)],
+        check=True,
+        timeout=300,
+    )
+    plain = {name: _pixels((images / f"{name}.png").read_bytes()) for name in ("base", "adapted")}
+    assert not np.array_equal(plain["adapted"], plain["base"])  # the adapter shows
+    # The same float32 computation on the same CPU, one thread each: the same pixels exactly.
+    np.testing.assert_array_equal(_pixels(served), plain["adapted"])
+    assert_no_credentials(operator, kube_node, jobs, s3_server, s3_bucket)
+
+
+def _download(client, uri: str, target: Path) -> Path:
+    """Every object under an s3:// prefix into `target`, by its key below the prefix."""
+    bucket, _, prefix = uri.removeprefix("s3://").partition("/")
+    prefix = prefix.rstrip("/") + "/"
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for item in page.get("Contents", []):
+            path = target / item["Key"].removeprefix(prefix)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, item["Key"], str(path))
+    return target
+
+
+def _pixels(png: bytes) -> np.ndarray:
+    return np.asarray(PIL.Image.open(io.BytesIO(png)).convert("RGB"))
 
 
 def test_suspended_while_training_keeps_checkpoints_and_resumes_from_the_newest(
