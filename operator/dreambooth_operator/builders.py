@@ -356,11 +356,15 @@ def _serve_args(
     for flag, value in (("--s3-endpoint", s3.endpoint), ("--s3-region", s3.region)):
         if value:
             args += [flag, value]
-    cpu_limit = job.spec.inference.resources.limits.get("cpu")
-    if job.spec.inference.gpus == 0 and cpu_limit is not None:
-        # torch sizes its thread pool from the node's cores; more threads than the pod's CPU
-        # limit makes every call many times slower.
-        args += ["--cpu-threads", str(max(1, int(_cpu_cores(cpu_limit))))]
+    if job.spec.inference.gpus == 0:
+        # A pod that asked for no GPU may still see the node's GPUs (runtimes that expose all
+        # of them to every container): "auto" would take one that is not the pod's.
+        args += ["--device", "cpu"]
+        cpu_limit = job.spec.inference.resources.limits.get("cpu")
+        if cpu_limit is not None:
+            # torch sizes its thread pool from the node's cores; more threads than the pod's
+            # CPU limit makes every call many times slower.
+            args += ["--cpu-threads", str(max(1, int(_cpu_cores(cpu_limit))))]
     return args
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 
+import pytest
+
 from dreambooth_contract import names
 from dreambooth_contract.env import CONFIG_FILE
 from dreambooth_contract.trainer_config import TrainerConfig
@@ -223,3 +225,27 @@ def test_a_lora_artifact_is_served_as_an_adapter_on_its_base_model():
         other["metadata"]["annotations"][hash_key]
         != deployment["metadata"]["annotations"][hash_key]
     )
+
+
+@pytest.mark.parametrize(
+    ("inference", "device", "threads"),
+    [
+        ({"gpus": 0}, "cpu", None),
+        ({"gpus": 0, "resources": {"limits": {"cpu": "1500m"}}}, "cpu", "1"),
+        ({"gpus": 1}, None, None),
+    ],
+)
+def test_a_server_without_gpus_runs_on_the_cpu_with_the_threads_it_may_use(
+    inference, device, threads
+):
+    """A node's runtime may show every GPU to every container: --device auto would take one."""
+    document = copy.deepcopy(DOCUMENT)
+    document["spec"]["inference"] = {"enabled": True, **inference}
+    args = serve_args(
+        builders.inference_deployment(parse_job(document), "s3://x/export", "sha256:a")
+    )
+
+    def value(flag: str) -> str | None:
+        return args[args.index(flag) + 1] if flag in args else None
+
+    assert (value("--device"), value("--cpu-threads")) == (device, threads)
