@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import Any
 
 # Modules that register benchmarks; add yours here.
-MODULES = ["bench.training", "bench.overhead", "bench.priors", "bench.inference", "bench.operator"]
+MODULES = [
+    "bench.training",
+    "bench.overhead",
+    "bench.priors",
+    "bench.inference",
+    "bench.operator",
+    "bench.lora_sizes",
+]
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Training throughput, per-step time split, peak memory and FLOPs per parallel backend.
+"""Training throughput, per-step time split, peak memory and FLOPs per parallel backend, and
+full fine-tuning against LoRA (with what each writes: a checkpoint, the trained weights).
 
 Every configuration (a `TrainingRun`) trains in processes of its own, through torchrun for the
 parallel backends (`bench.training_worker`), so that each peak-memory figure is its own and a
@@ -50,9 +51,14 @@ class TrainingRun:
     train_text_encoder: bool = False
     gradient_checkpointing: bool = False
     use_8bit_adam: bool = False
+    method: str = "full"  # training.method: full or lora
+    lora_rank: int | None = None  # training.lora.rank (method lora; None: the default rank)
 
     def training_spec(self) -> dict[str, Any]:
+        lora = {} if self.lora_rank is None else {"lora": {"rank": self.lora_rank}}
         return {
+            "method": self.method,
+            **lora,  # the contract refuses a rank without method lora
             "sharding": SHARDING[self.backend],
             "mixedPrecision": self.precision,
             "cacheLatents": self.cache_latents,
@@ -113,7 +119,8 @@ def precisions(on_gpu: bool) -> tuple[str, ...]:
 
 def planned_runs(quick: bool, on_gpu: bool) -> dict[str, list[TrainingRun]]:
     """Sweeps by what they vary. Quick: each backend once, then caches and precision on the
-    first; full: every backend x caches on/off x precision, and batch 4."""
+    first; full: every backend x caches on/off x precision, and batch 4. Both: full fine-tuning
+    against LoRA at its default rank, back to back, all else alike."""
     first, *other_precisions = precisions(on_gpu)
     caches = [(True, True), (False, True), (True, False), (False, False)]
     if quick:
@@ -144,6 +151,10 @@ def planned_runs(quick: bool, on_gpu: bool) -> dict[str, list[TrainingRun]]:
         backend="zero3", precision=first, train_text_encoder=True, gradient_checkpointing=True
     )
     plan["full_finetune_memory"] = [full_finetune, replace(full_finetune, use_8bit_adam=True)]
+    from dreambooth_contract.api import LoraSpec
+
+    lora = TrainingRun(precision=first, method="lora", lora_rank=LoraSpec().rank)  # the default
+    plan["method"] = [TrainingRun(precision=first), lora]
     return plan
 
 
@@ -165,8 +176,13 @@ def worker_env(processes: int, gpus: int) -> dict[str, str]:
     return env
 
 
-def measure(run: TrainingRun, settings: Settings, steps: int, gpus: int) -> dict[str, Any]:
-    """Train `run` in its own processes; its figures, or an error with the log's tail."""
+def measure(
+    run: TrainingRun, settings: Settings, steps: int, gpus: int, file_sizes: bool = False
+) -> dict[str, Any]:
+    """Train `run` in its own processes; its figures, or an error with the log's tail.
+
+    With `file_sizes`, also the bytes of a checkpoint and of the trained weights, as the run
+    writes them (a full SD1.5 run writes gigabytes of each: only the method sweep asks)."""
     processes = processes_for(run, gpus)
     with tempfile.TemporaryDirectory(prefix="bench-training-") as scratch:
         result_path, log_path = Path(scratch) / "result.json", Path(scratch) / "log"
@@ -177,7 +193,7 @@ def measure(run: TrainingRun, settings: Settings, steps: int, gpus: int) -> dict
             "--out", str(result_path),
             "--model", settings.model, "--resolution", str(settings.resolution),
             "--work-dir", str(settings.work_dir),
-        ]  # fmt: skip
+        ] + (["--file-sizes"] if file_sizes else [])  # fmt: skip
         with open(log_path, "wb") as log:
             try:
                 code = subprocess.run(
@@ -201,14 +217,15 @@ def prepare_class_images(settings: Settings) -> None:
 
 @benchmark("training")
 def training(settings: Settings) -> dict[str, Any]:
-    """Steps/s, images/s, step-time split, peak memory and FLOPs for each planned run."""
+    """Steps/s, images/s, step-time split, peak memory and FLOPs for each planned run; for the
+    method sweep, checkpoint and trained-weight bytes too."""
     import torch
 
     gpus = torch.cuda.device_count()
     steps = 20 if settings.quick else 50
     prepare_class_images(settings)
     sweeps = {
-        sweep: [measure(run, settings, steps, gpus) for run in runs]
+        sweep: [measure(run, settings, steps, gpus, file_sizes=sweep == "method") for run in runs]
         for sweep, runs in planned_runs(settings.quick, gpus > 0).items()
     }
     return {"steps_measured": steps, "gpus": gpus, "sweeps": sweeps}

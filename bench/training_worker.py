@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import statistics
 import time
 from dataclasses import asdict, replace
@@ -107,6 +108,32 @@ def phase_split(metrics: list) -> dict[str, float]:
     return {phase: round(seconds, 5) for phase, seconds in split.items()}
 
 
+def directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.rglob("*") if path.is_file())
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def written_bytes(trainer: Trainer, scratch: Path) -> dict[str, int]:
+    """Collective. Bytes of a checkpoint and of the trained weights, as written into `scratch`
+    (a directory every rank sees) and removed again; rank 0's figures count."""
+    sizes = {}
+    for name, write in (
+        ("checkpoint_bytes", trainer.save_state),
+        ("trained_bytes", trainer.save_trained),
+    ):
+        directory = scratch / name
+        write(directory)
+        barrier()  # every rank's files are there before rank 0 counts them
+        if trainer.world.is_main:
+            sizes[name] = directory_bytes(directory)
+            shutil.rmtree(directory)
+    return sizes
+
+
 def significant(value: float, digits: int = 4) -> float:
     return float(f"{value:.{digits}g}")
 
@@ -153,6 +180,7 @@ def main() -> None:
     parser.add_argument("--model", default=Settings.model)
     parser.add_argument("--resolution", type=int, default=Settings.resolution)
     parser.add_argument("--work-dir", type=Path, default=Settings().work_dir)
+    parser.add_argument("--file-sizes", action="store_true", help="measure written files too")
     args = parser.parse_args()
     run = TrainingRun(**json.loads(args.training_run))
     settings = Settings(model=args.model, resolution=args.resolution, work_dir=args.work_dir)
@@ -164,6 +192,8 @@ def main() -> None:
     trainer = build_trainer(config, SUBJECT_DIR, class_dir, world)
     try:
         figures = measure(trainer, args.steps)
+        if args.file_sizes:  # beside --out: in the launcher's scratch directory, removed with it
+            figures.update(written_bytes(trainer, args.out.parent / "written"))
     finally:
         trainer.backend.close()
     if world.is_main:

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bench.training
-from bench import Settings, overhead
+from bench import Settings, lora_sizes, overhead
 from bench.__main__ import main
 from bench.hardware import cpu_description, parse_cpuinfo
 from bench.plots import write_plots
@@ -36,6 +36,25 @@ def test_a_training_run_reports_throughput_split_memory_and_flops(tmp_path: Path
     assert figures["peak_rss_mib"] > 100
     assert figures["optimizer_state_mib"] > 0  # AdamW's moments, after the first steps
     assert figures["model_tflop_per_step"] > 0 and figures["mfu"] is None  # no peak for a CPU
+    assert "checkpoint_bytes" not in figures  # written files are measured only when asked
+
+
+def test_a_lora_run_writes_far_smaller_checkpoints_and_trained_weights(tmp_path: Path):
+    """The method sweep's runs, as measured: LoRA saves its adapter and its optimizer state,
+    full fine-tuning the whole UNet and AdamW's moments over it."""
+    settings = Settings(quick=True, work_dir=tmp_path)
+    prepare_class_images(settings)
+    full, lora = (
+        measure(run, settings, steps=2, gpus=0, file_sizes=True)
+        for run in planned_runs(quick=True, on_gpu=False)["method"]
+    )
+    assert "error" not in full, full
+    assert "error" not in lora, lora
+    assert (full["method"], lora["method"]) == ("full", "lora")
+    assert lora["steps_per_second"] > 0 and lora["images_per_second"] > 0
+    # The tiny UNet's LoRA at rank 4 has about 1 % of its parameters (see lora_sizes).
+    assert 0 < lora["checkpoint_bytes"] < full["checkpoint_bytes"] / 10
+    assert 0 < lora["trained_bytes"] < full["trained_bytes"] / 10
 
 
 def test_with_one_gpu_the_backend_still_wraps_the_model(tmp_path: Path):
@@ -68,6 +87,15 @@ def test_the_quick_plan_covers_every_backend_cache_and_precision(monkeypatch):
     assert memory.backend == "zero3" and memory.train_text_encoder
     assert memory.gradient_checkpointing and memory.batch_size == 1
     assert not memory.use_8bit_adam and memory_8bit == replace(memory, use_8bit_adam=True)
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_both_plans_compare_full_and_lora_alike_in_all_else(monkeypatch, quick: bool):
+    monkeypatch.setattr(bench.training, "native_bf16", lambda: True)
+    full, lora = planned_runs(quick=quick, on_gpu=False)["method"]
+    assert full == TrainingRun(precision="bf16")  # single process, the first precision
+    assert lora == replace(full, method="lora", lora_rank=4)
+    assert lora.training_spec()["lora"] == {"rank": 4}
 
 
 def test_a_cpu_without_bf16_hardware_measures_fp32_only(monkeypatch):
@@ -119,6 +147,44 @@ def test_the_overhead_bench_times_ours_beside_a_bare_step_that_trains(tmp_path: 
     assert trainer.step == 3  # warmup and both blocks ran our real step
 
 
+def test_lora_sizes_grow_with_rank_far_below_the_unet_as_peft_counts_them(tmp_path: Path):
+    from peft import get_model_status
+
+    from dreambooth_contract.api import DEFAULT_LORA_UNET_TARGETS, LORA_TEXT_ENCODER_TARGETS
+    from dreambooth_trainer.methods import method_for
+
+    settings = Settings(work_dir=tmp_path)
+    figures = lora_sizes.measure(settings, ranks=(2, 8))
+    full, (small, large) = figures["full_unet"], figures["adapters"]
+    assert full["unet_parameters"] > 0
+    assert full["unet_fp16_bytes"] < full["unet_fp32_bytes"] < 5 * full["unet_parameters"]
+    for key in ("unet_parameters", "text_encoder_parameters", "unet_file_bytes"):
+        assert 0 < small[key] < large[key], key
+    assert small["unet_file_bytes"] < small["with_text_encoder_file_bytes"]
+    assert small["unet_file_bytes"] < full["unet_fp32_bytes"] / 10
+
+    # What peft counts as trainable once training's own code added rank 8's adapters, and
+    # what the shapes say: r x (in + out) for each targeted linear layer.
+    pipeline, _ = lora_sizes.load_base(settings, TrainingRun(precision="no"))
+    expected = {
+        name: sum(
+            8 * (layer.in_features + layer.out_features)
+            for path, layer in getattr(pipeline, name).named_modules()
+            if isinstance(layer, torch.nn.Linear) and path.endswith(targets)
+        )
+        for name, targets in (
+            ("unet", tuple("." + t for t in DEFAULT_LORA_UNET_TARGETS)),
+            ("text_encoder", tuple("." + t for t in LORA_TEXT_ENCODER_TARGETS)),
+        )
+    }
+    run = TrainingRun(precision="no", method="lora", lora_rank=8, train_text_encoder=True)
+    pipeline, training = lora_sizes.load_base(settings, run)
+    model, _ = method_for(training).split_pipeline(pipeline, training, torch.device("cpu"))
+    for name in ("unet", "text_encoder"):
+        counted = get_model_status(getattr(model, name)).trainable_params
+        assert large[f"{name}_parameters"] == counted == expected[name], name
+
+
 def test_plots_are_pngs(tmp_path: Path):
     phases = {"data": 0.001, "forward": 0.01, "backward": 0.02, "optimizer": 0.005, "other": 0.0}
     rows = [{"concurrency": c, "images_per_s": c, "latency_p95_s": 0.1 * c} for c in (1, 4, 8)]
@@ -159,5 +225,5 @@ def test_unknown_benchmark_is_refused(capsys):
 def test_list_names_every_benchmark(capsys):
     assert main(["--list"]) == 0
     assert capsys.readouterr().out.split() == [
-        "inference", "operator", "priors", "step_overhead", "training"
+        "inference", "lora_sizes", "operator", "priors", "step_overhead", "training"
     ]  # fmt: skip
