@@ -127,7 +127,6 @@ class Step:
 CHECKS = "bench.gpu.checks"
 FIGURES = "bench.gpu.figures"
 DS_FP16_ON_CPU = "DeepSpeed's fp16 (loss scaling) needs CUDA; the smoke run has none"
-LORA_NOT_BUILT = f"{NOT_BUILT}: the trainer has no LoRA method yet (the LoRA issue adds it)"
 SDXL_NOT_BUILT = f"{NOT_BUILT}: there is no SDXL model family yet (the SDXL issue adds it)"
 
 
@@ -177,7 +176,14 @@ STEPS: list[Step] = [
     ),
     Step("priors.fp16", f"{CHECKS}:priors_fp16", _budget(60, 60)),
     Step("inference.fp16", f"{CHECKS}:inference_fp16", _budget(60, 60)),
-    Step("lora.train", f"{CHECKS}:not_built", _budget(1, 1), skip={"*": LORA_NOT_BUILT}),
+    # LoRA as diffusers trains it by default: fp16 autocast, fp32 adapters on a frozen base,
+    # at LoRA's learning rate (the profile's is a full fine-tune's).
+    Step(
+        "lora.train",
+        f"{CHECKS}:train_fixed_batch",
+        _budget(60, 90),
+        {"backend": "single", "precision": "fp16", "method": "lora", "learningRate": 1e-4},
+    ),
     Step("sdxl.lora.train", f"{CHECKS}:not_built", _budget(1, 1), skip={"*": SDXL_NOT_BUILT}),
     # Figures: `python -m bench` rows for the profile's model and resolution.
     Step(
@@ -205,6 +211,6 @@ STEPS: list[Step] = [
         {"backend": "zero3", "precision": "bf16"},
         {"gpu": "the GPU run resumes ZeRO-3 in fp16 (resume.zero3.fp16)"},
     ),
-    Step("figures.lora", f"{FIGURES}:not_built", _budget(1, 1), skip={"*": LORA_NOT_BUILT}),
+    Step("figures.lora", f"{FIGURES}:methods", _budget(120, 120)),
     Step("figures.sdxl", f"{FIGURES}:not_built", _budget(1, 1), skip={"*": SDXL_NOT_BUILT}),
 ]

@@ -117,14 +117,15 @@ def process_group_env() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def built_trainer(ctx: Context, backend: str, precision: str) -> Iterator[Any]:
-    """A Trainer on this backend and precision; its backend closed and memory freed after."""
+def built_trainer(ctx: Context, backend: str, precision: str, **training: Any) -> Iterator[Any]:
+    """A Trainer on this backend and precision (and `training` spec fields); its backend
+    closed and memory freed after."""
     from bench.training import SUBJECT_DIR, prepare_class_images
     from dreambooth_trainer.parallel import World
     from dreambooth_trainer.train import build_trainer, class_images_dir
 
     prepare_class_images(settings(ctx))  # a no-op once `prepare` ran
-    config = trainer_config(ctx, backend, precision)
+    config = trainer_config(ctx, backend, precision, **training)
     world = World() if backend == "single" else World(alone_with_backend=True)
     with process_group_env():
         trainer = build_trainer(
@@ -303,13 +304,16 @@ def prepare(ctx: Context) -> dict[str, Any]:
     }
 
 
-def train_fixed_batch(ctx: Context, backend: str, precision: str) -> dict[str, Any]:
-    """The loss on one fixed batch falls under this backend and precision, and stays finite."""
+def train_fixed_batch(
+    ctx: Context, backend: str, precision: str, **training: Any
+) -> dict[str, Any]:
+    """The loss on one fixed batch falls under this backend and precision (and `training`
+    spec fields, e.g. method lora), and stays finite."""
     import torch
 
     require_device(ctx)
     steps = ctx.profile.fixed_batch_steps
-    with built_trainer(ctx, backend, precision) as trainer:
+    with built_trainer(ctx, backend, precision, **training) as trainer:
         device = trainer.world.device
         generator = torch.Generator().manual_seed(0)
         batch = trainer.data.batch(0, trainer.training.batch_size, 0, 1, generator)

@@ -34,6 +34,8 @@ def cublas_as_usual() -> None:
 
 
 def label(run: Any) -> str:
+    if run.method != "full":
+        return f"{run.method} {run.backend}"
     if run.train_text_encoder and run.gradient_checkpointing:
         adam = "8-bit" if run.use_8bit_adam else "32-bit"
         return f"memory {run.backend} {adam}"
@@ -77,6 +79,14 @@ def training(ctx: Context, precision: str) -> dict[str, Any]:
 
     runs = [TrainingRun(backend=b, precision=precision) for b in ctx.profile.figure_backends]
     return measure_rows(ctx, runs)
+
+
+def methods(ctx: Context) -> dict[str, Any]:
+    """Full fine-tuning against LoRA, the same run otherwise: steps/s, memory, bytes written."""
+    from bench.training import planned_runs
+
+    require_device(ctx)
+    return measure_rows(ctx, planned_runs(True, ctx.profile.on_gpu)["method"])
 
 
 def memory(ctx: Context) -> dict[str, Any]:
