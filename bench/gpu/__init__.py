@@ -195,6 +195,8 @@ STEPS: list[Step] = [
     ),
     Step("figures.memory", f"{FIGURES}:memory", _budget(90, SMOKE_DEEPSPEED)),
     Step("figures.training.bf16", f"{FIGURES}:training", _budget(150, 60), {"precision": "bf16"}),
+    # Model load twice (caches on, off), then alternating blocks of our and the bare step.
+    Step("figures.step_overhead", f"{FIGURES}:step_overhead", _budget(150, 120)),
     Step("figures.priors", f"{FIGURES}:priors", _budget(60, 60)),
     Step("figures.inference", f"{FIGURES}:inference", _budget(90, 120)),
     Step(

@@ -89,6 +89,20 @@ def methods(ctx: Context) -> dict[str, Any]:
     return measure_rows(ctx, planned_runs(True, ctx.profile.on_gpu)["method"])
 
 
+def step_overhead(ctx: Context) -> dict[str, Any]:
+    """Our step against the bare UNet step, caches on and off (`bench.overhead`)."""
+    from bench.overhead import step_overhead as measure
+
+    require_device(ctx)
+    cublas_as_usual()
+    result = measure(settings(ctx))
+    result["summary"] = ", ".join(
+        f"caches {state}: ours/bare {result[f'caches_{state}']['overhead_ratio']:.3f}"
+        for state in ("on", "off")
+    )
+    return result
+
+
 def memory(ctx: Context) -> dict[str, Any]:
     """UNet + text encoder, batch 1, ZeRO-3, gradient checkpointing; 32-bit and 8-bit AdamW."""
     from bench.training import planned_runs
