@@ -11,6 +11,9 @@ from __future__ import annotations
 import base64
 import contextlib
 import io
+import os
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -32,11 +35,14 @@ from dreambooth_trainer.serve.app import create_app
 from dreambooth_trainer.serve.catalog import AdapterCatalog
 from dreambooth_trainer.serve.engine import Text2ImageEngine
 from dreambooth_trainer.serve.publications import PublicationSource
-from tests.support.procs import wait_for
+from dreambooth_trainer.serve.schemas import Generation
+from dreambooth_trainer.storage import S3Store
+from tests.support.procs import ManagedProcess, free_port, wait_for
 
 from .conftest import MODEL_ID, export_for, settings
 from .harness import DEPTH, GENERATE, HTTP_TIMEOUT, HeldWorker, metric, running
 
+SERVE = [sys.executable, "-m", "dreambooth_trainer.serve", "--cpu-threads", "1"]
 PROMPT = "a photo of sks dog"
 OPTIONS = {"height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 7.5}
 REQUEST = {"size": "32x32", "num_inference_steps": 2, "guidance_scale": 7.5}
@@ -237,7 +243,8 @@ def test_a_batch_never_mixes_adapters(multi, exports, tmp_path, monkeypatch):
     url = multi(tmp_path, max_loaded=2)
     held = HeldWorker(monkeypatch)
     batches: list[list[str | None]] = []
-    active: list[list[str]] = []
+    # (the batch's models, the pipeline's active adapters during its call)
+    calls: list[tuple[list[str | None], list[str]]] = []
     held_call = Text2ImageEngine.__call__
     original_generate = engine_module.generate_images
 
@@ -247,7 +254,7 @@ def test_a_batch_never_mixes_adapters(multi, exports, tmp_path, monkeypatch):
 
     def recording_generate(pipeline, *args, **kwargs):
         if batches[-1][0] is not None:  # the blocker runs on the bare base
-            active.append(pipeline.get_active_adapters())
+            calls.append((batches[-1], pipeline.get_active_adapters()))
         return original_generate(pipeline, *args, **kwargs)
 
     monkeypatch.setattr(Text2ImageEngine, "__call__", recording_call)
@@ -262,8 +269,72 @@ def test_a_batch_never_mixes_adapters(multi, exports, tmp_path, monkeypatch):
         assert blocker.result().status_code == 200
         assert all(future.result().status_code == 200 for future in futures)
 
-    assert batches[1:] == [[rex, rex], [fido, fido]]
-    names = [
-        VerifiedAdapter(n, digest_of(exports[n]), exports[n]).adapter_name for n in (rex, fido)
-    ]
-    assert active == [[names[0]], [names[1]]]
+    # Which model's batch runs first depends on which request the server read first.
+    assert sorted(batches[1:]) == [[fido, fido], [rex, rex]]
+    adapter_names = {
+        n: VerifiedAdapter(n, digest_of(exports[n]), exports[n]).adapter_name for n in (rex, fido)
+    }
+    assert len(calls) == 2
+    for models, active in calls:
+        assert active == [adapter_names[models[0]]]
+
+
+def test_the_batch_key_tells_adapters_apart(exports):
+    rex, fido = (VerifiedAdapter(n, digest_of(exports[n]), exports[n]) for n in NAMES[:2])
+    common = {"prompt": PROMPT, "negative_prompt": "", "n": 1, "width": 32, "height": 32}
+    common |= {"steps": 2, "guidance_scale": 7.5, "scheduler": None}
+    key = {
+        name: Generation(**common, seed=seed, adapter=adapter).batch_key
+        for seed, (name, adapter) in enumerate({"rex": rex, "fido": fido, "base": None}.items())
+    }
+    assert len(set(key.values())) == 3
+    assert Generation(**common, seed=9, adapter=rex).batch_key == key["rex"]
+
+
+def test_the_cli_serves_adapters_published_on_s3(exports, base_dir, s3_server, s3_bucket, tmp_path):
+    rex = NAMES[0]
+    prefix = "team-a/rex/export"
+    S3Store(s3_bucket, prefix, client=s3_server.client()).upload_dir(exports[rex])
+    publications = tmp_path / "publications"
+    publications.mkdir()
+    index = Publications(
+        models=(
+            PublishedModel(
+                name=rex, uri=f"s3://{s3_bucket}/{prefix}", digest=digest_of(exports[rex])
+            ),
+        )
+    )
+    (publications / publication.PUBLICATIONS_FILE).write_text(publication.render(index))
+    port = free_port()
+    argv = [*SERVE, "--model", str(base_dir), "--publications", str(publications)]
+    argv += ["--max-loaded-adapters", "1", "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, **s3_server.env(), "DREAMBOOTH_CACHE": str(tmp_path / "cache")}
+    server = ManagedProcess("dreambooth-serve", argv, tmp_path / "serve.log", env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        server.check_alive()
+        return httpx.get(f"{url}/readyz").status_code == 200
+
+    try:
+        wait_for("dreambooth serve", ready, 120, on_timeout=server.log_tail)
+        result = client(url).images.generate(
+            model=rex,
+            prompt=PROMPT,
+            size="32x32",
+            response_format="b64_json",
+            extra_body={"num_inference_steps": 2, "guidance_scale": 7.5, "seed": 7},
+        )
+        served = pixels(result.data[0].b64_json)
+    finally:
+        server.stop()
+    assert np.array_equal(served, plain_image(base_dir, exports[rex]))
+
+
+def test_the_cli_refuses_publications_with_an_adapter(base_dir, exports, tmp_path):
+    argv = [*SERVE, "--model", str(base_dir), "--publications", str(tmp_path)]
+    result = subprocess.run(
+        [*argv, "--adapter", str(exports[NAMES[0]])], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "drop --adapter and --digest" in result.stderr

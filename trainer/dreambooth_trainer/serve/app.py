@@ -237,6 +237,7 @@ def create_app(
 
     With `catalog`, `loader` loads the shared base and published models are served on it."""
     metrics_ = ServeMetrics()
+    metrics_.expose(settings.model_id)
     host = ModelHost(
         settings,
         loader,

@@ -126,6 +126,12 @@ class ServeMetrics:
             registry=self.registry,
         )
 
+    def expose(self, model: str) -> None:
+        """Show `model`'s series at 0 before its first request (rates need a starting point)."""
+        label = self.model_label(model)
+        self.images_generated.labels(model=label)
+        self.request_duration.labels(model=label)
+
     def served(self, model: str, images: int, seconds: float) -> None:
         """A request for `model` answered with `images` images after `seconds`."""
         label = self.model_label(model)
