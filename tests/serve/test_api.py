@@ -158,14 +158,16 @@ def test_another_model_is_a_404_naming_the_model(http):
 
 
 def test_metrics_count_images_latency_and_rejections(url, http):
-    before = metric(url, "dreambooth_inference_images_generated_total")
+    images = f'dreambooth_inference_images_generated_total{{model="{MODEL_ID}"}}'
+    before = metric(url, images)
     rejected = 'dreambooth_inference_requests_rejected_total{reason="invalid"}'
     invalid_before = metric(url, rejected)
     http.post("/v1/images/generations", json={"prompt": "a dog", "n": 3, **FAST})
     http.post("/v1/images/generations", json={"prompt": "", **FAST})
-    assert metric(url, "dreambooth_inference_images_generated_total") == before + 3
+    assert metric(url, images) == before + 3
     assert metric(url, rejected) == invalid_before + 1
-    assert metric(url, "dreambooth_inference_request_duration_seconds_count") >= 1
+    requests = f'dreambooth_inference_request_duration_seconds_count{{model="{MODEL_ID}"}}'
+    assert metric(url, requests) >= 1
     assert metric(url, "dreambooth_inference_queue_depth") == 0
     assert metric(url, "dreambooth_inference_model_ready") == 1
 

@@ -22,38 +22,18 @@ import pytest
 from diffusers import StableDiffusionPipeline
 from PIL import Image
 
-from dreambooth_contract.api import BaseModelSpec
 from dreambooth_trainer import digest
-from dreambooth_trainer.export import export_adapter
 from dreambooth_trainer.methods.lora_files import LORA_WEIGHTS
-from dreambooth_trainer.models import base_identity, random_models
+from dreambooth_trainer.models import random_models
 from dreambooth_trainer.serve import artifact
 from dreambooth_trainer.serve.app import create_app
-from tests.support.lora import write_random_adapter
 from tests.support.procs import free_port
 
-from .conftest import settings
+from .conftest import export_for, settings
 from .harness import GENERATE, HTTP_TIMEOUT, running
 
 SERVE = [sys.executable, "-m", "dreambooth_trainer.serve", "--cpu-threads", "1"]
 PROMPT = "a photo of sks dog"
-
-
-def export_for(base_dir: Path, directory: Path) -> Path:
-    """A LoRA export for the base in `base_dir`, as the export phase writes it."""
-    write_random_adapter(StableDiffusionPipeline.from_pretrained(base_dir), directory / "trained")
-    record = base_identity.base_model_record(BaseModelSpec(uri=str(base_dir)), str(base_dir))
-    export = directory / "export"
-    export_adapter(
-        StableDiffusionPipeline.from_pretrained(base_dir), directory / "trained", export, record
-    )
-    return export
-
-
-@pytest.fixture(scope="module")
-def base_dir(model_cache, tmp_path_factory) -> Path:
-    source = random_models.materialize("random://tiny-sd", model_cache)
-    return Path(shutil.copytree(source, tmp_path_factory.mktemp("lora-base") / "tiny-sd"))
 
 
 @pytest.fixture(scope="module")

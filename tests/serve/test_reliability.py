@@ -42,7 +42,7 @@ from .harness import (
 
 ABANDONED = "dreambooth_inference_requests_abandoned_total"
 REJECTED = "dreambooth_inference_requests_rejected_total"
-GENERATED = "dreambooth_inference_images_generated_total"
+GENERATED = f'dreambooth_inference_images_generated_total{{model="{MODEL_ID}"}}'
 API_KEY = "sk-test-0123456789abcdef"
 
 

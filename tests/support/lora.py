@@ -41,9 +41,10 @@ def add_random_adapter(
 
 
 def write_random_adapter(
-    base: StableDiffusionPipeline, directory: Path, text_encoder: bool = True
+    base: StableDiffusionPipeline, directory: Path, text_encoder: bool = True, seed: int = 1
 ) -> Path:
-    """An adapter for `base` (which gets it added), saved into `directory` as training does."""
-    add_random_adapter(base, text_encoder)
+    """An adapter for `base` (which gets it added), saved into `directory` as training does;
+    adapters of different seeds give different images."""
+    add_random_adapter(base, text_encoder, seed)
     directory.mkdir(parents=True, exist_ok=True)
     return save_adapter(base.unet, base.text_encoder if text_encoder else None, directory)

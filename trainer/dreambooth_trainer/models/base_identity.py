@@ -15,6 +15,7 @@ the adapter to any other:
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,12 +69,17 @@ def check_uri(record: dict[str, Any], uri: str) -> None:
         )
 
 
-def check_files(record: dict[str, Any], source: str) -> None:
-    """Refuse a base whose files differ from those the adapter was trained on."""
+def check_files(
+    record: dict[str, Any], source: str, digest_of: Callable[[Path], str] = files_digest
+) -> None:
+    """Refuse a base whose files differ from those the adapter was trained on.
+
+    `digest_of` computes the files' digest: a server checking many adapters against one base
+    passes a memoized one (hashing a multi-GB base once, not once per adapter)."""
     expected = record.get("filesDigest")
     if expected is None:
         return
-    found = files_digest(Path(source))
+    found = digest_of(Path(source))
     if found != expected:
         raise BaseModelMismatch(
             f"the files of base model {record['uri']!r} changed since the adapter was trained "

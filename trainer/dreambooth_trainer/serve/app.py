@@ -3,6 +3,9 @@
     app = create_app(ServeSettings(model_id="my-dog"), loader)
     uvicorn.run(app)
 
+With a catalog (`create_app(settings, load_base, catalog=...)`) the server also answers to every
+model published to it: `model` picks the adapter, GET /v1/models lists them.
+
 The event loop only validates, queues and encodes; inference runs on the batcher's worker
 thread (host.py, batching.py), so health checks and 429s stay fast while a batch runs.
 
@@ -25,7 +28,10 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from . import errors
+from .adapters import VerifiedAdapter
+from .artifact import ArtifactError
 from .batching import BatcherClosed, DynamicBatcher, Job, QueueFull
+from .catalog import AdapterCatalog, ModelNotPublished
 from .config import ServeSettings
 from .engine import Text2ImageEngine, png_base64
 from .errors import ApiError, internal_error, request_id_of
@@ -38,6 +44,7 @@ from .schemas import (
     ImagesResponse,
     ModelCard,
     ModelList,
+    model_not_found,
     resolve,
 )
 
@@ -74,7 +81,8 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Images
     started = time.perf_counter()
     host = host_of(request)
     engine, batcher = _ready(host)
-    generation = resolve(body, host.settings, engine.native_side)
+    adapter = await _adapter(host, body.model, request)
+    generation = resolve(body, host.settings, engine.native_side, adapter)
     job = Job(key=generation.batch_key, size=generation.n, payload=generation)
     try:
         future = batcher.submit(job)
@@ -91,11 +99,33 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Images
     images = await _images(request, future, deadline, host)
     # PNG encoding is CPU work: off the loop, and overlapping the next batch on the worker.
     encoded = await asyncio.to_thread(lambda: [png_base64(image) for image in images])
-    host.metrics.images_generated.inc(len(encoded))
-    host.metrics.request_duration.observe(time.perf_counter() - started)
+    model = adapter.model if adapter is not None else host.settings.model_id
+    host.metrics.served(model, len(encoded), time.perf_counter() - started)
     pairs = zip(encoded, generation.seeds, strict=True)
     data = [ImageData(b64_json=b64, seed=seed) for b64, seed in pairs]
     return ImagesResponse(created=int(time.time()), data=data)
+
+
+async def _adapter(host: ModelHost, model: str | None, request: Request) -> VerifiedAdapter | None:
+    """The verified adapter of the published model `model`; None for the served model itself."""
+    catalog = host.catalog
+    if catalog is None or model is None or model == host.settings.model_id:
+        return None
+    try:
+        # Off the loop: a model not verified yet is downloaded and hashed first.
+        return await asyncio.to_thread(catalog.lookup, model)
+    except ModelNotPublished:
+        raise model_not_found(model) from None
+    except ArtifactError as exc:
+        request_id = request_id_of(request)
+        log.error("model %s refused (request %s): %s", model, request_id, exc)
+        raise ApiError(
+            500,
+            f"The model '{model}' cannot be served: its files do not match its published digest "
+            f"or this server's base model (request id {request_id}).",
+            param="model",
+            code="model_refused",
+        ) from None
 
 
 async def _images(request: Request, future: Future, deadline: float, host: ModelHost) -> list:
@@ -144,21 +174,28 @@ async def _client_gone(request: Request) -> None:
 
 @router.get("/v1/models", response_model=ModelList)
 async def list_models(request: Request) -> ModelList:
-    return ModelList(data=[_card(host_of(request))])
+    return ModelList(data=_cards(host_of(request)))
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
 async def get_model(model_id: str, request: Request) -> ModelCard:
-    host = host_of(request)
-    if model_id != host.settings.model_id:
-        raise ApiError(
-            404, f"The model '{model_id}' does not exist.", param="model", code="model_not_found"
-        )
-    return _card(host)
+    for card in _cards(host_of(request)):
+        if card.id == model_id:
+            return card
+    raise model_not_found(model_id)
 
 
-def _card(host: ModelHost) -> ModelCard:
-    return ModelCard(id=host.settings.model_id, created=host.loaded_at)
+def _cards(host: ModelHost) -> list[ModelCard]:
+    """The served model, then the published ones by name."""
+    cards = [ModelCard(id=host.settings.model_id, created=host.loaded_at)]
+    if host.catalog is not None:
+        cards += _published_cards(host.catalog)
+    return cards
+
+
+def _published_cards(catalog: AdapterCatalog) -> list[ModelCard]:
+    first_seen = catalog.first_seen
+    return [ModelCard(id=name, created=first_seen.get(name, 0)) for name in sorted(catalog.models)]
 
 
 @router.get("/healthz")
@@ -194,10 +231,21 @@ def create_app(
     *,
     on_load_failure: Callable[[BaseException], None] | None = None,
     warm_up: bool = True,
+    catalog: AdapterCatalog | None = None,
 ) -> FastAPI:
-    """The app; the model starts loading (in a thread) when the server starts the app."""
+    """The app; the model starts loading (in a thread) when the server starts the app.
+
+    With `catalog`, `loader` loads the shared base and published models are served on it."""
     metrics_ = ServeMetrics()
-    host = ModelHost(settings, loader, metrics_, on_load_failure=on_load_failure, warm_up=warm_up)
+    metrics_.expose(settings.model_id)
+    host = ModelHost(
+        settings,
+        loader,
+        metrics_,
+        on_load_failure=on_load_failure,
+        warm_up=warm_up,
+        catalog=catalog,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from diffusers import StableDiffusionPipeline
 
-from dreambooth_contract.api import S3Spec
+from dreambooth_contract.api import BaseModelSpec, S3Spec
 from dreambooth_contract.layout import PIPELINE_DIR
 
 from .. import digest as artifact_digest
@@ -66,8 +66,11 @@ class Artifact:
         return nested if (nested / "model_index.json").is_file() else self.path
 
 
-def fetch(uri: str, cache_dir: Path, s3: S3Location | None = None) -> Path:
-    """A local directory with the artifact's files (an s3:// URI is downloaded afresh)."""
+def fetch(uri: str, cache_dir: Path, s3: S3Location | None = None, version: str = "") -> Path:
+    """A local directory with the artifact's files (an s3:// URI is downloaded afresh).
+
+    `version` (an expected digest) gives each version at one URI a download folder of its own,
+    so that a re-download never replaces files another version was verified and loaded from."""
     if random_models.is_random_uri(uri):
         return random_models.materialize(uri, cache_dir)
     if not uri.startswith("s3://"):
@@ -78,7 +81,7 @@ def fetch(uri: str, cache_dir: Path, s3: S3Location | None = None) -> Path:
     s3 = s3 or S3Location()
     # Always a fresh copy: verification refuses files the manifest does not list, so leftovers
     # of an earlier artifact at the same URI must not linger.
-    target = cache_dir / "serve" / hashlib.sha256(uri.encode()).hexdigest()[:16]
+    target = cache_dir / "serve" / hashlib.sha256((uri + version).encode()).hexdigest()[:16]
     shutil.rmtree(target, ignore_errors=True)
     log.info("downloading %s to %s", uri, target)
     files = open_store(uri, s3.endpoint, s3.region).download_dir("", target)
@@ -166,6 +169,81 @@ def load(
     )
 
 
+def fetch_adapter(
+    adapter_uri: str,
+    *,
+    cache_dir: Path,
+    expected_digest: str | None = None,
+    s3: S3Location | None = None,
+) -> tuple[Artifact, dict]:
+    """A LoRA export's files, checked against its manifest (and `expected_digest`), and the
+    record of the base model it was trained on (base_identity)."""
+    if random_models.is_random_uri(adapter_uri):
+        raise ArtifactError(f"{adapter_uri}: an adapter is a LoRA export, not a random model")
+    fetched = fetch(adapter_uri, cache_dir, s3, version=expected_digest or "")
+    adapter = verify(adapter_uri, fetched, expected_digest)
+    if not (adapter.path / base_identity.BASE_MODEL_FILE).is_file():
+        raise ArtifactError(
+            f"{adapter_uri}: not a LoRA export ({base_identity.BASE_MODEL_FILE} missing); "
+            "serve a pipeline with --model alone"
+        )
+    return adapter, base_identity.read_record(adapter.path)
+
+
+class ServedBase:
+    """The base model a server runs (`uri` as given to --model, its files in `source`) and the
+    check that an adapter was trained on exactly it."""
+
+    def __init__(self, uri: str, source: str):
+        self.uri = uri
+        self.source = source
+        self._files_digest: str | None = None
+
+    def check(self, record: dict, adapter_uri: str) -> None:
+        """ArtifactError naming both bases unless the adapter's `record` is this base."""
+        try:
+            base_identity.check_uri(record, self.uri)
+            base_identity.check_files(record, self.source, self._digest_of)
+        except base_identity.BaseModelMismatch as exc:
+            raise ArtifactError(
+                f"refusing to serve {adapter_uri} on --model {self.uri}: {exc}"
+            ) from exc
+
+    def _digest_of(self, source: Path) -> str:
+        if self._files_digest is None:  # once per server: a base is gigabytes
+            self._files_digest = base_identity.files_digest(source)
+        return self._files_digest
+
+
+def resolve_base(uri: str, cache_dir: Path, s3: S3Location | None = None, spec=None) -> ServedBase:
+    """The base `uri` names (a directory, s3://, random://, a hub id), ready to load."""
+    s3 = s3 or S3Location()
+    spec = spec or BaseModelSpec(uri=uri)
+    try:
+        source = resolve_model_source(
+            spec, cache_dir, S3Spec(endpoint=s3.endpoint, region=s3.region)
+        )
+    except FileNotFoundError as exc:
+        raise ArtifactError(f"--model {uri}: {exc}") from exc
+    return ServedBase(uri, source)
+
+
+def load_base(
+    base: ServedBase,
+    device: str = "auto",
+    dtype: str = "auto",
+    revision: str | None = None,
+    variant: str | None = None,
+) -> StableDiffusionPipeline:
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    log.info("loading base %s on %s as %s", base.uri, torch_device, torch_dtype)
+    local = Path(base.source)
+    return load_pipeline(
+        local if local.is_dir() else base.source, torch_device, torch_dtype, revision, variant
+    )
+
+
 def load_with_adapter(
     base_uri: str,
     adapter_uri: str,
@@ -178,35 +256,20 @@ def load_with_adapter(
 ) -> LoadedModel:
     """The base model with a LoRA export applied, after checking both: the adapter's files
     against its manifest (and `expected_digest`), the base against the adapter's record."""
-    if random_models.is_random_uri(adapter_uri):
-        raise ArtifactError(f"{adapter_uri}: an adapter is a LoRA export, not a random model")
-    adapter = verify(adapter_uri, fetch(adapter_uri, cache_dir, s3), expected_digest)
-    if not (adapter.path / base_identity.BASE_MODEL_FILE).is_file():
-        raise ArtifactError(
-            f"{adapter_uri}: not a LoRA export ({base_identity.BASE_MODEL_FILE} missing); "
-            "serve a pipeline with --model alone"
-        )
-    record = base_identity.read_record(adapter.path)
-    s3 = s3 or S3Location()
+    adapter, record = fetch_adapter(
+        adapter_uri, cache_dir=cache_dir, expected_digest=expected_digest, s3=s3
+    )
     try:
         base_identity.check_uri(record, base_uri)
-        spec = base_identity.spec_of(record)
-        source = resolve_model_source(
-            spec, cache_dir, S3Spec(endpoint=s3.endpoint, region=s3.region)
-        )
-        base_identity.check_files(record, source)
-    except (base_identity.BaseModelMismatch, FileNotFoundError) as exc:
+    except base_identity.BaseModelMismatch as exc:
         raise ArtifactError(
             f"refusing to serve {adapter_uri} on --model {base_uri}: {exc}"
         ) from exc
-    torch_device = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, torch_device)
-    log.info(
-        "loading %s with adapter %s on %s as %s", base_uri, adapter_uri, torch_device, torch_dtype
-    )
-    local = Path(source)
-    pipeline = load_pipeline(
-        local if local.is_dir() else source, torch_device, torch_dtype, spec.revision, spec.variant
-    )
+    # The recorded spec: the base is loaded at the revision and variant it was trained on.
+    spec = base_identity.spec_of(record)
+    base = resolve_base(base_uri, cache_dir, s3, spec)
+    base.check(record, adapter_uri)
+    log.info("applying adapter %s", adapter_uri)
+    pipeline = load_base(base, device, dtype, spec.revision, spec.variant)
     lora_export.apply_adapter(pipeline, adapter.path)
     return LoadedModel(pipeline, adapter.digest)

@@ -1,4 +1,8 @@
-"""`dreambooth serve --model URI [--adapter URI]`: verify an export and serve it over HTTP."""
+"""`dreambooth serve --model URI [--adapter URI | --publications DIR]`: verify and serve.
+
+--adapter serves one LoRA export; --publications serves every adapter published in DIR (the
+operator's mounted ConfigMap, contract publication.py) on the one base --model names.
+"""
 
 from __future__ import annotations
 
@@ -66,6 +70,27 @@ def read_api_key(key_file: Path | None, environ: dict[str, str] | None = None) -
     metavar="URI",
     help="A LoRA job's export (a directory or s3://bucket/prefix), applied to --model; it is "
     "refused unless it was trained on exactly that base.",
+)
+@click.option(
+    "--publications",
+    "publications_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Directory with the publication index (publications.json, re-read when it changes): "
+    "serve every LoRA export published there on --model, chosen by the request's `model`.",
+)
+@click.option(
+    "--max-loaded-adapters",
+    default=4,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="With --publications: adapters kept loaded; the least recently used beyond are evicted.",
+)
+@click.option(
+    "--publications-poll-interval",
+    default=1.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="With --publications: seconds between checks of the index for changes.",
 )
 @click.option(
     "--digest",
@@ -154,6 +179,9 @@ def read_api_key(key_file: Path | None, environ: dict[str, str] | None = None) -
 def serve(
     model_uri: str,
     adapter_uri: str | None,
+    publications_dir: Path | None,
+    max_loaded_adapters: int,
+    publications_poll_interval: float,
     digest: str | None,
     served_model_name: str | None,
     host: str,
@@ -176,14 +204,19 @@ def serve(
     s3_region: str | None,
     log_level: str,
 ) -> None:
-    """Serve an exported pipeline, or a base model with a LoRA adapter, over HTTP (OpenAI
-    Images API, /readyz, /metrics).
+    """Serve an exported pipeline, or a base model with a LoRA adapter (--adapter) or with every
+    adapter published to it (--publications), over HTTP (OpenAI Images API, /readyz, /metrics).
 
     The artifact is downloaded, checked against its sha256 manifest (and --digest) and loaded in
     the background: /healthz answers at once, /readyz once the model is ready. A refused
     artifact stops the server with exit status 1.
     """
     logging.basicConfig(level=log_level.upper(), format=LOG_FORMAT)
+    if publications_dir is not None and (adapter_uri or digest):
+        raise click.BadParameter(
+            "the index gives each adapter and its digest; drop --adapter and --digest",
+            param_hint="--publications",
+        )
     if default_steps > max_steps:
         raise click.BadParameter("must not exceed --max-steps", param_hint="--default-steps")
     api_key = read_api_key(api_key_file)
@@ -193,7 +226,10 @@ def serve(
     from diffusers.utils import logging as diffusers_logging
 
     from . import artifact
+    from .adapters import AdapterVerifier
     from .app import create_app
+    from .catalog import AdapterCatalog
+    from .publications import PublicationSource
 
     diffusers_logging.disable_progress_bar()  # loading bars are noise in a server's log
     if cpu_threads:
@@ -210,25 +246,32 @@ def serve(
         api_key=api_key,
     )
     log.info("API key: %s", "required on /v1/" if api_key else "none (open API)")
-    if adapter_uri:
-        load = partial(artifact.load_with_adapter, model_uri, adapter_uri)
+    s3 = artifact.S3Location(s3_endpoint, s3_region)
+    cache = cache_dir.expanduser()
+    catalog = None
+    if publications_dir is not None:
+        catalog = AdapterCatalog(
+            PublicationSource(publications_dir),
+            AdapterVerifier(cache, s3),
+            max_loaded=max_loaded_adapters,
+            poll_interval_s=publications_poll_interval,
+        )
+        loader = partial(catalog.load_base, model_uri, cache, device=device, dtype=dtype)
     else:
-        load = partial(artifact.load, model_uri)
-    loader = partial(
-        load,
-        cache_dir=cache_dir.expanduser(),
-        expected_digest=digest,
-        s3=artifact.S3Location(s3_endpoint, s3_region),
-        device=device,
-        dtype=dtype,
-    )
+        if adapter_uri:
+            load = partial(artifact.load_with_adapter, model_uri, adapter_uri)
+        else:
+            load = partial(artifact.load, model_uri)
+        loader = partial(
+            load, cache_dir=cache, expected_digest=digest, s3=s3, device=device, dtype=dtype
+        )
     server: uvicorn.Server | None = None
 
     def stop(_: BaseException) -> None:
         if server is not None:
             server.should_exit = True
 
-    app = create_app(settings, loader, on_load_failure=stop)
+    app = create_app(settings, loader, on_load_failure=stop, catalog=catalog)
     server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level))
     server.run()
     if app.state.host.error:

@@ -25,14 +25,17 @@ from diffusers import StableDiffusionPipeline
 from PIL.Image import Image
 
 from ..models.generation import generate_images
+from .adapters import AdapterCache
 from .batching import Job
 from .schedulers import SCHEDULERS
 from .schemas import Generation
 
 
 class Text2ImageEngine:
-    def __init__(self, pipeline: StableDiffusionPipeline):
+    def __init__(self, pipeline: StableDiffusionPipeline, adapters: AdapterCache | None = None):
         self.pipeline = pipeline
+        # Adapters published to a multi-adapter server; None serves the pipeline as loaded.
+        self.adapters = adapters
         # One pipeline object per scheduler, all sharing the same modules (no weight copies):
         # schedulers keep per-call state, so they are not swapped on a shared pipeline.
         self._pipelines: dict[str | None, StableDiffusionPipeline] = {None: pipeline}
@@ -43,9 +46,12 @@ class Text2ImageEngine:
         return int(self.pipeline.unet.config.sample_size) * self.pipeline.vae_scale_factor
 
     def __call__(self, jobs: Sequence[Job[Generation]]) -> list[list[Image]]:
-        """Images of each job, in order; every job must have the same batch key."""
+        """Images of each job, in order; every job must have the same batch key (the adapter
+        included: a batch is one pipeline call, with one set of weights)."""
         generations = [job.payload for job in jobs]
         first = generations[0]
+        if self.adapters is not None:
+            self.adapters.activate(first.adapter)
         prompts = [g.prompt for g in generations for _ in range(g.n)]
         negatives = [g.negative_prompt for g in generations for _ in range(g.n)]
         generators = [

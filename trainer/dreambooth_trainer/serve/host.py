@@ -1,5 +1,9 @@
 """The served model's lifecycle: loading -> ready (or failed) -> closed.
 
+With a catalog (multi-adapter serving: catalog.py) the loaded pipeline is the shared base, and
+the engine gets an adapter cache on it; the publication index is read from start, before the
+base is ready.
+
 Loading runs in a background thread so that the HTTP server answers /healthz (alive) and
 /readyz (503) while a multi-GB artifact downloads, verifies and moves to the GPU; Kubernetes
 then routes traffic only once /readyz says 200.
@@ -15,6 +19,7 @@ from collections.abc import Callable
 
 from .artifact import LoadedModel
 from .batching import DynamicBatcher
+from .catalog import AdapterCatalog
 from .config import ServeSettings
 from .engine import Text2ImageEngine
 from .metrics import ServeMetrics
@@ -41,8 +46,10 @@ class ModelHost:
         metrics: ServeMetrics,
         on_load_failure: Callable[[BaseException], None] | None = None,
         warm_up: bool = True,
+        catalog: AdapterCatalog | None = None,
     ):
         self.settings = settings
+        self.catalog = catalog
         self.metrics = metrics
         self._loader = loader
         self._on_load_failure = on_load_failure
@@ -57,6 +64,9 @@ class ModelHost:
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
+        if self.catalog is not None:
+            self.catalog.on_published = self.metrics.models_published.set
+            self.catalog.start()
         self._thread = threading.Thread(target=self._load, name="model-loader", daemon=True)
         self._thread.start()
 
@@ -72,12 +82,17 @@ class ModelHost:
         self.metrics.model_ready.set(0)
         if batcher is not None:
             batcher.close()
+        if self.catalog is not None:
+            self.catalog.close()
 
     def _load(self) -> None:
         started = time.monotonic()
         try:
             loaded = self._loader()
-            engine = Text2ImageEngine(loaded.pipeline)
+            adapters = None
+            if self.catalog is not None:
+                adapters = self.catalog.cache_for(loaded.pipeline, self.metrics)
+            engine = Text2ImageEngine(loaded.pipeline, adapters)
             if self._warm_up:
                 engine.warm_up()
         except Exception as exc:  # reported on /readyz and to the CLI, not raised in a thread

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import secrets
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from pydantic_core import PydanticCustomError
@@ -18,6 +18,9 @@ from pydantic_core import PydanticCustomError
 from .config import MAX_ID_CHARS, MAX_TEXT_CHARS, Limits, ServeSettings
 from .errors import ApiError
 from .schedulers import SchedulerName
+
+if TYPE_CHECKING:  # the wire format does not import the model code
+    from .adapters import VerifiedAdapter
 
 SIZE_PATTERN = re.compile(r"^(\d{1,5})x(\d{1,5})$")
 MAX_SIZE_CHARS = len("99999x99999")
@@ -113,30 +116,46 @@ class Generation:
     guidance_scale: float
     scheduler: str | None
     seed: int
+    # The published model's adapter to run with; None: the pipeline as served.
+    adapter: VerifiedAdapter | None = None
 
     @property
     def seeds(self) -> list[int]:
         return [self.seed + i for i in range(self.n)]
 
     @property
-    def batch_key(self) -> tuple[int, int, int, float, str | None]:
-        """Requests with equal keys can share one pipeline call (one UNet batch)."""
-        return (self.width, self.height, self.steps, self.guidance_scale, self.scheduler)
+    def batch_key(self) -> tuple[object, ...]:
+        """Requests with equal keys can share one pipeline call (one UNet batch): the same
+        size, steps, guidance, scheduler, and the same adapter (model), as a call runs one."""
+        return (
+            self.width,
+            self.height,
+            self.steps,
+            self.guidance_scale,
+            self.scheduler,
+            self.adapter,
+        )
+
+
+def model_not_found(model: str) -> ApiError:
+    return ApiError(
+        404, f"The model '{model}' does not exist.", param="model", code="model_not_found"
+    )
 
 
 def resolve(
-    request: ImageGenerationRequest, settings: ServeSettings, default_side: int
+    request: ImageGenerationRequest,
+    settings: ServeSettings,
+    default_side: int,
+    adapter: VerifiedAdapter | None = None,
 ) -> Generation:
-    """Apply the server's limits and defaults; ApiError(400) names the offending field."""
+    """Apply the server's limits and defaults; ApiError(400) names the offending field.
+
+    `adapter`: the published model the request names (the caller looked `model` up); without
+    one, `model` must be the served model's id or absent (404 otherwise)."""
     limits = settings.limits
-    if request.model is not None and request.model != settings.model_id:
-        raise ApiError(
-            404,
-            f"The model '{request.model}' does not exist; this server serves "
-            f"'{settings.model_id}'.",
-            param="model",
-            code="model_not_found",
-        )
+    if adapter is None and request.model not in (None, settings.model_id):
+        raise model_not_found(request.model)
     if request.response_format == "url":
         raise invalid(
             "response_format",
@@ -175,6 +194,7 @@ def resolve(
         scheduler=request.scheduler,
         # A drawn seed is returned with the image, so any image can be reproduced.
         seed=request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEEDS),
+        adapter=adapter,
     )
 
 

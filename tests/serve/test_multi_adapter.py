@@ -1,0 +1,340 @@
+"""One server, many subjects: `dreambooth serve --model BASE --publications DIR`.
+
+Three LoRA exports (different seeds) on one tiny base, published through the index the operator
+writes (contract publication.py). Each published model's image is that of a plain diffusers
+pipeline with that adapter loaded; an unpublished or refused model is not served; the cache
+keeps the N most recently used adapters; a batch never mixes adapters.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import httpx
+import numpy as np
+import openai
+import pytest
+from diffusers import StableDiffusionPipeline
+from PIL import Image
+
+from dreambooth_contract import publication
+from dreambooth_contract.publication import Publications, PublishedModel
+from dreambooth_trainer import digest
+from dreambooth_trainer.serve import engine as engine_module
+from dreambooth_trainer.serve.adapters import AdapterVerifier, VerifiedAdapter
+from dreambooth_trainer.serve.app import create_app
+from dreambooth_trainer.serve.catalog import AdapterCatalog
+from dreambooth_trainer.serve.engine import Text2ImageEngine
+from dreambooth_trainer.serve.publications import PublicationSource
+from dreambooth_trainer.serve.schemas import Generation
+from dreambooth_trainer.storage import S3Store
+from tests.support.procs import ManagedProcess, free_port, wait_for
+
+from .conftest import MODEL_ID, export_for, settings
+from .harness import DEPTH, GENERATE, HTTP_TIMEOUT, HeldWorker, metric, running
+
+SERVE = [sys.executable, "-m", "dreambooth_trainer.serve", "--cpu-threads", "1"]
+PROMPT = "a photo of sks dog"
+OPTIONS = {"height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 7.5}
+REQUEST = {"size": "32x32", "num_inference_steps": 2, "guidance_scale": 7.5}
+NAMES = ("team-a/rex", "team-a/fido", "team-b/bella")
+LOADS = "dreambooth_inference_adapter_loads_total"
+EVICTIONS = "dreambooth_inference_adapter_evictions_total"
+HITS = 'dreambooth_inference_adapter_cache_lookups_total{result="hit"}'
+MISSES = 'dreambooth_inference_adapter_cache_lookups_total{result="miss"}'
+
+
+@pytest.fixture(scope="module")
+def exports(base_dir, tmp_path_factory) -> dict[str, Path]:
+    """Three adapters for the base, each from another seed, by model name."""
+    return {
+        name: export_for(base_dir, tmp_path_factory.mktemp("adapter"), seed=seed)
+        for seed, name in enumerate(NAMES, start=1)
+    }
+
+
+def publish(directory: Path, models: dict[str, Path], digests: dict[str, str] | None = None):
+    """Write the index as the operator will: name -> export (and its manifest's digest)."""
+    digests = digests or {}
+    index = Publications(
+        models=tuple(
+            PublishedModel(name=name, uri=str(path), digest=digests.get(name) or digest_of(path))
+            for name, path in models.items()
+        )
+    )
+    # Like kubelet: a new file swapped in (a new inode), never a half-written one.
+    staged = directory / ".staged"
+    staged.write_text(publication.render(index))
+    staged.replace(directory / publication.PUBLICATIONS_FILE)
+
+
+def digest_of(export: Path) -> str:
+    return digest.verify(export)
+
+
+@pytest.fixture
+def multi(base_dir, model_cache, tmp_path) -> Iterator[Callable[..., str]]:
+    """Factory: `url = multi(publications_dir, max_loaded=...)` starts a multi-adapter server."""
+    with contextlib.ExitStack() as stack:
+
+        def start(directory: Path, max_loaded: int = 3) -> str:
+            catalog = AdapterCatalog(
+                PublicationSource(directory),
+                AdapterVerifier(model_cache),
+                max_loaded=max_loaded,
+                poll_interval_s=0.05,
+            )
+            loader = partial(catalog.load_base, str(base_dir), model_cache, device="cpu")
+            app = create_app(settings(), loader, warm_up=False, catalog=catalog)
+            return stack.enter_context(running(app))
+
+        yield start
+
+
+def client(url: str) -> openai.OpenAI:
+    return openai.OpenAI(
+        base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=HTTP_TIMEOUT
+    )
+
+
+def generate(url: str, model: str | None, seed: int = 7) -> httpx.Response:
+    body = {"prompt": PROMPT, "seed": seed, **REQUEST}
+    if model is not None:
+        body["model"] = model
+    return httpx.post(url + GENERATE, json=body, timeout=HTTP_TIMEOUT)
+
+
+def pixels(b64: str) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(b64))).convert("RGB"))
+
+
+def plain_image(base_dir: Path, adapter: Path | None, seed: int = 7) -> np.ndarray:
+    """The image of a plain diffusers pipeline (with `adapter` loaded the usual way)."""
+    import torch
+
+    pipeline = StableDiffusionPipeline.from_pretrained(base_dir)
+    pipeline.set_progress_bar_config(disable=True)
+    if adapter is not None:
+        pipeline.load_lora_weights(adapter)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    return np.asarray(pipeline(PROMPT, generator=generator, **OPTIONS).images[0])
+
+
+def test_each_model_gives_the_image_of_a_plain_pipeline_with_its_adapter(
+    multi, exports, base_dir, tmp_path
+):
+    publish(tmp_path, exports)
+    url = multi(tmp_path, max_loaded=2)  # three adapters through two slots: swaps on the way
+    openai_client = client(url)
+    assert [model.id for model in openai_client.models.list()] == [MODEL_ID, *sorted(NAMES)]
+    served = {}
+    for name in (*NAMES, None):
+        kwargs = {"model": name} if name is not None else {}
+        result = openai_client.images.generate(
+            prompt=PROMPT,
+            size="32x32",
+            response_format="b64_json",
+            extra_body={"num_inference_steps": 2, "guidance_scale": 7.5, "seed": 7},
+            **kwargs,
+        )
+        served[name] = pixels(result.data[0].b64_json)
+
+    for name, export in exports.items():
+        assert np.array_equal(served[name], plain_image(base_dir, export)), name
+    # Requests without a model get the base, no adapter active (after three were loaded).
+    assert np.array_equal(served[None], plain_image(base_dir, None))
+    images = list(served.values())
+    for i, first in enumerate(images):
+        for second in images[i + 1 :]:
+            assert not np.array_equal(first, second)
+
+
+def test_an_unpublished_model_is_a_404_and_leaves_the_list(multi, exports, tmp_path):
+    rex, fido = NAMES[:2]
+    publish(tmp_path, {rex: exports[rex], fido: exports[fido]})
+    url = multi(tmp_path)
+    assert generate(url, rex).status_code == 200
+    assert metric(url, LOADS) == 1
+
+    publish(tmp_path, {fido: exports[fido]})
+    wait_for(
+        "the index change",
+        lambda: rex not in [m.id for m in client(url).models.list()],
+        timeout=HTTP_TIMEOUT,
+    )
+    response = generate(url, rex)
+    assert response.status_code == 404
+    assert response.json() == {
+        "error": {
+            "message": f"The model '{rex}' does not exist.",
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
+    with pytest.raises(openai.NotFoundError):
+        client(url).images.generate(model=rex, prompt=PROMPT, extra_body=REQUEST)
+    assert httpx.get(f"{url}/v1/models/{rex}").status_code == 404
+    assert httpx.get(f"{url}/v1/models/{fido}").json()["id"] == fido
+    # Its adapter is unloaded before the next batch, without waiting for the LRU to need it.
+    assert generate(url, fido).status_code == 200
+    assert metric(url, EVICTIONS) == 1
+    assert metric(url, "dreambooth_inference_adapters_loaded") == 1
+    assert metric(url, "dreambooth_inference_models_published") == 1
+
+
+def test_a_model_whose_files_differ_from_the_published_digest_is_refused(multi, exports, tmp_path):
+    rex, fido = NAMES[:2]
+    # rex's index entry carries fido's digest: rex's files do not match it.
+    publish(tmp_path, {rex: exports[rex]}, digests={rex: digest_of(exports[fido])})
+    url = multi(tmp_path)
+    response = generate(url, rex)
+    assert response.status_code == 500, response.text
+    error = response.json()["error"]
+    assert (error["code"], error["param"]) == ("model_refused", "model")
+    assert str(exports[rex]) not in error["message"]  # no server paths to clients
+    assert metric(url, LOADS) == 0
+
+
+def test_an_adapter_of_another_base_is_refused(multi, base_dir, tmp_path_factory, tmp_path):
+    import shutil
+
+    other_base = Path(shutil.copytree(base_dir, tmp_path_factory.mktemp("other") / "base"))
+    foreign = export_for(other_base, tmp_path_factory.mktemp("foreign"))
+    publish(tmp_path, {"team-c/stray": foreign})
+    url = multi(tmp_path)
+    response = generate(url, "team-c/stray")
+    assert response.status_code == 500
+    assert response.json()["error"]["code"] == "model_refused"
+    assert metric(url, LOADS) == 0
+
+
+def test_the_cache_keeps_the_most_recently_used_adapters(multi, exports, tmp_path):
+    rex, fido, bella = NAMES
+    publish(tmp_path, exports)
+    url = multi(tmp_path, max_loaded=2)
+    for name in (rex, fido, bella):  # bella evicts rex, the least recently used
+        assert generate(url, name).status_code == 200
+    assert (metric(url, LOADS), metric(url, EVICTIONS)) == (3, 1)
+    assert generate(url, fido).status_code == 200  # still loaded: a hit
+    assert (metric(url, HITS), metric(url, MISSES)) == (1, 3)
+    assert generate(url, rex).status_code == 200  # evicted: loaded again, bella goes
+    assert (metric(url, LOADS), metric(url, EVICTIONS)) == (4, 2)
+    assert generate(url, fido).status_code == 200  # fido was used after bella: kept
+    assert (metric(url, HITS), metric(url, MISSES)) == (2, 4)
+    assert metric(url, "dreambooth_inference_adapters_loaded") == 2
+    assert metric(url, "dreambooth_inference_adapter_load_duration_seconds_count") == 4
+    images = f'dreambooth_inference_images_generated_total{{model="{fido}"}}'
+    assert metric(url, images) == 3
+
+
+def test_a_batch_never_mixes_adapters(multi, exports, tmp_path, monkeypatch):
+    rex, fido = NAMES[:2]
+    publish(tmp_path, {rex: exports[rex], fido: exports[fido]})
+    url = multi(tmp_path, max_loaded=2)
+    held = HeldWorker(monkeypatch)
+    batches: list[list[str | None]] = []
+    # (the batch's models, the pipeline's active adapters during its call)
+    calls: list[tuple[list[str | None], list[str]]] = []
+    held_call = Text2ImageEngine.__call__
+    original_generate = engine_module.generate_images
+
+    def recording_call(engine, jobs):
+        batches.append([job.payload.adapter and job.payload.adapter.model for job in jobs])
+        return held_call(engine, jobs)
+
+    def recording_generate(pipeline, *args, **kwargs):
+        if batches[-1][0] is not None:  # the blocker runs on the bare base
+            calls.append((batches[-1], pipeline.get_active_adapters()))
+        return original_generate(pipeline, *args, **kwargs)
+
+    monkeypatch.setattr(Text2ImageEngine, "__call__", recording_call)
+    monkeypatch.setattr(engine_module, "generate_images", recording_generate)
+    # Same size, steps and guidance: only the model tells these requests apart.
+    order = [rex, fido, rex, fido]
+    with ThreadPoolExecutor(len(order) + 1) as pool:
+        blocker = held.occupy(pool, url)
+        futures = [pool.submit(generate, url, name, seed) for seed, name in enumerate(order)]
+        wait_for("4 queued requests", lambda: metric(url, DEPTH) == 4, timeout=HTTP_TIMEOUT)
+        held.release()
+        assert blocker.result().status_code == 200
+        assert all(future.result().status_code == 200 for future in futures)
+
+    # Which model's batch runs first depends on which request the server read first.
+    assert sorted(batches[1:]) == [[fido, fido], [rex, rex]]
+    adapter_names = {
+        n: VerifiedAdapter(n, digest_of(exports[n]), exports[n]).adapter_name for n in (rex, fido)
+    }
+    assert len(calls) == 2
+    for models, active in calls:
+        assert active == [adapter_names[models[0]]]
+
+
+def test_the_batch_key_tells_adapters_apart(exports):
+    rex, fido = (VerifiedAdapter(n, digest_of(exports[n]), exports[n]) for n in NAMES[:2])
+    common = {"prompt": PROMPT, "negative_prompt": "", "n": 1, "width": 32, "height": 32}
+    common |= {"steps": 2, "guidance_scale": 7.5, "scheduler": None}
+    key = {
+        name: Generation(**common, seed=seed, adapter=adapter).batch_key
+        for seed, (name, adapter) in enumerate({"rex": rex, "fido": fido, "base": None}.items())
+    }
+    assert len(set(key.values())) == 3
+    assert Generation(**common, seed=9, adapter=rex).batch_key == key["rex"]
+
+
+def test_the_cli_serves_adapters_published_on_s3(exports, base_dir, s3_server, s3_bucket, tmp_path):
+    rex = NAMES[0]
+    prefix = "team-a/rex/export"
+    S3Store(s3_bucket, prefix, client=s3_server.client()).upload_dir(exports[rex])
+    publications = tmp_path / "publications"
+    publications.mkdir()
+    index = Publications(
+        models=(
+            PublishedModel(
+                name=rex, uri=f"s3://{s3_bucket}/{prefix}", digest=digest_of(exports[rex])
+            ),
+        )
+    )
+    (publications / publication.PUBLICATIONS_FILE).write_text(publication.render(index))
+    port = free_port()
+    argv = [*SERVE, "--model", str(base_dir), "--publications", str(publications)]
+    argv += ["--max-loaded-adapters", "1", "--host", "127.0.0.1", "--port", str(port)]
+    env = {**os.environ, **s3_server.env(), "DREAMBOOTH_CACHE": str(tmp_path / "cache")}
+    server = ManagedProcess("dreambooth-serve", argv, tmp_path / "serve.log", env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        server.check_alive()
+        return httpx.get(f"{url}/readyz").status_code == 200
+
+    try:
+        wait_for("dreambooth serve", ready, 120, on_timeout=server.log_tail)
+        result = client(url).images.generate(
+            model=rex,
+            prompt=PROMPT,
+            size="32x32",
+            response_format="b64_json",
+            extra_body={"num_inference_steps": 2, "guidance_scale": 7.5, "seed": 7},
+        )
+        served = pixels(result.data[0].b64_json)
+    finally:
+        server.stop()
+    assert np.array_equal(served, plain_image(base_dir, exports[rex]))
+
+
+def test_the_cli_refuses_publications_with_an_adapter(base_dir, exports, tmp_path):
+    argv = [*SERVE, "--model", str(base_dir), "--publications", str(tmp_path)]
+    result = subprocess.run(
+        [*argv, "--adapter", str(exports[NAMES[0]])], capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 2
+    assert "drop --adapter and --digest" in result.stderr
