@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import sys
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import pytest
@@ -13,7 +15,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from dreambooth_trainer.serve.engine import Text2ImageEngine
-from tests.support.procs import free_port, wait_for
+from tests.support.procs import ManagedProcess, free_port, wait_for
 
 # Generous: two cores shared with other test suites can make a tiny request take seconds.
 HTTP_TIMEOUT = 60.0
@@ -91,3 +93,29 @@ class HeldWorker:
 
     def release(self) -> None:
         self.gate.set()
+
+
+# `dreambooth serve` in a process of its own, with one torch thread as a CPU Deployment runs it.
+SERVE = [sys.executable, "-m", "dreambooth_trainer.serve", "--cpu-threads", "1"]
+
+
+@contextlib.contextmanager
+def serve_process(
+    args: list[str], log: Path, env: dict[str, str]
+) -> Iterator[tuple[str, ManagedProcess]]:
+    """`dreambooth serve ARGS` on a free local port, once ready: its URL and process. Stopped
+    afterwards (stop() it again for its exit code)."""
+    port = free_port()
+    argv = [*SERVE, *args, "--host", "127.0.0.1", "--port", str(port)]
+    server = ManagedProcess("dreambooth-serve", argv, log, env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        server.check_alive()
+        return httpx.get(f"{url}/readyz").status_code == 200
+
+    try:
+        wait_for("dreambooth serve", ready, 120, on_timeout=server.log_tail)
+        yield url, server
+    finally:
+        server.stop()

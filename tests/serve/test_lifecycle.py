@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 from functools import partial
 
@@ -17,12 +16,10 @@ from dreambooth_trainer import digest
 from dreambooth_trainer.serve import artifact
 from dreambooth_trainer.serve.app import create_app
 from dreambooth_trainer.storage import S3Store
-from tests.support.procs import ManagedProcess, free_port, wait_for
+from tests.support.procs import free_port, wait_for
 
 from .conftest import FAST, settings
-from .harness import HTTP_TIMEOUT, metric, running
-
-SERVE = [sys.executable, "-m", "dreambooth_trainer.serve", "--cpu-threads", "1"]
+from .harness import HTTP_TIMEOUT, SERVE, metric, running, serve_process
 
 
 def test_readyz_is_503_until_the_model_is_loaded(loaded):
@@ -102,19 +99,9 @@ def test_the_cli_serves_a_verified_artifact_from_s3(exported, s3_server, s3_buck
     prefix = "jobs/sks-dog/export"
     S3Store(s3_bucket, prefix, client=s3_server.client()).upload_dir(exported)
     uri = f"s3://{s3_bucket}/{prefix}"
-    port = free_port()
-    argv = [*SERVE, "--model", uri, "--digest", digest.verify(exported)]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--served-model-name", "sks-dog"]
-    argv += ["--max-batch-size", "4", "--default-steps", "2"]
-    server = ManagedProcess("dreambooth-serve", argv, tmp_path / "serve.log", env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        server.check_alive()
-        return httpx.get(f"{url}/readyz").status_code == 200
-
-    try:
-        wait_for("dreambooth serve", ready, 120, on_timeout=server.log_tail)
+    args = ["--model", uri, "--digest", digest.verify(exported), "--served-model-name", "sks-dog"]
+    args += ["--max-batch-size", "4", "--default-steps", "2"]
+    with serve_process(args, tmp_path / "serve.log", env) as (url, server):
         client = openai.OpenAI(
             base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=HTTP_TIMEOUT
         )
@@ -127,8 +114,7 @@ def test_the_cli_serves_a_verified_artifact_from_s3(exported, s3_server, s3_buck
         )
         assert len(result.data) == 1 and result.data[0].b64_json
         assert httpx.get(f"{url}/readyz").json()["digest"] == digest.verify(exported)
-    finally:
-        returncode = server.stop()
+    returncode = server.stop()
     # SIGTERM: uvicorn drains, runs the app's shutdown, then re-raises the signal.
     assert returncode in (0, -signal.SIGTERM), server.log_tail()
     assert "Application shutdown complete" in server.log_path.read_text()

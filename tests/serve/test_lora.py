@@ -12,7 +12,6 @@ import io
 import os
 import shutil
 import subprocess
-import sys
 from functools import partial
 from pathlib import Path
 
@@ -30,9 +29,8 @@ from dreambooth_trainer.serve.app import create_app
 from tests.support.procs import free_port
 
 from .conftest import export_for, settings
-from .harness import GENERATE, HTTP_TIMEOUT, running
+from .harness import GENERATE, HTTP_TIMEOUT, SERVE, running
 
-SERVE = [sys.executable, "-m", "dreambooth_trainer.serve", "--cpu-threads", "1"]
 PROMPT = "a photo of sks dog"
 
 

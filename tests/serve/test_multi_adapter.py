@@ -13,7 +13,6 @@ import contextlib
 import io
 import os
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -37,12 +36,20 @@ from dreambooth_trainer.serve.engine import Text2ImageEngine
 from dreambooth_trainer.serve.publications import PublicationSource
 from dreambooth_trainer.serve.schemas import Generation
 from dreambooth_trainer.storage import S3Store
-from tests.support.procs import ManagedProcess, free_port, wait_for
+from tests.support.procs import wait_for
 
 from .conftest import MODEL_ID, export_for, settings
-from .harness import DEPTH, GENERATE, HTTP_TIMEOUT, HeldWorker, metric, running
+from .harness import (
+    DEPTH,
+    GENERATE,
+    HTTP_TIMEOUT,
+    SERVE,
+    HeldWorker,
+    metric,
+    running,
+    serve_process,
+)
 
-SERVE = [sys.executable, "-m", "dreambooth_trainer.serve", "--cpu-threads", "1"]
 PROMPT = "a photo of sks dog"
 OPTIONS = {"height": 32, "width": 32, "num_inference_steps": 2, "guidance_scale": 7.5}
 REQUEST = {"size": "32x32", "num_inference_steps": 2, "guidance_scale": 7.5}
@@ -305,19 +312,10 @@ def test_the_cli_serves_adapters_published_on_s3(exports, base_dir, s3_server, s
         )
     )
     (publications / publication.PUBLICATIONS_FILE).write_text(publication.render(index))
-    port = free_port()
-    argv = [*SERVE, "--model", str(base_dir), "--publications", str(publications)]
-    argv += ["--max-loaded-adapters", "1", "--host", "127.0.0.1", "--port", str(port)]
+    args = ["--model", str(base_dir), "--publications", str(publications)]
+    args += ["--max-loaded-adapters", "1"]
     env = {**os.environ, **s3_server.env(), "DREAMBOOTH_CACHE": str(tmp_path / "cache")}
-    server = ManagedProcess("dreambooth-serve", argv, tmp_path / "serve.log", env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        server.check_alive()
-        return httpx.get(f"{url}/readyz").status_code == 200
-
-    try:
-        wait_for("dreambooth serve", ready, 120, on_timeout=server.log_tail)
+    with serve_process(args, tmp_path / "serve.log", env) as (url, _server):
         result = client(url).images.generate(
             model=rex,
             prompt=PROMPT,
@@ -326,8 +324,6 @@ def test_the_cli_serves_adapters_published_on_s3(exports, base_dir, s3_server, s
             extra_body={"num_inference_steps": 2, "guidance_scale": 7.5, "seed": 7},
         )
         served = pixels(result.data[0].b64_json)
-    finally:
-        server.stop()
     assert np.array_equal(served, plain_image(base_dir, exports[rex]))
 
 

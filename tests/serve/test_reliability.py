@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import sys
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
@@ -23,7 +22,7 @@ from dreambooth_trainer.serve.engine import Text2ImageEngine
 from dreambooth_trainer.serve.guard import RequestGuard
 from dreambooth_trainer.serve.host import ModelHost
 from dreambooth_trainer.serve.schemas import ImageGenerationRequest, resolve
-from tests.support.procs import ManagedProcess, free_port, wait_for
+from tests.support.procs import wait_for
 
 from .conftest import MODEL_ID, settings
 from .harness import (
@@ -38,6 +37,7 @@ from .harness import (
     images,
     metric,
     running,
+    serve_process,
 )
 
 ABANDONED = "dreambooth_inference_requests_abandoned_total"
@@ -330,22 +330,12 @@ def test_the_api_key_comes_from_a_file_or_the_environment(tmp_path):
 def test_the_cli_takes_the_new_options_and_never_logs_the_key(tmp_path):
     key_file = tmp_path / "api-key"
     key_file.write_text(API_KEY)
-    port = free_port()
-    argv = [sys.executable, "-m", "dreambooth_trainer.serve", "--cpu-threads", "1"]
-    argv += ["--model", "random://tiny-sd", "--served-model-name", MODEL_ID]
-    argv += ["--host", "127.0.0.1", "--port", str(port), "--default-steps", "2"]
-    argv += ["--api-key-file", str(key_file), "--request-timeout", "60"]
-    argv += ["--max-request-bytes", "2000", "--log-level", "debug"]
+    args = ["--model", "random://tiny-sd", "--served-model-name", MODEL_ID]
+    args += ["--default-steps", "2"]
+    args += ["--api-key-file", str(key_file), "--request-timeout", "60"]
+    args += ["--max-request-bytes", "2000", "--log-level", "debug"]
     env = {**os.environ, "DREAMBOOTH_CACHE": str(tmp_path / "cache")}
-    server = ManagedProcess("dreambooth-serve", argv, tmp_path / "serve.log", env=env)
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        server.check_alive()
-        return httpx.get(f"{url}/readyz").status_code == 200
-
-    try:
-        wait_for("dreambooth serve", ready, 120, on_timeout=server.log_tail)
+    with serve_process(args, tmp_path / "serve.log", env) as (url, server):
         auth = {"Authorization": f"Bearer {API_KEY}"}
         body = {"prompt": "a dog", "seed": 1, **FAST}
         assert httpx.post(url + GENERATE, json=body).status_code == 401
@@ -354,8 +344,6 @@ def test_the_cli_takes_the_new_options_and_never_logs_the_key(tmp_path):
         big = {**body, "negative_prompt": "x" * 2000}
         too_large = httpx.post(url + GENERATE, json=big, headers=auth, timeout=HTTP_TIMEOUT)
         assert_openai_error(too_large, 413, "request_too_large")
-    finally:
-        server.stop()
     log = server.log_path.read_text()
     assert "API key: required on /v1/" in log
     assert API_KEY not in log
