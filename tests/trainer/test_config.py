@@ -20,7 +20,9 @@ pytestmark = pytest.mark.trainer
 
 # Every spec section either reaches the trainer or is the operator's alone (pods, serving,
 # restarts): a new section fails test_every_spec_section_is_decided until someone decides.
-CARRIED_SECTIONS = {"base_model", "instance", "prior_preservation", "training", "evaluation"}
+CARRIED_SECTIONS = {
+    "base_model", "instance", "prior_preservation", "training", "evaluation", "export"
+}  # fmt: skip
 OPERATOR_SECTIONS = {"resources", "storage", "inference", "run_policy"}
 
 # A job whose every trainer-relevant field differs from its default, so that a field dropped
@@ -72,6 +74,7 @@ FULL_SPEC: dict[str, Any] = {
             "seed": 9,
         },
     },
+    "export": {"fuse": True},  # training.method is lora above
     "evaluation": {
         "enabled": False,
         "prompts": ["a photo of zwx toy in a garden"],
@@ -164,6 +167,7 @@ def test_effective_learning_rate_is_resolved():
     spec = merged(FULL_SPEC, {"training": {"learningRate": None}})
     assert TrainerConfig.from_job(make_job(spec)).training.learning_rate == 1e-4  # lora
     spec["training"].update(method="full", lora=None, trainTextEncoder=True)
+    spec["export"]["fuse"] = False  # LoRA only
     config = TrainerConfig.from_job(make_job(spec))
     assert config.training.learning_rate == 2e-6
     spec["training"]["trainTextEncoder"] = False
