@@ -2,6 +2,7 @@
 # Regenerate the files rendered from other sources (tests/chart fails when they drift):
 #   manifests/crd.yaml,
 #   charts/dreambooth-operator/files/crd.yaml  <- `dreambooth crd` (the CRD, and the chart's copy)
+#   manifests/crd-server.yaml, and the chart's copy <- `dreambooth crd server` (DreamBoothServer)
 #   manifests/install.yaml                      <- the chart with default values, release
 #                                                  "dreambooth-operator" in namespace
 #                                                  dreambooth-system, plus that Namespace
@@ -55,13 +56,19 @@ if [[ "${1:-}" == "--stdout" ]]; then
 fi
 
 if [[ -x .venv/bin/dreambooth ]]; then
-    .venv/bin/dreambooth crd > "$CHART/files/crd.yaml.tmp"
+    DREAMBOOTH=(.venv/bin/dreambooth)
 else
-    python3 -m dreambooth_operator.cli crd > "$CHART/files/crd.yaml.tmp"
+    DREAMBOOTH=(python3 -m dreambooth_operator.cli)
 fi
-cp -f "$CHART/files/crd.yaml.tmp" manifests/crd.yaml
-mv -f "$CHART/files/crd.yaml.tmp" "$CHART/files/crd.yaml"
+# crd.yaml: DreamBoothJob; crd-server.yaml: DreamBoothServer.
+for kind in job server; do
+    file=crd.yaml
+    [[ $kind == server ]] && file=crd-server.yaml
+    "${DREAMBOOTH[@]}" crd "$kind" > "$CHART/files/$file.tmp"
+    cp -f "$CHART/files/$file.tmp" "manifests/$file"
+    mv -f "$CHART/files/$file.tmp" "$CHART/files/$file"
+done
 
 render_install > manifests/install.yaml.tmp
 mv -f manifests/install.yaml.tmp manifests/install.yaml
-echo "wrote manifests/crd.yaml, $CHART/files/crd.yaml and manifests/install.yaml" >&2
+echo "wrote manifests/crd.yaml, manifests/crd-server.yaml, their copies in $CHART/files and manifests/install.yaml" >&2

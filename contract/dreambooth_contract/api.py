@@ -40,6 +40,8 @@ MAX_JOB_NAME_LENGTH = 40
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
 # Job names also name Services, which must be DNS-1035 labels: a letter first.
 JOB_NAME = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+# A DreamBoothServer named from a job: NAME, or NAMESPACE/NAME.
+SERVER_REF = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 # Models with random weights, built in code: the only models this project can use without a hub.
@@ -586,13 +588,38 @@ class ExportSpec(ApiModel):
 
 
 class InferenceSpec(ApiModel):
-    enabled: bool = field(False, description="Serve the exported pipeline once training ends.")
+    enabled: bool = field(
+        False,
+        description="Serve the exported pipeline once training ends, on a Deployment of the "
+        "job's own (replicas, image, resources, gpus below).",
+    )
+    server: str | None = field(
+        None,
+        description="Instead of a Deployment of its own: publish the adapter to this "
+        "DreamBoothServer, NAME in the job's namespace or NAMESPACE/NAME (which the server must "
+        "allow). With training.method lora only; the model name is NAMESPACE/JOB. Deleting or "
+        "suspending the job unpublishes it.",
+        pattern=SERVER_REF,
+        max_length=63 + 1 + MAX_JOB_NAME_LENGTH,
+    )
     replicas: int = field(1, description="Inference replicas.", ge=0, le=100)
     image: str | None = field(None, description="Server image (default: the trainer image).")
     resources: ResourceRequirements = field(
         ResourceRequirements, description="Per-replica requests and limits."
     )
     gpus: int = field(1, description="GPUs per replica (0 for CPU).", ge=0, le=8)
+
+    @property
+    def serves(self) -> bool:
+        """Served once exported: on a Deployment of its own or on a shared server."""
+        return self.enabled or self.server is not None
+
+    def server_key(self, namespace: str) -> tuple[str, str] | None:
+        """(namespace, name) of the DreamBoothServer named, relative to the job's namespace."""
+        if self.server is None:
+            return None
+        server_namespace, _, name = self.server.rpartition("/")
+        return server_namespace or namespace, name
 
 
 # The DreamBooth paper's evaluation encoders (Ruiz et al., CVPR 2023, section 4.1): CLIP ViT-B/32
@@ -720,6 +747,20 @@ class DreamBoothJobSpec(ApiModel):
                 "training.mixedPrecision",
                 'fp16 needs GPUs (gpusPerNode is 0): use "bf16" or "no" on CPU',
             )
+        if self.inference.server is not None:
+            if self.training.method != "lora":
+                raise FieldRuleError(
+                    "inference.server",
+                    f"only allowed with training.method lora (method is {self.training.method}): "
+                    "a server shares one base model among adapters; a full fine-tune is served "
+                    "with inference.enabled",
+                )
+            if self.inference.enabled:
+                raise FieldRuleError(
+                    "inference.server",
+                    "set either inference.enabled (a Deployment of the job's own) or "
+                    "inference.server (a shared DreamBoothServer), not both",
+                )
         if self.export.fuse and self.training.method != "lora":
             raise FieldRuleError(
                 "export.fuse",
@@ -835,6 +876,14 @@ class InferenceStatus(StatusModel):
     endpoint: str | None = field(None, description="In-cluster URL of the inference Service.")
     ready_replicas: int = field(0, description="Ready inference pods.", ge=0)
     digest: str | None = field(None, description="Artifact digest being served.")
+    server: str | None = field(
+        None, description="With inference.server: the DreamBoothServer (NAMESPACE/NAME)."
+    )
+    model: str | None = field(
+        None,
+        description="With inference.server: the OpenAI `model` value that selects this job's "
+        "adapter (NAMESPACE/JOB).",
+    )
 
 
 class EvaluationScores(StatusModel):

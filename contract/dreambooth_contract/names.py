@@ -8,6 +8,7 @@ from __future__ import annotations
 from .api import GROUP
 
 LABEL_JOB = f"{GROUP}/job"
+LABEL_SERVER = f"{GROUP}/server"  # what a DreamBoothServer owns carries this instead
 LABEL_COMPONENT = f"{GROUP}/component"
 LABEL_RANK = f"{GROUP}/rank"
 LABEL_ATTEMPT = f"{GROUP}/attempt"
@@ -22,6 +23,10 @@ PRIORS = "priors"
 TRAIN = "train"
 EXPORT = "export"
 INFERENCE = "inference"
+SERVER = "server"
+# Annotated on a server's pods with the publication index's digest after each change: a pod
+# update makes the kubelet refresh the pod's ConfigMap volumes now, not on its next periodic sync.
+ANNOTATION_PUBLICATIONS = f"{GROUP}/publications-digest"
 
 
 def config_map(job: str) -> str:
@@ -76,4 +81,27 @@ def labels(job: str, component: str | None = None, **extra: str) -> dict[str, st
         LABEL_MANAGED_BY: MANAGER,
         **selector(job, component),
         **extra,
+    }
+
+
+def server(name: str) -> str:
+    """A DreamBoothServer's Deployment, Service and ServiceAccount."""
+    return f"{name}-{SERVER}"
+
+
+def publications(name: str) -> str:
+    """The ConfigMap holding a DreamBoothServer's publication index."""
+    return f"{name}-publications"
+
+
+def server_selector(name: str) -> dict[str, str]:
+    return {LABEL_SERVER: name, LABEL_COMPONENT: SERVER}
+
+
+def server_labels(name: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "dreambooth-server",
+        "app.kubernetes.io/instance": name,
+        LABEL_MANAGED_BY: MANAGER,
+        **server_selector(name),
     }

@@ -8,6 +8,7 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from .api import DreamBoothJob, FieldRuleError
+from .server_api import SERVER_KIND, DreamBoothServer
 
 
 class JobInvalid(ValueError):
@@ -98,12 +99,28 @@ def parse_job(document: dict[str, Any]) -> DreamBoothJob:
         raise JobInvalid(problems(error)) from None
 
 
-def load_jobs(text: str) -> list[DreamBoothJob]:
-    """All DreamBoothJobs of a (multi-document) YAML text; other kinds are rejected."""
+def parse_server(document: dict[str, Any]) -> DreamBoothServer:
+    """Validate a DreamBoothServer (dict as read from YAML or the API server)."""
+    try:
+        return DreamBoothServer.model_validate(document)
+    except ValidationError as error:
+        raise JobInvalid(problems(error, DreamBoothServer)) from None
+
+
+def _parse(document: Any) -> DreamBoothJob | DreamBoothServer:
+    """A job, or a server when the document says it is one."""
+    if isinstance(document, dict) and document.get("kind") == SERVER_KIND:
+        return parse_server(document)
+    return parse_job(document)
+
+
+def load_jobs(text: str) -> list[DreamBoothJob | DreamBoothServer]:
+    """All DreamBoothJobs and DreamBoothServers of a (multi-document) YAML text; other kinds
+    are rejected."""
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as error:
         raise JobInvalid([f"yaml: {error}"]) from None
     if not documents:
         raise JobInvalid(["document: empty, expected a DreamBoothJob"])
-    return [parse_job(d) for d in documents]
+    return [_parse(d) for d in documents]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from dreambooth_contract import names
+from dreambooth_contract.server_api import SERVER_PLURAL
 
 from . import kube
 from .reconcile import (
@@ -22,6 +23,7 @@ from .reconcile import (
     RecordAppliedSpec,
     Update,
 )
+from .server_reconcile import AnnotatePods, ServerDecision
 
 
 def writes(document: dict[str, Any], decision: Decision) -> bool:
@@ -76,6 +78,30 @@ def apply(document: dict[str, Any], decision: Decision) -> None:
             return
     if not status_written and changes_status(document, decision):
         kube.patch_job_status(namespace, name, decision.status_patch())
+    for event in decision.actions:
+        if isinstance(event, Event):
+            kube.post_event(document, event.type, event.reason, event.message)
+
+
+def changes_server_status(document: dict[str, Any], decision: ServerDecision) -> bool:
+    current = document.get("status") or {}
+    return any(current.get(k) != v for k, v in decision.status_patch().items())
+
+
+def apply_server(document: dict[str, Any], decision: ServerDecision) -> None:
+    """Carry out a DreamBoothServer's decision: its children in order (the index ConfigMap
+    before the pods are nudged to re-read it), then its status if it changed, then events."""
+    meta = document["metadata"]
+    namespace, name = meta["namespace"], meta["name"]
+    for action in decision.actions:
+        if isinstance(action, Create):
+            kube.create(action.manifest)
+        elif isinstance(action, Update):
+            kube.replace(action.manifest)
+        elif isinstance(action, AnnotatePods):
+            kube.annotate_pods(namespace, action.selector, action.annotations)
+    if changes_server_status(document, decision):
+        kube.patch_job_status(namespace, name, decision.status_patch(), SERVER_PLURAL)
     for event in decision.actions:
         if isinstance(event, Event):
             kube.post_event(document, event.type, event.reason, event.message)

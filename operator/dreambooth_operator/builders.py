@@ -8,10 +8,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from typing import Any
 
-from dreambooth_contract import env, names
-from dreambooth_contract.api import API_VERSION, KIND, DreamBoothJob, ResourceRequirements
+from dreambooth_contract import env, names, publication
+from dreambooth_contract.api import (
+    API_VERSION,
+    KIND,
+    DreamBoothJob,
+    ResourceRequirements,
+    S3Spec,
+)
+from dreambooth_contract.server_api import SERVER_KIND, DreamBoothServer
 
 Manifest = dict[str, Any]
 
@@ -188,18 +197,7 @@ def _env(job: DreamBoothJob, rank: int, component: str) -> list[dict[str, Any]]:
         # Every process of a priors pod generates: prometheus_client's multiprocess mode lets
         # the first one serve their summed counts (on the pod's own /tmp emptyDir).
         variables.append({"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/tmp/prometheus"})
-    secret = spec.storage.s3.credentials_secret
-    if secret:
-        for variable, key in (
-            ("AWS_ACCESS_KEY_ID", secret.access_key_id_key),
-            ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key),
-        ):
-            variables.append(
-                {
-                    "name": variable,
-                    "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}},
-                }
-            )
+    variables += _s3_credentials(spec.storage.s3)
     return variables
 
 
@@ -267,7 +265,7 @@ def pod_template(
         ],
         "volumes": [
             {"name": "config", "configMap": {"name": names.config_map(job_name)}},
-            *_scratch_volumes(job),
+            *_scratch_volumes(job.spec.resources.cache_size),
             # NCCL and dataloader workers need more shared memory than the 64Mi default; it
             # counts against the pod's memory, so it is bounded too.
             {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": SHM_SIZE}},
@@ -328,6 +326,7 @@ def phase_jobs(job: DreamBoothJob, component: str, attempt: int) -> list[Manifes
 
 INFERENCE_PORT = 8000
 ANNOTATION_TEMPLATE_HASH = f"{names.GROUP}/template-hash"
+ANNOTATION_ARTIFACT_DIGEST = f"{names.GROUP}/artifact-digest"
 
 
 def _template_hash(template: dict[str, Any]) -> str:
@@ -344,36 +343,21 @@ def _serve_args(
     else:
         # A LoRA export: the base as recorded by the export, the adapter checked by its digest.
         args = ["serve", "--model", base_model, "--adapter", artifact_uri, "--digest", digest]
-    args += [
+    inference = job.spec.inference
+    return [
+        *args,
         "--served-model-name",
         job.metadata.name,
-        "--host",
-        "0.0.0.0",
-        "--port",
-        str(INFERENCE_PORT),
+        *_s3_args(job.spec.storage.s3),
+        *_device_args(inference.gpus, inference.resources),
     ]
-    s3 = job.spec.storage.s3
-    for flag, value in (("--s3-endpoint", s3.endpoint), ("--s3-region", s3.region)):
-        if value:
-            args += [flag, value]
-    if job.spec.inference.gpus == 0:
-        # A pod that asked for no GPU may still see the node's GPUs (runtimes that expose all
-        # of them to every container): "auto" would take one that is not the pod's.
-        args += ["--device", "cpu"]
-        cpu_limit = job.spec.inference.resources.limits.get("cpu")
-        if cpu_limit is not None:
-            # torch sizes its thread pool from the node's cores; more threads than the pod's
-            # CPU limit makes every call many times slower.
-            args += ["--cpu-threads", str(max(1, int(_cpu_cores(cpu_limit))))]
-    return args
 
 
-def _scratch_volumes(job: DreamBoothJob) -> list[dict[str, Any]]:
+def _scratch_volumes(cache_size: int | str) -> list[dict[str, Any]]:
     """The cache and /tmp of a pod (its root filesystem is read-only), each with a size limit
     so one pod cannot fill its node's disk."""
-    cache = {"sizeLimit": str(job.spec.resources.cache_size)}
     return [
-        {"name": "cache", "emptyDir": cache},
+        {"name": "cache", "emptyDir": {"sizeLimit": str(cache_size)}},
         {"name": "tmp", "emptyDir": {"sizeLimit": TMP_SIZE}},
     ]
 
@@ -381,6 +365,116 @@ def _scratch_volumes(job: DreamBoothJob) -> list[dict[str, Any]]:
 def _cpu_cores(quantity: int | str) -> float:
     text = str(quantity)
     return int(text[:-1]) / 1000 if text.endswith("m") else float(text)
+
+
+def _s3_credentials(s3: S3Spec) -> list[dict[str, Any]]:
+    """The S3 keys as environment variables read from the spec's Secret (never the values)."""
+    secret = s3.credentials_secret
+    if not secret:
+        return []
+    return [
+        {"name": variable, "valueFrom": {"secretKeyRef": {"name": secret.name, "key": key}}}
+        for variable, key in (
+            ("AWS_ACCESS_KEY_ID", secret.access_key_id_key),
+            ("AWS_SECRET_ACCESS_KEY", secret.secret_access_key_key),
+        )
+    ]
+
+
+def _s3_args(s3: S3Spec) -> list[str]:
+    args: list[str] = []
+    for flag, value in (("--s3-endpoint", s3.endpoint), ("--s3-region", s3.region)):
+        if value:
+            args += [flag, value]
+    return args
+
+
+def _device_args(gpus: int, resources: ResourceRequirements) -> list[str]:
+    if gpus:
+        return []
+    # A pod that asked for no GPU may still see the node's GPUs (runtimes that expose all of
+    # them to every container): "auto" would take one that is not the pod's.
+    args = ["--device", "cpu"]
+    cpu_limit = resources.limits.get("cpu")
+    if cpu_limit is not None:
+        # torch sizes its thread pool from the node's cores; more threads than the pod's CPU
+        # limit makes every call many times slower.
+        args += ["--cpu-threads", str(max(1, int(_cpu_cores(cpu_limit))))]
+    return args
+
+
+@dataclass(frozen=True)
+class ServerPod:
+    """What differs between a job's own inference pods and a DreamBoothServer's."""
+
+    labels: dict[str, str]
+    service_account: str
+    image: str
+    image_pull_policy: str
+    args: list[str]
+    env: list[dict[str, Any]]
+    resources: dict[str, Any]
+    volumes: list[dict[str, Any]]
+    mounts: list[dict[str, Any]] = dataclass_field(default_factory=list)
+
+
+def _server_template(pod: ServerPod) -> dict[str, Any]:
+    """An OpenAI-compatible image server: probes, hardening, no Kubernetes token."""
+    probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
+    container = {
+        "name": "server",
+        "image": pod.image,
+        "imagePullPolicy": pod.image_pull_policy,
+        "command": ["dreambooth"],
+        "args": [*pod.args, "--host", "0.0.0.0", "--port", str(INFERENCE_PORT)],
+        "env": [
+            # A read-only root filesystem: caches go to the emptyDir.
+            {"name": "HOME", "value": "/cache"},
+            {"name": "PYTHONUNBUFFERED", "value": "1"},
+            *pod.env,
+        ],
+        "ports": [{"name": "http", "containerPort": INFERENCE_PORT}],
+        "readinessProbe": probe,
+        "startupProbe": {**probe, "failureThreshold": 120},
+        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
+        "resources": pod.resources,
+        "securityContext": RESTRICTED_CONTAINER_SECURITY,
+        "volumeMounts": [
+            {"name": "cache", "mountPath": "/cache"},
+            {"name": "tmp", "mountPath": "/tmp"},
+            *pod.mounts,
+        ],
+    }
+    return {
+        "metadata": {"labels": pod.labels},
+        "spec": {
+            "serviceAccountName": pod.service_account,
+            "automountServiceAccountToken": False,
+            "securityContext": RESTRICTED_POD_SECURITY,
+            "containers": [container],
+            "volumes": pod.volumes,
+        },
+    }
+
+
+def _server_deployment(
+    metadata: dict[str, Any],
+    replicas: int,
+    selector: dict[str, str],
+    template: dict[str, Any],
+    **annotations: str,
+) -> Manifest:
+    """A Deployment annotated with the hash of what was asked for (a change is an Update)."""
+    metadata["annotations"] = {
+        ANNOTATION_TEMPLATE_HASH: _template_hash({"replicas": replicas, **template}),
+        **annotations,
+    }
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": metadata,
+        "spec": {"replicas": replicas, "selector": {"matchLabels": selector}, "template": template},
+    }
 
 
 def inference_deployment(
@@ -392,56 +486,23 @@ def inference_deployment(
     """
     spec, job_name = job.spec, job.metadata.name
     inference = spec.inference
-    pod_labels = names.labels(job_name, names.INFERENCE)
-    probe = {"httpGet": {"path": "/readyz", "port": "http"}, "periodSeconds": 5}
-    container = {
-        "name": "server",
-        "image": inference.image or spec.resources.image,
-        "imagePullPolicy": spec.resources.image_pull_policy,
-        "command": ["dreambooth"],
-        "args": _serve_args(job, artifact_uri, digest, base_model),
-        "env": [
-            e
-            for e in _env(job, 0, names.INFERENCE)
-            if e["name"]
-            in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "HOME", "PYTHONUNBUFFERED")
-        ],
-        "ports": [{"name": "http", "containerPort": INFERENCE_PORT}],
-        "readinessProbe": probe,
-        "startupProbe": {**probe, "failureThreshold": 120},
-        "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}, "periodSeconds": 10},
-        "resources": _resources(inference.resources, inference.gpus),
-        "securityContext": RESTRICTED_CONTAINER_SECURITY,
-        "volumeMounts": [
-            {"name": "cache", "mountPath": "/cache"},
-            {"name": "tmp", "mountPath": "/tmp"},
-        ],
-    }
-    template = {
-        "metadata": {"labels": pod_labels},
-        "spec": {
-            "serviceAccountName": names.inference_service_account(job_name),
-            "automountServiceAccountToken": False,
-            "securityContext": RESTRICTED_POD_SECURITY,
-            "containers": [container],
-            "volumes": _scratch_volumes(job),
-        },
-    }
-    metadata = _metadata(job, names.inference(job_name), names.INFERENCE)
-    metadata["annotations"] = {
-        ANNOTATION_TEMPLATE_HASH: _template_hash({"replicas": inference.replicas, **template}),
-        f"{names.GROUP}/artifact-digest": digest,
-    }
-    return {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": metadata,
-        "spec": {
-            "replicas": inference.replicas,
-            "selector": {"matchLabels": names.selector(job_name, names.INFERENCE)},
-            "template": template,
-        },
-    }
+    pod = ServerPod(
+        labels=names.labels(job_name, names.INFERENCE),
+        service_account=names.inference_service_account(job_name),
+        image=inference.image or spec.resources.image,
+        image_pull_policy=spec.resources.image_pull_policy,
+        args=_serve_args(job, artifact_uri, digest, base_model),
+        env=_s3_credentials(spec.storage.s3),
+        resources=_resources(inference.resources, inference.gpus),
+        volumes=_scratch_volumes(job.spec.resources.cache_size),
+    )
+    return _server_deployment(
+        _metadata(job, names.inference(job_name), names.INFERENCE),
+        inference.replicas,
+        names.selector(job_name, names.INFERENCE),
+        _server_template(pod),
+        **{ANNOTATION_ARTIFACT_DIGEST: digest},
+    )
 
 
 def inference_service(job: DreamBoothJob) -> Manifest:
@@ -459,3 +520,104 @@ def inference_service(job: DreamBoothJob) -> Manifest:
 
 def inference_endpoint(job: DreamBoothJob) -> str:
     return f"http://{names.inference(job.metadata.name)}.{job.metadata.namespace}.svc"
+
+
+# ------------------------------------------------------------------------------ DreamBoothServer
+
+PUBLICATIONS_MOUNT = "/etc/dreambooth/publications"
+
+
+def server_owner_reference(server: DreamBoothServer) -> dict[str, Any]:
+    return {
+        "apiVersion": API_VERSION,
+        "kind": SERVER_KIND,
+        "name": server.metadata.name,
+        "uid": getattr(server.metadata, "uid", None) or "",
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def _server_metadata(server: DreamBoothServer, name: str) -> dict[str, Any]:
+    return {
+        "name": name,
+        "namespace": server.metadata.namespace,
+        "labels": names.server_labels(server.metadata.name),
+        "ownerReferences": [server_owner_reference(server)],
+    }
+
+
+def publications_config_map(server: DreamBoothServer, index: str) -> Manifest:
+    """The publication index (contract publication.py), mounted into every server pod."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": _server_metadata(server, names.publications(server.metadata.name)),
+        "data": {publication.PUBLICATIONS_FILE: index},
+    }
+
+
+def server_service_account(server: DreamBoothServer) -> Manifest:
+    """Bound to no role, no token mounted: publications reach the server as a file."""
+    return {
+        "apiVersion": "v1",
+        "kind": "ServiceAccount",
+        "metadata": _server_metadata(server, names.server(server.metadata.name)),
+        "automountServiceAccountToken": False,
+    }
+
+
+def server_deployment(server: DreamBoothServer) -> Manifest:
+    """The base model, serving whatever the mounted index publishes. A change of the index is
+    not a change of the Deployment: the pods re-read the file, nothing restarts."""
+    spec, name = server.spec, server.metadata.name
+    args = [
+        "serve",
+        "--model",
+        spec.base_model.uri,
+        "--publications",
+        PUBLICATIONS_MOUNT,
+        "--max-loaded-adapters",
+        str(spec.max_loaded_adapters),
+        "--default-steps",
+        str(spec.default_steps),
+        *_s3_args(spec.s3),
+        *_device_args(spec.gpus, spec.resources),
+    ]
+    pod = ServerPod(
+        labels=names.server_labels(name),
+        service_account=names.server(name),
+        image=spec.image,
+        image_pull_policy=spec.image_pull_policy,
+        args=args,
+        env=_s3_credentials(spec.s3),
+        resources=_resources(spec.resources, spec.gpus),
+        volumes=[
+            *_scratch_volumes(spec.cache_size),
+            {"name": "publications", "configMap": {"name": names.publications(name)}},
+        ],
+        mounts=[{"name": "publications", "mountPath": PUBLICATIONS_MOUNT, "readOnly": True}],
+    )
+    return _server_deployment(
+        _server_metadata(server, names.server(name)),
+        spec.replicas,
+        names.server_selector(name),
+        _server_template(pod),
+    )
+
+
+def server_service(server: DreamBoothServer) -> Manifest:
+    name = server.metadata.name
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": _server_metadata(server, names.server(name)),
+        "spec": {
+            "selector": names.server_selector(name),
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+        },
+    }
+
+
+def server_endpoint(namespace: str, name: str) -> str:
+    return f"http://{names.server(name)}.{namespace}.svc"

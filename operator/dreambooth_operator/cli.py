@@ -62,11 +62,13 @@ def main() -> None:
 
 
 @main.command()
-def crd() -> None:
-    """Print the DreamBoothJob CustomResourceDefinition (generated from the API models)."""
-    from .crd import crd_yaml
+@click.argument("kind", type=click.Choice(["job", "server"]), default="job")
+def crd(kind: str) -> None:
+    """Print a CustomResourceDefinition, generated from the API models: DreamBoothJob (job, the
+    default) or DreamBoothServer (server)."""
+    from .crd import RESOURCES, crd_yaml
 
-    click.echo(crd_yaml(), nl=False)
+    click.echo(crd_yaml(RESOURCES[kind]), nl=False)
 
 
 @main.command()

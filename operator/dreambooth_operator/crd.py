@@ -1,4 +1,5 @@
-"""The DreamBoothJob CustomResourceDefinition, generated from the contract's API models.
+"""The CustomResourceDefinitions (DreamBoothJob, DreamBoothServer), generated from the contract's
+API models.
 
 pydantic emits JSON Schema 2020-12; Kubernetes wants a *structural* OpenAPI v3.0 schema: every
 node typed, no $ref, no anyOf except int-or-string, `exclusiveMinimum` as a boolean, no `title`.
@@ -6,11 +7,13 @@ node typed, no $ref, no anyOf except int-or-string, `exclusiveMinimum` as a bool
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
-from dreambooth_contract import api
+from dreambooth_contract import api, server_api
 
 _KEPT = {
     "type",
@@ -110,26 +113,42 @@ def _schema_of(model: type, defaults: bool = True) -> dict[str, Any]:
     return schema if defaults else _without_defaults(schema)
 
 
-def _described(name: str, schema: dict[str, Any]) -> dict[str, Any]:
-    """`schema` with the description of DreamBoothJob's field `name` (kubectl explain's text)."""
-    description = api.DreamBoothJob.model_fields[name].description
+@dataclass(frozen=True)
+class Resource:
+    """One custom resource: its models and how kubectl names and prints it."""
+
+    model: type[BaseModel]  # the object (apiVersion, kind, metadata, spec, status)
+    spec: type[BaseModel]
+    status: type[BaseModel]
+    kind: str
+    plural: str
+    singular: str
+    short_names: list[str]
+    description: str
+    printer_columns: list[dict[str, Any]]
+
+
+def _described(resource: Resource, name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    """`schema` with the description of the object's field `name` (kubectl explain's text)."""
+    description = resource.model.model_fields[name].description
     return {"description": description, **{k: v for k, v in schema.items() if k != "description"}}
 
 
-def openapi_schema() -> dict[str, Any]:
+def openapi_schema(resource: Resource | None = None) -> dict[str, Any]:
+    resource = resource or JOB
     return {
         "type": "object",
-        "description": "DreamBooth fine-tuning of a Stable Diffusion model, and its serving.",
+        "description": resource.description,
         "required": ["spec"],
         "properties": {
-            "apiVersion": _described("api_version", {"type": "string"}),
-            "kind": _described("kind", {"type": "string"}),
+            "apiVersion": _described(resource, "api_version", {"type": "string"}),
+            "kind": _described(resource, "kind", {"type": "string"}),
             # The API server allows nothing more here; it documents ObjectMeta itself.
             "metadata": {"type": "object"},
-            "spec": _described("spec", _schema_of(api.DreamBoothJobSpec)),
-            # Status is written by the operator and the trainers, whole; defaulting it on the
-            # server would only invent values nobody reported.
-            "status": _described("status", _schema_of(api.DreamBoothJobStatus, defaults=False)),
+            "spec": _described(resource, "spec", _schema_of(resource.spec)),
+            # Status is written by the operator (and a job's trainers), whole; defaulting it on
+            # the server would only invent values nobody reported.
+            "status": _described(resource, "status", _schema_of(resource.status, defaults=False)),
         },
     }
 
@@ -145,24 +164,61 @@ PRINTER_COLUMNS = [
     # -o wide: whether the export is a whole pipeline or a LoRA adapter, and for which base.
     {"name": "Artifact", "type": "string", "jsonPath": ".status.artifact.kind", "priority": 1},
     {"name": "Base", "type": "string", "jsonPath": ".status.artifact.baseModel", "priority": 1},
+    # -o wide: the OpenAI model name of an adapter published to a shared server.
+    {"name": "Model", "type": "string", "jsonPath": ".status.inference.model", "priority": 1},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
 ]
 
+SERVER_PRINTER_COLUMNS = [
+    {"name": "Base", "type": "string", "jsonPath": ".spec.baseModel.uri"},
+    {"name": "Ready", "type": "integer", "jsonPath": ".status.readyReplicas"},
+    {"name": "Replicas", "type": "integer", "jsonPath": ".spec.replicas"},
+    {"name": "Adapters", "type": "integer", "jsonPath": ".status.published"},
+    {"name": "Endpoint", "type": "string", "jsonPath": ".status.endpoint", "priority": 1},
+    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+]
 
-def crd() -> dict[str, Any]:
+JOB = Resource(
+    model=api.DreamBoothJob,
+    spec=api.DreamBoothJobSpec,
+    status=api.DreamBoothJobStatus,
+    kind=api.KIND,
+    plural=api.PLURAL,
+    singular=api.SINGULAR,
+    short_names=api.SHORT_NAMES,
+    description="DreamBooth fine-tuning of a Stable Diffusion model, and its serving.",
+    printer_columns=PRINTER_COLUMNS,
+)
+SERVER = Resource(
+    model=server_api.DreamBoothServer,
+    spec=server_api.DreamBoothServerSpec,
+    status=server_api.DreamBoothServerStatus,
+    kind=server_api.SERVER_KIND,
+    plural=server_api.SERVER_PLURAL,
+    singular=server_api.SERVER_SINGULAR,
+    short_names=server_api.SERVER_SHORT_NAMES,
+    description="An inference server for one base model, serving the LoRA adapters that "
+    "DreamBoothJobs publish to it.",
+    printer_columns=SERVER_PRINTER_COLUMNS,
+)
+RESOURCES = {"job": JOB, "server": SERVER}
+
+
+def crd(resource: Resource | None = None) -> dict[str, Any]:
+    resource = resource or JOB
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
         "kind": "CustomResourceDefinition",
-        "metadata": {"name": f"{api.PLURAL}.{api.GROUP}"},
+        "metadata": {"name": f"{resource.plural}.{api.GROUP}"},
         "spec": {
             "group": api.GROUP,
             "scope": "Namespaced",
             "names": {
-                "kind": api.KIND,
-                "listKind": f"{api.KIND}List",
-                "plural": api.PLURAL,
-                "singular": api.SINGULAR,
-                "shortNames": list(api.SHORT_NAMES),
+                "kind": resource.kind,
+                "listKind": f"{resource.kind}List",
+                "plural": resource.plural,
+                "singular": resource.singular,
+                "shortNames": list(resource.short_names),
                 "categories": ["all", "dreambooth"],
             },
             "versions": [
@@ -170,9 +226,9 @@ def crd() -> dict[str, Any]:
                     "name": api.VERSION,
                     "served": True,
                     "storage": True,
-                    "schema": {"openAPIV3Schema": openapi_schema()},
+                    "schema": {"openAPIV3Schema": openapi_schema(resource)},
                     "subresources": {"status": {}},
-                    "additionalPrinterColumns": PRINTER_COLUMNS,
+                    "additionalPrinterColumns": resource.printer_columns,
                 }
             ],
         },
@@ -180,7 +236,13 @@ def crd() -> dict[str, Any]:
 
 
 HEADER = "# Generated by `dreambooth crd` from contract/dreambooth_contract/api.py. Do not edit.\n"
+SERVER_HEADER = (
+    "# Generated by `dreambooth crd server` from contract/dreambooth_contract/server_api.py. "
+    "Do not edit.\n"
+)
 
 
-def crd_yaml() -> str:
-    return HEADER + yaml.safe_dump(crd(), sort_keys=False, width=100)
+def crd_yaml(resource: Resource | None = None) -> str:
+    resource = resource or JOB
+    header = SERVER_HEADER if resource is SERVER else HEADER
+    return header + yaml.safe_dump(crd(resource), sort_keys=False, width=100)

@@ -1,9 +1,10 @@
 """The operator's finalizer, and releasing it when no operator will run: `release-finalizers`.
 
-kopf puts ``dreambooth.dev/finalizer`` on every DreamBoothJob it watches. Its per-job daemon
-needs it: a deleted job stays (with a deletionTimestamp) until kopf has stopped the job's daemon
-and removed the finalizer. Nothing else hangs on it: a job's pods, Jobs, Services and inference
-Deployment are owner-referenced, so the garbage collector deletes them with the job.
+kopf puts ``dreambooth.dev/finalizer`` on every DreamBoothJob and DreamBoothServer it watches
+(`release-finalizers` releases both). Its per-object daemon needs it: a deleted job stays (with
+a deletionTimestamp) until kopf has stopped the job's daemon and removed the finalizer. Nothing
+else hangs on it: a job's pods, Jobs, Services and inference Deployment are owner-referenced, so
+the garbage collector deletes them with the job (a server's children likewise).
 
 With no operator running (the chart uninstalled, 0 replicas, a namespace no longer watched),
 nobody removes the finalizer and ``kubectl delete dbj`` waits forever. `release_until_settled`
@@ -24,6 +25,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 from dreambooth_contract.api import GROUP, PLURAL, VERSION
+from dreambooth_contract.server_api import SERVER_PLURAL
 
 from .kube import TIMEOUT
 
@@ -41,13 +43,18 @@ class FinalizerKeptComingBack(Exception):
     """Another pass still found the finalizer on jobs: an operator still watches them."""
 
 
-def _key(job: dict[str, Any]) -> str:
+def _key(job: dict[str, Any], plural: str = PLURAL) -> str:
+    """namespace/name of a job; dreamboothservers/namespace/name of a server."""
     meta = job["metadata"]
-    return f"{meta['namespace']}/{meta['name']}"
+    key = f"{meta['namespace']}/{meta['name']}"
+    return key if plural == PLURAL else f"{plural}/{key}"
 
 
-def list_jobs(custom: Any, namespaces: Iterable[str] | None) -> Iterator[dict[str, Any]]:
-    """Every DreamBoothJob of ``namespaces`` (all namespaces when None), page by page.
+def list_jobs(
+    custom: Any, namespaces: Iterable[str] | None, plural: str = PLURAL
+) -> Iterator[dict[str, Any]]:
+    """Every DreamBoothJob (or, by `plural`, DreamBoothServer) of ``namespaces`` (all
+    namespaces when None), page by page.
 
     No CRD (404) means no jobs.
     """
@@ -60,10 +67,10 @@ def list_jobs(custom: Any, namespaces: Iterable[str] | None) -> Iterator[dict[st
                 kwargs["_continue"] = token
             try:
                 if namespace is None:
-                    page = custom.list_cluster_custom_object(GROUP, VERSION, PLURAL, **kwargs)
+                    page = custom.list_cluster_custom_object(GROUP, VERSION, plural, **kwargs)
                 else:
                     page = custom.list_namespaced_custom_object(
-                        GROUP, VERSION, namespace, PLURAL, **kwargs
+                        GROUP, VERSION, namespace, plural, **kwargs
                     )
             except ApiException as error:
                 if error.status == 404:
@@ -75,7 +82,9 @@ def list_jobs(custom: Any, namespaces: Iterable[str] | None) -> Iterator[dict[st
                 break
 
 
-def release_one(custom: Any, job: dict[str, Any], *, dry_run: bool = False) -> bool:
+def release_one(
+    custom: Any, job: dict[str, Any], *, dry_run: bool = False, plural: str = PLURAL
+) -> bool:
     """Remove the finalizer from one job (as read in ``job``); True if it was there.
 
     A conflict (the job changed since it was read) reads it again and retries; a job that is
@@ -95,7 +104,7 @@ def release_one(custom: Any, job: dict[str, Any], *, dry_run: bool = False) -> b
         }
         try:
             custom.patch_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, patch, _request_timeout=TIMEOUT
+                GROUP, VERSION, namespace, plural, name, patch, _request_timeout=TIMEOUT
             )
             return True
         except ApiException as error:
@@ -105,7 +114,7 @@ def release_one(custom: Any, job: dict[str, Any], *, dry_run: bool = False) -> b
                 raise
         try:
             meta = custom.get_namespaced_custom_object(
-                GROUP, VERSION, namespace, PLURAL, name, _request_timeout=TIMEOUT
+                GROUP, VERSION, namespace, plural, name, _request_timeout=TIMEOUT
             )["metadata"]
         except ApiException as error:
             if error.status == 404:
@@ -117,11 +126,12 @@ def release_one(custom: Any, job: dict[str, Any], *, dry_run: bool = False) -> b
 def release_pass(
     custom: Any, namespaces: Iterable[str] | None, *, dry_run: bool = False
 ) -> list[str]:
-    """One pass over every job: the ``namespace/name`` of each released one."""
+    """One pass over every job and server: the key (`_key`) of each released one."""
     return [
-        _key(job)
-        for job in list_jobs(custom, namespaces)
-        if release_one(custom, job, dry_run=dry_run)
+        _key(item, plural)
+        for plural in (PLURAL, SERVER_PLURAL)
+        for item in list_jobs(custom, namespaces, plural)
+        if release_one(custom, item, dry_run=dry_run, plural=plural)
     ]
 
 

@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 import click
 import kopf
 
-from dreambooth_contract import names
+from dreambooth_contract import names, publication
 from dreambooth_contract.api import (
     GROUP,
     PLURAL,
@@ -33,9 +33,11 @@ from dreambooth_contract.api import (
     DreamBoothJobStatus,
     Phase,
 )
-from dreambooth_contract.validation import JobInvalid, parse_job
+from dreambooth_contract.server_api import SERVER_PLURAL
+from dreambooth_contract.validation import JobInvalid, parse_job, parse_server
 
-from . import actions, builders, kube, liveness, metrics
+from . import actions, builders, kube, liveness, metrics, server_reconcile
+from .publishing import PublicationRequest, ServerView
 from .reconcile import (
     COND_FAILED,
     COND_TRAINING_STARTED,
@@ -54,6 +56,7 @@ from .reconcile import (
     reconcile,
     rejection,
 )
+from .server_reconcile import ServerDecision, ServerObserved
 from .trainer_inputs import trainer_inputs
 
 log = logging.getLogger(__name__)
@@ -69,7 +72,8 @@ OWNED = {names.LABEL_MANAGED_BY: names.MANAGER}
 # What the operator watches besides DreamBoothJobs: only objects it made (the API server
 # filters by label, so the operator neither receives nor remembers anything else).
 CHILD_RESOURCES = (("batch", "v1", "jobs"), ("", "v1", "pods"), ("apps", "v1", "deployments"),
-                   ("", "v1", "services"))  # fmt: skip
+                   ("", "v1", "services"), ("", "v1", "configmaps"))  # fmt: skip
+SERVER_CHILDREN = {**OWNED, names.LABEL_COMPONENT: names.SERVER}
 
 
 @kopf.on.startup()
@@ -88,6 +92,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 32
     memo.wakeups = Wakeups()
+    memo.server_wakeups = Wakeups()
     if memo.get("filter_children", True):
         managed = ",".join(f"{key}={value}" for key, value in OWNED.items())
         for resource in CHILD_RESOURCES:
@@ -107,7 +112,10 @@ def no_stuck_pass(memo: kopf.Memo, **_: Any) -> str:
 # ------------------------------------------------------------------------------ indexes
 
 
-@kopf.index("batch", "v1", "jobs", labels=OWNED)
+JOB_CHILDREN = {**OWNED, names.LABEL_JOB: kopf.PRESENT}
+
+
+@kopf.index("batch", "v1", "jobs", labels=JOB_CHILDREN)
 def owned_jobs(namespace: str, name: str, labels: dict, status: dict, meta: dict, **_: Any):
     succeeded = (status.get("succeeded") or 0) > 0
     failed = (status.get("failed") or 0) > 0
@@ -139,7 +147,7 @@ def _controller_uid(meta: dict) -> str:
     return next((r.get("uid", "") for r in refs if r.get("controller")), "")
 
 
-@kopf.index("", "v1", "pods", labels=OWNED)
+@kopf.index("", "v1", "pods", labels=JOB_CHILDREN)
 def owned_pods(namespace: str, name: str, labels: dict, status: dict, meta: dict, **_: Any):
     terminated = (
         next(
@@ -164,11 +172,18 @@ def owned_pods(namespace: str, name: str, labels: dict, status: dict, meta: dict
     }
 
 
+def _owner_name(labels: dict) -> str:
+    """The name of the job or the server that made a child (its label says which)."""
+    return labels.get(names.LABEL_JOB) or labels.get(names.LABEL_SERVER, "")
+
+
 @kopf.index("apps", "v1", "deployments", labels=OWNED)
 def owned_deployments(namespace: str, labels: dict, meta: dict, status: dict, **_: Any):
+    """Inference Deployments of jobs and of servers, under their owner's name (a job and a
+    server of the same name are told apart by the owner's UID)."""
     annotations = meta.get("annotations") or {}
     return {
-        (namespace, labels[names.LABEL_JOB]): ChildDeployment(
+        (namespace, _owner_name(labels)): ChildDeployment(
             template_hash=annotations.get(builders.ANNOTATION_TEMPLATE_HASH, ""),
             ready_replicas=status.get("readyReplicas") or 0,
             owner_uid=_controller_uid(meta),
@@ -180,6 +195,68 @@ def owned_deployments(namespace: str, labels: dict, meta: dict, status: dict, **
 def owned_inference_services(namespace: str, labels: dict, meta: dict, **_: Any):
     """The UID of the DreamBoothJob that owns the job's inference Service."""
     return {(namespace, labels[names.LABEL_JOB]): _controller_uid(meta)}
+
+
+@kopf.index("", "v1", "services", labels=SERVER_CHILDREN)
+def owned_server_services(namespace: str, labels: dict, meta: dict, **_: Any):
+    """The UID of the DreamBoothServer that owns the server's Service."""
+    return {(namespace, labels[names.LABEL_SERVER]): _controller_uid(meta)}
+
+
+class PublicationIndex(NamedTuple):
+    owner_uid: str
+    text: str
+
+
+@kopf.index("", "v1", "configmaps", labels=SERVER_CHILDREN)
+def owned_publications(namespace: str, labels: dict, meta: dict, data: dict, **_: Any):
+    """A server's publication index as its ConfigMap holds it now."""
+    text = (data or {}).get(publication.PUBLICATIONS_FILE, "")
+    return {(namespace, labels[names.LABEL_SERVER]): PublicationIndex(_controller_uid(meta), text)}
+
+
+@kopf.index(GROUP, VERSION, SERVER_PLURAL)
+def servers(namespace: str, name: str, body: kopf.Body, **_: Any):
+    """Every DreamBoothServer as jobs see it (base model, who may publish, what it serves)."""
+    try:
+        server = parse_server(_plain(body))
+    except JobInvalid:
+        return None
+    return {(namespace, name): server_reconcile.view_of(server)}
+
+
+@kopf.index(GROUP, VERSION, PLURAL)
+def publication_requests(namespace: str, name: str, spec: dict, status: dict, meta: dict, **_):
+    """(server namespace, server name) -> the jobs that name it in spec.inference.server."""
+    server = (spec.get("inference") or {}).get("server")
+    if not server:
+        return None
+    artifact = status.get("artifact") or {}
+    base = spec.get("baseModel") or {}
+    request = PublicationRequest(
+        namespace=namespace,
+        job=name,
+        uid=meta.get("uid", ""),
+        base_model=base.get("uri", ""),
+        base_revision=base.get("revision"),
+        phase=status.get("phase"),
+        suspended=bool((spec.get("runPolicy") or {}).get("suspend")),
+        deleting=bool(meta.get("deletionTimestamp")),
+        artifact_kind=artifact.get("kind", "pipeline") if artifact else None,
+        artifact_uri=artifact.get("uri"),
+        artifact_digest=artifact.get("digest"),
+    )
+    return {_server_key(namespace, server): request}
+
+
+def _server_key(namespace: str, ref: str) -> tuple[str, str]:
+    """(namespace, name) of spec.inference.server: NAME or NAMESPACE/NAME."""
+    server_namespace, _, server_name = ref.rpartition("/")
+    return server_namespace or namespace, server_name
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return copy.deepcopy(dict(body))
 
 
 class OutputClaim(NamedTuple):
@@ -237,7 +314,10 @@ class Wakeups:
 
 
 def _wake_owner(namespace: str, labels: dict, memo: kopf.Memo) -> None:
-    memo.wakeups.wake(namespace, labels.get(names.LABEL_JOB, ""))
+    if names.LABEL_SERVER in labels:
+        memo.server_wakeups.wake(namespace, labels[names.LABEL_SERVER])
+    else:
+        memo.wakeups.wake(namespace, labels.get(names.LABEL_JOB, ""))
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=OWNED)
@@ -253,6 +333,35 @@ def deployment_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) 
 @kopf.on.event("", "v1", "services", labels={**OWNED, names.LABEL_COMPONENT: names.INFERENCE})
 def service_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
     _wake_owner(namespace, labels, memo)
+
+
+@kopf.on.event("", "v1", "services", labels=SERVER_CHILDREN)
+def server_service_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner(namespace, labels, memo)
+
+
+@kopf.on.event("", "v1", "configmaps", labels=SERVER_CHILDREN)
+def publications_changed(namespace: str, labels: dict, memo: kopf.Memo, **_: Any) -> None:
+    _wake_owner(namespace, labels, memo)
+
+
+@kopf.on.event(GROUP, VERSION, PLURAL)
+def job_event(namespace: str, spec: dict, memo: kopf.Memo, **_: Any) -> None:
+    """A job that names a server changed (its phase, its artifact, its deletion): the server
+    decides again what it publishes."""
+    server = (spec.get("inference") or {}).get("server")
+    if server:
+        memo.server_wakeups.wake(*_server_key(namespace, server))
+
+
+@kopf.on.event(GROUP, VERSION, SERVER_PLURAL)
+def server_event(
+    namespace: str, name: str, memo: kopf.Memo, publication_requests: kopf.Index, **_: Any
+) -> None:
+    """A server changed (what it publishes, its readiness, its spec): its jobs report it."""
+    memo.server_wakeups.wake(namespace, name)
+    for request in publication_requests.get((namespace, name), ()):
+        memo.wakeups.wake(request.namespace, request.job)
 
 
 @kopf.on.event("", "v1", "pods", labels=OWNED)
@@ -285,6 +394,7 @@ async def drive(
     owned_deployments: kopf.Index,
     owned_inference_services: kopf.Index,
     live_outputs: kopf.Index,
+    servers: kopf.Index,
     **_: Any,
 ) -> None:
     key = (namespace, name)
@@ -301,6 +411,7 @@ async def drive(
                 owned_deployments.get(key, ()),
                 owned_inference_services.get(key, ()),
                 output_taken_by(uid, live_outputs.get(output_uri, ())),
+                _server_of(namespace, body["spec"], servers),
             )
             with memo.passes.running(f"{namespace}/{name}"):
                 finished = await asyncio.to_thread(
@@ -312,6 +423,14 @@ async def drive(
                 await asyncio.wait_for(wakeup.wait(), timeout=timeout)
 
 
+def _server_of(namespace: str, spec: dict, servers: kopf.Index) -> ServerView | None:
+    """The DreamBoothServer the job's spec.inference.server names, if it exists."""
+    ref = (spec.get("inference") or {}).get("server")
+    if not ref:
+        return None
+    return next(iter(servers.get(_server_key(namespace, ref), ())), None)
+
+
 class Children(NamedTuple):
     """What the indexes hold for one job."""
 
@@ -320,6 +439,7 @@ class Children(NamedTuple):
     deployment: ChildDeployment | None
     inference_service: bool
     output_taken_by: str | None = None  # see Observed
+    server: ServerView | None = None  # see Observed
 
 
 def children_of(
@@ -329,6 +449,7 @@ def children_of(
     deployments: Iterable[ChildDeployment],
     inference_services: Iterable[str],
     output_taken_by: str | None = None,
+    server: ServerView | None = None,
 ) -> Children:
     """What the job with this UID owns, of what the indexes hold under its name.
 
@@ -344,6 +465,7 @@ def children_of(
         deployment=next((d for d in deployments if d.owner_uid == uid), None),
         inference_service=uid in inference_services,
         output_taken_by=output_taken_by,
+        server=server,
     )
 
 
@@ -409,6 +531,7 @@ def _observe(
         trainer_config_json=config_json,
         rejected_changes=tuple(immutable_changes(applied, current_spec)),
         output_taken_by=children.output_taken_by,
+        server=children.server,
     )
 
 
@@ -450,6 +573,91 @@ def _record_metrics(before: DreamBoothJobStatus, decision: Decision, meta: dict[
         if created:
             born = datetime.fromisoformat(str(created).replace("Z", "+00:00"))
             metrics.TIME_TO_FIRST_STEP.observe((datetime.now(timezone.utc) - born).total_seconds())
+
+
+# ------------------------------------------------------------------------------ servers
+
+
+@kopf.daemon(GROUP, VERSION, SERVER_PLURAL, cancellation_timeout=5.0)
+async def drive_server(
+    stopped: kopf.DaemonStopped,
+    namespace: str,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    owned_deployments: kopf.Index,
+    owned_server_services: kopf.Index,
+    owned_publications: kopf.Index,
+    publication_requests: kopf.Index,
+    **_: Any,
+) -> None:
+    """One DreamBoothServer: decide -> act -> wait, woken by its children and by the jobs that
+    name it."""
+    key = (namespace, name)
+    with memo.server_wakeups.registered(key) as wakeup:
+        while not stopped:
+            wakeup.clear()
+            uid = body["metadata"].get("uid", "")
+            index = next((c for c in owned_publications.get(key, ()) if c.owner_uid == uid), None)
+            children = ServerChildren(
+                deployment=next(
+                    (d for d in owned_deployments.get(key, ()) if d.owner_uid == uid), None
+                ),
+                service=uid in owned_server_services.get(key, ()),
+                index=index.text if index else None,
+                requests=tuple(publication_requests.get(key, ())),
+            )
+            with memo.passes.running(f"server {namespace}/{name}"):
+                await asyncio.to_thread(reconcile_server_once, _plain(body), children)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(wakeup.wait(), timeout=RESYNC_SECONDS)
+
+
+class ServerChildren(NamedTuple):
+    """What the indexes hold for one server."""
+
+    deployment: ChildDeployment | None
+    service: bool
+    index: str | None
+    requests: tuple[PublicationRequest, ...]
+
+
+def reconcile_server_once(document: dict[str, Any], children: ServerChildren) -> None:
+    """Decide, then act, for one server; like `reconcile_once`, a decision that writes is made
+    again on a fresh read when kopf's copy is behind."""
+    decision = _decide_server(document, children)
+    if decision.actions or actions.changes_server_status(document, decision):
+        meta = document["metadata"]
+        latest = kube.read_job(meta["namespace"], meta["name"], SERVER_PLURAL)
+        if latest is None:
+            return
+        if latest["metadata"]["resourceVersion"] != meta.get("resourceVersion"):
+            document, decision = latest, _decide_server(latest, children)
+    try:
+        actions.apply_server(document, decision)
+    except kube.Rejected as rejected:
+        # Something validation let through: say so in the status rather than retry unseen.
+        now = datetime.now(timezone.utc)
+        refused = server_reconcile.invalid(document, now, [str(rejected)], REASON_CHILD_REJECTED)
+        actions.apply_server(document, refused)
+    except kube.OwnedByAnother as taken:
+        log.info("server %s waits: %s", document["metadata"]["name"], taken)
+
+
+def _decide_server(document: dict[str, Any], children: ServerChildren) -> ServerDecision:
+    now = datetime.now(timezone.utc)
+    try:
+        server = parse_server(document)
+    except JobInvalid as invalid:
+        return server_reconcile.invalid(document, now, invalid.problems)
+    observed = ServerObserved(
+        now=now,
+        deployment=children.deployment,
+        service=children.service,
+        index=children.index,
+        requests=children.requests,
+    )
+    return server_reconcile.reconcile_server(server, observed)
 
 
 # ------------------------------------------------------------------------------ entry point

@@ -145,14 +145,17 @@ def replace(manifest: dict[str, Any]) -> None:
         raise
 
 
-def patch_job_status(namespace: str, name: str, status: dict[str, Any]) -> None:
-    """Merge-patch the DreamBoothJob's status subresource; 404 means it is already gone."""
+def patch_job_status(
+    namespace: str, name: str, status: dict[str, Any], plural: str = api.PLURAL
+) -> None:
+    """Merge-patch the status subresource of a DreamBoothJob (or, by `plural`, of a
+    DreamBoothServer); 404 means it is already gone."""
     try:
         client.CustomObjectsApi().patch_namespaced_custom_object_status(
             api.GROUP,
             api.VERSION,
             namespace,
-            api.PLURAL,
+            plural,
             name,
             {"status": status},
             _request_timeout=TIMEOUT,
@@ -162,11 +165,12 @@ def patch_job_status(namespace: str, name: str, status: dict[str, Any]) -> None:
             raise
 
 
-def read_job(namespace: str, name: str) -> dict[str, Any] | None:
-    """The DreamBoothJob as the API server has it now; None if it is gone."""
+def read_job(namespace: str, name: str, plural: str = api.PLURAL) -> dict[str, Any] | None:
+    """The DreamBoothJob (or, by `plural`, DreamBoothServer) as the API server has it now;
+    None if it is gone."""
     try:
         return client.CustomObjectsApi().get_namespaced_custom_object(
-            api.GROUP, api.VERSION, namespace, api.PLURAL, name, _request_timeout=TIMEOUT
+            api.GROUP, api.VERSION, namespace, plural, name, _request_timeout=TIMEOUT
         )
     except ApiException as error:
         if error.status == 404:
@@ -199,3 +203,27 @@ def delete_job(namespace: str, name: str) -> None:
 def post_event(document: dict[str, Any], event_type: str, reason: str, message: str) -> None:
     """An event about the DreamBoothJob, posted by kopf's poster (batched, in the background)."""
     kopf.event(document, type=event_type, reason=reason, message=message)
+
+
+def annotate_pods(namespace: str, selector: dict[str, str], annotations: dict[str, str]) -> int:
+    """Merge `annotations` into every pod matching `selector`; how many were patched. A pod
+    gone meanwhile (404) is skipped."""
+    core = client.CoreV1Api()
+    label_selector = ",".join(f"{key}={value}" for key, value in sorted(selector.items()))
+    pods = core.list_namespaced_pod(
+        namespace, label_selector=label_selector, _request_timeout=TIMEOUT
+    ).items
+    patched = 0
+    for pod in pods:
+        try:
+            core.patch_namespaced_pod(
+                pod.metadata.name,
+                namespace,
+                {"metadata": {"annotations": annotations}},
+                _request_timeout=TIMEOUT,
+            )
+            patched += 1
+        except ApiException as error:
+            if error.status != 404:
+                raise
+    return patched

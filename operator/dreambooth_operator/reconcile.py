@@ -16,9 +16,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
-from dreambooth_contract import env, names
+from dreambooth_contract import env, names, publication
 from dreambooth_contract.api import (
     TERMINAL_PHASES,
+    ArtifactStatus,
     Condition,
     DreamBoothJob,
     DreamBoothJobStatus,
@@ -29,6 +30,7 @@ from dreambooth_contract.api import (
 )
 
 from . import builders
+from .publishing import ServerView, refusal
 
 # Phases after the batch work, which activeDeadlineSeconds does not bound.
 UNBOUNDED_PHASES = (*TERMINAL_PHASES, Phase.serving.value)
@@ -50,6 +52,7 @@ EVENT_NORMAL, EVENT_WARNING = "Normal", "Warning"
 # Why a job failed (the Failed condition's reason), where more than one place fails it.
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_CHILD_REJECTED = "ChildRejected"
+REASON_SERVER_REFUSED = "ServerRefused"
 
 # Pod phases (Kubernetes'), as the pod index reports them.
 POD_PENDING, POD_RUNNING = "Pending", "Running"
@@ -128,6 +131,8 @@ class Observed:
     rejected_changes: tuple[str, ...] = ()
     # Another live job, created earlier, writing to the same outputUri ("namespace/name").
     output_taken_by: str | None = None
+    # The DreamBoothServer that spec.inference.server names; None also when it does not exist.
+    server: ServerView | None = None
 
 
 # ------------------------------------------------------------------------------ decisions
@@ -236,7 +241,7 @@ def is_finished(job: DreamBoothJob, status: DreamBoothJobStatus) -> bool:
     switched on after it finished."""
     if status.phase not in TERMINAL_PHASES:
         return False
-    return not (status.phase == Phase.succeeded.value and job.spec.inference.enabled)
+    return not (status.phase == Phase.succeeded.value and job.spec.inference.serves)
 
 
 def ttl_expired(job: DreamBoothJob, status: DreamBoothJobStatus, now: datetime) -> bool:
@@ -316,6 +321,39 @@ def _failure_detail(
 # ------------------------------------------------------------------------------ the draft
 
 
+def with_condition(
+    conditions: list[Condition],
+    kind: str,
+    status: bool,
+    reason: str,
+    message: str,
+    now: datetime,
+    generation: int | None,
+    warn: bool = False,
+) -> tuple[list[Condition], Event | None]:
+    """metav1.Condition bookkeeping: the conditions with `kind` set, and the event telling of
+    it. A transition keeps its time until the status changes, and each change of status is an
+    event (a condition born False is not)."""
+    value = TRUE if status else FALSE
+    current = next((c for c in conditions if c.type == kind), None)
+    if current and (current.status, current.reason, current.message) == (value, reason, message):
+        return conditions, None
+    changed = current is None or current.status != value
+    updated = Condition(
+        type=kind,
+        status=value,
+        reason=reason,
+        message=message,
+        last_transition_time=now if changed else current.last_transition_time,
+        observed_generation=generation,
+    )
+    others = [c for c in conditions if c.type != kind]
+    event = None
+    if changed and (status or current is not None):
+        event = Event(EVENT_WARNING if warn else EVENT_NORMAL, reason, message)
+    return [*others, updated], event
+
+
 def _delete(job: ChildJob) -> Delete:
     return Delete("batch/v1", "Job", job.name)
 
@@ -346,29 +384,11 @@ class _Draft:
     def set_condition(
         self, kind: str, status: bool, reason: str, message: str, warn: bool = False
     ) -> None:
-        """metav1.Condition bookkeeping: a transition keeps its time until the status changes,
-        and each change of status is an event (a condition born False is not)."""
-        value = TRUE if status else FALSE
-        current = condition(self.status, kind)
-        if current and (current.status, current.reason, current.message) == (
-            value,
-            reason,
-            message,
-        ):
-            return
-        changed = current is None or current.status != value
-        updated = Condition(
-            type=kind,
-            status=value,
-            reason=reason,
-            message=message,
-            last_transition_time=self.now if changed else current.last_transition_time,
-            observed_generation=self.generation,
+        self.status.conditions, event = with_condition(
+            self.status.conditions, kind, status, reason, message, self.now, self.generation, warn
         )
-        others = [c for c in self.status.conditions if c.type != kind]
-        self.status.conditions = [*others, updated]
-        if changed and (status or current is not None):
-            self.act(Event(EVENT_WARNING if warn else EVENT_NORMAL, reason, message))
+        if event is not None:
+            self.act(event)
 
     def fail(self, reason: str, message: str) -> None:
         """The Failed condition, with its Warning event: the one place either is made."""
@@ -440,6 +460,11 @@ def _decide_phase(draft: _Draft, job: DreamBoothJob) -> str:
             f"{draft.observed.output_taken_by}; each job needs an outputUri of its own",
         )
         return Phase.failed.value
+    refused = _server_refusal(draft, job)
+    if refused and not draft.is_true(COND_EXPORTED):
+        # Before the training is paid for: the server would never serve what it produces.
+        draft.fail_and_stop(REASON_SERVER_REFUSED, f"spec.inference.server: {refused[1]}")
+        return Phase.failed.value
     if job.spec.run_policy.suspend:
         _suspend(draft, job)
         return Phase.suspended.value
@@ -454,6 +479,8 @@ def _decide_phase(draft: _Draft, job: DreamBoothJob) -> str:
         return _failed_or(draft, phase_in_progress(draft.status, draft.observed, names.TRAIN))
     if not _advance_milestone(draft, job, names.EXPORT, "pipeline exported"):
         return _failed_or(draft, Phase.exporting.value)
+    if job.spec.inference.server is not None:
+        return _publish(draft, job, refused)
     if job.spec.inference.enabled:
         return _serve(draft, job)
     _stop_serving(draft, job)
@@ -614,14 +641,14 @@ def _advance_milestone(draft: _Draft, job: DreamBoothJob, component: str, messag
 # ---- serving
 
 
-def _serve(draft: _Draft, job: DreamBoothJob) -> str:
-    """Keep a Deployment serving exactly the exported artifact (rolls on a new digest)."""
+def _served_artifact(draft: _Draft) -> ArtifactStatus | None:
+    """The export to serve; None (and InferenceReady False) when the export reported none."""
     artifact = draft.status.artifact
     if artifact is None:
         draft.set_condition(
             COND_INFERENCE_READY, False, "NoArtifact", "the export reported no artifact", warn=True
         )
-        return Phase.exporting.value
+        return None
     if artifact.kind == "lora" and not artifact.base_model:
         draft.set_condition(
             COND_INFERENCE_READY,
@@ -630,6 +657,14 @@ def _serve(draft: _Draft, job: DreamBoothJob) -> str:
             "the export reported a LoRA adapter without its base model",
             warn=True,
         )
+        return None
+    return artifact
+
+
+def _serve(draft: _Draft, job: DreamBoothJob) -> str:
+    """Keep a Deployment serving exactly the exported artifact (rolls on a new digest)."""
+    artifact = _served_artifact(draft)
+    if artifact is None:
         return Phase.exporting.value
     base_model = artifact.base_model if artifact.kind == "lora" else None
     wanted = builders.inference_deployment(job, artifact.uri, artifact.digest, base_model)
@@ -652,6 +687,56 @@ def _serve(draft: _Draft, job: DreamBoothJob) -> str:
     reason = "Ready" if ready >= min(replicas, 1) else "Starting"
     draft.set_condition(
         COND_INFERENCE_READY, reason == "Ready", reason, f"{ready}/{replicas} replicas ready"
+    )
+    return Phase.serving.value
+
+
+def _server_refusal(draft: _Draft, job: DreamBoothJob) -> tuple[str, str] | None:
+    """(reason, message) when the server the job names exists and would not take it."""
+    server = draft.observed.server
+    if server is None:
+        return None
+    base = job.spec.base_model
+    return refusal(server, job.metadata.namespace or "", base.uri, base.revision)
+
+
+def _publish(draft: _Draft, job: DreamBoothJob, refused: tuple[str, str] | None) -> str:
+    """Serve on a shared DreamBoothServer: the server publishes the adapter once this job is
+    Serving (its index of jobs sees the phase); this job reports where, and whether the server
+    lists its digest yet."""
+    artifact = _served_artifact(draft)
+    if artifact is None:
+        return Phase.exporting.value
+    _stop_serving(draft, job)  # a Deployment of its own, from before inference.server was set
+    namespace = job.metadata.namespace or ""
+    server_namespace, server_name = job.spec.inference.server_key(namespace) or ("", "")
+    model = publication.model_name(namespace, job.metadata.name)
+    server = draft.observed.server
+    draft.status.inference = InferenceStatus(
+        endpoint=builders.server_endpoint(server_namespace, server_name),
+        ready_replicas=server.ready_replicas if server else 0,
+        digest=artifact.digest,
+        server=f"{server_namespace}/{server_name}",
+        model=model,
+    )
+    if server is None:
+        reason, message = (
+            "ServerNotFound",
+            (
+                f"DreamBoothServer {server_namespace}/{server_name} does not exist; the adapter is "
+                "published once it does"
+            ),
+        )
+    elif refused:
+        reason, message = refused
+    elif not server.serves(model, artifact.digest):
+        reason, message = "Publishing", f"publishing {model} to {server.ref}"
+    elif server.ready_replicas < 1:
+        reason, message = "ServerStarting", f"{model} published; {server.ref} has no ready replica"
+    else:
+        reason, message = "Published", f"served as model {model} by {server.ref}"
+    draft.set_condition(
+        COND_INFERENCE_READY, reason == "Published", reason, message, warn=bool(refused)
     )
     return Phase.serving.value
 

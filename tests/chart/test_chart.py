@@ -8,7 +8,7 @@ import subprocess
 import pytest
 import yaml
 
-from tests.support.fixtures import REPO_ROOT, crd_yaml
+from tests.support.fixtures import CRD_FILES, REPO_ROOT, crd_yaml
 
 from .conftest import (
     CHART,
@@ -27,7 +27,8 @@ MONITORING_KINDS = ["ConfigMap", "PodMonitor", "PodMonitor", "PrometheusRule", "
 BASE_KINDS = [
     "ClusterRole",
     "ClusterRoleBinding",
-    "CustomResourceDefinition",
+    "CustomResourceDefinition",  # DreamBoothJob
+    "CustomResourceDefinition",  # DreamBoothServer
     "Deployment",
     "Service",
     "ServiceAccount",
@@ -280,18 +281,21 @@ def test_bad_values_are_rejected(helm_local, args, message):
 
 
 # -- the CRD --------------------------------------------------------------------------------------
-def test_chart_crd_file_is_the_generator_output():
-    """files/crd.yaml == manifests/crd.yaml == `dreambooth crd` (hack/render-manifests.sh)."""
+@pytest.mark.parametrize("kind", sorted(CRD_FILES))
+def test_chart_crd_file_is_the_generator_output(kind):
+    """files/crd*.yaml == manifests/crd*.yaml == `dreambooth crd KIND` (render-manifests.sh)."""
+    from dreambooth_operator.crd import RESOURCES
     from dreambooth_operator.crd import crd_yaml as generated
 
-    chart_copy = (CHART / "files" / "crd.yaml").read_text()
-    assert chart_copy == generated(), "stale chart CRD: run hack/render-manifests.sh"
-    assert chart_copy == crd_yaml(), "manifests/crd.yaml differs from the chart's copy"
+    chart_copy = (CHART / "files" / CRD_FILES[kind]).read_text()
+    assert chart_copy == generated(RESOURCES[kind]), "stale chart CRD: run render-manifests.sh"
+    assert chart_copy == crd_yaml(kind), f"manifests/{CRD_FILES[kind]} differs from the chart's"
 
 
-def test_rendered_crd_is_the_generated_crd_plus_labels(render):
-    crd = find(render(), "CustomResourceDefinition")
-    expected = yaml.safe_load((REPO_ROOT / "manifests" / "crd.yaml").read_text())
+@pytest.mark.parametrize("kind", sorted(CRD_FILES))
+def test_rendered_crd_is_the_generated_crd_plus_labels(render, kind):
+    expected = yaml.safe_load((REPO_ROOT / "manifests" / CRD_FILES[kind]).read_text())
+    crd = find(render(), "CustomResourceDefinition", expected["metadata"]["name"])
     metadata = crd["metadata"]
     assert metadata.pop("annotations") == {"helm.sh/resource-policy": "keep"}
     assert metadata.pop("labels")["app.kubernetes.io/name"] == "dreambooth-operator"
@@ -299,8 +303,11 @@ def test_rendered_crd_is_the_generated_crd_plus_labels(render):
 
 
 def test_crd_keep_policy_is_optional(render):
-    crd = find(render("--set", "crds.keep=false"), "CustomResourceDefinition")
-    assert "annotations" not in crd["metadata"]
+    crds = [
+        o for o in render("--set", "crds.keep=false") if o["kind"] == "CustomResourceDefinition"
+    ]
+    assert len(crds) == 2
+    assert all("annotations" not in crd["metadata"] for crd in crds)
 
 
 # -- manifests/ ---------------------------------------------------------------------------------

@@ -20,8 +20,11 @@ NAMESPACED_RULES: dict[tuple[str, str], set[str]] = {
     ("dreambooth.dev", "dreamboothjobs/status"): {"get", "patch"},
     ("dreambooth.dev", "dreamboothjobs/finalizers"): {"update"},
     ("batch", "jobs"): {"get", "list", "watch", "create", "delete"},
-    ("", "pods"): {"get", "list", "watch"},
-    ("", "configmaps"): {"get", "create"},
+    ("dreambooth.dev", "dreamboothservers"): {"get", "list", "watch", "patch"},
+    ("dreambooth.dev", "dreamboothservers/status"): {"get", "patch"},
+    ("dreambooth.dev", "dreamboothservers/finalizers"): {"update"},
+    ("", "pods"): {"get", "list", "watch", "patch"},
+    ("", "configmaps"): {"get", "list", "watch", "create", "update"},
     ("", "serviceaccounts"): {"get", "create"},
     ("", "services"): {"get", "list", "watch", "create", "delete"},
     ("rbac.authorization.k8s.io", "roles"): {"get", "create"},
@@ -39,6 +42,7 @@ CLUSTER_RULES: dict[tuple[str, str], set[str]] = {
 HOOK = f"{RELEASE}-release-finalizers"
 HOOK_RULES: dict[tuple[str, str], set[str]] = {
     ("dreambooth.dev", "dreamboothjobs"): {"get", "list", "patch"},
+    ("dreambooth.dev", "dreamboothservers"): {"get", "list", "patch"},
 }
 
 # Requests the operator never makes: each must be denied.
@@ -49,7 +53,8 @@ FORBIDDEN: list[tuple[str, str, str]] = [
     ("", "pods", "delete"),
     ("", "pods/exec", "create"),
     ("", "configmaps", "delete"),
-    ("", "configmaps", "update"),
+    ("dreambooth.dev", "dreamboothservers", "create"),
+    ("dreambooth.dev", "dreamboothservers", "delete"),
     ("", "services", "patch"),
     ("dreambooth.dev", "dreamboothjobs", "create"),
     ("dreambooth.dev", "dreamboothjobs", "update"),

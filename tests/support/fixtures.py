@@ -76,13 +76,17 @@ def kube_node(control_plane):
 
 
 # -- CRD ----------------------------------------------------------------------------------------
-def crd_yaml() -> str:
-    """The CRD: manifests/crd.yaml, else `python -m dreambooth_operator.cli crd`."""
-    path = REPO_ROOT / "manifests" / "crd.yaml"
+CRD_FILES = {"job": "crd.yaml", "server": "crd-server.yaml"}
+SERVER_CRD_NAME = "dreamboothservers.dreambooth.dev"
+
+
+def crd_yaml(kind: str = "job") -> str:
+    """A CRD (job or server): manifests/crd*.yaml, else `python -m dreambooth_operator.cli crd`."""
+    path = REPO_ROOT / "manifests" / CRD_FILES[kind]
     if path.is_file():
         return path.read_text()
     r = subprocess.run(
-        [sys.executable, "-m", "dreambooth_operator.cli", "crd"],
+        [sys.executable, "-m", "dreambooth_operator.cli", "crd", kind],
         capture_output=True,
         text=True,
         check=True,
@@ -92,20 +96,26 @@ def crd_yaml() -> str:
 
 @pytest.fixture(scope="session")
 def dreambooth_crd(control_plane, kubectl) -> dict:
-    """Applies the DreamBoothJob CRD with kubectl and waits until it is Established."""
+    """Applies the DreamBoothJob and DreamBoothServer CRDs with kubectl and waits until both
+    are Established; returns the job's."""
     import kubernetes
 
-    kubectl("apply", "-f", "-", input=crd_yaml())
+    for kind in CRD_FILES:
+        kubectl("apply", "-f", "-", input=crd_yaml(kind))
     ext = kubernetes.client.ApiextensionsV1Api(control_plane.api_client)
-    deadline = time.monotonic() + 30
-    while True:
-        crd = ext.read_custom_resource_definition(CRD_NAME)
-        conds = {c.type: c.status for c in (crd.status.conditions or [])}
-        if conds.get("Established") == "True":
-            return control_plane.api_client.sanitize_for_serialization(crd)
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"CRD {CRD_NAME} not Established: {conds}")
-        time.sleep(0.1)
+    found = {}
+    for name in (SERVER_CRD_NAME, CRD_NAME):
+        deadline = time.monotonic() + 30
+        while True:
+            crd = ext.read_custom_resource_definition(name)
+            conds = {c.type: c.status for c in (crd.status.conditions or [])}
+            if conds.get("Established") == "True":
+                found[name] = control_plane.api_client.sanitize_for_serialization(crd)
+                break
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"CRD {name} not Established: {conds}")
+            time.sleep(0.1)
+    return found[CRD_NAME]
 
 
 # -- tools --------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_children_are_filtered_by_the_api_server_not_here(configured):
             "app.kubernetes.io/managed-by=dreambooth-operator"
         ], plural
     assert selectors(settings, "dreambooth.dev", "v1alpha1", "dreamboothjobs") == []
-    assert selectors(settings, "", "v1", "configmaps") == []  # not watched at all
+    assert selectors(settings, "", "v1", "secrets") == []  # not watched at all
 
 
 def test_filtering_can_be_turned_off_for_comparison(configured):

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from kubernetes.client.exceptions import ApiException
 
 from dreambooth_contract.api import GROUP, PLURAL, VERSION
+from dreambooth_contract.server_api import SERVER_PLURAL
 from dreambooth_operator import finalizers, handlers, kube
 from dreambooth_operator.cli import main
 from dreambooth_operator.finalizers import (
@@ -32,18 +33,24 @@ def job(namespace: str, name: str, *finalizer_names: str, rv: str = "1") -> dict
     return {"metadata": meta, "spec": {"x": 1}}
 
 
+def _by_key(items) -> dict:
+    return {(i["metadata"]["namespace"], i["metadata"]["name"]): i for i in items}
+
+
 class FakeCustom:
     """CustomObjectsApi over a dict of jobs; resourceVersions checked like the API server's."""
 
-    def __init__(self, *jobs: dict, page_size: int | None = None) -> None:
-        self.jobs = {(j["metadata"]["namespace"], j["metadata"]["name"]): j for j in jobs}
+    def __init__(self, *jobs: dict, page_size: int | None = None, servers: tuple = ()) -> None:
+        self.jobs = _by_key(jobs)
+        self.servers = _by_key(servers)  # DreamBoothServers: the same finalizer
+        self.objects = {PLURAL: self.jobs, SERVER_PLURAL: self.servers}
         self.page_size = page_size
         self.calls: list[tuple[str, dict]] = []
         self.on_patch = None  # called after each patch (an operator putting the finalizer back)
         self.conflicts = 0  # the next N patches fail with 409 after a concurrent change
 
     def _call(self, name: str, group, version, plural, kwargs) -> None:
-        assert (group, version, plural) == (GROUP, VERSION, PLURAL)
+        assert (group, version) == (GROUP, VERSION) and plural in (PLURAL, SERVER_PLURAL)
         self.calls.append((name, kwargs))
 
     def _page(self, items: list[dict], kwargs: dict) -> dict:
@@ -56,25 +63,26 @@ class FakeCustom:
 
     def list_cluster_custom_object(self, group, version, plural, **kwargs):
         self._call("list", group, version, plural, kwargs)
-        return self._page(list(self.jobs.values()), kwargs)
+        return self._page(list(self.objects[plural].values()), kwargs)
 
     def list_namespaced_custom_object(self, group, version, namespace, plural, **kwargs):
         self._call("list", group, version, plural, kwargs)
-        return self._page([j for (ns, _), j in self.jobs.items() if ns == namespace], kwargs)
+        found = [j for (ns, _), j in self.objects[plural].items() if ns == namespace]
+        return self._page(found, kwargs)
 
     def get_namespaced_custom_object(self, group, version, namespace, plural, name, **kwargs):
         self._call("get", group, version, plural, kwargs)
-        if (namespace, name) not in self.jobs:
+        if (namespace, name) not in self.objects[plural]:
             raise ApiException(status=404)
-        return copy.deepcopy(self.jobs[namespace, name])
+        return copy.deepcopy(self.objects[plural][namespace, name])
 
     def patch_namespaced_custom_object(
         self, group, version, namespace, plural, name, body, **kwargs
     ):
         self._call("patch", group, version, plural, kwargs)
-        if (namespace, name) not in self.jobs:
+        if (namespace, name) not in self.objects[plural]:
             raise ApiException(status=404)
-        current = self.jobs[namespace, name]["metadata"]
+        current = self.objects[plural][namespace, name]["metadata"]
         if self.conflicts:
             self.conflicts -= 1
             current["resourceVersion"] = str(int(current["resourceVersion"]) + 1)
@@ -92,7 +100,7 @@ class FakeCustom:
         current["resourceVersion"] = str(int(current["resourceVersion"]) + 1)
         if self.on_patch:
             self.on_patch(self)
-        return copy.deepcopy(self.jobs[namespace, name])
+        return copy.deepcopy(self.objects[plural][namespace, name])
 
     def finalizers(self, namespace: str, name: str) -> list[str] | None:
         return self.jobs[namespace, name]["metadata"].get("finalizers")
@@ -104,6 +112,12 @@ def test_the_finalizer_released_is_the_one_kopf_is_configured_with(monkeypatch):
     # As kopf calls a startup handler (the keyword arguments it gives them all).
     handlers.configure(settings=settings, memo=kopf.Memo(), logger=logging.getLogger(), retry=0)
     assert settings.persistence.finalizer == FINALIZER == "dreambooth.dev/finalizer"
+
+
+def test_servers_lose_the_finalizer_too():
+    api = FakeCustom(job("a", "j", FINALIZER), servers=(job("a", "shared", OTHER, FINALIZER),))
+    assert release_pass(api, None) == ["a/j", "dreamboothservers/a/shared"]
+    assert api.servers["a", "shared"]["metadata"]["finalizers"] == [OTHER]
 
 
 def test_only_the_operators_finalizer_goes_and_every_call_has_a_timeout():
@@ -119,7 +133,8 @@ def test_only_the_operators_finalizer_goes_and_every_call_has_a_timeout():
     assert api.finalizers("b", "not-ours") == [OTHER]
     assert api.jobs["b", "none"]["metadata"]["resourceVersion"] == "1"  # not patched
     assert api.jobs["a", "shared"]["spec"] == {"x": 1}
-    assert [name for name, _ in api.calls] == ["list", "patch", "patch"]
+    # the jobs, then the (no) servers
+    assert [name for name, _ in api.calls] == ["list", "patch", "patch", "list"]
     assert all(kwargs["_request_timeout"] == kube.TIMEOUT for _, kwargs in api.calls)
 
 
@@ -132,7 +147,8 @@ def test_namespaces_are_listed_one_by_one_and_pages_are_followed():
     assert release_pass(api, ["a", "empty"]) == [f"a/j{i}" for i in range(5)]
     assert api.finalizers("other", "untouched") == [FINALIZER]
     lists = [kwargs for name, kwargs in api.calls if name == "list"]
-    assert [k.get("_continue") for k in lists] == [None, "2", "4", None]
+    # the jobs of each namespace, page by page; then each namespace's (no) servers
+    assert [k.get("_continue") for k in lists] == [None, "2", "4", None, None, None]
     assert all(k["limit"] == finalizers.PAGE_SIZE for k in lists)
 
 
@@ -236,7 +252,7 @@ def test_dry_run_patches_nothing():
     clock = Clock()
     assert release_until_settled(api, None, dry_run=True, clock=clock, sleep=clock.sleep) == ["a/j"]
     assert api.finalizers("a", "j") == [FINALIZER]
-    assert [name for name, _ in api.calls] == ["list"]
+    assert [name for name, _ in api.calls] == ["list", "list"]  # jobs, servers
 
 
 def test_cli_needs_an_explicit_scope():

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dreambooth_contract.api import EvaluationStatus
+from dreambooth_contract.api import DreamBoothJob, EvaluationStatus
 from dreambooth_contract.layout import EXPORT_DIR, PRIORS_DIR, SAMPLES_DIR
 from dreambooth_contract.trainer_config import TrainerConfig, sibling_uri
 from dreambooth_contract.validation import JobInvalid, load_jobs
@@ -57,8 +57,9 @@ class LocalRun:
 def load_config(job_file: Path, output: Path | None = None) -> TrainerConfig:
     """The trainer config of the single DreamBoothJob in `job_file` (JobInvalid if bad)."""
     jobs = load_jobs(job_file.read_text())
-    if len(jobs) != 1:
-        raise JobInvalid([f"document: expected one DreamBoothJob, found {len(jobs)}"])
+    if len(jobs) != 1 or not isinstance(jobs[0], DreamBoothJob):
+        kinds = ", ".join(j.kind for j in jobs)
+        raise JobInvalid([f"document: expected one DreamBoothJob, found {kinds}"])
     job = jobs[0]
     config = TrainerConfig.from_job(job, base_dir=job_file.resolve().parent)
     if output is None:
