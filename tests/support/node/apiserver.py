@@ -15,6 +15,7 @@ from .network import POD_IP, service_host_names
 from .status import timestamp
 
 LEASE_NAMESPACE = "kube-node-lease"
+DEFAULT_TOKEN_SECONDS = 3600  # a projected token's lifetime when its source sets none
 
 
 class NodeApi:
@@ -169,7 +170,7 @@ class NodeApi:
         body = {
             "spec": {
                 "audiences": [source["audience"]] if source.get("audience") else None,
-                "expirationSeconds": source.get("expirationSeconds") or 3600,
+                "expirationSeconds": source.get("expirationSeconds") or DEFAULT_TOKEN_SECONDS,
                 "boundObjectRef": {
                     "kind": "Pod",
                     "apiVersion": "v1",

@@ -19,7 +19,7 @@ from .container import Container
 from .environment import EnvResolver, api_server_environment, expand, inherited_environment
 from .network import HostMap, PortMap
 from .references import ConfigError, DownwardApi, References
-from .volumes import PathMap, Volumes
+from .volumes import CachedTokens, PathMap, Volumes
 
 if TYPE_CHECKING:
     from .testnode import TestNode
@@ -29,36 +29,41 @@ DEFAULT_TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 
 
 def prepare_pod(
-    node: TestNode, pod: dict, pod_dir: Path, containers: Sequence[Container]
+    node: TestNode, pod: dict, pod_dir: Path, containers: Sequence[Container], tokens: CachedTokens
 ) -> PortMap:
     """Materialise the pod's volumes and prepare each container; return the pod's port map.
     Raises ``ConfigError`` while something the pod refers to is missing: the caller retries."""
-    preparation = _PodPreparation(node, pod, pod_dir)
+    preparation = _PodPreparation(node, pod, pod_dir, tokens)
     for container in containers:
         preparation.prepare(container)
     return preparation.ports
+
+
+def pod_volumes(node: TestNode, pod: dict, pod_dir: Path, tokens: CachedTokens) -> Volumes:
+    """The volumes of `pod` (this version of the object: its labels and annotations)."""
+    namespace = pod["metadata"]["namespace"]
+    return Volumes(
+        pod,
+        pod_dir,
+        claims_dir=node.workdir / "pvc",
+        references=References(node.apiserver.read, namespace),
+        downward=DownwardApi(pod, node.name, node.capacity),
+        service_account_token=tokens,
+    )
 
 
 class _PodPreparation:
     """One attempt at preparing a pod: made with what its containers share (volumes, cluster
     host names, ports), then prepares each container."""
 
-    def __init__(self, node: TestNode, pod: dict, pod_dir: Path) -> None:
+    def __init__(self, node: TestNode, pod: dict, pod_dir: Path, tokens: CachedTokens) -> None:
         self.node = node
         self.pod = pod
         self.pod_dir = pod_dir
         self.namespace: str = pod["metadata"]["namespace"]
-        references = References(node.apiserver.read, self.namespace)
-        downward = DownwardApi(pod, node.name, node.capacity)
-        self.env_resolver = EnvResolver(references, downward)
-        self.volume_dirs = Volumes(
-            pod,
-            pod_dir,
-            claims_dir=node.workdir / "pvc",
-            references=references,
-            downward=downward,
-            service_account_token=node.apiserver.service_account_token,
-        ).materialise()
+        volumes = pod_volumes(node, pod, pod_dir, tokens)
+        self.env_resolver = EnvResolver(volumes.references, volumes.downward)
+        self.volume_dirs = volumes.materialise()
         self.host_map = HostMap(node.apiserver.cluster_host_names(self.namespace))
         self.ports = node.port_map(self.namespace, pod)
 
@@ -78,6 +83,9 @@ class _PodPreparation:
             if local is None:
                 raise ConfigError(f"volume {mount['name']!r} not found")
             if mount.get("subPath"):
+                # A key of a configMap volume is a symlink through ..data, so this container
+                # sees the key's updates, where kubelet's bind mount of a subPath keeps the
+                # version it started with: more lenient, never less.
                 local = local / mount["subPath"]
                 if not local.exists():  # a subPath may name a file of the volume, too
                     local.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,13 @@
 references), run the init containers one after the other, then the containers together, restart
 them by restartPolicy (Always/OnFailure: Deployment pods keep running), report each change, and
 end Succeeded/Failed or, when deleted, by SIGTERM, SIGKILL after the grace period, and removal of
-the pod object."""
+the pod object.
+
+While it runs, its configMap, secret, downwardAPI and projected volumes are synced like kubelet's:
+at once when the pod object changes (``pod_updated``: the node calls it for each newer version of
+the pod it sees; a change of spec, labels or annotations counts, the status the node writes does
+not), else every ``node.volume_sync_seconds``. A sync rewrites only the volumes whose content
+changed, each in one atomic swap."""
 
 from __future__ import annotations
 
@@ -13,10 +19,11 @@ from typing import TYPE_CHECKING
 
 from .container import Container, terminate
 from .network import PortMap
-from .prepare import prepare_pod
+from .prepare import pod_volumes, prepare_pod
 from .probes import probe_readiness
 from .references import ConfigError
 from .status import config_error_status, pod_status, timestamp
+from .volumes import CachedTokens
 
 if TYPE_CHECKING:
     from .testnode import TestNode
@@ -32,7 +39,7 @@ class PodRunner(threading.Thread):
         meta = pod["metadata"]
         super().__init__(name=f"pod-{meta['namespace']}/{meta['name']}", daemon=True)
         self.node = node
-        self.pod = pod
+        self.pod = pod  # the latest version of the object the node has seen
         self.namespace: str = meta["namespace"]
         self.pod_name: str = meta["name"]
         self.uid: str = meta["uid"]
@@ -47,6 +54,9 @@ class PodRunner(threading.Thread):
         self.phase = "Pending"
         self.start_time: str | None = None
         self.ports = PortMap()  # set by preparation
+        self.tokens = CachedTokens(node.apiserver.service_account_token)
+        self.volumes_stale = threading.Event()  # the pod changed: sync its volumes now
+        self.next_volume_sync = 0.0  # when the periodic volume sync is due (monotonic)
 
     def _containers(self, specs: list[dict]) -> list[Container]:
         return [Container(spec, self.dir / spec["name"]) for spec in specs]
@@ -61,6 +71,15 @@ class PodRunner(threading.Thread):
             if self.delete_requested is None or grace < self.delete_requested:
                 self.delete_requested = grace
                 self.deadline = time.monotonic() + grace
+
+    def pod_updated(self, pod: dict) -> None:
+        """The node saw this version of the pod object (from its thread). A change of spec,
+        labels or annotations (an operator annotating the pod) makes the runner sync the pod's
+        volumes at once, as a pod update makes kubelet's pod worker do."""
+        changed = _synced_fields(pod) != _synced_fields(self.pod)
+        self.pod = pod  # before the event: the sync it wakes reads this version
+        if changed:
+            self.volumes_stale.set()
 
     def kill(self, sig: int, container: str | None = None) -> None:
         """Send `sig` to one container's process group, or to every container's."""
@@ -126,7 +145,10 @@ class PodRunner(threading.Thread):
         missing, like a kubelet; False if the pod or the node stops first."""
         while not self._should_stop():
             try:
-                self.ports = prepare_pod(self.node, self.pod, self.dir, self.all_containers)
+                self.ports = prepare_pod(
+                    self.node, self.pod, self.dir, self.all_containers, self.tokens
+                )
+                self.next_volume_sync = time.monotonic() + self.node.volume_sync_seconds
                 return True
             except ConfigError as exc:
                 self._patch_status(config_error_status(self.containers, str(exc)))
@@ -156,6 +178,7 @@ class PodRunner(threading.Thread):
         while container.running():
             if self._should_stop():
                 return False
+            self._sync_volumes_if_due()
             time.sleep(POLL_SECONDS)
         container.record_exit()
         return True
@@ -177,6 +200,7 @@ class PodRunner(threading.Thread):
                 return
             if changed:
                 self._report_running()
+            self._sync_volumes_if_due()
             time.sleep(POLL_SECONDS)
 
     def _reap(self, container: Container, now: float) -> bool:
@@ -208,6 +232,15 @@ class PodRunner(threading.Thread):
         container.ready = ready
         return True
 
+    def _sync_volumes_if_due(self) -> None:
+        """Sync the volumes made of files if the pod changed or the periodic sync is due."""
+        now = time.monotonic()
+        if not self.volumes_stale.is_set() and now < self.next_volume_sync:
+            return
+        self.volumes_stale.clear()  # before reading self.pod: a later update wakes us again
+        self.next_volume_sync = now + self.node.volume_sync_seconds
+        pod_volumes(self.node, self.pod, self.dir, self.tokens).refresh()
+
     # -- status --------------------------------------------------------------------------------
     def _status(self, *, phase: str, ready: bool, initialized: bool = True) -> dict:
         return pod_status(
@@ -237,3 +270,9 @@ class PodRunner(threading.Thread):
 
     def _patch_status(self, status: dict) -> None:
         self.node.apiserver.patch_pod_status(self.namespace, self.pod_name, self.uid, status)
+
+
+def _synced_fields(pod: dict) -> tuple:
+    """What kubelet compares to tell a pod update from its own status writes."""
+    meta = pod["metadata"]
+    return (pod["spec"], meta.get("labels"), meta.get("annotations"))

@@ -23,6 +23,11 @@ from .network import PortMap, declared_ports, free_host_port
 from .runner import PodRunner
 
 HEARTBEAT_SECONDS = 10
+# How often a running pod's configMap, secret, downwardAPI and projected volumes are synced
+# without a pod update. kubelet's periodic sync is --sync-frequency, 1 minute (plus jitter): the
+# test node is quicker so that a test of the periodic path takes seconds, not minutes. Code that
+# must see a ConfigMap change soon on a real cluster annotates the pod (an update syncs at once).
+VOLUME_SYNC_SECONDS = 10.0
 DEFAULT_DELETION_GRACE_SECONDS = 30
 
 
@@ -45,6 +50,7 @@ class TestNode:
         poll_interval: float = 0.2,
         stop_grace: float = 5.0,
         map_ports: bool = False,
+        volume_sync_seconds: float = VOLUME_SYNC_SECONDS,
     ) -> None:
         self.apiserver = NodeApi(api_client, name)
         self.name = name
@@ -63,6 +69,7 @@ class TestNode:
         self.poll_interval = poll_interval
         self.stop_grace = stop_grace
         self.map_ports = map_ports
+        self.volume_sync_seconds = volume_sync_seconds  # read at each sync: a test may change it
         self.host_ports: dict[tuple[str, int], int] = {}  # (namespace, containerPort) -> port
         self.runners: dict[str, PodRunner] = {}  # uid -> runner
         self.by_name: dict[tuple[str, str], PodRunner] = {}  # latest runner per pod name
@@ -248,8 +255,12 @@ class TestNode:
         if meta.get("deletionTimestamp") is not None:
             self._on_deletion(meta, runner)
             return
+        if runner is not None:
+            if meta.get("resourceVersion") != runner.pod["metadata"].get("resourceVersion"):
+                runner.pod_updated(pod)  # its volumes follow its labels and annotations
+            return
         phase = (pod.get("status") or {}).get("phase")
-        if runner is None and phase not in ("Succeeded", "Failed"):
+        if phase not in ("Succeeded", "Failed"):
             self._start_runner(pod)
 
     def _on_deletion(self, meta: dict, runner: PodRunner | None) -> None:

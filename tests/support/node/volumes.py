@@ -1,25 +1,27 @@
 """Volumes on the local disk, and the path mapping that lets a container find them.
 
-configMap, secret, downwardAPI and projected (incl. serviceAccountToken) volumes are written as
-files; emptyDir is a directory of the pod; persistentVolumeClaim a directory per claim, shared by
-the node's pods; hostPath the path itself. **Path mapping**: a container cannot see its
+configMap, secret, downwardAPI and projected (incl. serviceAccountToken) volumes are files laid out
+as kubelet does (``atomic_writer``: ``KEY -> ..data/KEY``, ``..data`` swapped in one rename), and
+``refresh`` rewrites those whose content changed, for the pod runner's volume syncs; emptyDir is
+a directory of the pod; persistentVolumeClaim a directory per claim, shared by the node's pods;
+hostPath the path itself. **Path mapping**: a container cannot see its
 mountPath, so the node rewrites every occurrence of a mountPath (at a path boundary) in command,
 args, env values and workingDir to the local directory (``PathMap``).
 """
 
 from __future__ import annotations
 
-import os
 import re
-import shutil
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from .apiserver import DEFAULT_TOKEN_SECONDS
+from .atomic_writer import Files, write_atomically
 from .references import ConfigError, DownwardApi, References
 
-# a volume file: its bytes, and its mode (None: the default umask)
-Files = dict[str, tuple[bytes, int | None]]
+TOKEN_REFRESH_FRACTION = 0.8  # kubelet's token manager renews a token at 80% of its lifetime
 
 
 class PathMap:
@@ -44,6 +46,25 @@ class PathMap:
         return self._re.sub(lambda match: self.mapping[match.group(1)], value)
 
 
+class CachedTokens:
+    """The projected service-account tokens of one pod, each requested again only once 80% of
+    its lifetime has passed, as kubelet's token manager does: a volume sync must not mint a new
+    token (and rewrite its file) every time."""
+
+    def __init__(self, request: Callable[[dict, dict], str]) -> None:
+        self._request = request  # (pod, token source) -> a new token
+        self._tokens: dict[tuple, tuple[str, float]] = {}  # source -> (token, renew at)
+
+    def __call__(self, pod: dict, source: dict) -> str:
+        key = (source.get("audience"), source.get("expirationSeconds"))
+        cached = self._tokens.get(key)
+        if cached is None or time.monotonic() >= cached[1]:
+            lifetime = source.get("expirationSeconds") or DEFAULT_TOKEN_SECONDS
+            renew_at = time.monotonic() + TOKEN_REFRESH_FRACTION * lifetime
+            cached = self._tokens[key] = (self._request(pod, source), renew_at)
+        return cached[0]
+
+
 @dataclass
 class Volumes:
     """Materialises the volumes of one pod under `pod_dir` (claims under `claims_dir`)."""
@@ -61,16 +82,33 @@ class Volumes:
             volume["name"]: self._volume(volume) for volume in self.pod["spec"].get("volumes") or []
         }
 
+    def refresh(self) -> list[str]:
+        """Rewrite each volume made of files whose content changed; the names of those rewritten.
+        A volume whose ConfigMap or Secret has gone (or lost a key) keeps its last content, like
+        kubelet's, unless the reference is optional: then its files go."""
+        rewritten = []
+        for volume in self.pod["spec"].get("volumes") or []:
+            try:
+                files = self._files(volume)
+            except ConfigError:
+                continue
+            if files is not None and write_atomically(self._local(volume), files):
+                rewritten.append(volume["name"])
+        return rewritten
+
+    def _local(self, volume: dict) -> Path:
+        return self.pod_dir / "volumes" / volume["name"]
+
     def _volume(self, volume: dict) -> Path:
         directory = self._directory(volume)
         if directory is not None:
             return directory
-        local = self.pod_dir / "volumes" / volume["name"]
+        local = self._local(volume)
         files = self._files(volume)
         if files is None:  # unsupported kind: an empty directory
             local.mkdir(parents=True, exist_ok=True)
             return local
-        _write_files(local, files)
+        write_atomically(local, files)  # a retried preparation drops the files that have gone
         return local
 
     def _directory(self, volume: dict) -> Path | None:
@@ -81,7 +119,7 @@ class Volumes:
                 local.mkdir(parents=True, exist_ok=True)
             return local
         if "emptyDir" in volume:
-            local = self.pod_dir / "volumes" / volume["name"]
+            local = self._local(volume)
         elif "persistentVolumeClaim" in volume:
             namespace = self.pod["metadata"]["namespace"]
             local = self.claims_dir / namespace / volume["persistentVolumeClaim"]["claimName"]
@@ -102,25 +140,27 @@ class Volumes:
                 {"name": source.get("secretName"), **source}, files, source.get("defaultMode")
             )
         elif "downwardAPI" in volume:
-            self._downward(volume["downwardAPI"], files)
+            source = volume["downwardAPI"]
+            self._downward(source, files, source.get("defaultMode"))
         elif "projected" in volume:
+            default_mode = volume["projected"].get("defaultMode")
             for source in volume["projected"].get("sources") or []:
-                self._projected_source(source, files)
+                self._projected_source(source, files, default_mode)
         else:
             return None
         return files
 
-    def _projected_source(self, source: dict, files: Files) -> None:
+    def _projected_source(self, source: dict, files: Files, default_mode: int | None) -> None:
         if "configMap" in source:
-            self._config_map(source["configMap"], files, None)
+            self._config_map(source["configMap"], files, default_mode)
         elif "secret" in source:
-            self._secret(source["secret"], files, None)
+            self._secret(source["secret"], files, default_mode)
         elif "downwardAPI" in source:
-            self._downward(source["downwardAPI"], files)
+            self._downward(source["downwardAPI"], files, default_mode)
         elif "serviceAccountToken" in source:
             token_source = source["serviceAccountToken"]
             token = self.service_account_token(self.pod, token_source)
-            files[token_source["path"]] = (token.encode(), None)
+            files[token_source["path"]] = (token.encode(), default_mode)
 
     def _config_map(self, source: dict, files: Files, default_mode: int | None) -> None:
         data = self.references.config_map_files(source["name"], source.get("optional"))
@@ -132,13 +172,13 @@ class Volumes:
         if data is not None:
             _select_items(data, source, files, default_mode)
 
-    def _downward(self, source: dict, files: Files) -> None:
+    def _downward(self, source: dict, files: Files, default_mode: int | None) -> None:
         for item in source.get("items") or []:
             if "fieldRef" in item:
                 value = self.downward.field(item["fieldRef"]["fieldPath"])
             else:
                 value = self.downward.resource(item["resourceFieldRef"])
-            files[item["path"]] = (value.encode(), item.get("mode"))
+            files[item["path"]] = (value.encode(), item.get("mode", default_mode))
 
 
 def _select_items(
@@ -156,16 +196,3 @@ def _select_items(
                 continue
             raise ConfigError(f"key {item['key']!r} not found in {source.get('name')!r}")
         files[item.get("path") or item["key"]] = (data[item["key"]], item.get("mode", default_mode))
-
-
-def _write_files(directory: Path, files: Files) -> None:
-    """Write the volume afresh: a retried preparation must not keep a file that has gone."""
-    if directory.exists():
-        shutil.rmtree(directory)
-    directory.mkdir(parents=True)
-    for relative, (data, mode) in files.items():
-        path = directory / relative
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        if mode is not None:
-            os.chmod(path, mode & 0o777)
