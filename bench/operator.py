@@ -115,7 +115,7 @@ def run(job_counts: tuple[int, ...] = (1, 100), unrelated: int = 0) -> dict[str,
     assets = kube_assets_dir()
     if assets is None:
         return {"skipped": f"no control plane binaries: {SETUP_HINT}"}
-    from dreambooth_operator.crd import crd
+    from dreambooth_operator.crd import RESOURCES, crd
 
     runs = [(count, 0, True) for count in job_counts]
     if unrelated:
@@ -124,7 +124,8 @@ def run(job_counts: tuple[int, ...] = (1, 100), unrelated: int = 0) -> dict[str,
         plane = ControlPlane.start(assets, workdir=Path(workdir) / "plane")
         try:
             ext = kubernetes.client.ApiextensionsV1Api(plane.api_client)
-            ext.create_custom_resource_definition(crd())
+            for resource in RESOURCES.values():
+                ext.create_custom_resource_definition(crd(resource))
             time.sleep(2)  # Established
             results = []
             for count, others, filtering in runs:

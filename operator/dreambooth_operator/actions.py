@@ -67,18 +67,29 @@ def apply(document: dict[str, Any], decision: Decision) -> None:
         # deletes the previous attempt's Jobs as stale.
         kube.patch_job_status(namespace, name, decision.status_patch())
     for action in decision.actions:
-        if isinstance(action, Create):
-            kube.create(action.manifest)
-        elif isinstance(action, Update):
-            kube.replace(action.manifest)
-        elif isinstance(action, Delete):
-            kube.delete(action.kind, namespace, action.name)
-        elif isinstance(action, DeleteSelf):
+        if isinstance(action, DeleteSelf):
             kube.delete_job(namespace, name)
             return
+        _change_child(action, namespace)
     if not status_written and changes_status(document, decision):
         kube.patch_job_status(namespace, name, decision.status_patch())
-    for event in decision.actions:
+    _post_events(document, decision.actions)
+
+
+def _change_child(action: object, namespace: str) -> None:
+    """Create, replace, delete or annotate a child; anything else is not a child's change."""
+    if isinstance(action, Create):
+        kube.create(action.manifest)
+    elif isinstance(action, Update):
+        kube.replace(action.manifest)
+    elif isinstance(action, Delete):
+        kube.delete(action.kind, namespace, action.name)
+    elif isinstance(action, AnnotatePods):
+        kube.annotate_pods(namespace, action.selector, action.annotations)
+
+
+def _post_events(document: dict[str, Any], actions: list) -> None:
+    for event in actions:
         if isinstance(event, Event):
             kube.post_event(document, event.type, event.reason, event.message)
 
@@ -94,14 +105,7 @@ def apply_server(document: dict[str, Any], decision: ServerDecision) -> None:
     meta = document["metadata"]
     namespace, name = meta["namespace"], meta["name"]
     for action in decision.actions:
-        if isinstance(action, Create):
-            kube.create(action.manifest)
-        elif isinstance(action, Update):
-            kube.replace(action.manifest)
-        elif isinstance(action, AnnotatePods):
-            kube.annotate_pods(namespace, action.selector, action.annotations)
+        _change_child(action, namespace)
     if changes_server_status(document, decision):
         kube.patch_job_status(namespace, name, decision.status_patch(), SERVER_PLURAL)
-    for event in decision.actions:
-        if isinstance(event, Event):
-            kube.post_event(document, event.type, event.reason, event.message)
+    _post_events(document, decision.actions)

@@ -47,15 +47,20 @@ RESTRICTED_POD_SECURITY = {
 }
 
 
-def owner_reference(job: DreamBoothJob) -> dict[str, Any]:
+def _controller(kind: str, meta) -> dict[str, Any]:
+    """The ownerReference that makes the object `meta` describes its children's controller."""
     return {
         "apiVersion": API_VERSION,
-        "kind": KIND,
-        "name": job.metadata.name,
-        "uid": getattr(job.metadata, "uid", None) or "",
+        "kind": kind,
+        "name": meta.name,
+        "uid": getattr(meta, "uid", None) or "",
         "controller": True,
         "blockOwnerDeletion": True,
     }
+
+
+def owner_reference(job: DreamBoothJob) -> dict[str, Any]:
+    return _controller(KIND, job.metadata)
 
 
 def _metadata(job: DreamBoothJob, name: str, component: str | None = None, **labels: str) -> dict:
@@ -527,23 +532,12 @@ def inference_endpoint(job: DreamBoothJob) -> str:
 PUBLICATIONS_MOUNT = "/etc/dreambooth/publications"
 
 
-def server_owner_reference(server: DreamBoothServer) -> dict[str, Any]:
-    return {
-        "apiVersion": API_VERSION,
-        "kind": SERVER_KIND,
-        "name": server.metadata.name,
-        "uid": getattr(server.metadata, "uid", None) or "",
-        "controller": True,
-        "blockOwnerDeletion": True,
-    }
-
-
 def _server_metadata(server: DreamBoothServer, name: str) -> dict[str, Any]:
     return {
         "name": name,
         "namespace": server.metadata.namespace,
         "labels": names.server_labels(server.metadata.name),
-        "ownerReferences": [server_owner_reference(server)],
+        "ownerReferences": [_controller(SERVER_KIND, server.metadata)],
     }
 
 

@@ -74,7 +74,8 @@ def crd(kind: str) -> None:
 @main.command()
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def validate(files: tuple[Path, ...]) -> None:
-    """Check DreamBoothJob YAML files offline; every problem names its field."""
+    """Check DreamBoothJob and DreamBoothServer YAML files offline; every problem names its
+    field."""
     from dreambooth_contract.validation import JobInvalid, load_jobs
 
     failed = False

@@ -209,9 +209,9 @@ class PublicationIndex(NamedTuple):
 
 
 @kopf.index("", "v1", "configmaps", labels=SERVER_CHILDREN)
-def owned_publications(namespace: str, labels: dict, meta: dict, data: dict, **_: Any):
+def owned_publications(namespace: str, labels: dict, meta: dict, body: kopf.Body, **_: Any):
     """A server's publication index as its ConfigMap holds it now."""
-    text = (data or {}).get(publication.PUBLICATIONS_FILE, "")
+    text = (body.get("data") or {}).get(publication.PUBLICATIONS_FILE, "")
     return {(namespace, labels[names.LABEL_SERVER]): PublicationIndex(_controller_uid(meta), text)}
 
 

@@ -81,32 +81,36 @@ def operator_factory(
 
 
 class Jobs:
-    """DreamBoothJobs of one namespace through the real API."""
+    """DreamBoothJobs (or, by `plural`, DreamBoothServers) of one namespace through the real
+    API."""
 
-    def __init__(self, api_client: kubernetes.client.ApiClient, namespace: str):
+    def __init__(
+        self, api_client: kubernetes.client.ApiClient, namespace: str, plural: str = api.PLURAL
+    ):
         self.custom = kubernetes.client.CustomObjectsApi(api_client)
         self.batch = kubernetes.client.BatchV1Api(api_client)
         self.core = kubernetes.client.CoreV1Api(api_client)
         self.namespace = namespace
+        self.plural = plural
 
     def create(self, document: dict[str, Any]) -> dict:
         return self.custom.create_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, document
+            api.GROUP, api.VERSION, self.namespace, self.plural, document
         )
 
     def get(self, name: str) -> dict:
         return self.custom.get_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+            api.GROUP, api.VERSION, self.namespace, self.plural, name
         )
 
     def patch(self, name: str, patch: dict) -> dict:
         return self.custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name, patch
+            api.GROUP, api.VERSION, self.namespace, self.plural, name, patch
         )
 
     def delete(self, name: str) -> None:
         self.custom.delete_namespaced_custom_object(
-            api.GROUP, api.VERSION, self.namespace, api.PLURAL, name
+            api.GROUP, api.VERSION, self.namespace, self.plural, name
         )
 
     def status(self, name: str) -> dict:

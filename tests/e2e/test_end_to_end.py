@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import io
 import json
 import re
@@ -29,14 +30,15 @@ import PIL.Image
 import pytest
 import yaml
 
-from dreambooth_contract import env
+from dreambooth_contract import env, names
 from dreambooth_contract.api import GROUP, PLURAL, VERSION
+from dreambooth_contract.server_api import SERVER_PLURAL
 from dreambooth_operator import builders
 from dreambooth_trainer import digest
 from dreambooth_trainer.callbacks import PAUSE_ENV
 from dreambooth_trainer.models import random_models
 from dreambooth_trainer.serve.cli import API_KEY_ENV
-from tests.e2e.conftest import wait_until
+from tests.e2e.conftest import Jobs, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
 
@@ -325,14 +327,14 @@ def _kill_rank_1_at_checkpoint_8(operator, node, jobs, name: str, pause: Path) -
 
 
 # What a user does with a LoRA job's export and diffusers alone (none of this project's code):
-# the base model, the adapter loaded onto it, one image for a fixed seed; the base's own image
-# first, which tells whether the adapter shows in the image at all.
+# the base model, each adapter loaded onto it in turn, one image each for a fixed seed; the
+# base's own image first, which tells whether an adapter shows in the image at all.
 PLAIN_DIFFUSERS = """
 import sys
 import torch
 from diffusers import StableDiffusionPipeline
 
-base, adapter, out, prompt, seed, side, steps, guidance = sys.argv[1:]
+base, out, prompt, seed, side, steps, guidance, *adapters = sys.argv[1:]
 # One thread, as the server's (--cpu-threads 1): the same summation order, the same pixels.
 torch.set_num_threads(1)
 pipeline = StableDiffusionPipeline.from_pretrained(base)
@@ -344,10 +346,31 @@ def image(name):
              guidance_scale=float(guidance), generator=generator).images[0].save(f"{out}/{name}")
 
 image("base.png")
-pipeline.load_lora_weights(adapter)
-image("adapted.png")
+for index, adapter in enumerate(adapters):
+    pipeline.load_lora_weights(adapter)
+    image(f"adapted-{index}.png")
+    pipeline.unload_lora_weights()
 assert not [m for m in sys.modules if m.startswith("dreambooth")]
 """
+
+
+def plain_diffusers_images(
+    tmp_path: Path, exports: list[Path], seed: int, side: int, steps: int, guidance: float
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """(the base's image, each adapter's image) as diffusers alone makes them."""
+    # The server built random://tiny-sd the same way in its own cache (a pure function of code).
+    base = random_models.materialize("random://tiny-sd", tmp_path / "cache")
+    images = tmp_path / "images"
+    images.mkdir()
+    arguments = [base, images, PROMPT, seed, side, steps, guidance, *exports]
+    subprocess.run(
+        # -I: no PYTHONPATH; the process checks that it imported none of this project's code.
+        [sys.executable, "-I", "-c", PLAIN_DIFFUSERS, *map(str, arguments)],
+        check=True,
+        timeout=600,
+    )
+    adapted = [_pixels((images / f"adapted-{i}.png").read_bytes()) for i in range(len(exports))]
+    return _pixels((images / "base.png").read_bytes()), adapted
 
 
 def test_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_adapter(
@@ -390,21 +413,10 @@ def test_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_a
 
     export = _download(s3_server.client(), artifact["uri"], tmp_path / "export")
     assert digest.verify(export) == artifact["digest"]
-    # The server built random://tiny-sd the same way in its own cache (a pure function of code).
-    base = random_models.materialize("random://tiny-sd", tmp_path / "cache")
-    images = tmp_path / "images"
-    images.mkdir()
-    arguments = [base, export, images, PROMPT, seed, side, steps, guidance]
-    subprocess.run(
-        # -I: no PYTHONPATH; the process checks that it imported none of this project's code.
-        [sys.executable, "-I", "-c", PLAIN_DIFFUSERS, *map(str, arguments)],
-        check=True,
-        timeout=300,
-    )
-    plain = {name: _pixels((images / f"{name}.png").read_bytes()) for name in ("base", "adapted")}
-    assert not np.array_equal(plain["adapted"], plain["base"])  # the adapter shows
+    base, (adapted,) = plain_diffusers_images(tmp_path, [export], seed, side, steps, guidance)
+    assert not np.array_equal(adapted, base)  # the adapter shows
     # The same float32 computation on the same CPU, one thread each: the same pixels exactly.
-    np.testing.assert_array_equal(_pixels(served), plain["adapted"])
+    np.testing.assert_array_equal(_pixels(served), adapted)
     assert_no_credentials(operator, kube_node, jobs, s3_server, s3_bucket)
 
 
@@ -539,3 +551,161 @@ def test_second_job_with_the_same_class_generates_no_class_images(
         log = kube_node.logs(namespace, pod.metadata.name)
         assert "already complete" in log, log
         assert " of 2" not in log, log  # no shard generated anything
+
+
+SERVER = "shared"
+
+
+def _server_document(s3_server, **spec) -> dict:
+    return {
+        "apiVersion": "dreambooth.dev/v1alpha1",
+        "kind": "DreamBoothServer",
+        "metadata": {"name": SERVER},
+        "spec": {
+            "baseModel": {"uri": "random://tiny-sd"},
+            # One CPU: one torch thread (--cpu-threads 1), as the plain process below.
+            "gpus": 0,
+            "resources": {"limits": {"cpu": "1"}},
+            "s3": {
+                "endpoint": s3_server.endpoint_url,
+                "region": s3_server.region,
+                "credentialsSecret": {"name": SECRET},
+            },
+            **spec,
+        },
+    }
+
+
+def _published_models(client) -> set[str]:
+    import openai
+
+    try:
+        return {model.id for model in client.models.list()}
+    except openai.APIConnectionError:  # the server pod not up yet
+        return set()
+
+
+class ModelWatcher(threading.Thread):
+    """When each model first appeared in the server's GET /v1/models (wall-clock time, like
+    the API server's condition times)."""
+
+    def __init__(self, client):
+        super().__init__(daemon=True)
+        self.client = client
+        self.first_seen: dict[str, datetime.datetime] = {}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        while not self.stop.wait(0.25):
+            for model in _published_models(self.client):
+                self.first_seen.setdefault(model, datetime.datetime.now(datetime.timezone.utc))
+
+
+def _inference_ready(status: dict) -> bool:
+    conditions = status.get("conditions") or []
+    return any(c["type"] == "InferenceReady" and c["status"] == "True" for c in conditions)
+
+
+def _exported_at(status: dict) -> datetime.datetime:
+    """When the job's export succeeded: the pass that set Exported moved it to Serving."""
+    exported = next(c for c in status["conditions"] if c["type"] == "Exported")
+    return datetime.datetime.fromisoformat(exported["lastTransitionTime"].replace("Z", "+00:00"))
+
+
+def test_one_server_serves_three_lora_jobs_and_unpublishes_a_deleted_one(
+    operator_factory, kube_node, jobs, namespace, s3_job, s3_server, s3_bucket, kube_api, tmp_path
+):
+    """Three LoRA jobs publish to one DreamBoothServer holding at most two adapters: each is
+    served by the official openai client within 30 s of its job reaching Serving, each image is
+    (to the last 8-bit level) its adapter's image in plain diffusers, and a deleted job's model
+    is gone (404) within 30 s."""
+    import openai
+
+    operator = operator_factory(namespace)
+    kube_node.extra_env[API_KEY_ENV] = API_KEY
+    kube_node.extra_env["CUDA_VISIBLE_DEVICES"] = ""  # as on a node: no GPU asked, none seen
+    # As slow as a kubelet's own resync (about a minute): within 30 s, only the operator's
+    # annotation of the server's pods can bring them a new publication index.
+    kube_node.volume_sync_seconds = 120
+    servers = Jobs(kube_api, namespace, SERVER_PLURAL)
+    servers.create(_server_document(s3_server, maxLoadedAdapters=2))
+    names_ = ["rex", "tom", "kit"]
+    skipped = {"priorPreservation": {"enabled": False}, "evaluation": {"enabled": False}}
+    port = lambda: kube_node.host_port(namespace, builders.INFERENCE_PORT)  # noqa: E731
+    logs = lambda: _pod_logs(kube_node, jobs) + operator.log()[-3000:]  # noqa: E731
+    servers.wait(SERVER, lambda s: s.get("readyReplicas"), "a ready replica", 600, logs)
+    server_pods = [p.metadata.uid for p in jobs.pods(f"{names.LABEL_SERVER}={SERVER}")]
+    assert len(server_pods) == 1
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{port()}/v1", api_key=API_KEY, max_retries=0, timeout=300
+    )
+    seed, side, steps, guidance = 77, 64, 4, 5.0
+    served = {}
+    watcher = ModelWatcher(client)
+    watcher.start()
+    for training_seed, name in enumerate(names_):
+        # One after another: the test node maps a namespace's container ports to one host
+        # port each, so two jobs' trainers in one namespace would collide there.
+        training = {"method": "lora", "lora": {"rank": 4, "alpha": 8}, "maxSteps": 4}
+        training |= {"learningRate": 1e-2, "seed": training_seed}
+        document = s3_job(
+            name, training=training, resources={"nodes": 1}, inference={"server": SERVER}, **skipped
+        )
+        jobs.create(document)
+        status = jobs.wait(
+            name, lambda s: s.get("phase") in ("Serving", "Failed"), "Serving", 900, logs
+        )
+        assert status["phase"] == "Serving", status
+        model = f"{namespace}/{name}"
+        assert status["inference"]["model"] == model
+        wait_until(f"{model} listed", lambda model=model: model in watcher.first_seen, 60, logs)
+        # Condition times have whole seconds: one more for the rounding.
+        delay = (watcher.first_seen[model] - _exported_at(status)).total_seconds()
+        assert delay <= 31, f"{model} served {delay:.1f} s after its job reached Serving"
+        result = client.images.generate(
+            model=model,
+            prompt=PROMPT,
+            size=f"{side}x{side}",
+            response_format="b64_json",
+            extra_body={"seed": seed, "num_inference_steps": steps, "guidance_scale": guidance},
+        )
+        served[name] = _pixels(base64.b64decode(result.data[0].b64_json))
+        ready = jobs.wait(name, _inference_ready, "InferenceReady", 60, logs)
+        assert ready["inference"]["endpoint"] == f"http://{SERVER}-server.{namespace}.svc"
+        served_models = servers.status(SERVER)["models"]
+        assert {"name": model, "digest": ready["artifact"]["digest"]} in served_models
+    # Three adapters, two kept loaded: the first was evicted and comes back from storage.
+    again = client.images.generate(
+        model=f"{namespace}/{names_[0]}",
+        prompt=PROMPT,
+        size=f"{side}x{side}",
+        response_format="b64_json",
+        extra_body={"seed": seed, "num_inference_steps": steps, "guidance_scale": guidance},
+    )
+    np.testing.assert_array_equal(_pixels(base64.b64decode(again.data[0].b64_json)), served["rex"])
+
+    exports = [
+        _download(s3_server.client(), jobs.status(n)["artifact"]["uri"], tmp_path / "export" / n)
+        for n in names_
+    ]
+    base, adapted = plain_diffusers_images(tmp_path, exports, seed, side, steps, guidance)
+    for name, image in zip(names_, adapted, strict=True):
+        assert not np.array_equal(image, base), name  # the adapter shows
+        np.testing.assert_array_equal(served[name], image, err_msg=name)
+    assert len({served[n].tobytes() for n in names_}) == 3  # three subjects, three images
+
+    jobs.delete(names_[0])
+
+    def gone() -> bool:
+        try:
+            client.images.generate(model=f"{namespace}/{names_[0]}", prompt=PROMPT, size="64x64")
+        except openai.NotFoundError as error:
+            return error.body is not None
+        return False
+
+    watcher.stop.set()
+    wait_until("the deleted job's model answers 404", gone, 30, logs)
+    # Publishing and unpublishing never restarted the server: its pod re-read the index.
+    assert [p.metadata.uid for p in jobs.pods(f"{names.LABEL_SERVER}={SERVER}")] == server_pods
+    assert f"{namespace}/{names_[1]}" in _published_models(client)
+    assert_no_credentials(operator, kube_node, jobs, s3_server, s3_bucket)

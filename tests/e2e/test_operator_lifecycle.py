@@ -203,3 +203,69 @@ def test_the_operator_runs_with_the_charts_token_which_cannot_read_secrets(
     with pytest.raises(kubernetes.client.ApiException) as forbidden:
         kubernetes.client.CoreV1Api(client).list_secret_for_all_namespaces()
     assert forbidden.value.status == 403
+
+
+def test_a_server_refuses_jobs_of_another_base_or_namespace_and_shows_in_kubectl(
+    operator_factory, jobs, namespace, kube_api, kubectl
+):
+    """A DreamBoothServer gets its Deployment, Service and index; a LoRA job naming it with
+    another base model, or from a namespace it does not allow, fails before any pod runs, with a
+    condition that says why."""
+    import kubernetes
+
+    from dreambooth_contract.server_api import SERVER_PLURAL
+    from tests.e2e.conftest import Jobs
+
+    core = kubernetes.client.CoreV1Api(kube_api)
+    other = f"{namespace}-b"
+    core.create_namespace({"metadata": {"name": other}})
+    try:
+        operator = operator_factory(namespace, other)
+        servers = Jobs(kube_api, namespace, SERVER_PLURAL)
+        servers.create(
+            {
+                "apiVersion": "dreambooth.dev/v1alpha1",
+                "kind": "DreamBoothServer",
+                "metadata": {"name": "shared"},
+                "spec": {"baseModel": {"uri": "random://sd15"}, "gpus": 0},
+            }
+        )
+        wait_until(
+            "the server's children",
+            lambda: core.read_namespaced_config_map("shared-publications", namespace),
+            60,
+            operator.log,
+        )
+        apps = kubernetes.client.AppsV1Api(kube_api)
+        deployment = apps.read_namespaced_deployment("shared-server", namespace)
+        assert deployment.spec.template.spec.automount_service_account_token is False
+        status = servers.wait("shared", lambda s: s.get("endpoint"), "status", 30, operator.log)
+        assert status["endpoint"] == f"http://shared-server.{namespace}.svc"
+        table = kubectl("get", "dbs", "-n", namespace).stdout
+        assert table.split("\n")[0].split() == [
+            "NAME",
+            "BASE",
+            "READY",
+            "REPLICAS",
+            "ADAPTERS",
+            "AGE",
+        ]
+
+        lora = {"training": {"method": "lora"}, "inference": {"server": "shared"}}
+        jobs.create(job_document("tiny", **lora))  # random://tiny-sd
+        failed = jobs.wait("tiny", lambda s: s.get("phase") == "Failed", "Failed", 60, operator.log)
+        reason = next(c for c in failed["conditions"] if c["type"] == "Failed")
+        assert reason["reason"] == "ServerRefused"
+        assert "random://tiny-sd" in reason["message"] and "random://sd15" in reason["message"]
+        assert jobs.batch_jobs() == []  # nothing ran
+
+        elsewhere = Jobs(kube_api, other)
+        document = job_document("far", **lora)
+        document["spec"]["baseModel"]["uri"] = "random://sd15"
+        document["spec"]["inference"]["server"] = f"{namespace}/shared"
+        elsewhere.create(document)
+        failed = elsewhere.wait("far", lambda s: s.get("phase") == "Failed", "Failed", 60)
+        reason = next(c for c in failed["conditions"] if c["type"] == "Failed")
+        assert f"does not allow jobs of namespace {other}" in reason["message"]
+    finally:
+        core.delete_namespace(other, propagation_policy="Background")
