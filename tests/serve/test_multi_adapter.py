@@ -27,7 +27,6 @@ from PIL import Image
 
 from dreambooth_contract import publication
 from dreambooth_contract.publication import Publications, PublishedModel
-from dreambooth_trainer import digest
 from dreambooth_trainer.serve import engine as engine_module
 from dreambooth_trainer.serve.adapters import AdapterVerifier, VerifiedAdapter
 from dreambooth_trainer.serve.app import create_app
@@ -36,9 +35,10 @@ from dreambooth_trainer.serve.engine import Text2ImageEngine
 from dreambooth_trainer.serve.publications import PublicationSource
 from dreambooth_trainer.serve.schemas import Generation
 from dreambooth_trainer.storage import S3Store
+from tests.support.lora import digest_of, export_for, publish
 from tests.support.procs import wait_for
 
-from .conftest import MODEL_ID, export_for, settings
+from .conftest import MODEL_ID, settings
 from .harness import (
     DEPTH,
     GENERATE,
@@ -67,25 +67,6 @@ def exports(base_dir, tmp_path_factory) -> dict[str, Path]:
         name: export_for(base_dir, tmp_path_factory.mktemp("adapter"), seed=seed)
         for seed, name in enumerate(NAMES, start=1)
     }
-
-
-def publish(directory: Path, models: dict[str, Path], digests: dict[str, str] | None = None):
-    """Write the index as the operator will: name -> export (and its manifest's digest)."""
-    digests = digests or {}
-    index = Publications(
-        models=tuple(
-            PublishedModel(name=name, uri=str(path), digest=digests.get(name) or digest_of(path))
-            for name, path in models.items()
-        )
-    )
-    # Like kubelet: a new file swapped in (a new inode), never a half-written one.
-    staged = directory / ".staged"
-    staged.write_text(publication.render(index))
-    staged.replace(directory / publication.PUBLICATIONS_FILE)
-
-
-def digest_of(export: Path) -> str:
-    return digest.verify(export)
 
 
 @pytest.fixture
