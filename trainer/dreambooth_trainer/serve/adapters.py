@@ -126,8 +126,8 @@ class AdapterCache:
         # What the pipeline runs now: the active adapter's name (None: no adapter set since the
         # last change) and whether LoRA is switched off (a request for the base). Kept so that
         # a batch for the adapter already active costs nothing: enable_lora and set_adapters
-        # visit every LoRA layer for every loaded adapter, milliseconds on the tiny model and
-        # about ten times more on SD1.5, at every batch.
+        # visit every LoRA layer for every loaded adapter: 11 ms with 10 adapters on the tiny
+        # model (40 LoRA layers; SD1.5 has 176), at every batch (bench multi_adapter).
         self._active: str | None = None
         self._disabled = False
 
