@@ -17,6 +17,7 @@ MODULES = [
     "bench.overhead",
     "bench.priors",
     "bench.inference",
+    "bench.multi_adapter",
     "bench.operator",
     "bench.lora_sizes",
 ]

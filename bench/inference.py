@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -49,14 +49,19 @@ def _free_port() -> int:
 
 @contextmanager
 def server(
-    max_batch_size: int, cache_dir: Path, model: str = MODEL, steps: int = STEPS
+    max_batch_size: int,
+    cache_dir: Path,
+    model: str = MODEL,
+    steps: int = STEPS,
+    extra_args: Sequence[str] = (),
 ) -> Iterator[str]:
-    """`dreambooth serve` on a free loopback port; yields its URL once /readyz says 200."""
+    """`dreambooth serve` on a free loopback port (`extra_args` added to its command line);
+    yields its URL once /readyz says 200."""
     port = _free_port()
     argv = [sys.executable, "-m", "dreambooth_trainer.serve", "--model", model]
     argv += ["--host", "127.0.0.1", "--port", str(port), "--log-level", "warning"]
     argv += ["--max-batch-size", str(max_batch_size), "--max-queue", "256"]
-    argv += ["--cpu-threads", str(CPU_THREADS), "--default-steps", str(steps)]
+    argv += ["--cpu-threads", str(CPU_THREADS), "--default-steps", str(steps), *extra_args]
     env = {**os.environ, "DREAMBOOTH_CACHE": str(cache_dir)}
     url = f"http://127.0.0.1:{port}"
     with tempfile.TemporaryFile() as log:
@@ -81,29 +86,47 @@ def _ready(url: str) -> bool:
         return False
 
 
+def scrape(url: str) -> dict[str, float]:
+    """Every sample on the server's /metrics, by name with its labels as exposed."""
+    samples = {}
+    for line in httpx.get(f"{url}/metrics").text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
 def _batch_totals(url: str) -> tuple[float, float]:
     """(pipeline calls, images in them) so far, from the server's batch-size histogram."""
-    values = {}
-    for line in httpx.get(f"{url}/metrics").text.splitlines():
-        name, _, value = line.partition(" ")
-        values[name] = value
+    samples = scrape(url)
     return (
-        float(values["dreambooth_inference_batch_size_count"]),
-        float(values["dreambooth_inference_batch_size_sum"]),
+        samples["dreambooth_inference_batch_size_count"],
+        samples["dreambooth_inference_batch_size_sum"],
     )
 
 
+# The `model` of a client's i-th request (client id, i); None: the server's own model.
+ModelChooser = Callable[[int, int], str | None]
+
+
 async def _client(
-    http: httpx.AsyncClient, client_id: int, requests: int, size: str, steps: int
+    http: httpx.AsyncClient,
+    client_id: int,
+    requests: int,
+    size: str,
+    steps: int,
+    model_for: ModelChooser | None,
 ) -> list[float]:
     latencies = []
     for i in range(requests):
-        body = {
+        body: dict[str, Any] = {
             "prompt": "a photo of sks dog",
             "size": size,
             "num_inference_steps": steps,
             "seed": client_id * 1000 + i,
         }
+        if model_for is not None:
+            body["model"] = model_for(client_id, i)
         started = time.perf_counter()
         response = await http.post("/v1/images/generations", json=body)
         response.raise_for_status()
@@ -112,31 +135,58 @@ async def _client(
 
 
 async def _load(
-    url: str, concurrency: int, requests_per_client: int, size: str = SIZE, steps: int = STEPS
+    url: str,
+    concurrency: int,
+    requests_per_client: int,
+    size: str,
+    steps: int,
+    model_for: ModelChooser | None,
 ) -> tuple[float, list[float]]:
     limits = httpx.Limits(max_connections=concurrency)
     async with httpx.AsyncClient(base_url=url, timeout=300, limits=limits) as http:
         started = time.perf_counter()
         per_client = await asyncio.gather(
-            *(_client(http, c, requests_per_client, size, steps) for c in range(concurrency))
+            *(
+                _client(http, c, requests_per_client, size, steps, model_for)
+                for c in range(concurrency)
+            )
         )
         wall = time.perf_counter() - started
     return wall, [latency for latencies in per_client for latency in latencies]
 
 
-def measure(
-    url: str, concurrency: int, requests_per_client: int, size: str = SIZE, steps: int = STEPS
-) -> dict[str, Any]:
-    asyncio.run(_load(url, concurrency, 2, size, steps))  # warm-up: first calls at this batch size
-    calls_before, images_before = _batch_totals(url)
-    wall, latencies = asyncio.run(_load(url, concurrency, requests_per_client, size, steps))
-    calls_after, images_after = _batch_totals(url)
+def drive(
+    url: str,
+    concurrency: int,
+    requests_per_client: int,
+    size: str = SIZE,
+    steps: int = STEPS,
+    model_for: ModelChooser | None = None,
+) -> tuple[float, list[float]]:
+    """`concurrency` closed-loop clients (each sends its next request when the previous one is
+    answered), `requests_per_client` each: (wall seconds, every request's latency)."""
+    return asyncio.run(_load(url, concurrency, requests_per_client, size, steps, model_for))
+
+
+def throughput(wall: float, latencies: list[float]) -> dict[str, Any]:
     return {
-        "concurrency": concurrency,
         "requests": len(latencies),
         "images_per_s": round(len(latencies) / wall, 2),
         "latency_p50_s": round(percentile(latencies, 0.50), 4),
         "latency_p95_s": round(percentile(latencies, 0.95), 4),
+    }
+
+
+def measure(
+    url: str, concurrency: int, requests_per_client: int, size: str = SIZE, steps: int = STEPS
+) -> dict[str, Any]:
+    drive(url, concurrency, 2, size, steps)  # warm-up: first calls at this batch size
+    calls_before, images_before = _batch_totals(url)
+    wall, latencies = drive(url, concurrency, requests_per_client, size, steps)
+    calls_after, images_after = _batch_totals(url)
+    return {
+        "concurrency": concurrency,
+        **throughput(wall, latencies),
         "mean_batch_size": round((images_after - images_before) / (calls_after - calls_before), 2),
     }
 

@@ -15,15 +15,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import StableDiffusionPipeline
 
-from dreambooth_contract.api import BaseModelSpec
-from dreambooth_trainer.export import export_adapter
-from dreambooth_trainer.models import base_identity, random_models
+from dreambooth_trainer.models import random_models
 from dreambooth_trainer.serve import artifact
 from dreambooth_trainer.serve.app import create_app
 from dreambooth_trainer.serve.config import BatchingSettings, Limits, ServeSettings
-from tests.support.lora import write_random_adapter
 
 from .harness import FAST, HeldWorker, running
 
@@ -66,20 +62,6 @@ def tampered(exported, tmp_path) -> Path:
     data[-1] ^= 0xFF
     weights.write_bytes(bytes(data))
     return copy
-
-
-def export_for(base_dir: Path, directory: Path, seed: int = 1) -> Path:
-    """A LoRA export for the base in `base_dir`, as the export phase writes it (manifest,
-    base_model.json); adapters of different seeds give different images."""
-    write_random_adapter(
-        StableDiffusionPipeline.from_pretrained(base_dir), directory / "trained", seed=seed
-    )
-    record = base_identity.base_model_record(BaseModelSpec(uri=str(base_dir)), str(base_dir))
-    export = directory / "export"
-    export_adapter(
-        StableDiffusionPipeline.from_pretrained(base_dir), directory / "trained", export, record
-    )
-    return export
 
 
 @pytest.fixture(scope="session")

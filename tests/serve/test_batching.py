@@ -117,6 +117,17 @@ def test_timeout_lets_later_arrivals_join_the_batch(make, runner):
     assert runner.batches == [["a", "b", "c"]]
 
 
+def test_a_batch_does_not_wait_for_arrivals_while_other_work_waits(make, runner):
+    """With requests of other keys queued (another adapter, another size), holding the worker
+    for compatible arrivals would leave it idle with work to do."""
+    runner.release()
+    batcher = make(batch_timeout_s=10 * TIMEOUT, max_batch_size=4)  # longer than we wait
+    first = batcher.submit(job("a"))
+    batcher.submit(job("x", key="32x32"))  # its own batch may wait: nothing queues behind it
+    assert first.result(TIMEOUT) == "A"
+    assert runner.batches[0] == ["a"]
+
+
 def test_full_queue_refuses_instead_of_growing(make, runner):
     batcher = make(max_queue=2)
     occupy(batcher, runner)

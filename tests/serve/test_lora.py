@@ -26,9 +26,10 @@ from dreambooth_trainer.methods.lora_files import LORA_WEIGHTS
 from dreambooth_trainer.models import random_models
 from dreambooth_trainer.serve import artifact
 from dreambooth_trainer.serve.app import create_app
+from tests.support.lora import export_for
 from tests.support.procs import free_port
 
-from .conftest import export_for, settings
+from .conftest import settings
 from .harness import GENERATE, HTTP_TIMEOUT, SERVE, running
 
 PROMPT = "a photo of sks dog"

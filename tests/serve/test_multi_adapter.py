@@ -27,18 +27,18 @@ from PIL import Image
 
 from dreambooth_contract import publication
 from dreambooth_contract.publication import Publications, PublishedModel
-from dreambooth_trainer import digest
 from dreambooth_trainer.serve import engine as engine_module
-from dreambooth_trainer.serve.adapters import AdapterVerifier, VerifiedAdapter
+from dreambooth_trainer.serve.adapters import AdapterCache, AdapterVerifier, VerifiedAdapter
 from dreambooth_trainer.serve.app import create_app
 from dreambooth_trainer.serve.catalog import AdapterCatalog
 from dreambooth_trainer.serve.engine import Text2ImageEngine
 from dreambooth_trainer.serve.publications import PublicationSource
 from dreambooth_trainer.serve.schemas import Generation
 from dreambooth_trainer.storage import S3Store
+from tests.support.lora import digest_of, export_for, publish
 from tests.support.procs import wait_for
 
-from .conftest import MODEL_ID, export_for, settings
+from .conftest import MODEL_ID, settings
 from .harness import (
     DEPTH,
     GENERATE,
@@ -67,25 +67,6 @@ def exports(base_dir, tmp_path_factory) -> dict[str, Path]:
         name: export_for(base_dir, tmp_path_factory.mktemp("adapter"), seed=seed)
         for seed, name in enumerate(NAMES, start=1)
     }
-
-
-def publish(directory: Path, models: dict[str, Path], digests: dict[str, str] | None = None):
-    """Write the index as the operator will: name -> export (and its manifest's digest)."""
-    digests = digests or {}
-    index = Publications(
-        models=tuple(
-            PublishedModel(name=name, uri=str(path), digest=digests.get(name) or digest_of(path))
-            for name, path in models.items()
-        )
-    )
-    # Like kubelet: a new file swapped in (a new inode), never a half-written one.
-    staged = directory / ".staged"
-    staged.write_text(publication.render(index))
-    staged.replace(directory / publication.PUBLICATIONS_FILE)
-
-
-def digest_of(export: Path) -> str:
-    return digest.verify(export)
 
 
 @pytest.fixture
@@ -284,6 +265,50 @@ def test_a_batch_never_mixes_adapters(multi, exports, tmp_path, monkeypatch):
     assert len(calls) == 2
     for models, active in calls:
         assert active == [adapter_names[models[0]]]
+
+
+def test_the_cache_switches_the_pipeline_only_when_the_adapter_changes(
+    exports, base_dir, monkeypatch
+):
+    """Every batch activates its adapter; switching visits every LoRA layer of every loaded
+    adapter, so the same adapter twice in a row must not pay for it again."""
+    pipeline = StableDiffusionPipeline.from_pretrained(base_dir)
+    switches: list[str] = []
+    for method in ("set_adapters", "enable_lora", "disable_lora"):
+        original = getattr(pipeline, method)
+
+        def counted(*args, _method=method, _original=original, **kwargs):
+            switches.append(_method)
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(pipeline, method, counted)
+    cache = AdapterCache(pipeline, max_loaded=2)
+    rex, fido, bella = (VerifiedAdapter(n, digest_of(exports[n]), exports[n]) for n in NAMES)
+
+    def active() -> list[str] | None:
+        """The active adapters, None while LoRA is switched off (the bare base runs)."""
+        layers = [m for m in pipeline.unet.modules() if hasattr(m, "disable_adapters")]
+        return None if all(m.disable_adapters for m in layers) else pipeline.get_active_adapters()
+
+    steps = [
+        (rex, ["set_adapters"]),
+        (rex, []),
+        (fido, ["set_adapters"]),
+        (fido, []),
+        (None, ["disable_lora"]),
+        (None, []),
+        (fido, ["enable_lora"]),  # fido is still the one set
+        (rex, ["set_adapters"]),
+        (bella, ["set_adapters"]),  # evicts fido
+        (fido, ["set_adapters"]),  # loaded again, evicting rex
+        (None, ["disable_lora"]),
+        (rex, ["enable_lora", "set_adapters"]),  # loaded while LoRA is off, evicting bella
+    ]
+    for adapter, calls in steps:
+        switches.clear()
+        cache.activate(adapter)
+        assert switches == calls, adapter and adapter.model
+        assert active() == (None if adapter is None else [adapter.adapter_name])
 
 
 def test_the_batch_key_tells_adapters_apart(exports):

@@ -1,4 +1,5 @@
-"""A LoRA adapter that changes the image, written the way training writes one (lora_files).
+"""A LoRA adapter that changes the image, written the way training writes one (lora_files),
+exported the way the export phase does and published the way the operator does.
 
 peft initialises lora_B to zero, which makes a fresh adapter a no-op: its up-projections get
 random values here so that applying it (or failing to) shows in every image.
@@ -12,8 +13,17 @@ import torch
 from diffusers import StableDiffusionPipeline
 from peft import LoraConfig
 
-from dreambooth_contract.api import DEFAULT_LORA_UNET_TARGETS, LORA_TEXT_ENCODER_TARGETS
+from dreambooth_contract import publication
+from dreambooth_contract.api import (
+    DEFAULT_LORA_UNET_TARGETS,
+    LORA_TEXT_ENCODER_TARGETS,
+    BaseModelSpec,
+)
+from dreambooth_contract.publication import Publications, PublishedModel
+from dreambooth_trainer import digest
+from dreambooth_trainer.export import export_adapter
 from dreambooth_trainer.methods.lora_files import save_adapter
+from dreambooth_trainer.models import base_identity
 
 RANK = 4
 # alpha != rank: a reader that takes the rank for alpha (scale 1) gets other images.
@@ -48,3 +58,36 @@ def write_random_adapter(
     add_random_adapter(base, text_encoder, seed)
     directory.mkdir(parents=True, exist_ok=True)
     return save_adapter(base.unet, base.text_encoder if text_encoder else None, directory)
+
+
+def export_for(base_dir: Path, directory: Path, seed: int = 1) -> Path:
+    """A LoRA export for the base in `base_dir`, as the export phase writes it (manifest,
+    base_model.json); adapters of different seeds give different images."""
+    write_random_adapter(
+        StableDiffusionPipeline.from_pretrained(base_dir), directory / "trained", seed=seed
+    )
+    record = base_identity.base_model_record(BaseModelSpec(uri=str(base_dir)), str(base_dir))
+    export = directory / "export"
+    export_adapter(
+        StableDiffusionPipeline.from_pretrained(base_dir), directory / "trained", export, record
+    )
+    return export
+
+
+def publish(directory: Path, models: dict[str, Path], digests: dict[str, str] | None = None):
+    """Write the index as the operator will: name -> export (and its manifest's digest)."""
+    digests = digests or {}
+    index = Publications(
+        models=tuple(
+            PublishedModel(name=name, uri=str(path), digest=digests.get(name) or digest_of(path))
+            for name, path in models.items()
+        )
+    )
+    # Like kubelet: a new file swapped in (a new inode), never a half-written one.
+    staged = directory / ".staged"
+    staged.write_text(publication.render(index))
+    staged.replace(directory / publication.PUBLICATIONS_FILE)
+
+
+def digest_of(export: Path) -> str:
+    return digest.verify(export)

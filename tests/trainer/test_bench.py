@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import bench.training
-from bench import Settings, lora_sizes, overhead
+from bench import Settings, lora_sizes, multi_adapter, overhead
 from bench.__main__ import main
 from bench.hardware import cpu_description, parse_cpuinfo
 from bench.plots import write_plots
@@ -185,6 +185,53 @@ def test_lora_sizes_grow_with_rank_far_below_the_unet_as_peft_counts_them(tmp_pa
         assert large[f"{name}_parameters"] == counted == expected[name], name
 
 
+def test_every_server_gets_the_same_seeded_spread_of_requests():
+    plan = multi_adapter.Plan(adapters=3, clients=2, requests_per_client=5)
+    names = tuple(multi_adapter.model_names(3))
+    spread = multi_adapter.spread(names, plan, seed=1)
+    again, one = multi_adapter.spread(names, plan, seed=1), multi_adapter.spread(("x",), plan, 1)
+    requests = [(client, i) for client in range(2) for i in range(5)]
+    assert [spread(*r) for r in requests] == [again(*r) for r in requests]
+    assert {one(*r) for r in requests} == {"x"}
+    assert {spread(*r) for r in requests} == set(names)  # so the small cache must miss below
+    first = multi_adapter.round_robin(names, clients=2)
+    assert {first(client, i) for client in range(2) for i in range(2)} == set(names)
+
+
+def test_the_multi_adapter_bench_counts_swaps_and_misses_against_a_real_server(tmp_path: Path):
+    """Three adapters through two cache slots, two clients: what the full run measures per
+    server, and the in-process switching times."""
+    from dreambooth_trainer.models import random_models
+
+    plan = multi_adapter.Plan(
+        adapters=3, clients=2, cache_sizes=(2,), rounds=1, requests_per_client=5, swap_repeats=1
+    )
+    base = random_models.materialize(multi_adapter.MODEL, tmp_path / "cache")
+    exports = multi_adapter.make_exports(base, tmp_path, plan.adapters)
+    switching = multi_adapter.measure_switching(base, exports, plan, tmp_path / "cache")
+    assert switching["first_load"]["count"] == 3 and switching["swap_to_loaded"]["count"] == 3
+    assert switching["miss_with_eviction"]["p50_s"] > switching["same_adapter"]["p50_s"]
+
+    (served,) = [
+        s
+        for s in multi_adapter.servers(base, exports, plan, tmp_path)
+        if s.models == tuple(multi_adapter.model_names(3))
+    ]
+    phases: dict[str, float] = {}
+    figures = multi_adapter.measure_servers([served], base, plan, tmp_path / "cache", phases)
+    measured = figures["published_3_cache_2"]
+    assert measured["requests"] == 10 and measured["images_per_s"] > 0
+    assert 0 < measured["latency_p50_s"] <= measured["latency_p95_s"]
+    # The cache holds two after the warm-up; all three are asked for: one at least misses,
+    # and every miss loads one adapter and evicts another.
+    assert measured["adapter_cache_misses"] >= 1
+    assert measured["adapter_loads"] == measured["adapter_evictions"]
+    assert measured["adapter_loads"] == measured["adapter_cache_misses"]
+    assert measured["adapter_load_mean_s"] > 0
+    assert measured["lifetime_adapter_loads"] >= 3 + measured["adapter_loads"]
+    assert set(phases) == {"start_servers", "warm_up", "rounds"}
+
+
 def test_plots_are_pngs(tmp_path: Path):
     phases = {"data": 0.001, "forward": 0.01, "backward": 0.02, "optimizer": 0.005, "other": 0.0}
     rows = [{"concurrency": c, "images_per_s": c, "latency_p95_s": 0.1 * c} for c in (1, 4, 8)]
@@ -225,5 +272,6 @@ def test_unknown_benchmark_is_refused(capsys):
 def test_list_names_every_benchmark(capsys):
     assert main(["--list"]) == 0
     assert capsys.readouterr().out.split() == [
-        "inference", "lora_sizes", "operator", "priors", "step_overhead", "training"
+        "inference", "lora_sizes", "multi_adapter", "operator", "priors", "step_overhead",
+        "training",
     ]  # fmt: skip

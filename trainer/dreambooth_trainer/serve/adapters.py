@@ -123,6 +123,13 @@ class AdapterCache:
         # adapter name -> digest, least recently used first
         self._loaded: OrderedDict[str, str] = OrderedDict()
         self._published = published
+        # What the pipeline runs now: the active adapter's name (None: no adapter set since the
+        # last change) and whether LoRA is switched off (a request for the base). Kept so that
+        # a batch for the adapter already active costs nothing: enable_lora and set_adapters
+        # visit every LoRA layer for every loaded adapter: 11 ms with 10 adapters on the tiny
+        # model (40 LoRA layers; SD1.5 has 176), at every batch (bench multi_adapter).
+        self._active: str | None = None
+        self._disabled = False
 
     @property
     def loaded(self) -> list[str]:
@@ -133,8 +140,9 @@ class AdapterCache:
         """Make `adapter` the pipeline's only active adapter (None: the base, none active)."""
         self._evict_unpublished()
         if adapter is None:
-            if self._loaded:
+            if self._loaded and not self._disabled:
                 self.pipeline.disable_lora()
+                self._disabled = True
             return
         name = adapter.adapter_name
         hit = name in self._loaded
@@ -144,8 +152,12 @@ class AdapterCache:
             self._loaded.move_to_end(name)
         else:
             self._load(adapter)
-        self.pipeline.enable_lora()
-        self.pipeline.set_adapters(name)
+        if self._disabled:
+            self.pipeline.enable_lora()
+            self._disabled = False
+        if name != self._active:
+            self.pipeline.set_adapters(name)
+            self._active = name
 
     def _load(self, adapter: VerifiedAdapter) -> None:
         while len(self._loaded) >= self.max_loaded:
@@ -164,6 +176,8 @@ class AdapterCache:
     def _evict(self, name: str) -> None:
         digest = self._loaded.pop(name)
         self.pipeline.delete_adapters(name)
+        if name == self._active:
+            self._active = None
         log.info("evicted adapter %s", digest)
         if self._observer is not None:
             self._observer.on_adapter_eviction()

@@ -8,9 +8,12 @@ Batch formation, per round:
 1. take the oldest waiting job (FIFO: nothing starves);
 2. add every waiting job with the same key (size, steps, guidance, scheduler) that still fits
    into `max_batch_size` images, keeping the others queued in order;
-3. if the batch is not full, wait up to `batch_timeout` for more compatible arrivals.
+3. if the batch is not full and no other job waits, wait up to `batch_timeout` for more
+   compatible arrivals.
 Under load the queue fills while a batch runs, so step 2 alone forms full batches; the timeout
-only matters for the first requests of a burst.
+only matters for the first requests of a burst. While jobs of other keys wait (other sizes, or
+other adapters on a multi-adapter server), the batch runs at once: waiting would idle the
+worker with work queued.
 
 Cancelling a job's future (its client went away, its deadline passed) takes it out of the queue
 at once: it frees its queue slot and never reaches the model. A job already in a pipeline call
@@ -169,7 +172,9 @@ class DynamicBatcher:
             while True:
                 images = self._take_compatible(batch, images)
                 remaining = deadline - time.monotonic()
-                if images >= self.max_batch_size or remaining <= 0 or self._closed:
+                full = images >= self.max_batch_size
+                # What _take_compatible left in the queue belongs to other batches.
+                if full or remaining <= 0 or self._closed or self._queue:
                     break
                 self._cond.wait(remaining)
             self._observer.on_queue_depth(len(self._queue))
