@@ -230,14 +230,13 @@ def test_a_server_refuses_jobs_of_another_base_or_namespace_and_shows_in_kubectl
                 "spec": {"baseModel": {"uri": "random://sd15"}, "gpus": 0},
             }
         )
-        wait_until(
-            "the server's children",
-            lambda: core.read_namespaced_config_map("shared-publications", namespace),
-            60,
-            operator.log,
-        )
         apps = kubernetes.client.AppsV1Api(kube_api)
-        deployment = apps.read_namespaced_deployment("shared-server", namespace)
+        deployments = lambda: apps.list_namespaced_deployment(namespace).items  # noqa: E731
+        # The Deployment is the server's last child (after its index ConfigMap and Service).
+        wait_until("the server's Deployment", deployments, 60, operator.log)
+        (deployment,) = deployments()
+        assert deployment.metadata.name == "shared-server"
+        assert core.read_namespaced_config_map("shared-publications", namespace).data
         assert deployment.spec.template.spec.automount_service_account_token is False
         status = servers.wait("shared", lambda s: s.get("endpoint"), "status", 30, operator.log)
         assert status["endpoint"] == f"http://shared-server.{namespace}.svc"
