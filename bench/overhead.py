@@ -51,6 +51,8 @@ class BareStep:
         self.trainer = trainer
         self.device = trainer.world.device
         self.unet = trainer.trained_model.unet
+        # Looked up once: diffusers' `unet.dtype` walks every submodule, work no step needs.
+        self.dtype = self.unet.dtype
         self.parameters = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=trainer.training.effective_learning_rate
@@ -91,11 +93,10 @@ class BareStep:
         torch = self.torch
         with self.trainer.backend.autocast():
             hidden_states = self.encode() if self.with_encoders else self.hidden_states
-            dtype = self.unet.dtype
             prediction = self.unet(
-                self.latents.to(dtype),
+                self.latents.to(self.dtype),
                 self.timesteps,
-                encoder_hidden_states=hidden_states.to(dtype),
+                encoder_hidden_states=hidden_states.to(self.dtype),
             ).sample
             loss = torch.nn.functional.mse_loss(prediction.float(), self.target.float())
         loss.backward()
