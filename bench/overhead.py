@@ -51,6 +51,8 @@ class BareStep:
         self.trainer = trainer
         self.device = trainer.world.device
         self.unet = trainer.trained_model.unet
+        # Looked up once: diffusers' `unet.dtype` walks every submodule, work no step needs.
+        self.dtype = self.unet.dtype
         self.parameters = [p for p in self.unet.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(
             self.parameters, lr=trainer.training.effective_learning_rate
@@ -91,11 +93,10 @@ class BareStep:
         torch = self.torch
         with self.trainer.backend.autocast():
             hidden_states = self.encode() if self.with_encoders else self.hidden_states
-            dtype = self.unet.dtype
             prediction = self.unet(
-                self.latents.to(dtype),
+                self.latents.to(self.dtype),
                 self.timesteps,
-                encoder_hidden_states=hidden_states.to(dtype),
+                encoder_hidden_states=hidden_states.to(self.dtype),
             ).sample
             loss = torch.nn.functional.mse_loss(prediction.float(), self.target.float())
         loss.backward()
@@ -106,31 +107,52 @@ class BareStep:
             torch.cuda.synchronize(self.device)  # ours synchronizes once per step too
 
 
-def seconds_per_step(step: Callable[[], Any], steps: int) -> float:
-    started = time.perf_counter()
+@dataclass(frozen=True)
+class Block:
+    wall: float  # seconds per step
+    cpu: float  # seconds of this process's CPU time per step
+
+
+def time_block(step: Callable[[], Any], steps: int) -> Block:
+    wall, cpu = time.perf_counter(), time.process_time()
     for _ in range(steps):
         step()
-    return (time.perf_counter() - started) / steps
+    return Block((time.perf_counter() - wall) / steps, (time.process_time() - cpu) / steps)
+
+
+def ratios(ours: list[float], bares: list[float]) -> tuple[float, list[float]]:
+    """Of the medians, and block by block (> 1: our step takes that much longer)."""
+    blocks = [round(o / b, 4) for o, b in zip(ours, bares, strict=True)]
+    return round(statistics.median(ours) / statistics.median(bares), 4), blocks
 
 
 def compare(trainer, bare: BareStep, rounds: Rounds) -> dict[str, Any]:
-    """Median seconds per step of ours and of the bare step, from alternating blocks."""
+    """Median seconds per step of ours and of the bare step, from alternating blocks.
+
+    On a CPU also the ratio of the process's CPU time per step: on a machine shared with other
+    work, the time this process waits for a core falls unevenly on the blocks and swings the
+    wall-clock ratio; CPU time leaves it out. (On a GPU the work is the device's: wall only.)"""
     ours_step = trainer.train_step
     for _ in range(rounds.warmup):
         ours_step()
         bare()
     ours, bares = [], []
     for _ in range(rounds.blocks):
-        ours.append(seconds_per_step(ours_step, rounds.steps))
-        bares.append(seconds_per_step(bare, rounds.steps))
-    ours_seconds, bare_seconds = statistics.median(ours), statistics.median(bares)
-    return {
+        ours.append(time_block(ours_step, rounds.steps))
+        bares.append(time_block(bare, rounds.steps))
+    ours_seconds = statistics.median(block.wall for block in ours)
+    bare_seconds = statistics.median(block.wall for block in bares)
+    overhead, blocks = ratios([b.wall for b in ours], [b.wall for b in bares])
+    figures = {
         "ours_steps_per_second": round(1 / ours_seconds, 3),
         "bare_steps_per_second": round(1 / bare_seconds, 3),
-        # > 1: our step takes that much longer than the bare one.
-        "overhead_ratio": round(ours_seconds / bare_seconds, 4),
-        "block_ratios": [round(o / b, 4) for o, b in zip(ours, bares, strict=True)],
+        "overhead_ratio": overhead,
+        "block_ratios": blocks,
     }
+    if trainer.world.device.type == "cpu":
+        cpu, cpu_blocks = ratios([b.cpu for b in ours], [b.cpu for b in bares])
+        figures |= {"cpu_time_overhead_ratio": cpu, "cpu_time_block_ratios": cpu_blocks}
+    return figures
 
 
 def build(settings: Settings, caches: bool, precision: str):

@@ -144,6 +144,7 @@ def test_the_overhead_bench_times_ours_beside_a_bare_step_that_trains(tmp_path: 
         trainer.backend.close()
     assert figures["ours_steps_per_second"] > 0 and figures["bare_steps_per_second"] > 0
     assert len(figures["block_ratios"]) == 2 and figures["overhead_ratio"] > 0
+    assert len(figures["cpu_time_block_ratios"]) == 2 and figures["cpu_time_overhead_ratio"] > 0
     assert trainer.step == 3  # warmup and both blocks ran our real step
 
 

@@ -67,7 +67,7 @@ def test_only_the_adapter_trains_in_fp32_on_a_frozen_base(make_config, options):
         assert param.dtype == (torch.float32 if name in trainable else base_dtype), name
     # Prompts stay token ids while the text encoder (its adapter) trains: no text cache.
     text_encoder_trains = "text_encoder" in components
-    assert trainer.data.instance.condition.is_embedding is not text_encoder_trains
+    assert trainer.data.prompts.is_embedding is not text_encoder_trains
     before = parameters(trainer)
     text_before = copy.deepcopy(trainer.frozen.text_encoder.state_dict())
 

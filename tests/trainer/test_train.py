@@ -29,7 +29,7 @@ from dreambooth_trainer.parallel import World
 from dreambooth_trainer.samples import ValidationSamples
 from dreambooth_trainer.train import Trainer, announcer, build_trainer
 
-from .conftest import SUBJECT_DIR
+from .conftest import CLASS_PROMPT, INSTANCE_PROMPT, SUBJECT_DIR
 
 pytestmark = pytest.mark.trainer
 
@@ -56,8 +56,8 @@ def instance_loss(trainer: Trainer, draws: int = 32) -> float:
     prediction = trainer.trained_model(
         scheduler.add_noise(latents, noise, timesteps),
         timesteps,
-        instance.condition.repeat(draws),
-        instance.condition.is_embedding,
+        trainer.data.prompts.rows([draws]),
+        trainer.data.prompts.is_embedding,
     )
     return torch.nn.functional.mse_loss(prediction, noise).item()
 
@@ -161,8 +161,9 @@ def test_latent_cache_is_only_a_speed_up(make_config, monkeypatch):
         losses_with(make_config, {"cacheLatents": cache, "batchSize": 1}) for cache in (True, False)
     )
     assert cached_losses == encoded_losses
+    assert isinstance(cached_run.data.latents, data.CachedLatents)
+    assert isinstance(encoded_run.data.latents, data.EncodedEachStep)
     cached, encoded = (t.data.classes.latents for t in (cached_run, encoded_run))
-    assert isinstance(cached, data.CachedLatents) and isinstance(encoded, data.EncodedEachStep)
     indices = list(range(len(cached)))
     draw = [s.sample(indices, torch.Generator().manual_seed(0)) for s in (cached, encoded)]
     assert torch.equal(*draw)
@@ -174,8 +175,44 @@ def test_text_embedding_cache_is_only_a_speed_up(make_config):
         losses_with(make_config, {"cacheTextEmbeddings": cache}) for cache in (True, False)
     )
     assert cached == pytest.approx(encoded, rel=1e-6)
-    assert cached_run.data.instance.condition.cached is not None
-    assert encoded_run.data.instance.condition.cached is None
+    assert cached_run.data.prompts.cached is not None
+    assert encoded_run.data.prompts.cached is None
+
+
+def test_a_step_encodes_its_instance_and_class_rows_together(make_config):
+    """With the caches off, a micro-batch's images go through the VAE in one call and its
+    prompts through the text encoder in one, and the batch is the one its subsets give alone:
+    instance rows first, each subset's latent noise drawn in turn from the same generator.
+    (A batch of 4 images through the VAE sums in another order than 2 and 2: float tolerance.)
+    """
+    config = make_config(
+        {"training": {"cacheLatents": False, "cacheTextEmbeddings": False, "batchSize": 2}}
+    )
+    trainer = trainer_for(config)
+    frozen, dataset = trainer.frozen, trainer.data
+    calls: list[str] = []
+    hooks = [
+        module.register_forward_hook(lambda *_, name=name: calls.append(name))
+        for name, module in (("vae", frozen.vae.encoder), ("text", frozen.text_encoder))
+    ]
+    try:
+        batch = dataset.batch(3, 2, 0, 1, torch.Generator().manual_seed(5))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert sorted(calls) == ["text", "vae"]
+
+    generator = torch.Generator().manual_seed(5)
+    subsets = (dataset.instance, dataset.classes)
+    alone = [s.latents.sample(s.order.take(3 * 2, 2), generator) for s in subsets]
+    torch.testing.assert_close(batch.latents, torch.cat(alone))
+    prompts = [
+        data.encode_prompt(frozen.text_encoder, data.tokenize(frozen.tokenizer, [prompt]))
+        for prompt in (INSTANCE_PROMPT, CLASS_PROMPT)
+    ]
+    rows = torch.cat([prompt.expand(2, *prompt.shape[1:]) for prompt in prompts])
+    torch.testing.assert_close(batch.condition, rows)
+    assert batch.instance_rows == 2 and batch.condition_is_embedding
 
 
 @pytest.fixture

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import struct
 import warnings
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -21,6 +22,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 from PIL import Image, ImageOps
 from transformers import CLIPTextModel, CLIPTokenizer
 
+from dreambooth_contract.api import TrainingSpec
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
 from .seeds import derive_seed
@@ -148,14 +150,6 @@ class ShuffledOrder:
 # -- latents ---------------------------------------------------------------------------------------
 
 
-class LatentSource(Protocol):
-    """Scaled VAE latents of dataset images, sampled from the encoder's distribution."""
-
-    def __len__(self) -> int: ...
-
-    def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor: ...
-
-
 @torch.no_grad()
 def encode_distribution(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
     """Mean and log-variance of the VAE posterior ([N, 2C, h, w], float32)."""
@@ -167,57 +161,112 @@ def encode_distribution(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tenso
 
 
 def sample_latents(
-    parameters: torch.Tensor, vae: AutoencoderKL, generator: torch.Generator
+    parameters: torch.Tensor,
+    vae: AutoencoderKL,
+    generator: torch.Generator,
+    parts: Sequence[int] = (),
 ) -> torch.Tensor:
-    """Draw from the posterior with our generator (on the CPU: the same draw on any device)."""
+    """Draw from the posterior with our generator (on the CPU: the same draw on any device).
+
+    `parts` splits the rows into consecutive groups whose noise is drawn group after group: the
+    numbers sampling each group alone would use. One draw over all rows gives other numbers
+    unless a group's size is a multiple of 16 (torch's CPU normal sampler works in blocks of 16).
+    """
     distribution = DiagonalGaussianDistribution(parameters)
-    noise = torch.randn(distribution.mean.shape, generator=generator).to(parameters.device)
-    latents = distribution.mean + distribution.std * noise
+    row_shape = distribution.mean.shape[1:]
+    draws = parts or [len(parameters)]
+    noise = torch.cat([torch.randn((rows, *row_shape), generator=generator) for rows in draws])
+    latents = distribution.mean + distribution.std * noise.to(parameters.device)
     shift = getattr(vae.config, "shift_factor", None) or 0.0
     return (latents - shift) * vae.config.scaling_factor
 
 
-class CachedLatents:
+class LatentSource(ABC):
+    """Scaled VAE latents of dataset images, sampled from the encoder's distribution.
+
+    One source holds every image of the data (the instance images, then the class images), so
+    that a step that encodes its images does so in one VAE call; a subset's images are a range
+    of it (`LatentRange`)."""
+
+    def __init__(self, vae: AutoencoderKL):
+        self.vae = vae
+
+    @abstractmethod
+    def __len__(self) -> int: ...
+
+    @abstractmethod
+    def posterior(self, indices: list[int]) -> torch.Tensor:
+        """Mean and log-variance of the images `indices` ([N, 2C, h, w], float32)."""
+
+    def sample(
+        self, indices: list[int], generator: torch.Generator, parts: Sequence[int] = ()
+    ) -> torch.Tensor:
+        """Latents of the images `indices`; `parts` as in `sample_latents`."""
+        return sample_latents(self.posterior(indices), self.vae, generator, parts)
+
+
+class CachedLatents(LatentSource):
     """Encode every image once; each step only samples (the speed-up for frozen VAEs)."""
 
-    def __init__(self, vae: AutoencoderKL, pixels: torch.Tensor):
-        self.vae = vae
-        self.parameters = encode_distribution(vae, pixels)
+    def __init__(self, vae: AutoencoderKL, pixel_sets: Sequence[torch.Tensor]):
+        super().__init__(vae)
+        # Each set on its own: an image's encoding does not depend on the other set's count.
+        self.parameters = torch.cat([encode_distribution(vae, pixels) for pixels in pixel_sets])
 
     def __len__(self) -> int:
         return len(self.parameters)
 
-    def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
-        return sample_latents(self.parameters[indices], self.vae, generator)
+    def posterior(self, indices: list[int]) -> torch.Tensor:
+        return self.parameters[indices]
 
 
-class EncodedEachStep:
+class EncodedEachStep(LatentSource):
     """Run the VAE encoder on every step (what caching saves; kept for the benchmark)."""
 
-    def __init__(self, vae: AutoencoderKL, pixels: torch.Tensor):
-        self.vae = vae
-        self.pixels = pixels
+    def __init__(self, vae: AutoencoderKL, pixel_sets: Sequence[torch.Tensor]):
+        super().__init__(vae)
+        self.pixels = torch.cat(list(pixel_sets))
 
     def __len__(self) -> int:
         return len(self.pixels)
 
+    def posterior(self, indices: list[int]) -> torch.Tensor:
+        return encode_distribution(self.vae, self.pixels[indices])
+
+
+def latent_source(
+    vae: AutoencoderKL, pixel_sets: Sequence[torch.Tensor], cache: bool
+) -> LatentSource:
+    """One source over the images of every set, in order."""
+    return CachedLatents(vae, pixel_sets) if cache else EncodedEachStep(vae, pixel_sets)
+
+
+@dataclass(frozen=True)
+class LatentRange:
+    """The images [start, start + size) of `source`, numbered from 0: one subset's images."""
+
+    source: LatentSource
+    start: int
+    size: int
+
+    def __len__(self) -> int:
+        return self.size
+
+    def indices(self, indices: list[int]) -> list[int]:
+        """The source's indices of this range's images `indices`."""
+        return [self.start + index for index in indices]
+
     def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
-        return sample_latents(
-            encode_distribution(self.vae, self.pixels[indices]), self.vae, generator
-        )
-
-
-def latent_source(vae: AutoencoderKL, pixels: torch.Tensor, cache: bool) -> LatentSource:
-    return CachedLatents(vae, pixels) if cache else EncodedEachStep(vae, pixels)
+        return self.source.sample(self.indices(indices), generator)
 
 
 # -- prompts ---------------------------------------------------------------------------------------
 
 
-def tokenize(tokenizer: CLIPTokenizer, prompt: str) -> torch.Tensor:
-    """Token ids padded to the model's length, as the pipeline does at inference: [1, L]."""
+def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
+    """Token ids padded to the model's length, as the pipeline does at inference: [K, L]."""
     return tokenizer(
-        prompt,
+        prompts,
         padding="max_length",
         max_length=tokenizer.model_max_length,
         truncation=True,
@@ -231,46 +280,52 @@ def encode_prompt(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch
 
 
 @dataclass
-class Conditioning:
-    """A prompt as the trainable model consumes it: token ids, or hidden states.
+class Prompts:
+    """The data's prompts (the instance prompt, then the class prompt) as the trainable model
+    consumes them: token ids, or hidden states.
 
     When the text encoder trains, the ids go through it inside the model on every step. A frozen
     encoder gives the same hidden states every time, so they are computed once, unless
-    `cache=False` asks for an encoder pass per step (what caching saves; kept for the benchmark).
+    `cache=False` asks for an encoder pass per step (what caching saves; kept for the benchmark),
+    one pass over all the prompts.
     """
 
-    ids: torch.Tensor  # [1, L]
+    ids: torch.Tensor  # [K, L]
     frozen_text_encoder: CLIPTextModel | None
-    cached: torch.Tensor | None = None  # [1, L, D]
+    cached: torch.Tensor | None = None  # [K, L, D]
 
     @classmethod
     def of(
         cls,
-        prompt: str,
+        prompts: list[str],
         tokenizer: CLIPTokenizer,
         frozen_text_encoder: CLIPTextModel | None,
         cache: bool = True,
-    ) -> Conditioning:
-        ids = tokenize(tokenizer, prompt)
-        conditioning = cls(ids, frozen_text_encoder)
+    ) -> Prompts:
+        ids = tokenize(tokenizer, prompts)
+        encoded = cls(ids, frozen_text_encoder)
         if frozen_text_encoder is not None and cache:
-            conditioning.cached = encode_prompt(frozen_text_encoder, ids)
-        return conditioning
+            encoded.cached = encode_prompt(frozen_text_encoder, ids)
+        return encoded
 
     @property
     def is_embedding(self) -> bool:
         return self.frozen_text_encoder is not None
 
     def value(self) -> torch.Tensor:
+        """Every prompt: [K, L] ids or [K, L, D] hidden states."""
         if not self.is_embedding:
             return self.ids
         if self.cached is not None:
             return self.cached
         return encode_prompt(self.frozen_text_encoder, self.ids)
 
-    def repeat(self, count: int) -> torch.Tensor:
+    def rows(self, counts: Sequence[int]) -> torch.Tensor:
+        """Prompt k repeated counts[k] times, prompt after prompt (the first len(counts))."""
         value = self.value()
-        return value.expand(count, *value.shape[1:])
+        return torch.cat(
+            [value[k : k + 1].expand(count, *value.shape[1:]) for k, count in enumerate(counts)]
+        )
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -286,34 +341,63 @@ class Batch:
 
 @dataclass
 class Subset:
-    """Images of one kind (instance or class) with their prompt."""
+    """Images of one kind (instance or class): a range of the data's images, in a seeded order.
+    Its prompt is the data's prompt at the subset's place (instance first)."""
 
-    latents: LatentSource
-    condition: Conditioning
+    latents: LatentRange
     order: ShuffledOrder
 
 
 @dataclass
 class DreamBoothData:
+    latents: LatentSource  # every image: the instance images, then the class images
+    prompts: Prompts  # the instance prompt, then the class prompt
     instance: Subset
     classes: Subset | None  # None without prior preservation
 
     def batch(
         self, micro_step: int, per_rank: int, rank: int, world_size: int, generator: torch.Generator
     ) -> Batch:
-        """The micro-batch of `rank` at global micro-step `micro_step` (a pure function of them)."""
+        """The micro-batch of `rank` at global micro-step `micro_step` (a pure function of them).
+
+        The rows of both subsets go through the encoders together (one VAE call, one text
+        encoder call when they run every step); their latent noise is drawn subset by subset."""
         start = (micro_step * world_size + rank) * per_rank
         subsets = [s for s in (self.instance, self.classes) if s is not None]
-        latents, conditions = [], []
-        for subset in subsets:
-            latents.append(subset.latents.sample(subset.order.take(start, per_rank), generator))
-            conditions.append(subset.condition.repeat(per_rank))
+        indices = [i for s in subsets for i in s.latents.indices(s.order.take(start, per_rank))]
+        counts = [per_rank] * len(subsets)
         return Batch(
-            latents=torch.cat(latents),
-            condition=torch.cat(conditions),
-            condition_is_embedding=self.instance.condition.is_embedding,
+            latents=self.latents.sample(indices, generator, parts=counts),
+            condition=self.prompts.rows(counts),
+            condition_is_embedding=self.prompts.is_embedding,
             instance_rows=per_rank,
         )
+
+
+@dataclass(frozen=True)
+class ImageSet:
+    """Where one kind of training image comes from, and how to say what is wrong with it."""
+
+    directory: Path
+    prompt: str
+    purpose: str  # names its crop and order seeds
+    empty: str  # the field to blame when there are no images
+    field: str  # the field to blame for a bad image
+    advice: str
+
+
+def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor:
+    paths = list_images(image_set.directory)
+    if not paths:
+        raise ConfigError(image_set.empty, f"no images (png, jpg, webp) in {image_set.directory}")
+    return load_training_images(
+        paths,
+        training.resolution,
+        training.center_crop,
+        seed=derive_seed(training.seed, "crop", image_set.purpose),
+        field=image_set.field,
+        advice=image_set.advice,
+    )
 
 
 def build_data(
@@ -329,44 +413,39 @@ def build_data(
     `frozen_text_encoder` is None when the text encoder trains (prompts stay token ids).
     """
     training = config.training
-
-    def subset(
-        directory: Path, prompt: str, purpose: str, empty: str, field: str, advice: str
-    ) -> Subset:
-        paths = list_images(directory)
-        if not paths:
-            raise ConfigError(empty, f"no images (png, jpg, webp) in {directory}")
-        pixels = load_training_images(
-            paths,
-            training.resolution,
-            training.center_crop,
-            seed=derive_seed(training.seed, "crop", purpose),
-            field=field,
-            advice=advice,
-        )
-        return Subset(
-            latents=latent_source(vae, pixels, cache=training.cache_latents),
-            condition=Conditioning.of(
-                prompt, tokenizer, frozen_text_encoder, cache=training.cache_text_embeddings
-            ),
-            order=ShuffledOrder(len(paths), derive_seed(training.seed, "order", purpose)),
-        )
-
     field = "instance.imagesUri"
-    instance = subset(
-        instance_dir, config.instance.prompt, "instance", field, field, "replace or remove it"
+    image_sets = [
+        ImageSet(
+            instance_dir, config.instance.prompt, "instance", field, field, "replace or remove it"
+        )
+    ]
+    pixel_sets = [load_set(image_sets[0], training)]
+    if config.uses_priors:
+        if class_dir is None:
+            raise ConfigError("priorPreservation.enabled", "true, but there are no class images")
+        image_sets.append(
+            ImageSet(
+                class_dir,
+                config.prior_preservation.class_prompt,
+                "class",
+                "priorPreservation (class images: run the priors phase first)",
+                "storage.priorCacheUri",
+                f"the class-image set is corrupt: delete {config.priors_uri} and run the job "
+                "again to generate it anew",
+            )
+        )
+        pixel_sets.append(load_set(image_sets[1], training))
+    latents = latent_source(vae, pixel_sets, cache=training.cache_latents)
+    subsets, start = [], 0
+    for image_set, pixels in zip(image_sets, pixel_sets, strict=True):
+        order = ShuffledOrder(len(pixels), derive_seed(training.seed, "order", image_set.purpose))
+        subsets.append(Subset(LatentRange(latents, start, len(pixels)), order))
+        start += len(pixels)
+    prompts = Prompts.of(
+        [image_set.prompt for image_set in image_sets],
+        tokenizer,
+        frozen_text_encoder,
+        cache=training.cache_text_embeddings,
     )
-    if not config.uses_priors:
-        return DreamBoothData(instance=instance, classes=None)
-    if class_dir is None:
-        raise ConfigError("priorPreservation.enabled", "true, but there are no class images")
-    classes = subset(
-        class_dir,
-        config.prior_preservation.class_prompt,
-        "class",
-        "priorPreservation (class images: run the priors phase first)",
-        "storage.priorCacheUri",
-        f"the class-image set is corrupt: delete {config.priors_uri} and run the job again to "
-        "generate it anew",
-    )
-    return DreamBoothData(instance=instance, classes=classes)
+    instance, *classes = subsets
+    return DreamBoothData(latents, prompts, instance, classes[0] if classes else None)

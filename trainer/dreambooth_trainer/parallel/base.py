@@ -180,16 +180,15 @@ class Backend(Protocol):
 
 
 def unscale_and_clip(
-    model: nn.Module,
+    parameters: list[nn.Parameter],
     optimizer: torch.optim.Optimizer,
     scaler: torch.amp.GradScaler | None,
     max_grad_norm: float | None,
 ) -> torch.Tensor:
-    """Undo fp16 loss scaling, clip trainable gradients; the pre-clip norm (a DTensor under
-    FSDP2: clip_grad_norm_ handles sharded gradients itself)."""
+    """Undo fp16 loss scaling, clip the gradients of `parameters` (the trainable ones); the
+    pre-clip norm (a DTensor under FSDP2: clip_grad_norm_ handles sharded gradients itself)."""
     if scaler:
         scaler.unscale_(optimizer)
-    parameters = [p for p in model.parameters() if p.requires_grad]
     return torch.nn.utils.clip_grad_norm_(parameters, max_grad_norm or float("inf"))
 
 
