@@ -53,8 +53,8 @@ def make(runner) -> Iterator:
         batcher.close(timeout=TIMEOUT)
 
 
-def job(payload: str, key: str = "64x64", size: int = 1) -> Job[str]:
-    return Job(key=key, size=size, payload=payload)
+def job(payload: str, key: str = "64x64", size: int = 1, group: str | None = None) -> Job[str]:
+    return Job(key=key, size=size, payload=payload, group=group)
 
 
 def occupy(batcher: DynamicBatcher, runner: GatedRunner) -> Job[str]:
@@ -85,6 +85,30 @@ def test_incompatible_jobs_wait_for_their_own_batch_in_fifo_order(make, runner):
     for future in futures:
         future.result(TIMEOUT)
     assert runner.batches[1:] == [["a", "b"], ["x", "y"]]
+
+
+def test_a_batch_holds_at_most_max_groups_groups_and_ungrouped_jobs_join_any(make, runner):
+    """Adapters are groups: a batch runs as many as the cache holds loaded (max_groups);
+    requests for the bare base (no group) fit into every batch."""
+    batcher = make(max_batch_size=8, max_groups=2)
+    occupy(batcher, runner)
+    order = [("r1", "rex"), ("f1", "fido"), ("b1", "bella"), ("base", None), ("r2", "rex")]
+    order += [("b2", "bella")]
+    futures = [batcher.submit(job(payload, group=group)) for payload, group in order]
+    runner.release()
+    for future in futures:
+        future.result(TIMEOUT)
+    assert runner.batches[1:] == [["r1", "f1", "base", "r2"], ["b1", "b2"]]
+
+
+def test_without_max_groups_any_number_of_groups_share_a_batch(make, runner):
+    batcher = make(max_batch_size=8)
+    occupy(batcher, runner)
+    futures = [batcher.submit(job(p, group=p)) for p in "abcde"]
+    runner.release()
+    for future in futures:
+        future.result(TIMEOUT)
+    assert runner.batches[1:] == [list("abcde")]
 
 
 def test_batches_hold_at_most_max_batch_size_images(make, runner):

@@ -8,6 +8,9 @@ Two steps, on two kinds of threads:
 - `AdapterCache.activate` (the inference worker, the only thread that touches the pipeline):
   load the verified adapter as a named peft adapter if it is not loaded (evicting the least
   recently used beyond `max_loaded`), then make it the only active one; None runs the bare base.
+  `AdapterCache.per_row` does the same for a batch of several adapters: each row of the next
+  pipeline call runs under its own adapter, through peft's mixed-batch LoRA forward (every LoRA
+  layer computes the base once and each adapter's low-rank term on that adapter's rows only).
 
 Adapters are named in the pipeline by their digest: the same export published under two names
 is loaded once, and a model republished with new files is a new adapter, never the old one.
@@ -19,12 +22,16 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from diffusers import StableDiffusionPipeline
+from peft.tuners.lora import LoraLayer
 
 from dreambooth_contract.publication import PublishedModel
 
@@ -32,6 +39,9 @@ from ..methods.lora_files import LORA_WEIGHTS
 from . import artifact
 
 log = logging.getLogger(__name__)
+
+# peft's name for "no adapter" in a mixed batch: the row runs the bare base.
+BASE_ROW = "__base__"
 
 
 @dataclass(frozen=True)
@@ -144,20 +154,60 @@ class AdapterCache:
                 self.pipeline.disable_lora()
                 self._disabled = True
             return
+        self._ensure_loaded([adapter])
         name = adapter.adapter_name
-        hit = name in self._loaded
-        if self._observer is not None:
-            self._observer.on_adapter_cache(hit)
-        if hit:
-            self._loaded.move_to_end(name)
-        else:
+        if name != self._active:
+            self.pipeline.set_adapters(name)
+            self._active = name
+
+    @contextmanager
+    def per_row(self, adapters: Sequence[VerifiedAdapter | None]) -> Iterator[None]:
+        """Within the block, row i of a pipeline call over len(adapters) prompts runs under
+        adapters[i] (None: the bare base). At most `max_loaded` distinct adapters: the batcher's
+        max_groups keeps batches within that."""
+        distinct = list(dict.fromkeys(adapters))
+        if len(distinct) == 1:  # one adapter: peft's plain forward, no per-row indexing
+            self.activate(distinct[0])
+            yield
+            return
+        wanted = [adapter for adapter in distinct if adapter is not None]
+        if len(wanted) > self.max_loaded:
+            raise ValueError(f"{len(wanted)} adapters in one batch; {self.max_loaded} fit loaded")
+        self._evict_unpublished()
+        self._ensure_loaded(wanted)
+        names = [BASE_ROW if adapter is None else adapter.adapter_name for adapter in adapters]
+        hook = partial(_rows_hook, names=names)
+        handles = [
+            layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self._layers()
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _ensure_loaded(self, adapters: Sequence[VerifiedAdapter]) -> None:
+        """Load what is missing and switch LoRA on. Hits are touched before any load so that
+        loading a miss never evicts another adapter of the same batch."""
+        misses = []
+        for adapter in adapters:
+            hit = adapter.adapter_name in self._loaded
+            if self._observer is not None:
+                self._observer.on_adapter_cache(hit)
+            if hit:
+                self._loaded.move_to_end(adapter.adapter_name)
+            else:
+                misses.append(adapter)
+        for adapter in misses:
             self._load(adapter)
         if self._disabled:
             self.pipeline.enable_lora()
             self._disabled = False
-        if name != self._active:
-            self.pipeline.set_adapters(name)
-            self._active = name
+
+    def _layers(self) -> list[LoraLayer]:
+        """Every LoRA layer of the pipeline's models (UNet and text encoders)."""
+        models = [c for c in self.pipeline.components.values() if isinstance(c, torch.nn.Module)]
+        return [m for model in models for m in model.modules() if isinstance(m, LoraLayer)]
 
     def _load(self, adapter: VerifiedAdapter) -> None:
         while len(self._loaded) >= self.max_loaded:
@@ -192,3 +242,16 @@ class AdapterCache:
         for name, digest in list(self._loaded.items()):
             if digest not in published:
                 self._evict(name)
+
+
+def _rows_hook(
+    layer: torch.nn.Module, args: tuple, kwargs: dict, names: list[str]
+) -> tuple[tuple, dict]:
+    """Give a LoRA layer each input row's adapter. The text encoder sees the batch's prompts
+    (and, separately, its negative prompts) once per row; the UNet sees the rows twice under
+    classifier-free guidance (unconditional half, then conditional): so tile the names."""
+    rows = len(args[0])  # diffusers and transformers pass a layer's input positionally
+    repeats, rest = divmod(rows, len(names))
+    if rest or not repeats:
+        raise RuntimeError(f"a LoRA layer got {rows} rows for a batch of {len(names)} prompts")
+    return args, {**kwargs, "adapter_names": names * repeats}

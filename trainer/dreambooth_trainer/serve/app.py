@@ -83,7 +83,7 @@ async def create_image(body: ImageGenerationRequest, request: Request) -> Images
     engine, batcher = _ready(host)
     adapter = await _adapter(host, body.model, request)
     generation = resolve(body, host.settings, engine.native_side, adapter)
-    job = Job(key=generation.batch_key, size=generation.n, payload=generation)
+    job = Job(generation.batch_key, generation.n, generation, group=generation.adapter)
     try:
         future = batcher.submit(job)
     except QueueFull as exc:

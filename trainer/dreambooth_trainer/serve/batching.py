@@ -7,13 +7,17 @@ future, so the loop stays free to accept, validate and reject requests while a b
 Batch formation, per round:
 1. take the oldest waiting job (FIFO: nothing starves);
 2. add every waiting job with the same key (size, steps, guidance, scheduler) that still fits
-   into `max_batch_size` images, keeping the others queued in order;
+   into `max_batch_size` images and whose group (its adapter, on a multi-adapter server) is
+   already in the batch or still fits into `max_groups`, keeping the others queued in order;
 3. if the batch is not full and no other job waits, wait up to `batch_timeout` for more
    compatible arrivals.
 Under load the queue fills while a batch runs, so step 2 alone forms full batches; the timeout
 only matters for the first requests of a burst. While jobs of other keys wait (other sizes, or
-other adapters on a multi-adapter server), the batch runs at once: waiting would idle the
-worker with work queued.
+adapters beyond `max_groups`), the batch runs at once: waiting would idle the worker with work
+queued.
+
+Groups: one pipeline call can run several LoRA adapters, one per row (engine.py), but only as
+many as the adapter cache holds loaded at once; `max_groups` is that bound (None: no bound).
 
 Cancelling a job's future (its client went away, its deadline passed) takes it out of the queue
 at once: it frees its queue slot and never reaches the model. A job already in a pipeline call
@@ -49,11 +53,13 @@ class BatcherClosed(RuntimeError):
 
 @dataclass(eq=False)
 class Job(Generic[P]):
-    """One request: `size` images of `key`'s kind, described by `payload`."""
+    """One request: `size` images of `key`'s kind, described by `payload`; `group` (the adapter
+    it runs with) counts against the batcher's `max_groups`, None against nothing."""
 
     key: Hashable
     size: int
     payload: P
+    group: Hashable = None
     future: Future = field(default_factory=Future)
 
 
@@ -71,7 +77,8 @@ class _NoObserver:
         pass
 
 
-# Runs one batch (all jobs share a key) and returns one result per job, in order.
+# Runs one batch (all jobs share a key; at most max_groups groups) and returns one result per
+# job, in order.
 BatchRunner = Callable[[Sequence[Job[Any]]], Sequence[Any]]
 
 
@@ -92,11 +99,15 @@ class DynamicBatcher:
         max_batch_size: int,
         max_queue: int,
         batch_timeout_s: float,
+        max_groups: int | None = None,
         observer: BatchObserver | None = None,
         name: str = "inference-worker",
     ):
+        if max_groups is not None and max_groups < 1:
+            raise ValueError("max_groups must be at least 1")
         self._run_batch = run_batch
         self.max_batch_size = max_batch_size
+        self.max_groups = max_groups
         self.max_queue = max_queue
         self.batch_timeout_s = batch_timeout_s
         self._observer = observer or _NoObserver()
@@ -184,16 +195,27 @@ class DynamicBatcher:
     def _take_compatible(self, batch: list[Job[Any]], images: int) -> int:
         """Move waiting jobs with the batch's key that fit into it; return the image count."""
         key = batch[0].key
+        groups = {job.group for job in batch} - {None}
         kept: deque[Job[Any]] = deque()
         while self._queue:
             job = self._queue.popleft()
-            if job.key == key and images + job.size <= self.max_batch_size:
+            if (
+                job.key == key
+                and images + job.size <= self.max_batch_size
+                and self._group_fits(job.group, groups)
+            ):
                 batch.append(job)
                 images += job.size
+                groups |= {job.group} - {None}
             else:
                 kept.append(job)
         self._queue = kept
         return images
+
+    def _group_fits(self, group: Hashable, groups: set[Hashable]) -> bool:
+        if group is None or group in groups or self.max_groups is None:
+            return True
+        return len(groups) < self.max_groups
 
     def _execute(self, batch: list[Job[Any]]) -> None:
         images = sum(job.size for job in batch)

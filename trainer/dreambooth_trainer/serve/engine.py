@@ -3,7 +3,9 @@
 All jobs of a batch share size, steps, guidance and scheduler (the batch key), so their prompts
 go through ONE pipeline call: one text-encoder pass and, per step, one UNet forward over
 2 x images latents (diffusers concatenates the unconditional and conditional halves for
-classifier-free guidance when guidance_scale > 1).
+classifier-free guidance when guidance_scale > 1). On a multi-adapter server the jobs may name
+different adapters: each image's rows run under its own (AdapterCache.per_row), so 8 clients
+spread over 10 adapters still fill a batch instead of running one small batch per adapter.
 
 Reproducibility: each image gets its own CPU torch.Generator seeded with its seed, and diffusers
 draws each image's initial latents (and ancestral noise) from its own generator. The same seed
@@ -18,6 +20,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 
 import diffusers
 import torch
@@ -25,7 +28,7 @@ from diffusers import StableDiffusionPipeline
 from PIL.Image import Image
 
 from ..models.generation import generate_images
-from .adapters import AdapterCache
+from .adapters import AdapterCache, VerifiedAdapter
 from .batching import Job
 from .schedulers import SCHEDULERS
 from .schemas import Generation
@@ -46,19 +49,32 @@ class Text2ImageEngine:
         return int(self.pipeline.unet.config.sample_size) * self.pipeline.vae_scale_factor
 
     def __call__(self, jobs: Sequence[Job[Generation]]) -> list[list[Image]]:
-        """Images of each job, in order; every job must have the same batch key (the adapter
-        included: a batch is one pipeline call, with one set of weights)."""
+        """Images of each job, in order; every job must have the same batch key. Their adapters
+        may differ (at most the cache's max_loaded): each image's rows run under its own."""
         generations = [job.payload for job in jobs]
+        row_adapters = [g.adapter for g in generations for _ in range(g.n)]
+        with self._adapters_per_row(row_adapters):
+            images = self._generate(generations)
+        results, start = [], 0
+        for g in generations:
+            results.append(images[start : start + g.n])
+            start += g.n
+        return results
+
+    def _adapters_per_row(self, adapters: list[VerifiedAdapter | None]) -> AbstractContextManager:
+        if self.adapters is None:
+            return nullcontext()
+        return self.adapters.per_row(adapters)
+
+    def _generate(self, generations: list[Generation]) -> list[Image]:
         first = generations[0]
-        if self.adapters is not None:
-            self.adapters.activate(first.adapter)
         prompts = [g.prompt for g in generations for _ in range(g.n)]
         negatives = [g.negative_prompt for g in generations for _ in range(g.n)]
         generators = [
             torch.Generator("cpu").manual_seed(seed) for g in generations for seed in g.seeds
         ]
         with torch.inference_mode():
-            images = generate_images(
+            return generate_images(
                 self._pipeline_for(first.scheduler),
                 prompts,
                 # "" and None encode the same unconditional prompt; a list only when needed.
@@ -69,11 +85,6 @@ class Text2ImageEngine:
                 guidance_scale=first.guidance_scale,
                 generators=generators,
             )
-        results, start = [], 0
-        for g in generations:
-            results.append(images[start : start + g.n])
-            start += g.n
-        return results
 
     def warm_up(self) -> None:
         """One tiny call so that lazy initialisation (kernels, allocator) happens before ready."""

@@ -108,6 +108,8 @@ class ModelHost:
             max_batch_size=batching.max_batch_size,
             max_queue=batching.max_queue,
             batch_timeout_s=batching.batch_timeout_ms / 1000,
+            # A batch runs at most as many adapters as the cache holds loaded.
+            max_groups=None if engine.adapters is None else engine.adapters.max_loaded,
             observer=self.metrics,
         )
         with self._lock:

@@ -126,14 +126,13 @@ class Generation:
     @property
     def batch_key(self) -> tuple[object, ...]:
         """Requests with equal keys can share one pipeline call (one UNet batch): the same
-        size, steps, guidance, scheduler, and the same adapter (model), as a call runs one."""
+        size, steps, guidance and scheduler. Not the adapter: a call runs one per row."""
         return (
             self.width,
             self.height,
             self.steps,
             self.guidance_scale,
             self.scheduler,
-            self.adapter,
         )
 
 
