@@ -109,6 +109,32 @@ class ChildDeployment:
     owner_uid: str = ""
 
 
+def keep_serving(
+    wanted: dict[str, Any],
+    current: ChildDeployment | None,
+    *,
+    service: dict[str, Any] | None,
+    service_account: dict[str, Any],
+) -> tuple[list[Create | Update], int]:
+    """The actions that keep a Deployment running `wanted`'s template, behind its Service
+    (`service`: the one to create, None when it exists) and as its own ServiceAccount; and its
+    ready replicas, 0 until it runs that template (a rolling Deployment's old pods serve the
+    old artifact)."""
+    wanted_hash = wanted["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH]
+    actions: list[Create | Update] = []
+    if service is not None:
+        actions.append(Create(service))
+    if current is None or current.template_hash != wanted_hash:
+        # Its pods' identity first (a 409 when it exists is fine).
+        actions.append(Create(service_account))
+    if current is None:
+        actions.append(Create(wanted))
+    elif current.template_hash != wanted_hash:
+        actions.append(Update(wanted))
+    up_to_date = current is not None and current.template_hash == wanted_hash
+    return actions, current.ready_replicas if current is not None and up_to_date else 0
+
+
 @dataclass(frozen=True)
 class PriorCache:
     """Where the job's class images go: content-addressed, so jobs with the same class and
@@ -667,19 +693,15 @@ def _serve(draft: _Draft, job: DreamBoothJob) -> str:
     if artifact is None:
         return Phase.exporting.value
     base_model = artifact.base_model if artifact.kind == "lora" else None
-    wanted = builders.inference_deployment(job, artifact.uri, artifact.digest, base_model)
-    wanted_hash = wanted["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH]
-    current = draft.observed.inference
-    if not draft.observed.inference_service:  # also when someone deleted it
-        draft.act(Create(builders.inference_service(job)))
-    if current is None or current.template_hash != wanted_hash:
-        # Its pods' identity first (a 409 when it exists is fine).
-        draft.act(Create(builders.inference_service_account(job)))
-    if current is None:
-        draft.act(Create(wanted))
-    elif current.template_hash != wanted_hash:
-        draft.act(Update(wanted))
-    ready = current.ready_replicas if current and current.template_hash == wanted_hash else 0
+    actions, ready = keep_serving(
+        builders.inference_deployment(job, artifact.uri, artifact.digest, base_model),
+        draft.observed.inference,
+        # also when someone deleted it
+        service=None if draft.observed.inference_service else builders.inference_service(job),
+        service_account=builders.inference_service_account(job),
+    )
+    for action in actions:
+        draft.act(action)
     draft.status.inference = InferenceStatus(
         endpoint=builders.inference_endpoint(job), ready_replicas=ready, digest=artifact.digest
     )

@@ -28,6 +28,7 @@ from .reconcile import (
     Create,
     Event,
     Update,
+    keep_serving,
     with_condition,
 )
 
@@ -104,12 +105,14 @@ def reconcile_server(server: DreamBoothServer, observed: ServerObserved) -> Serv
     actions: list[Action | AnnotatePods] = []
     models = published(server, observed.requests)
     index = publication.render(models)
-    actions += _publish(server, observed.index, index, before)
-    deployment = builders.server_deployment(server)
-    actions += _run(server, deployment, observed)
-    current = observed.deployment
-    up_to_date = current is not None and current.template_hash == _hash(deployment)
-    ready = current.ready_replicas if current is not None and up_to_date else 0
+    actions += _publish(server, observed.index, index, models, before)
+    running, ready = keep_serving(
+        builders.server_deployment(server),
+        observed.deployment,
+        service=None if observed.service else builders.server_service(server),
+        service_account=builders.server_service_account(server),
+    )
+    actions += running
     served = [ServedModel(name=m.name, digest=m.digest) for m in models.models]
     status = DreamBoothServerStatus(
         conditions=before.conditions,
@@ -135,9 +138,14 @@ def reconcile_server(server: DreamBoothServer, observed: ServerObserved) -> Serv
 
 
 def _publish(
-    server: DreamBoothServer, current: str | None, wanted: str, before: DreamBoothServerStatus
+    server: DreamBoothServer,
+    current: str | None,
+    wanted: str,
+    models: Publications,
+    before: DreamBoothServerStatus,
 ) -> list[Action | AnnotatePods]:
-    """Write the index when it changed, nudge the pods, and tell what changed."""
+    """Write the index (`wanted`, rendered from `models`) when it changed, nudge the pods, and
+    tell what changed."""
     actions: list[Action | AnnotatePods] = []
     config_map = builders.publications_config_map(server, wanted)
     if current is None:
@@ -150,7 +158,7 @@ def _publish(
             AnnotatePods(selector, {names.ANNOTATION_PUBLICATIONS: index_digest(wanted)})
         )
     was = {m.name: m.digest for m in before.models}
-    now = {m.name: m.digest for m in publication.parse(wanted).models}
+    now = {m.name: m.digest for m in models.models}
     for name in sorted(set(was) | set(now)):
         if was.get(name) == now.get(name):
             continue
@@ -159,28 +167,6 @@ def _publish(
             actions.append(Event(EVENT_NORMAL, "Published", message))
         else:
             actions.append(Event(EVENT_NORMAL, "Unpublished", f"unpublished {name}"))
-    return actions
-
-
-def _hash(deployment: dict[str, Any]) -> str:
-    return deployment["metadata"]["annotations"][builders.ANNOTATION_TEMPLATE_HASH]
-
-
-def _run(
-    server: DreamBoothServer, wanted: dict[str, Any], observed: ServerObserved
-) -> list[Action | AnnotatePods]:
-    """The Deployment (rolled when the spec changes), its Service and its identity."""
-    wanted_hash = _hash(wanted)
-    current = observed.deployment
-    actions: list[Action | AnnotatePods] = []
-    if not observed.service:
-        actions.append(Create(builders.server_service(server)))
-    if current is None or current.template_hash != wanted_hash:
-        actions.append(Create(builders.server_service_account(server)))
-    if current is None:
-        actions.append(Create(wanted))
-    elif current.template_hash != wanted_hash:
-        actions.append(Update(wanted))
     return actions
 
 
