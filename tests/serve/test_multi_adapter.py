@@ -60,9 +60,10 @@ MISSES = 'dreambooth_inference_adapter_cache_lookups_total{result="miss"}'
 
 @pytest.fixture(scope="module")
 def exports(base_dir, tmp_path_factory) -> dict[str, Path]:
-    """Three adapters for the base, each from another seed, by model name."""
+    """Three adapters for the base, each from another seed, by model name; moderate ones, so
+    that a batch's rounding stays rounding (support/lora.py)."""
     return {
-        name: export_for(base_dir, tmp_path_factory.mktemp("adapter"), seed=seed)
+        name: export_for(base_dir, tmp_path_factory.mktemp("adapter"), seed=seed, strength=0.2)
         for seed, name in enumerate(NAMES, start=1)
     }
 
@@ -258,18 +259,16 @@ def test_a_batch_mixes_adapters_up_to_the_cache_size_and_each_image_is_its_adapt
         assert response.status_code == 200, response.text
         served = pixels(response.json()["data"][0]["b64_json"])
         alone = plain_image(base_dir, exports.get(name), seed)
-        assert level_difference(served, alone) < 2, (name, seed)
+        assert level_difference(served, alone) <= 1, (name, seed)
         # ... and the criterion tells adapters apart: another model's image is far away.
         other = plain_image(base_dir, exports[fido if name == rex else rex], seed)
-        assert level_difference(served, other) > 8, (name, seed)
+        assert level_difference(served, other) > 32, (name, seed)
 
 
-def level_difference(a: np.ndarray, b: np.ndarray) -> float:
-    """Mean absolute difference in 8-bit levels. A batch sums its GEMMs in another order than
-    a single image (~1e-6), and the tiny random base with these strong random adapters amplifies
-    that: a few pixels move by up to ~4 levels, the mean by under one, in a batch of one adapter
-    as much as in a mixed one; a wrong adapter moves the mean by more than ten."""
-    return float(np.abs(a.astype(np.int16) - b.astype(np.int16)).mean())
+def level_difference(a: np.ndarray, b: np.ndarray) -> int:
+    """The largest difference in 8-bit levels. A batch sums its GEMMs in another order than a
+    single image (~1e-6 in the latents), which may flip a pixel by one level, never more."""
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
 
 
 def test_the_cache_switches_the_pipeline_only_when_the_adapter_changes(

@@ -31,9 +31,15 @@ ALPHA = 8
 
 
 def add_random_adapter(
-    pipeline: StableDiffusionPipeline, text_encoder: bool = True, seed: int = 1
+    pipeline: StableDiffusionPipeline,
+    text_encoder: bool = True,
+    seed: int = 1,
+    strength: float = 0.5,
 ) -> None:
-    """Give the pipeline's UNet (and text encoder) an adapter with non-zero weights."""
+    """Give the pipeline's UNet (and text encoder) an adapter with non-zero weights: lora_B
+    drawn with standard deviation `strength`. At 0.5 the tiny random base is driven far from
+    its weights and amplifies float rounding: a batch's other summation order (~1e-6) moves its
+    latents by up to a few percent; at 0.2 by ~1e-5, while adapters still differ visibly."""
     config = {"r": RANK, "lora_alpha": ALPHA, "init_lora_weights": "gaussian"}
     pipeline.unet.add_adapter(LoraConfig(**config, target_modules=list(DEFAULT_LORA_UNET_TARGETS)))
     modules = [pipeline.unet]
@@ -47,24 +53,31 @@ def add_random_adapter(
         for module in modules:
             for name, parameter in module.named_parameters():
                 if "lora_B" in name:
-                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.5)
+                    parameter.copy_(torch.randn(parameter.shape, generator=generator) * strength)
 
 
 def write_random_adapter(
-    base: StableDiffusionPipeline, directory: Path, text_encoder: bool = True, seed: int = 1
+    base: StableDiffusionPipeline,
+    directory: Path,
+    text_encoder: bool = True,
+    seed: int = 1,
+    strength: float = 0.5,
 ) -> Path:
     """An adapter for `base` (which gets it added), saved into `directory` as training does;
     adapters of different seeds give different images."""
-    add_random_adapter(base, text_encoder, seed)
+    add_random_adapter(base, text_encoder, seed, strength)
     directory.mkdir(parents=True, exist_ok=True)
     return save_adapter(base.unet, base.text_encoder if text_encoder else None, directory)
 
 
-def export_for(base_dir: Path, directory: Path, seed: int = 1) -> Path:
+def export_for(base_dir: Path, directory: Path, seed: int = 1, strength: float = 0.5) -> Path:
     """A LoRA export for the base in `base_dir`, as the export phase writes it (manifest,
     base_model.json); adapters of different seeds give different images."""
     write_random_adapter(
-        StableDiffusionPipeline.from_pretrained(base_dir), directory / "trained", seed=seed
+        StableDiffusionPipeline.from_pretrained(base_dir),
+        directory / "trained",
+        seed=seed,
+        strength=strength,
     )
     record = base_identity.base_model_record(BaseModelSpec(uri=str(base_dir)), str(base_dir))
     export = directory / "export"

@@ -9,8 +9,7 @@ Two steps, on two kinds of threads:
   load the verified adapter as a named peft adapter if it is not loaded (evicting the least
   recently used beyond `max_loaded`), then make it the only active one; None runs the bare base.
   `AdapterCache.per_row` does the same for a batch of several adapters: each row of the next
-  pipeline call runs under its own adapter, through peft's mixed-batch LoRA forward (every LoRA
-  layer computes the base once and each adapter's low-rank term on that adapter's rows only).
+  pipeline call runs under its own adapter (mixed_lora.py).
 
 Adapters are named in the pipeline by their digest: the same export published under two names
 is loaded once, and a model republished with new files is a new adapter, never the old one.
@@ -25,7 +24,6 @@ from collections import OrderedDict
 from collections.abc import Callable, Collection, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Protocol
 
@@ -37,11 +35,9 @@ from dreambooth_contract.publication import PublishedModel
 
 from ..methods.lora_files import LORA_WEIGHTS
 from . import artifact
+from .mixed_lora import BASE_ROW, RowAdapters
 
 log = logging.getLogger(__name__)
-
-# peft's name for "no adapter" in a mixed batch: the row runs the bare base.
-BASE_ROW = "__base__"
 
 
 @dataclass(frozen=True)
@@ -176,15 +172,8 @@ class AdapterCache:
         self._evict_unpublished()
         self._ensure_loaded(wanted)
         names = [BASE_ROW if adapter is None else adapter.adapter_name for adapter in adapters]
-        hook = partial(_rows_hook, names=names)
-        handles = [
-            layer.register_forward_pre_hook(hook, with_kwargs=True) for layer in self._layers()
-        ]
-        try:
+        with RowAdapters(names).applied(self._layers()):
             yield
-        finally:
-            for handle in handles:
-                handle.remove()
 
     def _ensure_loaded(self, adapters: Sequence[VerifiedAdapter]) -> None:
         """Load what is missing and switch LoRA on. Hits are touched before any load so that
@@ -242,16 +231,3 @@ class AdapterCache:
         for name, digest in list(self._loaded.items()):
             if digest not in published:
                 self._evict(name)
-
-
-def _rows_hook(
-    layer: torch.nn.Module, args: tuple, kwargs: dict, names: list[str]
-) -> tuple[tuple, dict]:
-    """Give a LoRA layer each input row's adapter. The text encoder sees the batch's prompts
-    (and, separately, its negative prompts) once per row; the UNet sees the rows twice under
-    classifier-free guidance (unconditional half, then conditional): so tile the names."""
-    rows = len(args[0])  # diffusers and transformers pass a layer's input positionally
-    repeats, rest = divmod(rows, len(names))
-    if rest or not repeats:
-        raise RuntimeError(f"a LoRA layer got {rows} rows for a batch of {len(names)} prompts")
-    return args, {**kwargs, "adapter_names": names * repeats}
