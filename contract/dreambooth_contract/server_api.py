@@ -29,6 +29,7 @@ from .api import (
     StatusModel,
     field,
 )
+from .sampling import MAX_GUIDANCE_SCALE, SchedulerName
 
 SERVER_KIND = "DreamBoothServer"
 SERVER_PLURAL = "dreamboothservers"
@@ -65,7 +66,18 @@ class DreamBoothServerSpec(ApiModel):
         le=1000,
     )
     default_steps: int = field(
-        25, description="Denoising steps of a request that names none.", ge=1, le=200
+        25, description="Denoising steps of a request that names none.", ge=1, le=150
+    )
+    default_guidance_scale: float = field(
+        7.5,
+        description="Classifier-free guidance of a request that names none (<= 1 turns it off).",
+        ge=0,
+        le=MAX_GUIDANCE_SCALE,
+    )
+    default_scheduler: SchedulerName | None = field(
+        None,
+        description="Sampler of a request that names none (default: the base model's own "
+        "scheduler); a request's `scheduler` field picks another.",
     )
     allowed_namespaces: list[str] = field(
         list,

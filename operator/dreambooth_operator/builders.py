@@ -575,6 +575,9 @@ def server_deployment(server: DreamBoothServer) -> Manifest:
         str(spec.max_loaded_adapters),
         "--default-steps",
         str(spec.default_steps),
+        "--default-guidance-scale",
+        str(spec.default_guidance_scale),
+        *(["--default-scheduler", spec.default_scheduler] if spec.default_scheduler else []),
         *_s3_args(spec.s3),
         *_device_args(spec.gpus, spec.resources),
     ]

@@ -106,6 +106,23 @@ BAD_REQUESTS = [
 ]
 
 
+def test_a_default_scheduler_serves_requests_that_name_none(loaded):
+    """`--default-scheduler ddim`: a request without `scheduler` gets exactly the image of one
+    naming ddim, not the model's own scheduler's."""
+
+    def image(client: httpx.Client, **extra) -> bytes:
+        body = {"prompt": "a photo of sks dog", "size": "64x64", "seed": 3, **extra}
+        response = client.post("/v1/images/generations", json=body)
+        assert response.status_code == 200, response.text
+        return base64.b64decode(response.json()["data"][0]["b64_json"])
+
+    app = create_app(settings(default_scheduler="ddim"), lambda: loaded, warm_up=False)
+    with running(app) as ddim_url, httpx.Client(base_url=ddim_url, timeout=HTTP_TIMEOUT) as ddim:
+        default = image(ddim)
+        assert default == image(ddim, scheduler="ddim")
+        assert default != image(ddim, scheduler="pndm")  # the tiny model's own scheduler
+
+
 @pytest.mark.parametrize(
     ("body", "field"), [case[1:] for case in BAD_REQUESTS], ids=[case[0] for case in BAD_REQUESTS]
 )

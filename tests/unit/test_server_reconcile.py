@@ -79,6 +79,33 @@ def test_server_spec_rules_name_their_field():
     with pytest.raises(JobInvalid) as refused:
         parse_server({**SERVER, "spec": {**SERVER["spec"], "maxLoadedAdapters": 0}})
     assert refused.value.problems[0].startswith("spec.maxLoadedAdapters: ")
+    with pytest.raises(JobInvalid) as refused:
+        parse_server({**SERVER, "spec": {**SERVER["spec"], "defaultScheduler": "lms"}})
+    assert refused.value.problems[0].startswith("spec.defaultScheduler: ")
+    assert "'euler_ancestral'" in refused.value.problems[0]  # what is allowed
+    # The server refuses more steps than its --max-steps: the spec must not ask for them.
+    with pytest.raises(JobInvalid) as refused:
+        parse_server({**SERVER, "spec": {**SERVER["spec"], "defaultSteps": 151}})
+    assert refused.value.problems[0].startswith("spec.defaultSteps: ")
+
+
+def test_a_servers_request_defaults_reach_its_pods():
+    def args_of(server) -> list[str]:
+        return builders.server_deployment(server)["spec"]["template"]["spec"]["containers"][0][
+            "args"
+        ]
+
+    def value(args: list[str], flag: str) -> str | None:
+        return args[args.index(flag) + 1] if flag in args else None
+
+    tuned = args_of(server_with(defaultSteps=30, defaultGuidanceScale=4, defaultScheduler="ddim"))
+    assert [value(tuned, f"--default-{k}") for k in ("steps", "guidance-scale", "scheduler")] == [
+        "30",
+        "4.0",
+        "ddim",
+    ]
+    plain = args_of(server_with())
+    assert value(plain, "--default-scheduler") is None  # the model's own scheduler
 
 
 def test_inference_server_needs_lora_and_excludes_a_deployment_of_its_own():

@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from dreambooth_contract.env import CACHE_DIR_ENV, DEFAULT_CACHE_DIR
+from dreambooth_contract.sampling import MAX_GUIDANCE_SCALE, SCHEDULER_NAMES
 
 from .config import MAX_BODY_BYTES, REQUEST_TIMEOUT_S, BatchingSettings, Limits, ServeSettings
 
@@ -147,6 +148,18 @@ def read_api_key(key_file: Path | None, environ: dict[str, str] | None = None) -
 @click.option("--max-size", default=1024, show_default=True, type=click.IntRange(min=8))
 @click.option("--max-steps", default=150, show_default=True, type=click.IntRange(min=1))
 @click.option("--default-steps", default=25, show_default=True, type=click.IntRange(min=1))
+@click.option(
+    "--default-guidance-scale",
+    default=7.5,
+    show_default=True,
+    type=click.FloatRange(0, MAX_GUIDANCE_SCALE),
+    help="Classifier-free guidance of a request that names none.",
+)
+@click.option(
+    "--default-scheduler",
+    type=click.Choice(SCHEDULER_NAMES),
+    help="Sampler of a request that names none (default: the model's own scheduler).",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1...")
 @click.option(
     "--dtype",
@@ -196,6 +209,8 @@ def serve(
     max_size: int,
     max_steps: int,
     default_steps: int,
+    default_guidance_scale: float,
+    default_scheduler: str | None,
     device: str,
     dtype: str,
     cpu_threads: int | None,
@@ -241,6 +256,8 @@ def serve(
         limits=Limits(max_n=max_images, max_side=max_size, max_steps=max_steps),
         batching=BatchingSettings(max_batch_size, max_queue, batch_timeout_ms),
         default_steps=default_steps,
+        default_guidance_scale=default_guidance_scale,
+        default_scheduler=default_scheduler,
         request_timeout_s=request_timeout,
         max_body_bytes=max_request_bytes,
         api_key=api_key,

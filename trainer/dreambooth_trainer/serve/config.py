@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from dreambooth_contract.sampling import MAX_GUIDANCE_SCALE
+
 # Hard caps of the request schema (schemas.py): every string a client sends is bounded.
 MAX_TEXT_CHARS = 4000  # prompt, negative_prompt
 MAX_ID_CHARS = 256  # model, user
@@ -23,7 +25,7 @@ class Limits:
     size_multiple: int = 8
     min_steps: int = 1
     max_steps: int = 150
-    max_guidance_scale: float = 30.0
+    max_guidance_scale: float = MAX_GUIDANCE_SCALE
     max_prompt_chars: int = MAX_TEXT_CHARS
 
 
@@ -52,6 +54,8 @@ class ServeSettings:
     batching: BatchingSettings = BatchingSettings()
     default_steps: int = 25
     default_guidance_scale: float = 7.5
+    # The sampler of a request that names none; None: the model's own scheduler.
+    default_scheduler: str | None = None
     # A request still queued or running after this long is answered 504; queued work is dropped.
     request_timeout_s: float = REQUEST_TIMEOUT_S
     # Larger request bodies are refused with 413 before they are read into memory.

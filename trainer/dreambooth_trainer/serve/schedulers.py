@@ -1,26 +1,14 @@
-"""Sampler names a request may pick, and the diffusers scheduler class behind each.
+"""The diffusers scheduler class behind each sampler name (contract sampling.py).
 
 Torch-free (class names, not classes) so that the request schema can list the choices without
-importing diffusers. Names follow the usual UI vocabulary (A1111, ComfyUI); LMS is left out
-because it needs scipy, which the serving image does not ship.
+importing diffusers.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from dreambooth_contract.sampling import SCHEDULER_NAMES, SchedulerName
 
-SchedulerName = Literal[
-    "pndm",
-    "ddim",
-    "ddpm",
-    "euler",
-    "euler_ancestral",
-    "heun",
-    "dpmpp_2m",
-    "dpmpp_2m_karras",
-    "unipc",
-    "deis",
-]
+__all__ = ["SCHEDULERS", "SchedulerName"]
 
 # name -> (diffusers class name, config overrides applied on top of the model's own schedule).
 SCHEDULERS: dict[str, tuple[str, dict[str, object]]] = {
@@ -36,4 +24,4 @@ SCHEDULERS: dict[str, tuple[str, dict[str, object]]] = {
     "deis": ("DEISMultistepScheduler", {}),
 }
 
-assert set(SCHEDULERS) == set(get_args(SchedulerName)), "keep the Literal and the table in sync"
+assert set(SCHEDULERS) == set(SCHEDULER_NAMES), "a class for every sampler name, no other"

@@ -190,7 +190,7 @@ def resolve(
         height=height,
         steps=steps,
         guidance_scale=float(guidance),
-        scheduler=request.scheduler,
+        scheduler=request.scheduler or settings.default_scheduler,
         # A drawn seed is returned with the image, so any image can be reproduced.
         seed=request.seed if request.seed is not None else secrets.randbelow(RANDOM_SEEDS),
         adapter=adapter,
