@@ -361,7 +361,20 @@ class TrainingSpec(ApiModel):
     center_crop: bool = field(
         False,
         description="Crop each photo's centre to a square; otherwise one square at a random "
-        "place, drawn once per photo (from the seed) and kept for the whole run.",
+        "place, drawn once per photo (from the seed) and kept for the whole run, unless "
+        "cropEachStep draws a new one every step.",
+    )
+    crop_each_step: bool = field(
+        False,
+        description="Crop each photo anew, at a random place, every step (more variety from "
+        "3-5 photos). Needs cacheLatents: false (the latent cache encodes one crop per photo) "
+        "and centerCrop: false.",
+    )
+    random_flip: bool = field(
+        False,
+        description="Mirror each photo left-right half the time, drawn per photo and step. With "
+        "cacheLatents the cache holds each photo and its mirror image (twice the encoding at "
+        "the start). Leave off for subjects that are not symmetric (text, a parting).",
     )
     mixed_precision: MixedPrecision = field(
         "fp16", description="fp16 (loss scaling, GPU only), bf16 or no."
@@ -409,6 +422,17 @@ class TrainingSpec(ApiModel):
     def _warmup_within_steps(self) -> TrainingSpec:
         if self.lr_warmup_steps >= self.max_steps:
             raise FieldRuleError("lrWarmupSteps", f"must be less than maxSteps ({self.max_steps})")
+        return self
+
+    @model_validator(mode="after")
+    def _crop_each_step_needs_pixels(self) -> TrainingSpec:
+        if self.crop_each_step and self.cache_latents:
+            raise FieldRuleError(
+                "cropEachStep",
+                "needs cacheLatents: false (the latent cache encodes one crop per photo, once)",
+            )
+        if self.crop_each_step and self.center_crop:
+            raise FieldRuleError("cropEachStep", "contradicts centerCrop: true; set one of them")
         return self
 
     @model_validator(mode="after")

@@ -55,6 +55,7 @@ FULL_SPEC: dict[str, Any] = {
         "gradientAccumulationSteps": 3,
         "resolution": 768,
         "centerCrop": True,
+        "randomFlip": True,
         "mixedPrecision": "bf16",
         "sharding": {"backend": "deepspeed", "zeroStage": 3},
         "gradientCheckpointing": False,
@@ -95,8 +96,9 @@ FULL_SPEC: dict[str, Any] = {
         },
     },
 }
-# Not the default, yet only one value is allowed today.
-SINGLE_VALUE_FIELDS = {"training.sharding.backend"}
+# Not the default, yet only one value is allowed today; or a field whose other value
+# contradicts another one's here (checked by a spec of its own below).
+SINGLE_VALUE_FIELDS = {"training.sharding.backend", "training.crop_each_step"}
 
 
 def leaves(model: BaseModel, prefix: str = "") -> dict[str, Any]:
@@ -148,6 +150,12 @@ def test_from_job_carries_every_field_of_the_carried_sections():
         expected = leaves(getattr(job.spec, section), section + ".")
         actual = leaves(getattr(config, section), section + ".")
         assert actual == expected, section
+
+
+def test_crop_each_step_reaches_the_trainer():
+    training = {**FULL_SPEC["training"], "centerCrop": False, "cropEachStep": True}
+    config = TrainerConfig.from_job(make_job({**FULL_SPEC, "training": training}))
+    assert config.training.crop_each_step
 
 
 def test_from_job_resolves_runtime_values():

@@ -175,8 +175,8 @@ BAD_SPECS = [
         "typo-in-training",
         spec_with(spec__training={"learningrate": 1e-6}),
         "spec.training.learningrate: unknown field; allowed: batchSize, cacheLatents, "
-        "cacheTextEmbeddings, centerCrop, checkpointing, gradientAccumulationSteps, gradientCheckpointing, learningRate, lora, lrScheduler, "
-        "lrWarmupSteps, maxGradNorm, maxSteps, method, mixedPrecision, offsetNoise, resolution, seed, "
+        "cacheTextEmbeddings, centerCrop, checkpointing, cropEachStep, gradientAccumulationSteps, gradientCheckpointing, learningRate, lora, lrScheduler, "
+        "lrWarmupSteps, maxGradNorm, maxSteps, method, mixedPrecision, offsetNoise, randomFlip, resolution, seed, "
         "sharding, snrGamma, trainTextEncoder, use8bitAdam, validation",
     ),
     (
@@ -278,6 +278,17 @@ BAD_SPECS = [
         spec_with(spec__training={"use8bitAdam": True, "sharding": {"backend": "fsdp"}}),
         "spec.training.use8bitAdam: 8-bit AdamW cannot step FSDP2's sharded parameters: use "
         'sharding.backend "deepspeed" (ZeRO shards the 8-bit state too) or "ddp"',
+    ),
+    (
+        "crop-each-step-with-the-latent-cache",
+        spec_with(spec__training={"cropEachStep": True}),
+        "spec.training.cropEachStep: needs cacheLatents: false (the latent cache encodes one crop "
+        "per photo, once)",
+    ),
+    (
+        "crop-each-step-with-center-crop",
+        spec_with(spec__training={"cropEachStep": True, "cacheLatents": False, "centerCrop": True}),
+        "spec.training.cropEachStep: contradicts centerCrop: true; set one of them",
     ),
     (
         "max-steps-zero",

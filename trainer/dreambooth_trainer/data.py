@@ -1,7 +1,11 @@
 """Training data: subject and class images, VAE latents and prompt conditioning.
 
 Images are resized and cropped once (the crop is drawn from a seeded generator), so that the
-cached-latents path and the encode-every-step path see the same pixels. Data order comes from
+cached-latents path and the encode-every-step path see the same pixels. Two augmentations draw
+per image per step from the training generator (checkpointed, so a resumed run draws the same):
+`training.randomFlip` mirrors an image half the time (with the latent cache, the cache holds
+each photo and its mirror image), and `training.cropEachStep` crops each photo anew every step
+(only without the latent cache, which encodes one crop per photo). Data order comes from
 `ShuffledOrder`, a pure function of (seed, position): resuming needs only the position.
 """
 
@@ -83,25 +87,42 @@ def _too_many_pixels() -> str:
     return f"more than the {MAX_IMAGE_PIXELS / 1e6:g} megapixels allowed: downscale it"
 
 
-def to_training_tensor(
-    image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator
-) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, scale to [-1, 1]: [3, H, W]."""
+def resized_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
+    """Resize the short side to `resolution`, scale to [-1, 1]: [3, H, W], uncropped."""
     scale = resolution / min(image.size)
     size = (
         max(resolution, round(image.width * scale)),
         max(resolution, round(image.height * scale)),
     )
     image = image.resize(size, Image.Resampling.BILINEAR)
-    spare_x, spare_y = image.width - resolution, image.height - resolution
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
+    return pixels / 127.5 - 1.0
+
+
+def square_crop(pixels: torch.Tensor, left: int, top: int) -> torch.Tensor:
+    side = min(pixels.shape[1:])
+    return pixels[:, top : top + side, left : left + side]
+
+
+def crop_spare(pixels: torch.Tensor) -> tuple[int, int]:
+    """How far a square crop of `pixels` can move: (horizontally, vertically)."""
+    height, width = pixels.shape[1:]
+    side = min(height, width)
+    return width - side, height - side
+
+
+def to_training_tensor(
+    image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator
+) -> torch.Tensor:
+    """Resize the short side to `resolution`, crop a square, scale to [-1, 1]: [3, H, W]."""
+    pixels = resized_tensor(image, resolution)
+    spare_x, spare_y = crop_spare(pixels)
     if center_crop:
         left, top = spare_x // 2, spare_y // 2
     else:
         left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
         top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
-    image = image.crop((left, top, left + resolution, top + resolution))
-    pixels = torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1)
-    return pixels / 127.5 - 1.0
+    return square_crop(pixels, left, top).contiguous()
 
 
 def load_training_images(
@@ -185,6 +206,24 @@ def sample_latents(
     return (latents - shift) * vae.config.scaling_factor
 
 
+@dataclass(frozen=True)
+class Augmentation:
+    """What changes a photo from step to step (training.randomFlip, training.cropEachStep)."""
+
+    flip: bool = False
+    crop_each_step: bool = False
+
+    @classmethod
+    def of(cls, training: TrainingSpec) -> Augmentation:
+        return cls(training.random_flip, training.crop_each_step)
+
+    def flips(self, count: int, generator: torch.Generator) -> torch.Tensor | None:
+        """Which of `count` images to mirror this step; None when flipping is off (no draw)."""
+        if not self.flip:
+            return None
+        return torch.rand(count, generator=generator) < 0.5
+
+
 class LatentSource(ABC):
     """Scaled VAE latents of dataset images, sampled from the encoder's distribution.
 
@@ -192,57 +231,110 @@ class LatentSource(ABC):
     that a step that encodes its images does so in one VAE call; a subset's images are a range
     of it (`LatentRange`)."""
 
-    def __init__(self, vae: AutoencoderKL):
+    def __init__(self, vae: AutoencoderKL, augmentation: Augmentation):
         self.vae = vae
+        self.augmentation = augmentation
 
     @abstractmethod
     def __len__(self) -> int: ...
 
     @abstractmethod
-    def posterior(self, indices: list[int]) -> torch.Tensor:
-        """Mean and log-variance of the images `indices` ([N, 2C, h, w], float32)."""
+    def posterior(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        """Mean and log-variance of the images `indices` ([N, 2C, h, w], float32), each as
+        this step's augmentation (drawn from `generator`) makes it."""
 
     def sample(
         self, indices: list[int], generator: torch.Generator, parts: Sequence[int] = ()
     ) -> torch.Tensor:
         """Latents of the images `indices`; `parts` as in `sample_latents`."""
-        return sample_latents(self.posterior(indices), self.vae, generator, parts)
+        return sample_latents(self.posterior(indices, generator), self.vae, generator, parts)
 
 
 class CachedLatents(LatentSource):
-    """Encode every image once; each step only samples (the speed-up for frozen VAEs)."""
+    """Encode every image once (and its mirror image, when flips are on); each step only
+    samples (the speed-up for frozen VAEs)."""
 
-    def __init__(self, vae: AutoencoderKL, pixel_sets: Sequence[torch.Tensor]):
-        super().__init__(vae)
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        pixel_sets: Sequence[torch.Tensor],
+        augmentation: Augmentation = Augmentation(),
+    ):
+        super().__init__(vae, augmentation)
+        if augmentation.crop_each_step:
+            raise ValueError("the latent cache holds one crop per photo")
         # Each set on its own: an image's encoding does not depend on the other set's count.
         self.parameters = torch.cat([encode_distribution(vae, pixels) for pixels in pixel_sets])
+        self.mirrored = None
+        if augmentation.flip:
+            mirrors = [encode_distribution(vae, pixels.flip(-1)) for pixels in pixel_sets]
+            self.mirrored = torch.cat(mirrors)
 
     def __len__(self) -> int:
         return len(self.parameters)
 
-    def posterior(self, indices: list[int]) -> torch.Tensor:
-        return self.parameters[indices]
+    def posterior(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        flips = self.augmentation.flips(len(indices), generator)
+        if flips is None or self.mirrored is None:
+            return self.parameters[indices]
+        return torch.where(
+            flips.view(-1, 1, 1, 1), self.mirrored[indices], self.parameters[indices]
+        )
 
 
 class EncodedEachStep(LatentSource):
-    """Run the VAE encoder on every step (what caching saves; kept for the benchmark)."""
+    """Run the VAE encoder on every step: what caching saves, and what a fresh crop of each
+    photo every step needs."""
 
-    def __init__(self, vae: AutoencoderKL, pixel_sets: Sequence[torch.Tensor]):
-        super().__init__(vae)
-        self.pixels = torch.cat(list(pixel_sets))
+    def __init__(
+        self,
+        vae: AutoencoderKL,
+        pixel_sets: Sequence[torch.Tensor | list[torch.Tensor]],
+        augmentation: Augmentation = Augmentation(),
+    ):
+        """`pixel_sets`: cropped images ([N, 3, H, W] per set), or with crop_each_step the
+        uncropped images (a list per set: their sizes differ)."""
+        super().__init__(vae, augmentation)
+        self.images = [image for pixels in pixel_sets for image in pixels]
+        # The usual case stays one tensor, indexed once per step.
+        self.pixels = None if augmentation.crop_each_step else torch.cat(list(pixel_sets))
 
     def __len__(self) -> int:
-        return len(self.pixels)
+        return len(self.images)
 
-    def posterior(self, indices: list[int]) -> torch.Tensor:
-        return encode_distribution(self.vae, self.pixels[indices])
+    def posterior(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        return encode_distribution(self.vae, self.pixels_of(indices, generator))
+
+    def pixels_of(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        """This step's pixels of the images `indices`: cropped anew (crop_each_step), then
+        mirrored where drawn (flip)."""
+        if self.pixels is not None:
+            pixels = self.pixels[indices]
+        else:
+            pixels = torch.stack([self._random_crop(self.images[i], generator) for i in indices])
+        flips = self.augmentation.flips(len(indices), generator)
+        if flips is None:
+            return pixels
+        return torch.where(flips.view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+
+    @staticmethod
+    def _random_crop(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        spare_x, spare_y = crop_spare(pixels)
+        left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
+        top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
+        return square_crop(pixels, left, top)
 
 
 def latent_source(
-    vae: AutoencoderKL, pixel_sets: Sequence[torch.Tensor], cache: bool
+    vae: AutoencoderKL,
+    pixel_sets: Sequence[torch.Tensor | list[torch.Tensor]],
+    cache: bool,
+    augmentation: Augmentation = Augmentation(),
 ) -> LatentSource:
     """One source over the images of every set, in order."""
-    return CachedLatents(vae, pixel_sets) if cache else EncodedEachStep(vae, pixel_sets)
+    if cache:
+        return CachedLatents(vae, pixel_sets, augmentation)  # type: ignore[arg-type]
+    return EncodedEachStep(vae, pixel_sets, augmentation)
 
 
 @dataclass(frozen=True)
@@ -390,10 +482,17 @@ class ImageSet:
     advice: str
 
 
-def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor:
+def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor | list[torch.Tensor]:
+    """The set's cropped images, or with cropEachStep its resized, uncropped ones."""
     paths = list_images(image_set.directory)
     if not paths:
         raise ConfigError(image_set.empty, f"no images (png, jpg, webp) in {image_set.directory}")
+    if training.crop_each_step:
+        resolution = training.resolution
+        return [
+            resized_tensor(load_rgb(path, image_set.field, image_set.advice), resolution)
+            for path in paths
+        ]
     return load_training_images(
         paths,
         training.resolution,
@@ -439,7 +538,9 @@ def build_data(
             )
         )
         pixel_sets.append(load_set(image_sets[1], training))
-    latents = latent_source(vae, pixel_sets, cache=training.cache_latents)
+    latents = latent_source(
+        vae, pixel_sets, cache=training.cache_latents, augmentation=Augmentation.of(training)
+    )
     subsets, start = [], 0
     for image_set, pixels in zip(image_sets, pixel_sets, strict=True):
         order = ShuffledOrder(len(pixels), derive_seed(training.seed, "order", image_set.purpose))
