@@ -779,6 +779,7 @@ class Phase(str, Enum):
     generating_priors = "GeneratingPriors"
     training = "Training"
     exporting = "Exporting"
+    evaluating = "Evaluating"
     serving = "Serving"
     succeeded = "Succeeded"
     failed = "Failed"

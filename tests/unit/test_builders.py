@@ -139,6 +139,22 @@ def test_priors_run_standalone_per_pod_and_export_needs_no_gpu():
     )
 
 
+def test_the_evaluation_is_one_pod_with_one_gpu_at_most_running_dreambooth_evaluate():
+    (evaluate,) = builders.phase_jobs(JOB, names.EVALUATE, 0)
+    assert evaluate["metadata"]["name"] == "dog-evaluate"
+    pod = evaluate["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["dreambooth"]
+    assert container["args"] == ["evaluate", "--config", "/etc/dreambooth/trainer.json"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # of the node's 4
+    assert pod["serviceAccountName"] == "dog-trainer"  # may write status.evaluation
+    cpu = copy.deepcopy(DOCUMENT)
+    cpu["spec"]["resources"] |= {"gpusPerNode": 0, "processesPerNode": 1}
+    cpu["spec"]["training"] = {"mixedPrecision": "no"}
+    (on_cpu,) = builders.phase_jobs(parse_job(cpu), names.EVALUATE, 0)
+    assert "nvidia.com/gpu" not in str(on_cpu["spec"]["template"]["spec"]["containers"][0])
+
+
 def test_status_role_is_limited_to_this_jobs_status():
     role = builders.status_role(JOB)
     assert role["rules"] == [
