@@ -50,10 +50,10 @@ def run_evaluation(config: TrainerConfig, export_dir: Path) -> EvaluationStatus:
     """Score the artifact in `export_dir` and the base model; publish the report and grid."""
     cache = config.model_cache_dir()
     device, dtype = evaluation_device()
-    # The scores belong to this artifact: checked against its manifest, named in the report.
-    artifact_digest = verify(export_dir)
     real = load_subject_images(config)
     encoders = load_encoders(config.evaluation, cache, config.s3, device)
+    # The scores belong to this artifact: checked against its manifest, named in the report.
+    artifact_digest = verify(export_dir)
     trained = load_exported(config, export_dir, torch_dtype=dtype).to(device)
     base = load_pipeline(config.base_model, cache, config.s3, torch_dtype=dtype).to(device)
     directory = working_dir(config.output(EVALUATION_DIR), cache)
