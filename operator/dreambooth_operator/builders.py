@@ -213,6 +213,12 @@ def _env(job: DreamBoothJob, rank: int, component: str) -> list[dict[str, Any]]:
         # the first one serve their summed counts (on the pod's own /tmp emptyDir).
         variables.append({"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/tmp/prometheus"})
     variables += _s3_credentials(spec.storage.s3)
+    wandb = spec.tracking.wandb
+    if wandb and wandb.api_key_secret and component in (names.TRAIN, names.EVALUATE):
+        # The pods that log to W&B: the key from its Secret, never the value.
+        secret = wandb.api_key_secret
+        reference = {"name": secret.name, "key": secret.key}
+        variables.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": reference}})
     return variables
 
 

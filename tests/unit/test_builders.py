@@ -78,6 +78,20 @@ def test_credentials_only_by_secret_reference():
     assert TrainerConfig.model_validate_json(config_json).s3.credentials_secret is None
 
 
+def test_the_wandb_key_reaches_only_the_pods_that_log_and_only_by_secret_reference():
+    document = copy.deepcopy(DOCUMENT)
+    key = {"name": "wandb", "key": "api-key"}
+    document["spec"]["tracking"] = {"wandb": {"project": "dogs", "apiKeySecret": key}}
+    job = parse_job(document)
+    for component, logs in ((names.TRAIN, True), (names.EVALUATE, True), (names.PRIORS, False)):
+        env = env_of(builders.batch_job(job, component, 0, 0))
+        assert env.get("WANDB_API_KEY") == ({"secretKeyRef": key} if logs else None), component
+    config_json, _cache = trainer_inputs(job)
+    config = TrainerConfig.model_validate_json(config_json)
+    assert config.tracking.wandb.project == "dogs" and config.tracking.wandb.api_key_secret is None
+    assert "api-key" not in config_json
+
+
 def test_config_map_holds_the_trainer_config_the_spec_implies():
     config_json, _cache = trainer_inputs(JOB)
     config_map = next(

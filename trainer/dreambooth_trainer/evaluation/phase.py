@@ -23,6 +23,7 @@ from ..digest import verify
 from ..export import load_exported
 from ..locations import fetch_dir, publish_dir, working_dir
 from ..models.loading import load_pipeline
+from ..tracking import log_evaluation
 from .encoders import load_encoders
 from .prompts import plan_for
 from .run import GRID_FILE, REPORT_FILE, evaluate
@@ -59,7 +60,7 @@ def run_evaluation(config: TrainerConfig, export_dir: Path) -> EvaluationStatus:
     directory = working_dir(config.output(EVALUATION_DIR), cache)
     status = evaluate(trained, base, real, plan_for(config), encoders, directory, artifact_digest)
     publish_dir(directory, config.output(EVALUATION_DIR), config.s3)
-    write_tensorboard(config, status, directory / GRID_FILE)
+    log_scores(config, status, directory / GRID_FILE)
     log.info("evaluation: %s", status.summary)
     return status.model_copy(
         update={
@@ -84,15 +85,17 @@ def scalars(status: EvaluationStatus) -> dict[str, float]:
     return values
 
 
-def write_tensorboard(config: TrainerConfig, status: EvaluationStatus, grid: Path) -> None:
-    """The scores as scalars at the last training step, and the grid as an image, beside the
-    training's own TensorBoard logs."""
+def log_scores(config: TrainerConfig, status: EvaluationStatus, grid: Path) -> None:
+    """The scores and the grid beside the training's own logs: TensorBoard (scalars at the last
+    training step, the grid as an image) and W&B when the spec asks for it."""
     local = working_dir(config.output(LOGS_DIR), config.model_cache_dir())
     step = config.training.max_steps
+    values = scalars(status)
     with SummaryWriter(str(local)) as writer:
-        for name, value in scalars(status).items():
+        for name, value in values.items():
             writer.add_scalar(name, value, step)
         with Image.open(grid) as image:
             pixels = np.asarray(image.convert("RGB"))
         writer.add_image("evaluation/grid", pixels, step, dataformats="HWC")
+    log_evaluation(config, status, values, grid)
     publish_dir(local, config.output(LOGS_DIR), config.s3)
