@@ -76,6 +76,8 @@ def test_a_tiny_job_logs_scalars_samples_and_evaluation_to_wandb_offline(
         result.output[result.output.index("evaluation:") :].split("\nseconds:")[0]
     )
     assert scores["evaluation/trained/dino"] == printed["evaluation"]["trained"]["dino"]
+    method = printed["evaluation"]["diversityMethod"]
+    assert evaluate.summary["evaluation/diversityMethod"] == method
     # The key is nowhere in what the run wrote (W&B's own logs and files included).
     leaks = [p for p in output.rglob("*") if p.is_file() and API_KEY.encode() in p.read_bytes()]
     assert not leaks, leaks

@@ -101,6 +101,7 @@ def log_evaluation(
         return
     import wandb
 
+    # The summary keeps the last logged value of each key (the scores) by itself.
     run.log({**scalars, "evaluation/grid": wandb.Image(str(grid), caption=status.summary)})
-    run.summary.update({**scalars, "evaluation/diversityMethod": status.diversity_method})
+    run.summary["evaluation/diversityMethod"] = status.diversity_method
     run.finish()
