@@ -674,7 +674,9 @@ def _advance_evaluation(draft: _Draft, job: DreamBoothJob) -> bool:
     condition says why, a Warning event tells it, and the job goes on to serve or succeed."""
     if not job.spec.evaluation.enabled or condition(draft.status, COND_EVALUATED) is not None:
         return True
-    if deadline_passed(job, draft.status, draft.now):
+    live, _ = _by_attempt(draft.observed.jobs, names.EVALUATE, draft.status.restarts)
+    finished = bool(live) and all(j.succeeded for j in live)
+    if deadline_passed(job, draft.status, draft.now) and not finished:
         draft.stop_batch()
         deadline = job.spec.run_policy.active_deadline_seconds
         _evaluation_failed(

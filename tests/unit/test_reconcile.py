@@ -699,6 +699,10 @@ def test_the_deadline_stops_the_evaluation_only():
     assert decision.status.phase == "Succeeded"
     assert deleted(decision) == ["dog-evaluate"]
     assert condition(decision, COND_EVALUATED).reason == "DeadlineExceeded"
+    # One that finished before the pass that saw the deadline counts.
+    done = (ChildJob("dog-evaluate", names.EVALUATE, 0, 0, succeeded=True),)
+    decision, _ = step(scored(job), jobs=done)
+    assert condition(decision, COND_EVALUATED).reason == "Succeeded" and deleted(decision) == []
 
 
 def test_a_job_that_does_not_evaluate_succeeds_after_export():
