@@ -728,6 +728,42 @@ class EvaluationSpec(ApiModel):
     _uri_segments = field_validator("clip_uri", "dino_uri", mode="before")(no_dot_segments)
 
 
+class SecretKeySelector(ApiModel):
+    """One key of a Secret in the job's namespace."""
+
+    name: str = field(description="Secret name.", pattern=DNS_SUBDOMAIN, max_length=253)
+    key: str = field(description="Key within the Secret.", pattern=r"^[-._a-zA-Z0-9]+$")
+
+
+class WandbSpec(ApiModel):
+    project: str = field(
+        description="W&B project the run is logged to.",
+        min_length=1,
+        max_length=128,
+        pattern=r"^[^/\\#?%:]+$",
+    )
+    entity: str | None = field(
+        None, description="W&B entity (user or team); default the API key's.", max_length=128
+    )
+    run_name: str | None = field(
+        None, description="Display name of the run; default the job's name.", max_length=128
+    )
+    api_key_secret: SecretKeySelector | None = field(
+        None,
+        description="The Secret key holding the W&B API key, given to the training and "
+        "evaluation pods as WANDB_API_KEY (never put the key itself in the spec). Without it the "
+        "run is logged offline into <outputUri>/logs/wandb, for `wandb sync` later.",
+    )
+
+
+class TrackingSpec(ApiModel):
+    wandb: WandbSpec | None = field(
+        None,
+        description="Log to Weights & Biases too (TensorBoard is always written): the training "
+        "scalars, the sample grids and the evaluation, in one run per job.",
+    )
+
+
 class RunPolicy(ApiModel):
     backoff_limit: int = field(
         3, description="Gang restarts allowed before the job fails.", ge=0, le=100
@@ -760,6 +796,9 @@ class DreamBoothJobSpec(ApiModel):
     inference: InferenceSpec = field(InferenceSpec, description="Inference deployment.")
     evaluation: EvaluationSpec = field(
         EvaluationSpec, description="Subject and prompt fidelity of the trained model."
+    )
+    tracking: TrackingSpec = field(
+        TrackingSpec, description="Experiment tracking beyond TensorBoard."
     )
     run_policy: RunPolicy = field(RunPolicy, description="Restarts, deadlines and suspension.")
 
@@ -803,6 +842,7 @@ class Phase(str, Enum):
     generating_priors = "GeneratingPriors"
     training = "Training"
     exporting = "Exporting"
+    evaluating = "Evaluating"
     serving = "Serving"
     succeeded = "Succeeded"
     failed = "Failed"

@@ -20,6 +20,8 @@ EXPORT_DIR = "export"
 PIPELINE_DIR = "pipeline"  # inside EXPORT_DIR
 SAMPLES_DIR = "samples"
 EVALUATION_DIR = "evaluation"
+EVALUATION_REPORT = "report.json"  # inside EVALUATION_DIR
+EVALUATION_GRID = "grid.png"  # inside EVALUATION_DIR
 LOGS_DIR = "logs"
 PRIORS_DIR = "priors"  # beside the output location, unless storage.priorCacheUri says otherwise
 

@@ -22,6 +22,7 @@ ANNOTATION_APPLIED_SPEC = f"{GROUP}/applied-spec"
 PRIORS = "priors"
 TRAIN = "train"
 EXPORT = "export"
+EVALUATE = "evaluate"
 INFERENCE = "inference"
 SERVER = "server"
 # Annotated on a server's pods with the publication index's digest after each change: a pod
@@ -47,6 +48,10 @@ def rank_job(job: str, component: str, rank: int) -> str:
 
 def export_job(job: str) -> str:
     return f"{job}-{EXPORT}"
+
+
+def evaluate_job(job: str) -> str:
+    return f"{job}-{EVALUATE}"
 
 
 def train_service(job: str) -> str:

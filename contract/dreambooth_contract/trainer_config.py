@@ -27,6 +27,7 @@ from .api import (
     InstanceSpec,
     PriorPreservationSpec,
     S3Spec,
+    TrackingSpec,
     TrainingSpec,
     ValidationSpec,
     no_dot_segments,
@@ -72,6 +73,10 @@ class TrainerConfig(ApiModel):
     export: ExportSpec = Field(ExportSpec(), description="What the export phase writes.")
     evaluation: EvaluationSpec = Field(
         EvaluationSpec(), description="The evaluation phase (spec.evaluation)."
+    )
+    tracking: TrackingSpec = Field(
+        TrackingSpec(),
+        description="Experiment tracking (spec.tracking), without the API key's Secret.",
     )
     export_fp16_variant: bool = Field(
         False, description="Also export fp16 weights (diffusers variant) and an fp16 single file."
@@ -123,6 +128,11 @@ class TrainerConfig(ApiModel):
                 if is_local_model(getattr(spec.evaluation, name))
             }
         )
+        # The pods get the key from the Secret as a variable; the config need not name it.
+        wandb = spec.tracking.wandb
+        tracking = spec.tracking.model_copy(
+            update={"wandb": wandb and wandb.model_copy(update={"api_key_secret": None})}
+        )
         return cls(
             job_name=job.metadata.name,
             namespace=job.metadata.namespace,
@@ -131,6 +141,7 @@ class TrainerConfig(ApiModel):
             prior_preservation=spec.prior_preservation,
             training=training,
             evaluation=evaluation,
+            tracking=tracking,
             nodes=spec.resources.nodes,
             processes_per_node=spec.resources.processes,
             gpus_per_node=spec.resources.gpus_per_node,

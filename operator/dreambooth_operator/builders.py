@@ -172,6 +172,16 @@ def pod_service_account(job: DreamBoothJob) -> str:
 
 # ------------------------------------------------------------------------------ pods and Jobs
 
+# The `dreambooth` subcommand each phase's pods run.
+SUBCOMMANDS = {
+    names.PRIORS: "priors",
+    names.TRAIN: "train",
+    names.EXPORT: "export",
+    names.EVALUATE: "evaluate",
+}
+# Phases of one pod, and its name.
+SINGLE_POD = {names.EXPORT: names.export_job, names.EVALUATE: names.evaluate_job}
+
 
 def _resources(requirements: ResourceRequirements, gpus: int) -> dict[str, Any]:
     requests = {k: str(v) for k, v in requirements.requests.items()}
@@ -203,6 +213,12 @@ def _env(job: DreamBoothJob, rank: int, component: str) -> list[dict[str, Any]]:
         # the first one serve their summed counts (on the pod's own /tmp emptyDir).
         variables.append({"name": "PROMETHEUS_MULTIPROC_DIR", "value": "/tmp/prometheus"})
     variables += _s3_credentials(spec.storage.s3)
+    wandb = spec.tracking.wandb
+    if wandb and wandb.api_key_secret and component in (names.TRAIN, names.EVALUATE):
+        # The pods that log to W&B: the key from its Secret, never the value.
+        secret = wandb.api_key_secret
+        reference = {"name": secret.name, "key": secret.key}
+        variables.append({"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": reference}})
     return variables
 
 
@@ -232,10 +248,7 @@ def pod_template(
 ) -> dict[str, Any]:
     spec, job_name = job.spec, job.metadata.name
     torchrun = {names.TRAIN: "rendezvous", names.PRIORS: "standalone"}.get(component, "none")
-    command, args = _trainer_command(
-        {names.TRAIN: "train", names.PRIORS: "priors", names.EXPORT: "export"}[component],
-        torchrun,
-    )
+    command, args = _trainer_command(SUBCOMMANDS[component], torchrun)
     pod_labels = names.labels(
         job_name, component, **{names.LABEL_RANK: str(rank), names.LABEL_ATTEMPT: str(attempt)}
     )
@@ -292,14 +305,21 @@ def pod_template(
     return {"metadata": {"labels": pod_labels}, "spec": pod_spec}
 
 
+def _gpus(job: DreamBoothJob, component: str) -> int:
+    """Export copies weights (no GPU); the evaluation generates images on one GPU at most
+    (none for a CPU job); priors and training pods get every GPU of their node."""
+    gpus = job.spec.resources.gpus_per_node
+    return {names.EXPORT: 0, names.EVALUATE: min(gpus, 1)}.get(component, gpus)
+
+
 def batch_job(job: DreamBoothJob, component: str, rank: int, attempt: int) -> Manifest:
     """One pod, no retries: the operator decides about restarts (of the whole gang)."""
     name = (
-        names.export_job(job.metadata.name)
-        if component == names.EXPORT
+        SINGLE_POD[component](job.metadata.name)
+        if component in SINGLE_POD
         else names.rank_job(job.metadata.name, component, rank)
     )
-    gpus = 0 if component == names.EXPORT else job.spec.resources.gpus_per_node
+    gpus = _gpus(job, component)
     passed = {k: v for k, v in job.metadata.labels.items() if k in names.PASS_THROUGH_LABELS}
     metadata = _metadata(
         job,
@@ -322,8 +342,9 @@ def batch_job(job: DreamBoothJob, component: str, rank: int, attempt: int) -> Ma
 
 
 def phase_jobs(job: DreamBoothJob, component: str, attempt: int) -> list[Manifest]:
-    """All batch Jobs of a phase: one per node for priors and training, one for export."""
-    ranks = 1 if component == names.EXPORT else job.spec.resources.nodes
+    """All batch Jobs of a phase: one per node for priors and training, one for export and
+    one for the evaluation."""
+    ranks = 1 if component in SINGLE_POD else job.spec.resources.nodes
     return [batch_job(job, component, rank, attempt) for rank in range(ranks)]
 
 

@@ -20,6 +20,7 @@ LAZY_COMMANDS = {
     "train": ("dreambooth_trainer.cli:train", "Train (one torchrun rank) from a trainer config."),
     "priors": ("dreambooth_trainer.cli:priors", "Generate class-prior images (a shard)."),
     "export": ("dreambooth_trainer.cli:export", "Export the trained pipeline with a digest."),
+    "evaluate": ("dreambooth_trainer.cli:evaluate", "Score the export and the base model."),
     "serve": ("dreambooth_trainer.serve.cli:serve", "Serve an exported pipeline over HTTP."),
     "operator": ("dreambooth_operator.handlers:operator_command", "Run the operator (kopf)."),
 }

@@ -161,6 +161,13 @@ PRINTER_COLUMNS = [
     {"name": "Restarts", "type": "integer", "jsonPath": ".status.restarts"},
     {"name": "Checkpoint", "type": "integer", "jsonPath": ".status.checkpoint.step", "priority": 1},
     {"name": "Endpoint", "type": "string", "jsonPath": ".status.inference.endpoint", "priority": 1},
+    # -o wide: the trained model's DINO score and its gain over the base model's.
+    {
+        "name": "Evaluation",
+        "type": "string",
+        "jsonPath": ".status.evaluation.summary",
+        "priority": 1,
+    },
     # -o wide: whether the export is a whole pipeline or a LoRA adapter, and for which base.
     {"name": "Artifact", "type": "string", "jsonPath": ".status.artifact.kind", "priority": 1},
     {"name": "Base", "type": "string", "jsonPath": ".status.artifact.baseModel", "priority": 1},

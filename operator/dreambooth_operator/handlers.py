@@ -292,6 +292,13 @@ def job_phases(namespace: str, name: str, status: dict, **_: Any):
     return {(namespace, name): status.get("phase") or Phase.pending.value}
 
 
+@kopf.index(GROUP, VERSION, PLURAL)
+def job_evaluations(namespace: str, name: str, status: dict, **_: Any):
+    """The scores of each job evaluated (status.evaluation, as its evaluation pod wrote it)."""
+    evaluation = status.get("evaluation")
+    return {(namespace, name): dict(evaluation)} if evaluation else None
+
+
 class Wakeups:
     """Cuts a job's daemon's wait short when the job or one of its children changes: one
     asyncio.Event per running daemon, keyed by (namespace, job name)."""
@@ -675,10 +682,24 @@ class JobPhases:
             yield from values
 
 
+class JobEvaluations(JobPhases):
+    """Every evaluated job's scores, for the evaluation gauge: (namespace, job, evaluation)."""
+
+    def __call__(self) -> Iterator[tuple[str, str, dict[str, Any]]]:  # type: ignore[override]
+        for (namespace, name), values in (self.index or {}).items():
+            for evaluation in values:
+                yield namespace, name, evaluation
+
+
 @kopf.on.startup()
-def hand_phase_index_to_metrics(job_phases: kopf.Index, memo: kopf.Memo, **_: Any) -> None:
-    if "phases" in memo:  # absent when kopf runs this module without operator_command
+def hand_phase_index_to_metrics(
+    job_phases: kopf.Index, job_evaluations: kopf.Index, memo: kopf.Memo, **_: Any
+) -> None:
+    # Absent when kopf runs this module without operator_command.
+    if "phases" in memo:
         memo.phases.index = job_phases
+    if "evaluations" in memo:
+        memo.evaluations.index = job_evaluations
 
 
 @click.command("operator")
@@ -713,8 +734,8 @@ def operator_command(
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO)
     if kubeconfig:
         os.environ["KUBECONFIG"] = kubeconfig  # for kopf's login and for kube.load_config
-    phases = JobPhases()
-    metrics.serve(metrics_port, phases)
+    phases, evaluations = JobPhases(), JobEvaluations()
+    metrics.serve(metrics_port, phases, evaluations)
     kopf.run(
         standalone=True,
         clusterwide=not namespaces,
@@ -724,5 +745,6 @@ def operator_command(
             passes=liveness.PassTracker(stuck_pass_seconds),
             filter_children=server_side_filtering,
             phases=phases,
+            evaluations=evaluations,
         ),
     )

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 from collections import Counter as Tally
 from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import Counter, Histogram, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import REGISTRY, Collector
 
-from dreambooth_contract.api import Phase
+from dreambooth_contract.api import EvaluationScores, Phase
 
 JOBS_CREATED = Counter(
     "dreambooth_operator_jobs_created_total", "DreamBoothJobs seen for the first time."
@@ -49,6 +50,44 @@ class PhaseCollector(Collector):
         yield gauge
 
 
-def serve(port: int, phases: Callable[[], Iterable[str]]) -> None:
+# (namespace, job name, status.evaluation as the job holds it)
+JobEvaluation = tuple[str, str, dict[str, Any]]
+EVALUATED_MODELS = ("trained", "base")
+
+
+class EvaluationCollector(Collector):
+    """dreambooth_operator_evaluation_score{dreambooth_namespace, dreambooth_job, model, metric}:
+    every existing job's scores, read at scrape time from the operator's index, like
+    kube-state-metrics' per-object series. The labels are bounded: metric is one of the five
+    scores, model trained or base, and a job's series go when the job does (its TTL, or a
+    delete)."""
+
+    def __init__(self, evaluations: Callable[[], Iterable[JobEvaluation]]):
+        self.evaluations = evaluations
+
+    def collect(self):
+        gauge = GaugeMetricFamily(
+            "dreambooth_operator_evaluation_score",
+            "Evaluation scores of a DreamBoothJob's trained model and of its base model "
+            "(metric: dino, clip_i, clip_t, pres, div; see status.evaluation).",
+            # Not `namespace` and `job`: the scrape's own target labels (the operator's).
+            labels=["dreambooth_namespace", "dreambooth_job", "model", "metric"],
+        )
+        for namespace, job, evaluation in self.evaluations():
+            for model in EVALUATED_MODELS:
+                scores = evaluation.get(model) or {}
+                for metric, info in EvaluationScores.model_fields.items():
+                    value = scores.get(info.alias or metric)
+                    if isinstance(value, int | float):
+                        gauge.add_metric([namespace, job, model, metric], float(value))
+        yield gauge
+
+
+def serve(
+    port: int,
+    phases: Callable[[], Iterable[str]],
+    evaluations: Callable[[], Iterable[JobEvaluation]] = tuple,
+) -> None:
     REGISTRY.register(PhaseCollector(phases))
+    REGISTRY.register(EvaluationCollector(evaluations))
     start_http_server(port)

@@ -6,12 +6,13 @@ build a decision are named for what they decide, and `reconcile` calls them in t
 that is right (see `_decide_phase`).
 
 Level-triggered: nothing here remembers events. The phase is recomputed every time from the
-milestone conditions (PriorsReady, Trained, Exported) and the children that exist, so an
+milestone conditions (PriorsReady, Trained, Exported, Evaluated) and the children that exist, so an
 operator restart, a lost event or a deleted child all heal by the next call.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -23,6 +24,7 @@ from dreambooth_contract.api import (
     Condition,
     DreamBoothJob,
     DreamBoothJobStatus,
+    EvaluationStatus,
     InferenceStatus,
     Phase,
     PriorsStatus,
@@ -40,6 +42,9 @@ MUTABLE_SPEC_SECTIONS = ("runPolicy", "inference")
 COND_PRIORS_READY = "PriorsReady"
 COND_TRAINED = "Trained"
 COND_EXPORTED = "Exported"
+# True with the scores in its message, False when the evaluation failed (the artifact stands);
+# absent while it runs, and for jobs that do not evaluate.
+COND_EVALUATED = "Evaluated"
 COND_SUSPENDED = "Suspended"
 COND_FAILED = "Failed"
 COND_COMPLETE = "Complete"
@@ -53,6 +58,10 @@ EVENT_NORMAL, EVENT_WARNING = "Normal", "Warning"
 REASON_INVALID_SPEC = "InvalidSpec"
 REASON_CHILD_REJECTED = "ChildRejected"
 REASON_SERVER_REFUSED = "ServerRefused"
+# Why an evaluation failed (the Evaluated condition's reason, and its Warning event's).
+REASON_EVALUATION_FAILED = "EvaluationFailed"
+REASON_EVALUATION_DEADLINE = "DeadlineExceeded"
+REASON_NO_REPORT = "NoReport"
 
 # Pod phases (Kubernetes'), as the pod index reports them.
 POD_PENDING, POD_RUNNING = "Pending", "Running"
@@ -275,12 +284,19 @@ def ttl_expired(job: DreamBoothJob, status: DreamBoothJobStatus, now: datetime) 
     return ttl is not None and _elapsed(status.completion_time, now) >= ttl
 
 
-def deadline_exceeded(job: DreamBoothJob, status: DreamBoothJobStatus, now: datetime) -> bool:
-    """activeDeadlineSeconds bounds the batch work, as a Job's does: not a suspended job (whose
-    clock restarts on resume) and not serving, which may last as long as it is wanted."""
+def deadline_passed(job: DreamBoothJob, status: DreamBoothJobStatus, now: datetime) -> bool:
+    """activeDeadlineSeconds have passed since the job's pods first ran (or were resumed)."""
     deadline = job.spec.run_policy.active_deadline_seconds
     started = status.start_time
-    if deadline is None or started is None or _elapsed(started, now) < deadline:
+    return deadline is not None and started is not None and _elapsed(started, now) >= deadline
+
+
+def deadline_exceeded(job: DreamBoothJob, status: DreamBoothJobStatus, now: datetime) -> bool:
+    """activeDeadlineSeconds bounds the batch work, as a Job's does: not a suspended job (whose
+    clock restarts on resume) and not serving, which may last as long as it is wanted. Once
+    exported, the job has its artifact: past the deadline only a running evaluation stops
+    (and fails alone, see _advance_evaluation)."""
+    if not deadline_passed(job, status, now) or condition_is_true(status, COND_EXPORTED):
         return False
     # Still marked Suspended: this pass resumes it, and the clock restarts from the resume.
     paused = job.spec.run_policy.suspend or condition_is_true(status, COND_SUSPENDED)
@@ -505,11 +521,15 @@ def _decide_phase(draft: _Draft, job: DreamBoothJob) -> str:
         return _failed_or(draft, phase_in_progress(draft.status, draft.observed, names.TRAIN))
     if not _advance_milestone(draft, job, names.EXPORT, "pipeline exported"):
         return _failed_or(draft, Phase.exporting.value)
+    # Serving starts beside the evaluation, not after it: the scores are a report, not a gate.
+    evaluated = _advance_evaluation(draft, job)
     if job.spec.inference.server is not None:
         return _publish(draft, job, refused)
     if job.spec.inference.enabled:
         return _serve(draft, job)
     _stop_serving(draft, job)
+    if not evaluated:
+        return Phase.evaluating.value
     draft.set_condition(COND_COMPLETE, True, "Succeeded", "trained and exported")
     return Phase.succeeded.value
 
@@ -570,13 +590,20 @@ def _resume(draft: _Draft) -> None:
 # ---- the batch phases
 
 
-def _run_phase(draft: _Draft, job: DreamBoothJob, component: str) -> bool:
-    """Drive one phase's Jobs; True once every rank succeeded in the current attempt."""
+# What to do about a phase's failed ranks: (draft, job, component, live Jobs, failed Jobs).
+FailureHandler = Callable[["_Draft", DreamBoothJob, str, list[ChildJob], list[ChildJob]], None]
+
+
+def _run_phase(
+    draft: _Draft, job: DreamBoothJob, component: str, on_failure: FailureHandler | None = None
+) -> bool:
+    """Drive one phase's Jobs; True once every rank succeeded in the current attempt. A failed
+    rank is handed to `on_failure` (default: restart the gang)."""
     attempt = draft.status.restarts
     live, stale = _by_attempt(draft.observed.jobs, component, attempt)
     failed = [j for j in live if j.failed]
     if failed:
-        _restart_gang(draft, job, component, live, failed)
+        (on_failure or _restart_gang)(draft, job, component, live, failed)
         return False
     if stale:
         # Names are deterministic: the next attempt waits until the old pods are gone.
@@ -662,6 +689,73 @@ def _advance_milestone(draft: _Draft, job: DreamBoothJob, component: str, messag
         return False
     draft.set_condition(kind, True, "Succeeded", message)
     return True
+
+
+# ---- the evaluation
+
+
+def _advance_evaluation(draft: _Draft, job: DreamBoothJob) -> bool:
+    """Drive the evaluation of the export; True once it is over (Evaluated True or False) or
+    when the job does not evaluate. A failed evaluation fails only itself: the Evaluated
+    condition says why, a Warning event tells it, and the job goes on to serve or succeed."""
+    if not job.spec.evaluation.enabled or condition(draft.status, COND_EVALUATED) is not None:
+        return True
+    live, _ = _by_attempt(draft.observed.jobs, names.EVALUATE, draft.status.restarts)
+    finished = bool(live) and all(j.succeeded for j in live)
+    if deadline_passed(job, draft.status, draft.now) and not finished:
+        draft.stop_batch()
+        deadline = job.spec.run_policy.active_deadline_seconds
+        _evaluation_failed(
+            draft,
+            REASON_EVALUATION_DEADLINE,
+            f"the evaluation was stopped: the job ran longer than activeDeadlineSeconds={deadline}",
+        )
+        return True
+    if not _run_phase(draft, job, names.EVALUATE, on_failure=_evaluation_pod_failed):
+        return condition(draft.status, COND_EVALUATED) is not None
+    evaluation = draft.status.evaluation
+    if evaluation is None:
+        _evaluation_failed(
+            draft, REASON_NO_REPORT, "the evaluation pod succeeded but reported no scores"
+        )
+        return True
+    draft.set_condition(COND_EVALUATED, True, "Succeeded", evaluation_message(evaluation))
+    return True
+
+
+def evaluation_message(evaluation: EvaluationStatus) -> str:
+    """The Evaluated condition's message: each score, trained (base)."""
+    trained, base = evaluation.trained, evaluation.base
+    scores = [
+        f"{label} {getattr(trained, key):.3f} (base {getattr(base, key):.3f})"
+        for label, key in EVALUATION_LABELS
+        if getattr(trained, key) is not None and getattr(base, key) is not None
+    ]
+    report = [f"report {evaluation.report_uri}"] if evaluation.report_uri else []
+    return "; ".join(scores + report)
+
+
+EVALUATION_LABELS = (
+    ("DINO", "dino"),
+    ("CLIP-I", "clip_i"),
+    ("CLIP-T", "clip_t"),
+    ("PRES", "pres"),
+    ("DIV", "div"),
+)
+
+
+def _evaluation_pod_failed(
+    draft: _Draft, job: DreamBoothJob, component: str, live: list[ChildJob], failed: list[ChildJob]
+) -> None:
+    """No restart: what fails an evaluation (an encoder that cannot load) fails it again."""
+    _, detail = _failure_detail(component, failed, draft.observed.pods)
+    _evaluation_failed(draft, REASON_EVALUATION_FAILED, f"{detail}; the artifact is unaffected")
+
+
+def _evaluation_failed(draft: _Draft, reason: str, message: str) -> None:
+    """Evaluated False and a Warning event (a condition born False makes none by itself)."""
+    draft.set_condition(COND_EVALUATED, False, reason, message, warn=True)
+    draft.act(Event(EVENT_WARNING, reason, message))
 
 
 # ---- serving

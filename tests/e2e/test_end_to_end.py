@@ -51,6 +51,10 @@ ACCESS_KEY_ID = "AKIACANARYE2E0000042"
 SECRET_ACCESS_KEY = "canary/e2e-secret-access-key+NeverLogged42"
 API_KEY = "canary-e2e-inference-api-key-42"
 PROMPT = "a photo of sks cube"
+# The example's evaluation (random CLIP and DINO), on two prompts and 2 steps: every score,
+# for the trained and the base model, at a fraction of the example's cost.
+EVALUATION = {"enabled": True, "prompts": [PROMPT, f"{PROMPT} on the beach"], "steps": 2}
+SCORES = {"dino", "clipI", "clipT", "pres", "div"}
 
 
 @pytest.fixture
@@ -79,6 +83,9 @@ def s3_job(s3_server, s3_bucket, namespace, kube_api):
         spec["training"].update(maxSteps=24, checkpointing={"interval": 8, "keep": 2})
         spec["training"]["validation"] = {"prompts": [], "interval": 1000}
         spec["training"]["sharding"] = {"backend": "ddp"}
+        # An evaluation costs a pod (the example's, a minute of CPU): only the tests of it ask
+        # for one (evaluation=EVALUATION or their own).
+        spec["evaluation"]["enabled"] = False
         spec["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1}
         spec["storage"] = {
             "outputUri": f"s3://{s3_bucket}/runs/{name}",
@@ -189,8 +196,17 @@ def assert_no_credentials(operator, node, jobs, s3_server, bucket: str) -> None:
     assert not leaks, leaks
 
 
-def test_local_example_trains_on_two_nodes_exports_and_serves(
-    operator_factory, kube_node, jobs, namespace, s3_job, prometheus, s3_server, s3_bucket, tmp_path
+def test_local_example_trains_on_two_nodes_exports_evaluates_and_serves(
+    operator_factory,
+    kube_node,
+    jobs,
+    namespace,
+    s3_job,
+    prometheus,
+    s3_server,
+    s3_bucket,
+    tmp_path,
+    kubectl,
 ):
     operator = operator_factory(namespace)
     trainer_metrics = kube_node.host_port(namespace, env.TRAINER_METRICS_PORT)
@@ -204,7 +220,8 @@ def test_local_example_trains_on_two_nodes_exports_and_serves(
     # The spec has no inference API key yet: every pod gets one in its environment (as an
     # admission webhook could give it), so the server requires it and no program may log it.
     kube_node.extra_env[API_KEY_ENV] = API_KEY
-    jobs.create(s3_job("toy", inference={"enabled": True, "gpus": 0, "replicas": 1}))
+    inference = {"enabled": True, "gpus": 0, "replicas": 1}
+    jobs.create(s3_job("toy", inference=inference, evaluation=EVALUATION))
     recorder = StatusRecorder(jobs, "toy")
     recorder.start()
 
@@ -259,7 +276,37 @@ def test_local_example_trains_on_two_nodes_exports_and_serves(
         return any(s.metadata.name == "toy-inference" and s.metadata.uid != first for s in services)
 
     wait_until("inference Service recreated", recreated, 60, operator.log)
+    _assert_evaluated(operator, kube_node, jobs, prom, kubectl, s3_server)
     assert_no_credentials(operator, kube_node, jobs, s3_server, s3_bucket)
+
+
+def _evaluated(status: dict) -> dict | None:
+    return next((c for c in status.get("conditions") or [] if c["type"] == "Evaluated"), None)
+
+
+def _assert_evaluated(operator, node, jobs, prom, kubectl, s3_server) -> None:
+    """The evaluation pod ran beside serving: every score of the trained and the base model in
+    status.evaluation, the Evaluated condition, the report in S3 naming the artifact, the
+    -o wide column, and the operator's gauges."""
+    logs = lambda: _pod_logs(node, jobs) + operator.log()[-3000:]  # noqa: E731
+    status = jobs.wait("toy", _evaluated, "Evaluated", 300, logs)
+    condition = _evaluated(status)
+    assert (condition["status"], condition["reason"]) == ("True", "Succeeded"), condition
+    evaluation = status["evaluation"]
+    for model in ("trained", "base"):
+        assert set(evaluation[model]) == SCORES, evaluation
+        assert all(-1 <= evaluation[model][k] <= 2 for k in SCORES), evaluation
+    assert evaluation["images"] == 3 * 2  # two prompts and the class prompt, 2 images each
+    assert f"DINO {evaluation['trained']['dino']:.3f}" in condition["message"]
+    bucket, _, key = evaluation["reportUri"].removeprefix("s3://").partition("/")
+    report = json.loads(s3_server.client().get_object(Bucket=bucket, Key=key)["Body"].read())
+    assert report["artifactDigest"] == status["artifact"]["digest"]
+    table = kubectl("get", "dbj", "toy", "-n", jobs.namespace, "-o", "wide").stdout
+    assert "EVALUATION" in table.split("\n")[0] and evaluation["summary"] in table, table
+    dino = (
+        'dreambooth_operator_evaluation_score{dreambooth_job="toy",model="trained",metric="dino"}'
+    )
+    prom.wait_for_value(dino, lambda v: round(v, 4) == evaluation["trained"]["dino"], 30)
 
 
 def _running(jobs, job_name: str) -> str | None:
@@ -390,8 +437,13 @@ def test_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_a
     training = {**lora, "maxSteps": 16, "learningRate": 1e-3}
     # One CPU makes the server run one torch thread (--cpu-threads 1), as the plain process.
     inference = {"enabled": True, "gpus": 0, "resources": {"limits": {"cpu": "1"}}}
-    skipped = {"priorPreservation": {"enabled": False}, "evaluation": {"enabled": False}}
-    jobs.create(s3_job("lora", training=training, inference=inference, **skipped))
+    # An evaluation model that cannot load fails the evaluation only: the job serves anyway.
+    missing = "/models/no-such-clip"
+    evaluation = {**EVALUATION, "clipUri": missing}
+    skipped = {"priorPreservation": {"enabled": False}}
+    jobs.create(
+        s3_job("lora", training=training, inference=inference, evaluation=evaluation, **skipped)
+    )
     status = _kill_rank_1_at_checkpoint_8(operator, kube_node, jobs, "lora", pause)
     assert status["phase"] == "Serving", _pod_logs(kube_node, jobs)
     artifact = status["artifact"]
@@ -417,6 +469,17 @@ def test_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_a
     assert not np.array_equal(adapted, base)  # the adapter shows
     # The same float32 computation on the same CPU, one thread each: the same pixels exactly.
     np.testing.assert_array_equal(_pixels(served), adapted)
+    evaluated = _evaluated(jobs.wait("lora", _evaluated, "Evaluated", 300, operator.log))
+    assert (evaluated["status"], evaluated["reason"]) == ("False", "EvaluationFailed"), evaluated
+    assert missing in evaluated["message"], evaluated
+    warnings = [
+        e for e in jobs.core.list_namespaced_event(namespace).items
+        if e.reason == "EvaluationFailed" and e.involved_object.name == "lora"
+    ]  # fmt: skip
+    assert warnings and warnings[0].type == "Warning" and missing in warnings[0].message
+    final = jobs.status("lora")
+    assert final["phase"] == "Serving" and final["artifact"] == artifact
+    assert "evaluation" not in final
     assert_no_credentials(operator, kube_node, jobs, s3_server, s3_bucket)
 
 

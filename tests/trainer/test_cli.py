@@ -9,9 +9,10 @@ import pytest
 import yaml
 from click.testing import CliRunner
 from PIL import Image
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dreambooth_contract.api import EvaluationStatus
-from dreambooth_contract.env import EXIT_BAD_INPUT
+from dreambooth_contract.env import EXIT_BAD_INPUT, TERMINATION_LOG_ENV
 from dreambooth_operator.cli import main
 from dreambooth_trainer.digest import verify
 
@@ -55,6 +56,28 @@ def test_local_run_of_the_example(tmp_path: Path):
     assert evaluation.images == rows * spec["imagesPerPrompt"]
     with Image.open(evaluation.grid_uri) as grid:  # base left, trained right
         assert grid.size == (2 * spec["imagesPerPrompt"] * 64, rows * 64)
+    # The export's manifest names the report; the report names the artifact by its digest.
+    manifest = json.loads((output / "export" / "manifest.json").read_text())
+    assert manifest["evaluation"] == {
+        "report": "../evaluation/report.json",
+        "grid": "../evaluation/grid.png",
+    }
+    assert report["artifactDigest"] == digest
+    # TensorBoard: every score of both models at the last step, and the grid.
+    logs = EventAccumulator(str(output / "logs"))
+    logs.Reload()
+    tags = logs.Tags()
+    trained_dino = logs.Scalars("evaluation/trained/dino")
+    assert [(e.step, round(e.value, 4)) for e in trained_dino] == [
+        (
+            yaml.safe_load(EXAMPLE.read_text())["spec"]["training"]["maxSteps"],
+            evaluation.trained.dino,
+        )
+    ]
+    for model in ("trained", "base"):
+        for metric in ("dino", "clipI", "clipT", "pres", "div"):
+            assert f"evaluation/{model}/{metric}" in tags["scalars"]
+    assert "evaluation/grid" in tags["images"]
     example = yaml.safe_load(EXAMPLE.read_text())["spec"]["training"]
     steps, interval = example["maxSteps"], example["validation"]["interval"]
     grids = sorted(p.name for p in (output / "samples").glob("step-*.png"))
@@ -103,7 +126,7 @@ def trainer_config(tmp_path: Path) -> dict:
 def test_invalid_config_exits_2_naming_the_field(tmp_path: Path, change, field):
     config = trainer_config(tmp_path)
     change(config)
-    for command in ("train", "priors", "export"):
+    for command in ("train", "priors", "export", "evaluate"):
         result = invoke(command, "--config", str(write(tmp_path / "config.json", config)))
         assert result.exit_code == EXIT_BAD_INPUT, (command, result.output)
         assert field in result.output
@@ -116,6 +139,20 @@ def test_missing_subject_images_exit_2_naming_the_field(tmp_path: Path):
     result = invoke("train", "--config", str(write(tmp_path / "config.json", config)))
     assert result.exit_code == EXIT_BAD_INPUT
     assert "instance.imagesUri" in result.output
+
+
+def test_a_failed_evaluation_leaves_its_reason_as_the_termination_message(
+    tmp_path: Path, monkeypatch
+):
+    """The operator reads the evaluation pod's termination message into the Evaluated
+    condition: here, an export that is not there."""
+    message = tmp_path / "termination-log"
+    monkeypatch.setenv(TERMINATION_LOG_ENV, str(message))
+    config = write(tmp_path / "config.json", trainer_config(tmp_path))
+    result = CliRunner().invoke(main, ["evaluate", "--config", str(config)])
+    assert result.exit_code == 1 and isinstance(result.exception, FileNotFoundError)
+    assert message.read_text().startswith("FileNotFoundError: ")
+    assert "manifest.json" in message.read_text()
 
 
 def test_bad_shard_exits_2(tmp_path: Path):

@@ -3,21 +3,25 @@ the evaluation's encoders."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 from torch.utils.tensorboard import SummaryWriter
 
+from dreambooth_contract.api import EvaluationStatus
 from dreambooth_contract.layout import EVALUATION_DIR, EXPORT_DIR, TRAINED_DIR
+from dreambooth_operator.cli import main
 from dreambooth_trainer import priors
 from dreambooth_trainer.callbacks import Callback
 from dreambooth_trainer.digest import MANIFEST, verify
 from dreambooth_trainer.evaluation import random_encoders
-from dreambooth_trainer.evaluation.phase import run_evaluation
 from dreambooth_trainer.export import run_export
 from dreambooth_trainer.locations import publish_dir
 from dreambooth_trainer.models import random_models
 from dreambooth_trainer.parallel import World
+from dreambooth_trainer.progress import ENV_FILE
 from dreambooth_trainer.storage import open_store
 from dreambooth_trainer.train import PublishAsYouGo, TrainingInterrupted, run_training
 
@@ -73,10 +77,24 @@ def test_phases_read_and_write_s3(s3_server, s3_bucket, make_config, monkeypatch
     assert export.exists(MANIFEST)
     assert verify(downloaded) == result.digest
 
-    evaluation = run_evaluation(config, result.directory)
+    # The evaluation pod's command, on a cache without the export: it fetches it from S3, and
+    # reports status.evaluation (here to a file, as `dreambooth run` does; to the job in a pod).
+    config = config.model_copy(update={"cache_dir": str(tmp_path / "evaluation-pod")})
+    config_file = tmp_path / "trainer.json"
+    config_file.write_text(config.to_json())
+    monkeypatch.setenv(ENV_FILE, str(tmp_path / "status.json"))
+    evaluated = CliRunner().invoke(main, ["evaluate", "--config", str(config_file)])
+    assert evaluated.exit_code == 0, evaluated.output
+    reported = json.loads((tmp_path / "status.json").read_text())["evaluation"]
+    evaluation = EvaluationStatus.model_validate(reported)
+    assert evaluation.summary in evaluated.output
     assert evaluation.report_uri == config.output(EVALUATION_DIR, "report.json")
-    assert open_store(config.output(EVALUATION_DIR), endpoint).exists("report.json")
-    assert open_store(config.output(EVALUATION_DIR), endpoint).exists("grid.png")
+    outputs = open_store(config.output_uri, endpoint)
+    report = json.loads(outputs.read_bytes(f"{EVALUATION_DIR}/report.json"))
+    assert report["artifactDigest"] == result.digest
+    assert outputs.exists(f"{EVALUATION_DIR}/grid.png")
+    # Its TensorBoard file went up beside the training's.
+    assert len([o for o in outputs.list("logs") if "events.out.tfevents" in o.key]) == 2
 
 
 class StopAt(Callback):

@@ -78,6 +78,20 @@ def test_credentials_only_by_secret_reference():
     assert TrainerConfig.model_validate_json(config_json).s3.credentials_secret is None
 
 
+def test_the_wandb_key_reaches_only_the_pods_that_log_and_only_by_secret_reference():
+    document = copy.deepcopy(DOCUMENT)
+    key = {"name": "wandb", "key": "api-key"}
+    document["spec"]["tracking"] = {"wandb": {"project": "dogs", "apiKeySecret": key}}
+    job = parse_job(document)
+    for component, logs in ((names.TRAIN, True), (names.EVALUATE, True), (names.PRIORS, False)):
+        env = env_of(builders.batch_job(job, component, 0, 0))
+        assert env.get("WANDB_API_KEY") == ({"secretKeyRef": key} if logs else None), component
+    config_json, _cache = trainer_inputs(job)
+    config = TrainerConfig.model_validate_json(config_json)
+    assert config.tracking.wandb.project == "dogs" and config.tracking.wandb.api_key_secret is None
+    assert "api-key" not in config_json
+
+
 def test_config_map_holds_the_trainer_config_the_spec_implies():
     config_json, _cache = trainer_inputs(JOB)
     config_map = next(
@@ -137,6 +151,22 @@ def test_priors_run_standalone_per_pod_and_export_needs_no_gpu():
     assert container["command"] == ["dreambooth"] and "nvidia.com/gpu" not in str(
         container["resources"]
     )
+
+
+def test_the_evaluation_is_one_pod_with_one_gpu_at_most_running_dreambooth_evaluate():
+    (evaluate,) = builders.phase_jobs(JOB, names.EVALUATE, 0)
+    assert evaluate["metadata"]["name"] == "dog-evaluate"
+    pod = evaluate["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["dreambooth"]
+    assert container["args"] == ["evaluate", "--config", "/etc/dreambooth/trainer.json"]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"  # of the node's 4
+    assert pod["serviceAccountName"] == "dog-trainer"  # may write status.evaluation
+    cpu = copy.deepcopy(DOCUMENT)
+    cpu["spec"]["resources"] |= {"gpusPerNode": 0, "processesPerNode": 1}
+    cpu["spec"]["training"] = {"mixedPrecision": "no"}
+    (on_cpu,) = builders.phase_jobs(parse_job(cpu), names.EVALUATE, 0)
+    assert "nvidia.com/gpu" not in str(on_cpu["spec"]["template"]["spec"]["containers"][0])
 
 
 def test_status_role_is_limited_to_this_jobs_status():

@@ -9,7 +9,7 @@ import pytest
 from kopf._cogs.structs.references import Resource
 
 from dreambooth_contract import names
-from dreambooth_operator import handlers, kube
+from dreambooth_operator import handlers, kube, metrics
 
 
 @pytest.fixture
@@ -65,5 +65,28 @@ def test_the_phase_gauge_reads_the_index_the_startup_hands_over():
     phases = handlers.JobPhases()
     assert list(phases()) == []
     index = {("team", "dog"): ["Training"], ("team", "cat"): ["Failed"]}
-    handlers.hand_phase_index_to_metrics(job_phases=index, memo=kopf.Memo(phases=phases))
+    handlers.hand_phase_index_to_metrics(
+        job_phases=index, job_evaluations={}, memo=kopf.Memo(phases=phases)
+    )
     assert sorted(phases()) == ["Failed", "Training"]
+
+
+def test_the_evaluation_gauge_has_each_evaluated_jobs_scores_with_bounded_labels():
+    from prometheus_client import CollectorRegistry, generate_latest
+
+    evaluations = handlers.JobEvaluations()
+    scores = {"dino": 0.61, "clipI": 0.7, "clipT": 0.3, "div": 0.2}
+    index = {("team", "dog"): [{"trained": {**scores, "pres": 0.5}, "base": scores}]}
+    handlers.hand_phase_index_to_metrics(
+        job_phases={}, job_evaluations=index, memo=kopf.Memo(evaluations=evaluations)
+    )
+    registry = CollectorRegistry()
+    registry.register(metrics.EvaluationCollector(evaluations))
+    text = generate_latest(registry).decode()
+    assert (
+        'dreambooth_operator_evaluation_score{dreambooth_job="dog",dreambooth_namespace="team",'
+        'metric="clip_i",model="trained"} 0.7' in text
+    )
+    samples = [s for f in registry.collect() for s in f.samples]
+    assert len(samples) == 9  # 5 trained, 4 base (no PRES)
+    assert {s.labels["metric"] for s in samples} == {"dino", "clip_i", "clip_t", "pres", "div"}

@@ -9,6 +9,7 @@ from datetime import datetime, timedelta, timezone
 from dreambooth_contract import env, names
 from dreambooth_contract.validation import parse_job
 from dreambooth_operator.reconcile import (
+    COND_EVALUATED,
     COND_EXPORTED,
     COND_FAILED,
     COND_INFERENCE_READY,
@@ -129,9 +130,16 @@ def test_priors_done_then_training_then_export_then_succeeded():
     assert decision.status.phase == "Exporting"
     export = (ChildJob("dog-export", names.EXPORT, 0, 0, succeeded=True),)
     decision, job = step(job, jobs=done + export)
+    assert created(decision) == ["dog-evaluate"]
+    assert decision.status.phase == "Evaluating"
+    evaluate = (ChildJob("dog-evaluate", names.EVALUATE, 0, 0, succeeded=True),)
+    decision, job = step(scored(job), jobs=done + export + evaluate)
     assert decision.status.phase == "Succeeded"
     assert decision.status.completion_time == NOW
     assert {"PhaseSucceeded", "Succeeded"} <= set(events(decision))
+    evaluated = condition(decision, COND_EVALUATED)
+    assert (evaluated.status, evaluated.reason) == ("True", "Succeeded")
+    assert "DINO 0.612 (base 0.401)" in evaluated.message and "PRES 0.550" in evaluated.message
 
 
 def test_failed_rank_restarts_the_whole_gang_then_recreates_it():
@@ -325,7 +333,7 @@ def test_immutable_changes_name_their_paths_and_mutable_sections_pass():
 
 DONE = [
     {"type": t, "status": "True", "reason": "Succeeded", "lastTransitionTime": NOW.isoformat()}
-    for t in (COND_PRIORS_READY, COND_TRAINED, COND_EXPORTED)
+    for t in (COND_PRIORS_READY, COND_TRAINED, COND_EXPORTED, COND_EVALUATED)
 ]
 ARTIFACT = {"uri": "s3://runs/dog/export", "digest": "sha256:aaa"}
 
@@ -603,3 +611,104 @@ def test_a_rejected_spec_stops_what_runs_even_once_failed():
     again = rejection("dog", decision.status, 1, observed, ["a: no"])
     assert sorted(deleted(again)) == sorted(deleted(decision))
     assert not events(again) and again.status == decision.status
+
+
+# ------------------------------------------------------------------------------ evaluation
+
+SCORES = {"dino": 0.401, "clipI": 0.6, "clipT": 0.25, "pres": 0.5, "div": 0.3}
+EVALUATION = {
+    "trained": {**SCORES, "dino": 0.612, "pres": 0.55},
+    "base": SCORES,
+    "diversityMethod": "dino",
+    "images": 12,
+    "reportUri": "s3://runs/dog/evaluation/report.json",
+}
+EXPORTED = [c for c in DONE if c["type"] != COND_EVALUATED]
+EVALUATE_FAILED = (ChildJob("dog-evaluate", names.EVALUATE, 0, 0, failed=True),)
+ENCODER_MISSING = (
+    ChildPod(
+        "dog-evaluate-p",
+        names.EVALUATE,
+        0,
+        0,
+        "Failed",
+        1,
+        "OSError: /models/no-such-dino is not a local folder",
+    ),
+)
+
+
+def scored(job):
+    """The job as its evaluation pod leaves it: status.evaluation written."""
+    document = job.model_dump(mode="json", by_alias=True, exclude_none=True)
+    document["status"]["evaluation"] = EVALUATION
+    return parse_job(document)
+
+
+def condition(decision, kind):
+    return next((c for c in decision.status.conditions if c.type == kind), None)
+
+
+def test_a_failed_evaluation_fails_only_itself_and_the_job_succeeds():
+    job = job_with(status={"conditions": EXPORTED, "artifact": ARTIFACT})
+    decision, job = step(job, jobs=EVALUATE_FAILED, pods=ENCODER_MISSING)
+    assert decision.status.phase == "Succeeded"
+    evaluated = condition(decision, COND_EVALUATED)
+    assert (evaluated.status, evaluated.reason) == ("False", "EvaluationFailed")
+    assert "no-such-dino" in evaluated.message and "artifact is unaffected" in evaluated.message
+    warning = next(a for a in decision.actions if isinstance(a, Event) and a.type == "Warning")
+    assert warning.reason == "EvaluationFailed" and "no-such-dino" in warning.message
+    # No restart, nothing deleted, the job not failed.
+    assert decision.status.restarts == 0 and deleted(decision) == []
+    assert condition(decision, COND_FAILED) is None
+    # Level-triggered: the next pass neither evaluates again nor tells it again.
+    decision, _ = step(job, jobs=EVALUATE_FAILED, pods=ENCODER_MISSING)
+    assert created(decision) == [] and "EvaluationFailed" not in events(decision)
+
+
+def test_serving_starts_beside_the_evaluation_and_outlives_its_failure():
+    job = job_with(
+        status={"conditions": EXPORTED, "artifact": ARTIFACT}, inference={"enabled": True}
+    )
+    decision, job = step(job)
+    assert decision.status.phase == "Serving"
+    assert created(decision) == ["dog-evaluate"]
+    assert created(decision, "Deployment") == ["dog-inference"]
+    assert condition(decision, COND_EVALUATED) is None  # running
+    decision, _ = step(job, jobs=EVALUATE_FAILED, pods=ENCODER_MISSING)
+    assert decision.status.phase == "Serving"
+    assert condition(decision, COND_EVALUATED).reason == "EvaluationFailed"
+    assert "EvaluationFailed" in events(decision)
+    assert deleted(decision) == []  # the inference Deployment stays
+
+
+def test_an_evaluation_pod_that_reported_no_scores_fails_the_evaluation():
+    job = job_with(status={"conditions": EXPORTED, "artifact": ARTIFACT})
+    evaluate = (ChildJob("dog-evaluate", names.EVALUATE, 0, 0, succeeded=True),)
+    decision, _ = step(job, jobs=evaluate)
+    assert decision.status.phase == "Succeeded"
+    assert condition(decision, COND_EVALUATED).reason == "NoReport"
+
+
+def test_the_deadline_stops_the_evaluation_only():
+    started = (NOW - timedelta(seconds=100)).isoformat()
+    status = {"conditions": EXPORTED, "artifact": ARTIFACT, "startTime": started}
+    job = job_with(status=status, runPolicy={"activeDeadlineSeconds": 60})
+    running = (ChildJob("dog-evaluate", names.EVALUATE, 0, 0),)
+    decision, _ = step(job, jobs=running)
+    assert decision.status.phase == "Succeeded"
+    assert deleted(decision) == ["dog-evaluate"]
+    assert condition(decision, COND_EVALUATED).reason == "DeadlineExceeded"
+    # One that finished before the pass that saw the deadline counts.
+    done = (ChildJob("dog-evaluate", names.EVALUATE, 0, 0, succeeded=True),)
+    decision, _ = step(scored(job), jobs=done)
+    assert condition(decision, COND_EVALUATED).reason == "Succeeded" and deleted(decision) == []
+
+
+def test_a_job_that_does_not_evaluate_succeeds_after_export():
+    job = job_with(
+        status={"conditions": EXPORTED, "artifact": ARTIFACT}, evaluation={"enabled": False}
+    )
+    decision, _ = step(job)
+    assert decision.status.phase == "Succeeded" and created(decision) == []
+    assert condition(decision, COND_EVALUATED) is None

@@ -183,7 +183,7 @@ BAD_SPECS = [
         "unknown-top-level-spec-field",
         spec_with(spec__gpus=8),
         "spec.gpus: unknown field; allowed: baseModel, evaluation, export, inference, instance, "
-        "priorPreservation, resources, runPolicy, storage, training",
+        "priorPreservation, resources, runPolicy, storage, tracking, training",
     ),
     (
         "evaluation-one-image-per-prompt",
@@ -461,6 +461,13 @@ BAD_SPECS = [
         "deadline-zero",
         spec_with(spec__runPolicy={"activeDeadlineSeconds": 0}),
         "spec.runPolicy.activeDeadlineSeconds: Input should be greater than or equal to 1 (got 0)",
+    ),
+    (
+        "wandb-api-key-in-the-spec",
+        spec_with(spec__tracking={"wandb": {"project": "p", "apiKey": "0123abcd"}}),
+        # The value is not echoed: a key put there by mistake goes into no event or log.
+        "spec.tracking.wandb.apiKey: unknown field; allowed: apiKeySecret, entity, project, "
+        "runName",
     ),
     (
         "suspend-not-bool",

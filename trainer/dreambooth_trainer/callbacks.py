@@ -112,20 +112,24 @@ class ProgressBar(Callback):
         self.bar.close()
 
 
+def step_scalars(metrics: StepMetrics) -> dict[str, float]:
+    """What a step logs, by name: to TensorBoard and to experiment trackers alike."""
+    return {
+        "loss/total": metrics.loss,
+        "loss/instance": metrics.instance_loss,
+        "loss/prior": metrics.prior_loss,
+        "train/grad_norm": metrics.grad_norm,
+        "train/learning_rate": metrics.learning_rate,
+        "train/images_per_second": metrics.images_per_second,
+    }
+
+
 class TensorBoardScalars(Callback):
     def __init__(self, writer: SummaryWriter):
         self.writer = writer
 
     def on_step_end(self, state: TrainingState, metrics: StepMetrics) -> None:
-        scalars = {
-            "loss/total": metrics.loss,
-            "loss/instance": metrics.instance_loss,
-            "loss/prior": metrics.prior_loss,
-            "train/grad_norm": metrics.grad_norm,
-            "train/learning_rate": metrics.learning_rate,
-            "train/images_per_second": metrics.images_per_second,
-        }
-        for name, value in scalars.items():
+        for name, value in step_scalars(metrics).items():
             self.writer.add_scalar(name, value, metrics.step)
 
     def on_train_end(self, state: TrainingState) -> None:

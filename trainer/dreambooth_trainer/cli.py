@@ -5,6 +5,8 @@ import between the two programs).
     dreambooth priors --config FILE [--shard i/n] one shard of class images (a priors pod)
     dreambooth train --config FILE               one torchrun rank (a training pod)
     dreambooth export --config FILE              the artifact and its digest (the export pod)
+    dreambooth evaluate --config FILE            the export's and the base model's scores
+                                                 (the evaluation pod)
 
 Exit codes: 0 done, 1 failed while running, 2 bad input (the message names the field), 143
 stopped by SIGTERM after saving a checkpoint (train).
@@ -210,3 +212,26 @@ def export(config_file: Path) -> None:
     with reporter_from_env(config.training.max_steps, must_deliver=True) as reporter:
         reporter.report_artifact(result.status())
     click.echo(result.digest)
+
+
+@click.command()
+@config_option
+def evaluate(config_file: Path) -> None:
+    """Score the exported artifact and the base model; report them as status.evaluation.
+
+    Any failure (an encoder that will not load, a hub out of reach) leaves its reason as the
+    termination message: the operator fails the evaluation only, never the job."""
+    configure_logging()
+    from .evaluation.phase import evaluate_export
+    from .progress import reporter_from_env
+
+    with input_errors():
+        config = read_config(config_file)
+    try:
+        status = evaluate_export(config)
+        with reporter_from_env(config.training.max_steps, must_deliver=True) as reporter:
+            reporter.report_evaluation(status)
+    except Exception as error:
+        leave_termination_message(f"{type(error).__name__}: {error}")
+        raise
+    click.echo(status.summary)

@@ -27,7 +27,14 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from dreambooth_contract.api import ArtifactKind, ArtifactStatus
-from dreambooth_contract.layout import EXPORT_DIR, PIPELINE_DIR, TRAINED_DIR
+from dreambooth_contract.layout import (
+    EVALUATION_DIR,
+    EVALUATION_GRID,
+    EVALUATION_REPORT,
+    EXPORT_DIR,
+    PIPELINE_DIR,
+    TRAINED_DIR,
+)
 from dreambooth_contract.trainer_config import TrainerConfig
 
 from .digest import MANIFEST, write_manifest
@@ -125,6 +132,21 @@ def export_adapter(
     return write_manifest(directory, {"kind": "lora", "baseModel": base_record, **(metadata or {})})
 
 
+def evaluation_record(config: TrainerConfig) -> dict[str, Any]:
+    """Where the evaluation of this artifact will lie, relative to the export directory (the
+    manifest cannot hold the scores: they come after it, and its digest is what is served).
+    The report names the artifact back by that digest."""
+    if not config.evaluation.enabled:
+        return {}
+    evaluation = f"../{EVALUATION_DIR}"
+    return {
+        "evaluation": {
+            "report": f"{evaluation}/{EVALUATION_REPORT}",
+            "grid": f"{evaluation}/{EVALUATION_GRID}",
+        }
+    }
+
+
 def run_export(config: TrainerConfig) -> ExportResult:
     """The export phase: base model + trained weights -> artifact under <outputUri>/export."""
     cache = config.model_cache_dir()
@@ -134,6 +156,7 @@ def run_export(config: TrainerConfig) -> ExportResult:
         "job": config.job_name,
         "steps": config.training.max_steps,
         "instancePrompt": config.instance.prompt,
+        **evaluation_record(config),
     }
     if config.training.method == "lora":
         if not lora_files.has_adapter(trained_dir):

@@ -49,6 +49,7 @@ from dreambooth_contract.api import (
     VERSION,
     ArtifactStatus,
     CheckpointStatus,
+    EvaluationStatus,
     Progress,
 )
 from dreambooth_contract.env import JOB_NAME_ENV, JOB_NAMESPACE_ENV
@@ -123,9 +124,15 @@ def status_patch(
     progress: Progress | None = None,
     checkpoint: CheckpointStatus | None = None,
     artifact: ArtifactStatus | None = None,
+    evaluation: EvaluationStatus | None = None,
 ) -> Patch:
     """A JSON merge patch ``{"status": {...}}`` in the CRD's camelCase wire format."""
-    parts = {"progress": progress, "checkpoint": checkpoint, "artifact": artifact}
+    parts = {
+        "progress": progress,
+        "checkpoint": checkpoint,
+        "artifact": artifact,
+        "evaluation": evaluation,
+    }
     status: Patch = {
         key: value.model_dump(mode="json", by_alias=True, exclude_none=True)
         for key, value in parts.items()
@@ -199,6 +206,10 @@ class ProgressReporter:
         """The export (a pipeline, or a LoRA adapter and its base); the operator serves exactly
         this digest."""
         self._deliver(status_patch(artifact=artifact), self._clock())
+
+    def report_evaluation(self, evaluation: EvaluationStatus) -> None:
+        """The scores of the export and of the base model (status.evaluation)."""
+        self._deliver(status_patch(evaluation=evaluation), self._clock())
 
     def close(self) -> None:
         """Send the final progress, whatever the rate limit, and release resources."""
@@ -346,9 +357,18 @@ class KubernetesReporter(ProgressReporter):
         to learn what to serve, so an artifact that cannot be recorded fails the export (its pod
         is restarted) instead of leaving the job waiting for a patch that never came."""
         super().report_artifact(artifact)
+        self._must_have_arrived("the artifact")
+
+    def report_evaluation(self, evaluation: EvaluationStatus) -> None:
+        """Sent and confirmed before returning, like the artifact: the evaluation pod's only
+        result; one that cannot be recorded fails the pod, and the operator says so."""
+        super().report_evaluation(evaluation)
+        self._must_have_arrived("the evaluation")
+
+    def _must_have_arrived(self, what: str) -> None:
         if not self._confirm():
             raise ReportNotDelivered(
-                f"could not record the artifact in the status of {PLURAL} "
+                f"could not record {what} in the status of {PLURAL} "
                 f"{self.namespace}/{self.name} (see the warning above)"
             )
 

@@ -40,6 +40,11 @@ def render_grid(
     return make_image_grid(images, rows=1, cols=len(images))
 
 
+def sample_path(directory: Path, step: int) -> Path:
+    """The grid rendered after `step`."""
+    return directory / f"step-{step:06d}.png"
+
+
 class ValidationSamples(Callback):
     """Every `validation.interval` steps and after the last: a PNG grid and TensorBoard.
 
@@ -72,7 +77,7 @@ class ValidationSamples(Callback):
         with mixed_precision_autocast(state.world.device, state.autocast_dtype):
             grid = render_grid(pipeline, self.spec.prompts, self.spec, self.resolution)
         self.directory.mkdir(parents=True, exist_ok=True)
-        path = self.directory / f"step-{state.step:06d}.png"
+        path = sample_path(self.directory, state.step)
         grid.save(path)
         if self.writer is not None:
             pixels = torch.from_numpy(np.array(grid)).permute(2, 0, 1)

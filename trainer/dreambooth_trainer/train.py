@@ -48,6 +48,7 @@ from .samples import ValidationSamples
 from .seeds import derive_seed
 from .storage import local_files
 from .timing import PhaseClock
+from .tracking import WandbLogger
 
 log = logging.getLogger(__name__)
 
@@ -376,6 +377,8 @@ def rank_callbacks(
         if is_s3(config.output_uri):
             callbacks.append(PublishAsYouGo(output, config, writer))
         callbacks.append(TensorBoardScalars(writer))
+        if config.tracking.wandb is not None:
+            callbacks.append(WandbLogger(config, output))
     pause = pause_from_env()
     if pause is not None:
         callbacks.append(pause)

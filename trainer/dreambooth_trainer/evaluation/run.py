@@ -16,14 +16,15 @@ from diffusers.utils import make_image_grid
 from PIL import Image
 
 from dreambooth_contract.api import EvaluationScores, EvaluationStatus
+from dreambooth_contract.layout import EVALUATION_GRID, EVALUATION_REPORT
 
 from ..models.generation import generate_images
 from . import metrics
 from .encoders import Encoders
 from .prompts import EvaluationPlan
 
-REPORT_FILE = "report.json"
-GRID_FILE = "grid.png"
+REPORT_FILE = EVALUATION_REPORT
+GRID_FILE = EVALUATION_GRID
 # Table 1 of the paper, Stable Diffusion fine-tuned with DreamBooth on its 30 subjects: what a run
 # on real weights can be compared with.
 PAPER_SD_SCORES = {"dino": 0.668, "clipI": 0.803, "clipT": 0.305}
@@ -104,8 +105,10 @@ def evaluate(
     plan: EvaluationPlan,
     encoders: Encoders,
     directory: Path,
+    artifact_digest: str | None = None,
 ) -> EvaluationStatus:
-    """Score both models; write <directory>/report.json and grid.png."""
+    """Score both models; write <directory>/report.json and grid.png (the report names the
+    artifact by `artifact_digest`, the digest of its manifest)."""
     real_embeddings = {
         "dino": encoders.dino.embed_images(real),
         "clip": encoders.clip.embed_images(real),
@@ -123,13 +126,15 @@ def evaluate(
     )
     directory.mkdir(parents=True, exist_ok=True)
     comparison_grid(generations["base"], generations["trained"]).save(directory / GRID_FILE)
-    (directory / REPORT_FILE).write_text(json.dumps(report(status, plan), indent=2) + "\n")
+    document = report(status, plan, artifact_digest)
+    (directory / REPORT_FILE).write_text(json.dumps(document, indent=2) + "\n")
     return status
 
 
-def report(status: EvaluationStatus, plan: EvaluationPlan) -> dict:
+def report(status: EvaluationStatus, plan: EvaluationPlan, artifact_digest: str | None) -> dict:
     return {
         **status.model_dump(mode="json", by_alias=True, exclude_none=True),
+        **({"artifactDigest": artifact_digest} if artifact_digest else {}),
         "prompts": plan.subject_prompts,
         "clipTexts": plan.clip_texts,
         "classPrompt": plan.class_prompt,
