@@ -290,6 +290,9 @@ FULL_LEARNING_RATE = 5e-6
 FULL_WITH_TEXT_ENCODER_LEARNING_RATE = 2e-6
 LORA_LEARNING_RATE = 1e-4
 TrainingMethod = Literal["full", "lora"]
+# torch.compile of the UNet: off, or "regional": each of its repeated transformer blocks on its
+# own (diffusers' compile_repeated_blocks), a fraction of a whole-model compile's time.
+CompileMode = Literal["off", "regional"]
 
 
 class LoraSpec(ApiModel):
@@ -384,6 +387,12 @@ class TrainingSpec(ApiModel):
         True,
         description="Encode prompts with the frozen text encoder once, not per step "
         "(no effect when trainTextEncoder is true).",
+    )
+    compile: CompileMode = field(
+        "off",
+        description="torch.compile of the UNet: off, or regional (each repeated transformer "
+        "block compiled on its own). Compiling takes time at the first step (reported in the "
+        "trainer's log); whether it pays depends on the GPU and the run's length.",
     )
     checkpointing: CheckpointSpec = field(CheckpointSpec, description="Checkpoints and retention.")
     validation: ValidationSpec = field(ValidationSpec, description="Sample grids during training.")

@@ -175,7 +175,7 @@ BAD_SPECS = [
         "typo-in-training",
         spec_with(spec__training={"learningrate": 1e-6}),
         "spec.training.learningrate: unknown field; allowed: batchSize, cacheLatents, "
-        "cacheTextEmbeddings, centerCrop, checkpointing, gradientAccumulationSteps, gradientCheckpointing, learningRate, lora, lrScheduler, "
+        "cacheTextEmbeddings, centerCrop, checkpointing, compile, gradientAccumulationSteps, gradientCheckpointing, learningRate, lora, lrScheduler, "
         "lrWarmupSteps, maxGradNorm, maxSteps, method, mixedPrecision, offsetNoise, resolution, seed, "
         "sharding, snrGamma, trainTextEncoder, use8bitAdam, validation",
     ),
@@ -278,6 +278,11 @@ BAD_SPECS = [
         spec_with(spec__training={"use8bitAdam": True, "sharding": {"backend": "fsdp"}}),
         "spec.training.use8bitAdam: 8-bit AdamW cannot step FSDP2's sharded parameters: use "
         'sharding.backend "deepspeed" (ZeRO shards the 8-bit state too) or "ddp"',
+    ),
+    (
+        "compile-mode-unknown",
+        spec_with(spec__training={"compile": "full"}),
+        "spec.training.compile: Input should be 'off' or 'regional' (got 'full')",
     ),
     (
         "max-steps-zero",

@@ -46,6 +46,7 @@ from .priors import PriorRequest, is_complete
 from .progress import LOADING_MODEL, PREPARING_DATA
 from .samples import ValidationSamples
 from .seeds import derive_seed
+from .speedups import Speedups, apply_matmul_precision, prepare_unet, speedups_for
 from .storage import local_files
 from .timing import PhaseClock
 
@@ -75,6 +76,7 @@ class Trainer:
         backend: Backend,
         callbacks: Sequence[Callback] = (),
         checkpoints: CheckpointManager | None = None,
+        speedups: Speedups | None = None,
     ):
         self.config = config
         self.training = config.training
@@ -100,8 +102,15 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(
             derive_seed(self.training.seed, "noise", self.world.rank)
         )
+        # TF32, fused AdamW, channels_last, regional compile: what the device and the job allow
+        # (speedups.py), unless the caller (the bench) says which.
+        self.speedups = speedups or speedups_for(self.training, self.world.device)
+        apply_matmul_precision(self.speedups, self.world.device)
+        prepare_unet(model.unet, self.speedups)
         self.model = backend.prepare(
-            model, optimizer_factory(self.training), scheduler_factory(self.training)
+            model,
+            optimizer_factory(self.training, fused=self.speedups.fused_adamw),
+            scheduler_factory(self.training),
         )
 
     @property
@@ -285,10 +294,12 @@ def build_trainer(
     callbacks: Sequence[Callback] = (),
     checkpoints: CheckpointManager | None = None,
     announce: Callable[[str], None] = lambda activity: None,
+    speedups: Speedups | None = None,
 ) -> Trainer:
     """Load the base model, prepare data and backend: a Trainer ready to `fit()`.
 
-    `announce` hears what it is doing meanwhile (progress.LOADING_MODEL, PREPARING_DATA)."""
+    `announce` hears what it is doing meanwhile (progress.LOADING_MODEL, PREPARING_DATA);
+    `speedups` overrides what `speedups.speedups_for` decides (benchmarks compare them)."""
     world = world or World.from_env()
     training = config.training
     announce(LOADING_MODEL)
@@ -315,7 +326,7 @@ def build_trainer(
         instance_dir,
         class_dir,
     )
-    return Trainer(config, model, frozen, data, backend, callbacks, checkpoints)
+    return Trainer(config, model, frozen, data, backend, callbacks, checkpoints, speedups)
 
 
 # -- the phase -------------------------------------------------------------------------------------
@@ -372,7 +383,7 @@ def rank_callbacks(
     ]
     if world.is_main:
         callbacks += [ProgressBar()] if progress else []
-        callbacks.append(StatusReport())
+        callbacks.append(StatusReport(compiled=config.training.compile != "off"))
         if is_s3(config.output_uri):
             callbacks.append(PublishAsYouGo(output, config, writer))
         callbacks.append(TensorBoardScalars(writer))
