@@ -285,6 +285,13 @@ BAD_SPECS = [
         "spec.training.compile: Input should be 'off' or 'regional' (got 'full')",
     ),
     (
+        "compile-with-zero3",
+        spec_with(spec__training={"compile": "regional", "sharding": {"zeroStage": 3}}),
+        "spec.training.compile: regional compilation does not work with DeepSpeed ZeRO-3 (its "
+        "parameter gathering makes torch recompile every block): use sharding.zeroStage 2, "
+        'sharding.backend "fsdp" or "ddp", or compile "off"',
+    ),
+    (
         "max-steps-zero",
         spec_with(spec__training={"maxSteps": 0}),
         "spec.training.maxSteps: Input should be greater than or equal to 1 (got 0)",
