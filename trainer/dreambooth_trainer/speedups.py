@@ -14,10 +14,12 @@
 - Regional torch.compile (`training.compile: regional`, any device): diffusers'
   `compile_repeated_blocks` compiles each of the UNet's repeated transformer blocks on its own,
   in place (parameter names, state dicts and checkpoints stay as they are). Compilation happens
-  at the first step; the trainer reports how long that step took beyond the next one.
+  at the first step; the trainer reports how long that step took beyond the next one. Not with
+  DeepSpeed ZeRO-3 (the API refuses it: its parameter gathering makes every block recompile).
 
 On a CPU `speedups_for` turns nothing on but what the job asks for (compile), so CPU runs are
-unchanged. The bench passes its own `Speedups` to compare each one alone (bench/overhead.py).
+unchanged. The bench passes its own `Speedups` to compare each one alone
+(bench/step_variants.py).
 """
 
 from __future__ import annotations
