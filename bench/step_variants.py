@@ -47,11 +47,13 @@ class Variant:
 
 
 def variants(on_gpu: bool, compile_backend: str) -> list[Variant]:
-    """The variants, by precision; regional compile last of its precision's, fp32 at the end."""
+    """The variants, grouped by precision (one plain trainer each), regional compile last: it
+    takes longest, and a step cut short keeps the rows before it."""
     from dreambooth_trainer.speedups import Speedups
 
     mixed = precision_for(on_gpu)
-    rows = [
+    rows = [Variant("fp32_tf32", "no", Speedups(tf32=True))] if on_gpu else []
+    rows += [
         Variant("defaults", mixed, None),
         Variant("fused_adamw", mixed, Speedups(fused_adamw=True)),
         Variant("channels_last", mixed, Speedups(channels_last=True)),
@@ -61,8 +63,6 @@ def variants(on_gpu: bool, compile_backend: str) -> list[Variant]:
             Speedups(compile="regional", compile_backend=compile_backend),
         ),
     ]
-    if on_gpu:
-        rows.append(Variant("fp32_tf32", "no", Speedups(tf32=True)))
     return rows
 
 
