@@ -15,6 +15,7 @@ from typing import Any
 MODULES = [
     "bench.training",
     "bench.overhead",
+    "bench.step_variants",
     "bench.priors",
     "bench.inference",
     "bench.multi_adapter",

@@ -155,7 +155,8 @@ def compare(trainer, bare: BareStep, rounds: Rounds) -> dict[str, Any]:
     return figures
 
 
-def build(settings: Settings, caches: bool, precision: str):
+def build(settings: Settings, caches: bool, precision: str, speedups=None):
+    """A one-process trainer of the bench's job; `speedups` as `build_trainer` takes them."""
     from dreambooth_trainer.parallel import World
     from dreambooth_trainer.train import build_trainer, class_images_dir
 
@@ -170,7 +171,7 @@ def build(settings: Settings, caches: bool, precision: str):
         },
     )
     class_dir = class_images_dir(config, config.model_cache_dir())
-    return build_trainer(config, SUBJECT_DIR, class_dir, World())
+    return build_trainer(config, SUBJECT_DIR, class_dir, World(), speedups=speedups)
 
 
 @benchmark("step_overhead")

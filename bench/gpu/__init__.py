@@ -197,6 +197,10 @@ STEPS: list[Step] = [
     Step("figures.training.bf16", f"{FIGURES}:training", _budget(150, 60), {"precision": "bf16"}),
     # Model load twice (caches on, off), then alternating blocks of our and the bare step.
     Step("figures.step_overhead", f"{FIGURES}:step_overhead", _budget(150, 120)),
+    # Six trainers (a plain one per precision, one per variant but TF32; two at a time), 4 GB
+    # to load each from the page cache, a few dozen steps each, and regional compilation of
+    # the UNet's transformer blocks.
+    Step("figures.step_variants", f"{FIGURES}:step_variants", _budget(240, 120)),
     Step("figures.priors", f"{FIGURES}:priors", _budget(60, 60)),
     Step("figures.inference", f"{FIGURES}:inference", _budget(90, 120)),
     Step(

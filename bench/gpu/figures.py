@@ -103,6 +103,28 @@ def step_overhead(ctx: Context) -> dict[str, Any]:
     return result
 
 
+def step_variants(ctx: Context) -> dict[str, Any]:
+    """TF32, fused AdamW, channels_last, regional compile, each alone (`bench.step_variants`).
+
+    The smoke run compiles with torch.compile's "eager" backend: dynamo traces the blocks and
+    the step runs them, without inductor's code generation (minutes on a CPU)."""
+    from bench.step_variants import step_variants_rows
+
+    require_device(ctx)
+    cublas_as_usual()
+    backend = "inductor" if ctx.profile.on_gpu else "eager"
+    result = step_variants_rows(settings(ctx), backend, lambda rows: ctx.partial({"rows": rows}))
+    parts = []
+    for row in result["rows"]:
+        compiled = row["speedups"]["compile"] != "off"
+        parts.append(
+            f"{row['variant']} x{row.get('speedup', 1):.2f}"
+            + (f" (compile {row['compile_seconds']:.0f} s)" if compiled else "")
+        )
+    result["summary"] = ", ".join(parts)
+    return result
+
+
 def memory(ctx: Context) -> dict[str, Any]:
     """UNet + text encoder, batch 1, ZeRO-3, gradient checkpointing; 32-bit and 8-bit AdamW."""
     from bench.training import planned_runs

@@ -290,6 +290,9 @@ FULL_LEARNING_RATE = 5e-6
 FULL_WITH_TEXT_ENCODER_LEARNING_RATE = 2e-6
 LORA_LEARNING_RATE = 1e-4
 TrainingMethod = Literal["full", "lora"]
+# torch.compile of the UNet: off, or "regional": each of its repeated transformer blocks on its
+# own (diffusers' compile_repeated_blocks), a fraction of a whole-model compile's time.
+CompileMode = Literal["off", "regional"]
 
 
 class LoraSpec(ApiModel):
@@ -398,6 +401,13 @@ class TrainingSpec(ApiModel):
         description="Encode prompts with the frozen text encoder once, not per step "
         "(no effect when trainTextEncoder is true).",
     )
+    compile: CompileMode = field(
+        "off",
+        description="torch.compile of the UNet: off, or regional (each repeated transformer "
+        "block compiled on its own). Compiling takes time at the first step (reported in the "
+        "trainer's log); whether it pays depends on the GPU and the run's length. Not with "
+        "DeepSpeed ZeRO-3.",
+    )
     checkpointing: CheckpointSpec = field(CheckpointSpec, description="Checkpoints and retention.")
     validation: ValidationSpec = field(ValidationSpec, description="Sample grids during training.")
 
@@ -452,6 +462,21 @@ class TrainingSpec(ApiModel):
                 "use8bitAdam",
                 "8-bit AdamW cannot step FSDP2's sharded parameters: use sharding.backend "
                 '"deepspeed" (ZeRO shards the 8-bit state too) or "ddp"',
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _compile_not_with_zero3(self) -> TrainingSpec:
+        # ZeRO-3 gathers each block's parameters as it runs it: the compiled blocks see other
+        # shapes at every gather, recompile until torch's limit, then run uncompiled.
+        sharding = self.sharding
+        zero3 = sharding.backend == ShardingBackend.deepspeed.value and sharding.zero_stage == 3
+        if self.compile != "off" and zero3:
+            raise FieldRuleError(
+                "compile",
+                "regional compilation does not work with DeepSpeed ZeRO-3 (its parameter "
+                "gathering makes torch recompile every block): use sharding.zeroStage 2, "
+                'sharding.backend "fsdp" or "ddp", or compile "off"',
             )
         return self
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import types
 from dataclasses import replace
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import pytest
 import torch
 
 import bench.training
-from bench import Settings, lora_sizes, multi_adapter, overhead
+from bench import Settings, lora_sizes, multi_adapter, overhead, step_variants
 from bench.__main__ import main
 from bench.hardware import cpu_description, parse_cpuinfo
 from bench.plots import write_plots
@@ -115,6 +116,53 @@ flags\t\t: fpu sse2 avx avx2 fma avx512_bf16
 
 def test_the_cpu_model_and_instruction_sets_come_from_the_first_processor():
     assert parse_cpuinfo(CPUINFO) == ("AMD EPYC 7B13", {"fpu", "sse2", "avx", "avx2", "fma"})
+
+
+def test_the_step_variants_each_change_one_thing_and_tf32_is_compared_in_fp32():
+    from dreambooth_trainer.speedups import Speedups
+
+    def changed(variant) -> set[str]:
+        plain = Speedups()
+        fields = plain.__dataclass_fields__
+        return {k for k in fields if getattr(variant.speedups, k) != getattr(plain, k)}
+
+    on_gpu = {v.name: v for v in step_variants.variants(True, "inductor")}
+    assert list(on_gpu) == ["fp32_tf32", "defaults", "fused_adamw", "channels_last",
+                            "compile_regional"]  # fmt: skip
+    assert on_gpu["defaults"].speedups is None  # what speedups_for gives the job
+    assert changed(on_gpu["fused_adamw"]) == {"fused_adamw"}
+    assert changed(on_gpu["channels_last"]) == {"channels_last"}
+    assert changed(on_gpu["compile_regional"]) == {"compile"}
+    assert changed(on_gpu["fp32_tf32"]) == {"tf32"} and on_gpu["fp32_tf32"].precision == "no"
+    assert {v.precision for n, v in on_gpu.items() if n != "fp32_tf32"} == {"bf16"}
+    # Only TF32 is timed on the plain trainer itself (it flips a process-wide flag).
+    assert [n for n, v in on_gpu.items() if v.same_model] == ["fp32_tf32"]
+    on_cpu = step_variants.variants(False, "eager")
+    assert [v.name for v in on_cpu] == ["defaults", "fused_adamw", "channels_last",
+                                        "compile_regional"]  # fmt: skip
+    assert on_cpu[-1].speedups.compile_backend == "eager"
+
+
+def test_a_variant_is_timed_in_blocks_alternating_with_the_plain_step():
+    from dreambooth_trainer.speedups import Speedups
+
+    calls = []
+
+    class Timed:
+        world = types.SimpleNamespace(device=torch.device("cpu"))
+        speedups = Speedups()
+
+        def __init__(self, name: str) -> None:
+            self.name = name
+
+        def train_step(self) -> None:
+            calls.append(self.name)
+
+    rounds = overhead.Rounds(warmup=1, blocks=2, steps=2)
+    figures = step_variants.compare(Timed("plain"), Timed("variant"), Speedups(), rounds)
+    assert calls == ["variant", "variant", "plain", *(["variant"] * 2 + ["plain"] * 2) * 2]
+    assert len(figures["block_speedups"]) == 2 and figures["speedup"] > 0
+    assert figures["first_step_seconds"] >= 0 and figures["compile_seconds"] >= 0
 
 
 def test_the_environment_names_the_cpu_and_its_instruction_sets():
@@ -274,5 +322,5 @@ def test_list_names_every_benchmark(capsys):
     assert main(["--list"]) == 0
     assert capsys.readouterr().out.split() == [
         "inference", "lora_sizes", "multi_adapter", "operator", "priors", "step_overhead",
-        "training",
+        "step_variants", "training",
     ]  # fmt: skip

@@ -60,7 +60,8 @@ FULL_SPEC: dict[str, Any] = {
         "centerCrop": True,
         "randomFlip": True,
         "mixedPrecision": "bf16",
-        "sharding": {"backend": "deepspeed", "zeroStage": 3},
+        # ZeRO-2 set explicitly (the default is unset, then 2): regional compile refuses ZeRO-3.
+        "sharding": {"backend": "deepspeed", "zeroStage": 2},
         "gradientCheckpointing": False,
         "seed": 42,
         "maxGradNorm": 0.5,
@@ -69,6 +70,7 @@ FULL_SPEC: dict[str, Any] = {
         "snrGamma": 5.0,
         "cacheLatents": False,
         "cacheTextEmbeddings": False,
+        "compile": "regional",
         "checkpointing": {"interval": 25, "keep": 5},
         "validation": {
             "prompts": ["a photo of zwx toy on the moon"],

@@ -175,7 +175,7 @@ BAD_SPECS = [
         "typo-in-training",
         spec_with(spec__training={"learningrate": 1e-6}),
         "spec.training.learningrate: unknown field; allowed: batchSize, cacheLatents, "
-        "cacheTextEmbeddings, centerCrop, checkpointing, cropEachStep, gradientAccumulationSteps, gradientCheckpointing, learningRate, lora, lrScheduler, "
+        "cacheTextEmbeddings, centerCrop, checkpointing, compile, cropEachStep, gradientAccumulationSteps, gradientCheckpointing, learningRate, lora, lrScheduler, "
         "lrWarmupSteps, maxGradNorm, maxSteps, method, mixedPrecision, offsetNoise, randomFlip, resolution, seed, "
         "sharding, snrGamma, trainTextEncoder, use8bitAdam, validation",
     ),
@@ -289,6 +289,18 @@ BAD_SPECS = [
         "crop-each-step-with-center-crop",
         spec_with(spec__training={"cropEachStep": True, "cacheLatents": False, "centerCrop": True}),
         "spec.training.cropEachStep: contradicts centerCrop: true; set one of them",
+    ),
+    (
+        "compile-mode-unknown",
+        spec_with(spec__training={"compile": "full"}),
+        "spec.training.compile: Input should be 'off' or 'regional' (got 'full')",
+    ),
+    (
+        "compile-with-zero3",
+        spec_with(spec__training={"compile": "regional", "sharding": {"zeroStage": 3}}),
+        "spec.training.compile: regional compilation does not work with DeepSpeed ZeRO-3 (its "
+        "parameter gathering makes torch recompile every block): use sharding.zeroStage 2, "
+        'sharding.backend "fsdp" or "ddp", or compile "off"',
     ),
     (
         "max-steps-zero",

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .metrics import TrainerMetrics, start_exporter
 from .progress import ProgressReporter, reporter_from_env
+from .speedups import compile_seconds
 
 if TYPE_CHECKING:
     from wsgiref.simple_server import WSGIServer
@@ -138,10 +139,14 @@ class TensorBoardScalars(Callback):
 
 class StatusReport(Callback):
     """Rank 0's report: progress and checkpoints for the operator (`progress.reporter_from_env`)
-    and Prometheus metrics on /metrics (`metrics.start_exporter`)."""
+    and Prometheus metrics on /metrics (`metrics.start_exporter`). With `compiled` (the UNet is
+    compiled at its first step), also what compiling cost: the log and a gauge say it after
+    this process's second step."""
 
-    def __init__(self, metrics: TrainerMetrics | None = None):
+    def __init__(self, metrics: TrainerMetrics | None = None, compiled: bool = False):
         self.metrics = metrics or TrainerMetrics()
+        self.compiled = compiled
+        self.step_seconds: list[float] = []  # this process's first steps, while compiling
         self.reporter: ProgressReporter | None = None
         self.server: WSGIServer | None = None
 
@@ -167,6 +172,18 @@ class StatusReport(Callback):
             metrics.step, loss=metrics.loss, images_per_second=metrics.images_per_second
         )
         self.metrics.observe_step(metrics.step, metrics.loss, metrics.images_per_second)
+        if self.compiled and len(self.step_seconds) < 2:
+            self.step_seconds.append(metrics.seconds)
+            if len(self.step_seconds) == 2:
+                self.report_compile(*self.step_seconds)
+
+    def report_compile(self, first: float, second: float) -> None:
+        seconds = compile_seconds(first, [second])
+        self.metrics.compile_seconds.set(seconds)
+        log.info(
+            "torch.compile took about %.1f s (first step %.1f s, the next %.2f s)",
+            seconds, first, second,
+        )  # fmt: skip
 
     def on_checkpoint(self, state: TrainingState, info: CheckpointInfo, seconds: float) -> None:
         self.reporter.report_checkpoint(info)

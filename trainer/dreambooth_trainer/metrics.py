@@ -47,6 +47,11 @@ class TrainerMetrics:
         self.images_per_second = Gauge(
             f"{PREFIX}_images_per_second", "Training throughput in images per second.", registry=r
         )
+        self.compile_seconds = Gauge(
+            f"{PREFIX}_compile_seconds",
+            "What torch.compile added to this process's first step (training.compile).",
+            registry=r,
+        )
         self.checkpoint_step = Gauge(
             f"{PREFIX}_checkpoint_step", "Step of the newest committed checkpoint.", registry=r
         )

@@ -12,6 +12,7 @@ from torch import nn
 from dreambooth_contract.api import TrainingSpec
 
 from .parallel.base import OptimizerFactory, SchedulerFactory
+from .speedups import adamw_options
 
 # diffusers' train_dreambooth.py defaults.
 ADAM_BETAS = (0.9, 0.999)
@@ -19,15 +20,23 @@ WEIGHT_DECAY = 1e-2
 ADAM_EPSILON = 1e-8
 
 
-def optimizer_factory(training: TrainingSpec) -> OptimizerFactory:
+def optimizer_factory(training: TrainingSpec, fused: bool = False) -> OptimizerFactory:
+    """AdamW (bitsandbytes' 8-bit one with use8bitAdam); `fused`: torch's one-kernel update,
+    where the parameters allow it (speedups.adamw_options)."""
+
     def make(parameters: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
-        optimizer_class = adamw_8bit() if training.use_8bit_adam else torch.optim.AdamW
+        parameters = list(parameters)
+        if training.use_8bit_adam:
+            optimizer_class, options = adamw_8bit(), {}
+        else:
+            optimizer_class, options = torch.optim.AdamW, adamw_options(parameters, fused)
         return optimizer_class(
             parameters,
             lr=training.effective_learning_rate,
             betas=ADAM_BETAS,
             weight_decay=WEIGHT_DECAY,
             eps=ADAM_EPSILON,
+            **options,
         )
 
     return make

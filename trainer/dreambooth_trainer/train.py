@@ -46,6 +46,7 @@ from .priors import PriorRequest, is_complete
 from .progress import LOADING_MODEL, PREPARING_DATA
 from .samples import ValidationSamples
 from .seeds import derive_seed
+from .speedups import Speedups, apply_matmul_precision, prepare_unet, speedups_for
 from .storage import local_files
 from .timing import PhaseClock
 from .tracking import WandbLogger
@@ -76,6 +77,7 @@ class Trainer:
         backend: Backend,
         callbacks: Sequence[Callback] = (),
         checkpoints: CheckpointManager | None = None,
+        speedups: Speedups | None = None,
     ):
         self.config = config
         self.training = config.training
@@ -101,8 +103,15 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(
             derive_seed(self.training.seed, "noise", self.world.rank)
         )
+        # TF32, fused AdamW, channels_last, regional compile: what the device and the job allow
+        # (speedups.py), unless the caller (the bench) says which.
+        self.speedups = speedups or speedups_for(self.training, self.world.device)
+        apply_matmul_precision(self.speedups, self.world.device)
+        prepare_unet(model.unet, self.speedups)
         self.model = backend.prepare(
-            model, optimizer_factory(self.training), scheduler_factory(self.training)
+            model,
+            optimizer_factory(self.training, fused=self.speedups.fused_adamw),
+            scheduler_factory(self.training),
         )
 
     @property
@@ -286,10 +295,12 @@ def build_trainer(
     callbacks: Sequence[Callback] = (),
     checkpoints: CheckpointManager | None = None,
     announce: Callable[[str], None] = lambda activity: None,
+    speedups: Speedups | None = None,
 ) -> Trainer:
     """Load the base model, prepare data and backend: a Trainer ready to `fit()`.
 
-    `announce` hears what it is doing meanwhile (progress.LOADING_MODEL, PREPARING_DATA)."""
+    `announce` hears what it is doing meanwhile (progress.LOADING_MODEL, PREPARING_DATA);
+    `speedups` overrides what `speedups.speedups_for` decides (benchmarks compare them)."""
     world = world or World.from_env()
     training = config.training
     announce(LOADING_MODEL)
@@ -316,7 +327,7 @@ def build_trainer(
         instance_dir,
         class_dir,
     )
-    return Trainer(config, model, frozen, data, backend, callbacks, checkpoints)
+    return Trainer(config, model, frozen, data, backend, callbacks, checkpoints, speedups)
 
 
 # -- the phase -------------------------------------------------------------------------------------
@@ -373,7 +384,7 @@ def rank_callbacks(
     ]
     if world.is_main:
         callbacks += [ProgressBar()] if progress else []
-        callbacks.append(StatusReport())
+        callbacks.append(StatusReport(compiled=config.training.compile != "off"))
         if is_s3(config.output_uri):
             callbacks.append(PublishAsYouGo(output, config, writer))
         callbacks.append(TensorBoardScalars(writer))
