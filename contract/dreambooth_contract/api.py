@@ -187,6 +187,14 @@ class InstanceSpec(ApiModel):
         min_length=1,
         max_length=1000,
     )
+    captions: Literal["append", "replace", "ignore"] = field(
+        "append",
+        description="What a photo's own caption does to the prompt: NAME.txt beside NAME.jpg "
+        '(kohya\'s convention) or a metadata.jsonl line {"file_name": "NAME.jpg", '
+        '"text": "..."} (Hugging Face imagefolder\'s). append: "PROMPT, CAPTION"; replace: '
+        "the caption alone (it should name the identifier); ignore: every photo gets the "
+        "prompt. A photo without a caption gets the prompt.",
+    )
 
     _uri_segments = field_validator("images_uri", mode="before")(no_dot_segments)
 

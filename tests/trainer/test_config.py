@@ -32,7 +32,11 @@ OPERATOR_SECTIONS = {"resources", "storage", "inference", "run_policy"}
 # on the way cannot pass unnoticed.
 FULL_SPEC: dict[str, Any] = {
     "baseModel": {"uri": "org/model", "revision": "v2", "variant": "fp16"},
-    "instance": {"imagesUri": "s3://bucket/subject", "prompt": "a photo of zwx toy"},
+    "instance": {
+        "imagesUri": "s3://bucket/subject",
+        "prompt": "a photo of zwx toy",
+        "captions": "replace",
+    },
     "priorPreservation": {
         "enabled": False,
         "classPrompt": "a photo of toy",

@@ -56,7 +56,7 @@ def instance_loss(trainer: Trainer, draws: int = 32) -> float:
     prediction = trainer.trained_model(
         scheduler.add_noise(latents, noise, timesteps),
         timesteps,
-        trainer.data.prompts.rows([draws]),
+        trainer.data.condition(instance.latents.indices(indices)),
         trainer.data.prompts.is_embedding,
     )
     return torch.nn.functional.mse_loss(prediction, noise).item()

@@ -29,6 +29,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 from dreambooth_contract.api import TrainingSpec
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
+from .captions import prompt_for, read_captions
 from .seeds import derive_seed
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -377,13 +378,13 @@ def encode_prompt(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch
 
 @dataclass
 class Prompts:
-    """The data's prompts (the instance prompt, then the class prompt) as the trainable model
-    consumes them: token ids, or hidden states.
+    """The data's distinct prompts (the instance prompt or each photo's captioned one, then the
+    class prompt) as the trainable model consumes them: token ids, or hidden states.
 
     When the text encoder trains, the ids go through it inside the model on every step. A frozen
     encoder gives the same hidden states every time, so they are computed once, unless
     `cache=False` asks for an encoder pass per step (what caching saves; kept for the benchmark),
-    one pass over all the prompts.
+    one pass over the prompts a step uses.
     """
 
     ids: torch.Tensor  # [K, L]
@@ -416,12 +417,13 @@ class Prompts:
             return self.cached
         return encode_prompt(self.frozen_text_encoder, self.ids)
 
-    def rows(self, counts: Sequence[int]) -> torch.Tensor:
-        """Prompt k repeated counts[k] times, prompt after prompt (the first len(counts))."""
-        value = self.value()
-        return torch.cat(
-            [value[k : k + 1].expand(count, *value.shape[1:]) for k, count in enumerate(counts)]
-        )
+    def rows(self, prompt_ids: Sequence[int]) -> torch.Tensor:
+        """One row per entry of `prompt_ids`: that prompt's ids or hidden states."""
+        if self.is_embedding and self.cached is None:  # encode only what this step uses
+            used = sorted(set(prompt_ids))
+            encoded = encode_prompt(self.frozen_text_encoder, self.ids[used])
+            return encoded[[used.index(k) for k in prompt_ids]]
+        return self.value()[list(prompt_ids)]
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -447,9 +449,14 @@ class Subset:
 @dataclass
 class DreamBoothData:
     latents: LatentSource  # every image: the instance images, then the class images
-    prompts: Prompts  # the instance prompt, then the class prompt
+    prompts: Prompts  # the distinct prompts of the images
+    prompt_of: list[int]  # image i trains with prompt prompt_of[i]
     instance: Subset
     classes: Subset | None  # None without prior preservation
+
+    def condition(self, indices: list[int]) -> torch.Tensor:
+        """The prompt rows of the images `indices` (the source's numbering)."""
+        return self.prompts.rows([self.prompt_of[index] for index in indices])
 
     def batch(
         self, micro_step: int, per_rank: int, rank: int, world_size: int, generator: torch.Generator
@@ -464,7 +471,7 @@ class DreamBoothData:
         counts = [per_rank] * len(subsets)
         return Batch(
             latents=self.latents.sample(indices, generator, parts=counts),
-            condition=self.prompts.rows(counts),
+            condition=self.condition(indices),
             condition_is_embedding=self.prompts.is_embedding,
             instance_rows=per_rank,
         )
@@ -480,6 +487,16 @@ class ImageSet:
     empty: str  # the field to blame when there are no images
     field: str  # the field to blame for a bad image
     advice: str
+    captions: str = "ignore"  # instance.captions: what a photo's own caption does
+
+
+def prompts_of(image_set: ImageSet) -> list[str]:
+    """Each image's prompt, in `list_images` order (the order of `load_set`'s pixels)."""
+    paths = list_images(image_set.directory)
+    if image_set.captions == "ignore":
+        return [image_set.prompt] * len(paths)
+    captions = read_captions(image_set.directory, paths, image_set.field)
+    return [prompt_for(image_set.prompt, captions.get(p.name), image_set.captions) for p in paths]
 
 
 def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor | list[torch.Tensor]:
@@ -519,7 +536,13 @@ def build_data(
     field = "instance.imagesUri"
     image_sets = [
         ImageSet(
-            instance_dir, config.instance.prompt, "instance", field, field, "replace or remove it"
+            instance_dir,
+            config.instance.prompt,
+            "instance",
+            field,
+            field,
+            "replace or remove it",
+            captions=config.instance.captions,
         )
     ]
     pixel_sets = [load_set(image_sets[0], training)]
@@ -546,11 +569,11 @@ def build_data(
         order = ShuffledOrder(len(pixels), derive_seed(training.seed, "order", image_set.purpose))
         subsets.append(Subset(LatentRange(latents, start, len(pixels)), order))
         start += len(pixels)
+    image_prompts = [prompt for image_set in image_sets for prompt in prompts_of(image_set)]
+    distinct = list(dict.fromkeys(image_prompts))  # the text cache holds each once
     prompts = Prompts.of(
-        [image_set.prompt for image_set in image_sets],
-        tokenizer,
-        frozen_text_encoder,
-        cache=training.cache_text_embeddings,
+        distinct, tokenizer, frozen_text_encoder, cache=training.cache_text_embeddings
     )
+    prompt_of = [distinct.index(prompt) for prompt in image_prompts]
     instance, *classes = subsets
-    return DreamBoothData(latents, prompts, instance, classes[0] if classes else None)
+    return DreamBoothData(latents, prompts, prompt_of, instance, classes[0] if classes else None)
