@@ -121,6 +121,10 @@ class TrainerConfig(ApiModel):
         instance = spec.instance.model_copy(
             update={"images_uri": resolve(spec.instance.images_uri)}
         )
+        class_images_uri = spec.prior_preservation.class_images_uri
+        prior_preservation = spec.prior_preservation.model_copy(
+            update={"class_images_uri": class_images_uri and resolve(class_images_uri)}
+        )
         evaluation = spec.evaluation.model_copy(
             update={
                 name: resolve(getattr(spec.evaluation, name))
@@ -138,7 +142,7 @@ class TrainerConfig(ApiModel):
             namespace=job.metadata.namespace,
             base_model=base_model,
             instance=instance,
-            prior_preservation=spec.prior_preservation,
+            prior_preservation=prior_preservation,
             training=training,
             evaluation=evaluation,
             tracking=tracking,

@@ -41,6 +41,7 @@ FULL_SPEC: dict[str, Any] = {
         "enabled": False,
         "classPrompt": "a photo of toy",
         "numClassImages": 321,
+        "classImagesUri": "s3://bucket/regularization/toys",
         "lossWeight": 0.5,
         "generation": {
             "steps": 33,

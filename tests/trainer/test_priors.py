@@ -11,8 +11,12 @@ import torch
 from PIL import Image
 
 from dreambooth_trainer import priors
+from dreambooth_trainer.parallel.base import World
 from dreambooth_trainer.priors import PriorRequest, generate_shard, image_name
 from dreambooth_trainer.storage import LocalStore
+from dreambooth_trainer.train import build_trainer
+
+from .conftest import SUBJECT_DIR
 
 pytestmark = pytest.mark.trainer
 
@@ -94,3 +98,45 @@ def test_each_process_of_a_priors_pod_generates_on_its_own_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # no GPU here: only the choice
     assert priors.generation_device({"LOCAL_RANK": "3"}) == (torch.device("cuda", 3), torch.float16)
     assert priors.generation_device({})[0] == torch.device("cuda", 0)
+
+
+def own_class_images(directory: Path, count: int) -> Path:
+    """`count` real-looking class photos of the user's (flat colours, 80x64: cropped to 64)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for index in range(count):
+        Image.new("RGB", (80, 64), (index * 40, 90, 200 - index * 20)).save(
+            directory / f"own-{index}.jpg"
+        )
+    return directory
+
+
+@pytest.mark.parametrize(("supplied", "generated"), [(5, 3), (8, 0), (10, 0)])
+def test_own_class_images_leave_only_the_shortfall_to_generate(
+    make_config, tmp_path, monkeypatch, supplied, generated
+):
+    """numClassImages 8: with 5 supplied exactly 3 are generated; with 8 (or more) none, and
+    no model is loaded. The class set the trainer reads is the user's, then the generated."""
+    own = own_class_images(tmp_path / "own", supplied)
+    config = make_config(
+        {
+            "priorPreservation": {
+                "numClassImages": 8,
+                "classImagesUri": str(own),
+                "generation": {"seed": 23},  # a set of its own: not shared with other tests
+            }
+        }
+    )
+    written: list[int] = []
+    if not generated:
+        monkeypatch.setattr(priors, "load_pipeline", lambda *a, **k: pytest.fail("generated"))
+    class_dir = priors.run_priors(config, on_written=written.append)
+    assert sum(written) == generated
+    if generated:
+        assert sorted(p.name for p in class_dir.glob("class-*.png")) == [
+            image_name(i) for i in range(generated)
+        ]
+        assert not (class_dir / priors.MANIFEST).exists()  # a partial set is not committed
+    else:
+        assert class_dir is None
+    trainer = build_trainer(config, SUBJECT_DIR, class_dir, World())
+    assert len(trainer.data.classes.latents) == 8

@@ -30,6 +30,7 @@ from dreambooth_contract.api import TrainingSpec
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
 from .captions import prompt_for, read_captions
+from .locations import fetch_dir
 from .seeds import derive_seed
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -143,6 +144,37 @@ def load_training_images(
             for p in paths
         ]
     )
+
+
+def image_name(index: int) -> str:
+    """The file name of generated class image `index` in its set."""
+    return f"class-{index:06d}.png"
+
+
+CLASS_IMAGES_FIELD = "priorPreservation.classImagesUri"
+
+
+@dataclass(frozen=True)
+class ClassImagePlan:
+    """A job's class set: the user's images it takes, and how many to generate."""
+
+    supplied: list[Path]
+    generated: int
+
+
+def class_image_plan(config: TrainerConfig) -> ClassImagePlan:
+    """Up to numClassImages of the user's class images (fetched), and the shortfall."""
+    priors = config.prior_preservation
+    wanted = priors.num_class_images
+    if priors.class_images_uri is None:
+        return ClassImagePlan([], wanted)
+    directory = fetch_dir(priors.class_images_uri, config.s3, config.model_cache_dir())
+    supplied = list_images(directory)[:wanted]
+    if not supplied:
+        raise ConfigError(
+            CLASS_IMAGES_FIELD, f"no images (png, jpg, webp) in {priors.class_images_uri}"
+        )
+    return ClassImagePlan(supplied, wanted - len(supplied))
 
 
 # -- order -----------------------------------------------------------------------------------------
@@ -488,11 +520,15 @@ class ImageSet:
     field: str  # the field to blame for a bad image
     advice: str
     captions: str = "ignore"  # instance.captions: what a photo's own caption does
+    paths: tuple[Path, ...] = ()  # these images of `directory`; empty: all of them
+
+    def image_paths(self) -> list[Path]:
+        return list(self.paths) if self.paths else list_images(self.directory)
 
 
 def prompts_of(image_set: ImageSet) -> list[str]:
-    """Each image's prompt, in `list_images` order (the order of `load_set`'s pixels)."""
-    paths = list_images(image_set.directory)
+    """Each image's prompt, in `image_paths` order (the order of `load_set`'s pixels)."""
+    paths = image_set.image_paths()
     if image_set.captions == "ignore":
         return [image_set.prompt] * len(paths)
     captions = read_captions(image_set.directory, paths, image_set.field)
@@ -501,7 +537,7 @@ def prompts_of(image_set: ImageSet) -> list[str]:
 
 def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor | list[torch.Tensor]:
     """The set's cropped images, or with cropEachStep its resized, uncropped ones."""
-    paths = list_images(image_set.directory)
+    paths = image_set.image_paths()
     if not paths:
         raise ConfigError(image_set.empty, f"no images (png, jpg, webp) in {image_set.directory}")
     if training.crop_each_step:
@@ -545,31 +581,19 @@ def build_data(
             captions=config.instance.captions,
         )
     ]
-    pixel_sets = [load_set(image_sets[0], training)]
+    groups = [image_sets]  # one group of sets per subset: the instance images, the class images
     if config.uses_priors:
-        if class_dir is None:
-            raise ConfigError("priorPreservation.enabled", "true, but there are no class images")
-        image_sets.append(
-            ImageSet(
-                class_dir,
-                config.prior_preservation.class_prompt,
-                "class",
-                "priorPreservation (class images: run the priors phase first)",
-                "storage.priorCacheUri",
-                f"the class-image set is corrupt: delete {config.priors_uri} and run the job "
-                "again to generate it anew",
-            )
-        )
-        pixel_sets.append(load_set(image_sets[1], training))
+        groups.append(class_image_sets(config, class_dir))
+    pixel_sets = [_joined([load_set(image_set, training) for image_set in g]) for g in groups]
     latents = latent_source(
         vae, pixel_sets, cache=training.cache_latents, augmentation=Augmentation.of(training)
     )
     subsets, start = [], 0
-    for image_set, pixels in zip(image_sets, pixel_sets, strict=True):
-        order = ShuffledOrder(len(pixels), derive_seed(training.seed, "order", image_set.purpose))
+    for group, pixels in zip(groups, pixel_sets, strict=True):
+        order = ShuffledOrder(len(pixels), derive_seed(training.seed, "order", group[0].purpose))
         subsets.append(Subset(LatentRange(latents, start, len(pixels)), order))
         start += len(pixels)
-    image_prompts = [prompt for image_set in image_sets for prompt in prompts_of(image_set)]
+    image_prompts = [prompt for group in groups for s in group for prompt in prompts_of(s)]
     distinct = list(dict.fromkeys(image_prompts))  # the text cache holds each once
     prompts = Prompts.of(
         distinct, tokenizer, frozen_text_encoder, cache=training.cache_text_embeddings
@@ -577,3 +601,48 @@ def build_data(
     prompt_of = [distinct.index(prompt) for prompt in image_prompts]
     instance, *classes = subsets
     return DreamBoothData(latents, prompts, prompt_of, instance, classes[0] if classes else None)
+
+
+def class_image_sets(config: TrainerConfig, class_dir: Path | None) -> list[ImageSet]:
+    """The class images: the user's (classImagesUri), then the generated shortfall."""
+    plan = class_image_plan(config)
+    prompt = config.prior_preservation.class_prompt
+    sets = []
+    if plan.supplied:
+        sets.append(
+            ImageSet(
+                plan.supplied[0].parent,
+                prompt,
+                "class",
+                CLASS_IMAGES_FIELD,
+                CLASS_IMAGES_FIELD,
+                "replace or remove it",
+                paths=tuple(plan.supplied),
+            )
+        )
+    if plan.generated:
+        if class_dir is None:
+            raise ConfigError("priorPreservation.enabled", "true, but there are no class images")
+        generated = tuple(class_dir / image_name(i) for i in range(plan.generated))
+        sets.append(
+            ImageSet(
+                class_dir,
+                prompt,
+                "class",
+                "priorPreservation (class images: run the priors phase first)",
+                "storage.priorCacheUri",
+                f"the class-image set is corrupt: delete {config.priors_uri} and run the job "
+                "again to generate it anew",
+                paths=generated,
+            )
+        )
+    return sets
+
+
+def _joined(pixel_sets: list[torch.Tensor | list[torch.Tensor]]) -> torch.Tensor | list:
+    """One subset's pixels from its sets: a tensor, or (cropEachStep) a list of images."""
+    if len(pixel_sets) == 1:
+        return pixel_sets[0]
+    if all(isinstance(pixels, torch.Tensor) for pixels in pixel_sets):
+        return torch.cat(pixel_sets)
+    return [image for pixels in pixel_sets for image in pixels]

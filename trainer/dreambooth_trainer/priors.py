@@ -9,6 +9,13 @@ leaves them out on purpose: other hardware draws equally valid class images.
 Resumable: a batch whose images all exist is skipped; a partly written batch is generated again
 (same composition, same pixels) and only its missing images are written.
 
+The user's own class images (priorPreservation.classImagesUri) come first: only the shortfall
+to numClassImages is generated, as images 0..shortfall-1 of the same seeded sequence, into the
+same set (its key leaves the user's images out: they change nothing that is generated). A
+partial set gets no manifest; a job reads its first `shortfall` images once they exist (each
+is written atomically), and a later job that wants the whole set generates the rest and
+commits it.
+
 The set lives under `<priorCacheUri>/<cache key>/` (see priors_key) as `class-000000.png`, ... and
 `manifest.json`, written last by whichever shard finds the set complete: no manifest, no priors.
 A manifest that is there but wrong (not JSON, another key, images missing) is bad input: the job
@@ -21,7 +28,7 @@ import json
 import logging
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +40,7 @@ from tqdm.auto import tqdm
 from dreambooth_contract.priors_key import PRIORS_FORMAT, generation_params
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
+from .data import class_image_plan, image_name
 from .locations import fetch_dir, staging_dir, store_for
 from .models.generation import generate_images
 from .models.loading import load_pipeline
@@ -91,10 +99,6 @@ def shard_from_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
     local_rank, per_node = int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
     node_rank, nodes = int(environ.get("NODE_RANK", 0)), int(environ.get("NNODES", 1))
     return node_rank * per_node + local_rank, nodes * per_node
-
-
-def image_name(index: int) -> str:
-    return f"class-{index:06d}.png"
 
 
 def generate_batch(
@@ -233,6 +237,14 @@ def commit_if_complete(store: Store, request: PriorRequest) -> bool:
 # -- the phase -------------------------------------------------------------------------------------
 
 
+def generated_images(store: Store, config: TrainerConfig, count: int) -> bool:
+    """Whether the set holds the first `count` images: committed whole, or those present."""
+    if is_complete(store, PriorRequest.from_config(config)):
+        return True
+    present = {info.key for info in store.list()}
+    return all(image_name(i) in present for i in range(count))
+
+
 def run_priors(
     config: TrainerConfig,
     shard: int = 0,
@@ -248,11 +260,18 @@ def run_priors(
     """
     if not config.uses_priors:
         return None
+    plan = class_image_plan(config)
+    if not plan.generated:
+        log.info("class images: %d supplied, none to generate", len(plan.supplied))
+        return None
     request = PriorRequest.from_config(config)
     store = store_for(config.priors_uri, config.s3)
     if is_complete(store, request):
         log.info("class images %s: already complete", config.priors_uri)
         return fetch_dir(config.priors_uri, config.s3, config.model_cache_dir())
+    if plan.supplied:  # the shortfall only: the first images of the set, no manifest
+        request = replace(request, count=plan.generated)
+        log.info("class images: %d supplied, %d to generate", len(plan.supplied), request.count)
     local = shard_dir(store, request, shard, shards, config)
     log.info("class images %s: shard %d of %d", config.priors_uri, shard, shards)
     device, dtype = generation_device()
@@ -262,7 +281,7 @@ def run_priors(
     )
     if not isinstance(store, LocalStore):
         store.upload_files([(path, path.name) for path in written])
-    if commit_if_complete(store, request):
+    if not plan.supplied and commit_if_complete(store, request):
         log.info("class images %s: complete (%d)", config.priors_uri, request.count)
     return local
 

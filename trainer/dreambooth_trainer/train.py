@@ -42,7 +42,7 @@ from .models.components import DreamBoothModel, FrozenParts, sampling_pipeline
 from .models.loading import load_pipeline
 from .optim import optimizer_factory, scheduler_factory
 from .parallel import Backend, BackendOptions, World, create_backend
-from .priors import PriorRequest, is_complete
+from .priors import class_image_plan, generated_images
 from .progress import LOADING_MODEL, PREPARING_DATA
 from .samples import ValidationSamples
 from .seeds import derive_seed
@@ -334,12 +334,16 @@ def build_trainer(
 
 
 def class_images_dir(config: TrainerConfig, cache_dir: Path) -> Path | None:
-    """The committed class-image set, local (downloaded when it lives in S3)."""
+    """The generated class images, local (downloaded when they live in S3); None when there
+    are none to read (no prior preservation, or the user supplied every class image)."""
     if not config.uses_priors:
         return None
+    generated = class_image_plan(config).generated
+    if not generated:
+        return None
     store = store_for(config.priors_uri, config.s3)
-    if not is_complete(store, PriorRequest.from_config(config)):
-        raise RuntimeError(f"class images {config.priors_uri}: no manifest; run the priors phase")
+    if not generated_images(store, config, generated):
+        raise RuntimeError(f"class images {config.priors_uri}: not generated; run the priors phase")
     return fetch_dir(config.priors_uri, config.s3, cache_dir)
 
 
