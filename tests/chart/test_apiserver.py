@@ -63,15 +63,17 @@ def test_server_side_dry_run(kubectl, helm_local, monitoring_crds, namespace, tm
 def test_helm_upgrade_upgrades_the_crd_and_uninstall_keeps_it(helm, kubectl, namespace, tmp_path):
     """Why the CRD is a template: `helm upgrade` ships a changed schema; `helm uninstall` keeps it.
 
-    A copy of the chart whose CRD is renamed to another API group, so that it cannot touch the
-    session's DreamBoothJob CRD.
+    A copy of the chart whose CRDs are renamed to another API group, so that they cannot touch
+    the session's DreamBoothJob and DreamBoothServer CRDs (nor be refused for them: helm will not
+    adopt a CRD that another test applied).
     """
     chart = tmp_path / "chart"
     shutil.copytree(CHART, chart)
-    crd_file = chart / "files" / "crd.yaml"
     group = f"{namespace}.upgrade.test"
+    for crd_path in (chart / "files").glob("crd*.yaml"):
+        crd_path.write_text(crd_path.read_text().replace("dreambooth.dev", group))
+    crd_file = chart / "files" / "crd.yaml"
     crd_name = f"dreamboothjobs.{group}"
-    crd_file.write_text(crd_file.read_text().replace("dreambooth.dev", group))
     release = f"u{namespace[2:]}"
     base = ("--namespace", namespace, "--wait=false")
     try:
@@ -92,4 +94,5 @@ def test_helm_upgrade_upgrades_the_crd_and_uninstall_keeps_it(helm, kubectl, nam
         ).stdout
     finally:
         helm("uninstall", release, "--namespace", namespace, "--ignore-not-found", check=False)
-        kubectl("delete", "crd", crd_name, "--ignore-not-found", check=False)
+        for name in (crd_name, f"dreamboothservers.{group}"):
+            kubectl("delete", "crd", name, "--ignore-not-found", check=False)
