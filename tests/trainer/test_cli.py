@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,7 @@ from PIL import Image
 from dreambooth_contract.api import EvaluationStatus
 from dreambooth_contract.env import EXIT_BAD_INPUT
 from dreambooth_operator.cli import main
+from dreambooth_trainer import cli as trainer_cli
 from dreambooth_trainer.digest import verify
 
 from .conftest import REPO
@@ -26,6 +28,13 @@ EXAMPLE = REPO / "examples" / "local-tiny.yaml"
 def model_cache(shared_dir: Path, monkeypatch):
     """Configs from a job name no cache_dir: keep the tests' models out of ~/.cache."""
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(shared_dir / "models"))
+
+
+@pytest.fixture(autouse=True)
+def plain_exit(monkeypatch):
+    """priors, train and export end with os._exit (cli.exit_without_teardown); in this process
+    a plain exit."""
+    monkeypatch.setattr(trainer_cli, "exit_without_teardown", sys.exit)
 
 
 def invoke(*args: str):
