@@ -30,9 +30,9 @@ from pathlib import Path
 from typing import Any
 
 import kubernetes
-import urllib3
 
 from bench import Settings, benchmark
+from bench.operator import PodWatch
 from dreambooth_contract import api
 
 POLL_SECONDS = 0.2
@@ -82,24 +82,14 @@ class JobTimeline(threading.Thread):
         return next((t for t, w in self.events if w == what), None)
 
 
-class PodTimeline(threading.Thread):
+class PodTimeline(PodWatch):
     """When each pod was created, ran, became ready and finished (wall clock, a watch)."""
 
-    def __init__(self, core: kubernetes.client.CoreV1Api, namespace: str):
-        super().__init__(daemon=True)
-        self.core, self.namespace = core, namespace
-        self.pods: dict[str, dict[str, float]] = {}
-        self.watch = kubernetes.watch.Watch()
+    timeout_seconds = TIMEOUT_SECONDS
 
-    def run(self) -> None:
-        stream = self.watch.stream(
-            self.core.list_namespaced_pod, self.namespace, timeout_seconds=TIMEOUT_SECONDS
-        )
-        try:
-            for event in stream:
-                self.record(event["object"])
-        except urllib3.exceptions.ProtocolError:
-            pass  # stop() closed the connection under the stream
+    def __init__(self, core: kubernetes.client.CoreV1Api, namespace: str):
+        super().__init__(core, namespace)
+        self.pods: dict[str, dict[str, float]] = {}
 
     def record(self, pod) -> None:
         now = time.time()
