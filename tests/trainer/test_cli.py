@@ -31,17 +31,24 @@ def model_cache(shared_dir: Path, monkeypatch):
 
 
 @pytest.fixture(autouse=True)
-def plain_exit(monkeypatch):
-    """priors, train and export end with os._exit (cli.exit_without_teardown); in this process
-    a plain exit."""
-    monkeypatch.setattr(trainer_cli, "exit_without_teardown", sys.exit)
+def plain_exit(monkeypatch) -> list[int]:
+    """priors, train and export end with os._exit (cli.exit_without_teardown: no interpreter
+    teardown); in this process a plain exit. The codes they ended with, in order."""
+    codes: list[int] = []
+
+    def exit_(code: int):
+        codes.append(code)
+        sys.exit(code)
+
+    monkeypatch.setattr(trainer_cli, "exit_without_teardown", exit_)
+    return codes
 
 
 def invoke(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def test_local_run_of_the_example(tmp_path: Path):
+def test_local_run_of_the_example(tmp_path: Path, plain_exit: list[int]):
     """README's first command: priors -> train -> export -> evaluate -> samples, into --output."""
     output = tmp_path / "out"
     result = invoke("run", str(EXAMPLE), "--output", str(output))
@@ -77,6 +84,7 @@ def test_local_run_of_the_example(tmp_path: Path):
     assert invoke("priors", "--config", config_file).exit_code == 0  # complete: nothing to do
     exported = invoke("export", "--config", config_file)
     assert exported.exit_code == 0 and exported.output.strip() == digest  # deterministic
+    assert plain_exit == [0, 0]  # priors and export skipped the interpreter's teardown
     class_images = yaml.safe_load(EXAMPLE.read_text())["spec"]["priorPreservation"]
     assert len(list((tmp_path / "priors").glob("*/class-*.png"))) == class_images["numClassImages"]
 
