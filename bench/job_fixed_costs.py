@@ -9,7 +9,8 @@ cluster (control plane, the test node running pods as local processes, moto's S3
 
 - job: seconds from apply to each phase and activity first shown, to the first and the last
   step, to the artifact, to Serving and to the inference replica being ready; the time in each
-  phase; "fixed_seconds" is apply -> inference ready less the steps (first -> last step).
+  phase; "fixed_seconds" is apply -> inference ready less the steps (rank 0's log line as its
+  loop starts -> the last step shown; the status shows a step only every few seconds).
 - pods: for each pod, start (Running) -> ready / done, and the gaps between its own log lines
   (imports, model load, caches, upload: whatever the pod logs), so a slow stretch has a name.
 
@@ -38,6 +39,7 @@ from dreambooth_contract import api
 POLL_SECONDS = 0.2
 TIMEOUT_SECONDS = 900
 NAME = "tiny"
+START_OF_STEPS = re.compile(r"training from step|resumed from")
 LOG_STAMP = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (\w+) (\S+): (.*)$")
 
 
@@ -111,7 +113,7 @@ def log_lines(text: str) -> list[tuple[float, str]]:
         match = LOG_STAMP.match(line)
         if match:
             stamp = dt.datetime.strptime(match.group(1), "%Y-%m-%d %H:%M:%S,%f")
-            lines.append((stamp.timestamp(), f"{match.group(3)}: {match.group(4)[:100]}"))
+            lines.append((stamp.timestamp(), f"{match.group(3)}: {match.group(4)}"))
     return lines
 
 
@@ -132,7 +134,7 @@ def pod_breakdown(seen: dict[str, float], lines: list[tuple[float, str]]) -> dic
             result[f"running_to_{key}"] = round(seen[key] - start, 1)
     gaps, previous = [], start
     for when, message in lines:
-        gaps.append([round(when - previous, 1), message])
+        gaps.append([round(when - previous, 1), message[:100]])
         previous = when
     if "done" in seen:
         gaps.append([round(seen["done"] - previous, 1), "(exit)"])
@@ -140,18 +142,30 @@ def pod_breakdown(seen: dict[str, float], lines: list[tuple[float, str]]) -> dic
     return result
 
 
-def job_summary(timeline: JobTimeline, applied: float) -> dict[str, Any]:
+def steps_started(logs: dict[str, list[tuple[float, str]]]) -> float | None:
+    """When rank 0 began its steps: its checkpoint manager's "training from step" / "resumed
+    from" line, logged just before the loop (the status shows steps only every few seconds)."""
+    for name, lines in logs.items():
+        if name.startswith(f"{NAME}-train-0-"):
+            for when, message in lines:
+                if START_OF_STEPS.search(message):
+                    return when
+    return None
+
+
+def job_summary(timeline: JobTimeline, applied: float, started: float | None) -> dict[str, Any]:
     since = {what: round(when - applied, 1) for when, what in timeline.events}
+    if started:
+        since["steps started (rank 0's log)"] = round(started - applied, 1)
     phases = [(when, what) for when, what in timeline.events if what.startswith("phase ")]
     in_phase = {
         what.removeprefix("phase "): round(later - when, 1)
         for (when, what), (later, _) in zip(phases, phases[1:], strict=False)
     }
-    first, last = timeline.first("first step"), timeline.first("last step")
-    ready = timeline.first("inference ready")
+    last, ready = timeline.first("last step"), timeline.first("inference ready")
     summary: dict[str, Any] = {"apply_to": since, "seconds_in_phase": in_phase}
-    if first and last and ready:
-        steps = last - first
+    if started and last and ready:
+        steps = last - started
         summary["steps_seconds"] = round(steps, 1)
         summary["fixed_seconds"] = round(ready - applied - steps, 1)
     if last and timeline.first("artifact"):
@@ -207,14 +221,13 @@ def run(workdir: Path) -> dict[str, Any]:
                 timeline.stop.set()
                 pods.watch.stop()
                 operator.stop()
-            breakdown = {
-                name: pod_breakdown(seen, log_lines(pod_log(node, namespace, name)))
-                for name, seen in sorted(pods.pods.items(), key=lambda item: item[1]["created"])
-            }
+            created = sorted(pods.pods.items(), key=lambda item: item[1]["created"])
+            logs = {name: log_lines(pod_log(node, namespace, name)) for name, _ in created}
+            breakdown = {name: pod_breakdown(seen, logs[name]) for name, seen in created}
     finally:
         s3.stop()
         plane.stop()
-    return {"job": job_summary(timeline, applied), "pods": breakdown}
+    return {"job": job_summary(timeline, applied, steps_started(logs)), "pods": breakdown}
 
 
 @benchmark("job_fixed_costs")
