@@ -21,6 +21,7 @@ MODULES = [
     "bench.multi_adapter",
     "bench.operator",
     "bench.lora_sizes",
+    "bench.job_fixed_costs",
 ]
 
 

@@ -40,18 +40,22 @@ class PodWatch(threading.Thread):
         self.seen: dict[str, dict[str, float]] = {}
         self.watch = kubernetes.watch.Watch()
 
+    timeout_seconds = 600
+
     def run(self) -> None:
         stream = self.watch.stream(
-            self.core.list_namespaced_pod, self.namespace, timeout_seconds=600
+            self.core.list_namespaced_pod, self.namespace, timeout_seconds=self.timeout_seconds
         )
         try:
             for event in stream:
-                pod = event["object"]
-                job = (pod.metadata.labels or {}).get(names.LABEL_JOB)
-                if job:
-                    self.seen.setdefault(job, {}).setdefault(pod.metadata.name, time.monotonic())
+                self.record(event["object"])
         except urllib3.exceptions.ProtocolError:
             pass  # stop() closed the connection under the stream
+
+    def record(self, pod) -> None:
+        job = (pod.metadata.labels or {}).get(names.LABEL_JOB)
+        if job:
+            self.seen.setdefault(job, {}).setdefault(pod.metadata.name, time.monotonic())
 
 
 def apply_and_measure(

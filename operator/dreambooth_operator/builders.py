@@ -248,6 +248,10 @@ def pod_template(
 ) -> dict[str, Any]:
     spec, job_name = job.spec, job.metadata.name
     torchrun = {names.TRAIN: "rendezvous", names.PRIORS: "standalone"}.get(component, "none")
+    if component == names.PRIORS and spec.resources.processes == 1:
+        # One generating process: torchrun would only add its own start and exit (2-5 s of a
+        # pod's life). The shard is then NODE_RANK of NNODES (priors.shard_from_env).
+        torchrun = "none"
     command, args = _trainer_command(SUBCOMMANDS[component], torchrun)
     pod_labels = names.labels(
         job_name, component, **{names.LABEL_RANK: str(rank), names.LABEL_ATTEMPT: str(attempt)}

@@ -9,10 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import kubernetes
+import yaml
+
 from dreambooth_contract import api
 from tests.support.procs import ManagedProcess, free_port, port_open, wait_for
 
 REPO = Path(__file__).resolve().parents[2]
+SUBJECT = REPO / "examples" / "local" / "subject"
+SECRET = "s3-credentials"
 
 
 def job_document(name: str, **spec: Any) -> dict[str, Any]:
@@ -32,6 +37,52 @@ def job_document(name: str, **spec: Any) -> dict[str, Any]:
     }
     for section, values in spec.items():
         document["spec"].setdefault(section, {}).update(values)
+    return document
+
+
+def stage_s3_inputs(
+    s3_server, bucket: str, namespace: str, api_client, access_key_id: str, secret_key: str
+) -> None:
+    """The local example's subject photos in `bucket`/subject and the S3 credentials Secret
+    (SECRET) in `namespace`: what s3_job_document's jobs read."""
+    client = s3_server.client()
+    for photo in sorted(SUBJECT.iterdir()):
+        client.upload_file(str(photo), bucket, f"subject/{photo.name}")
+    kubernetes.client.CoreV1Api(api_client).create_namespaced_secret(
+        namespace,
+        {
+            "metadata": {"name": SECRET},
+            "stringData": {"AWS_ACCESS_KEY_ID": access_key_id, "AWS_SECRET_ACCESS_KEY": secret_key},
+        },
+    )
+
+
+def s3_job_document(name: str, s3_server, bucket: str, **spec_changes: Any) -> dict[str, Any]:
+    """The local example as a tiny 2-node DDP job on S3 (inputs from stage_s3_inputs): 4 class
+    images, 24 steps checkpointed every 8; `spec_changes` update the spec's sections."""
+    document = yaml.safe_load((REPO / "examples" / "local-tiny.yaml").read_text())
+    document["metadata"] = {"name": name}
+    spec = document["spec"]
+    spec["instance"]["imagesUri"] = f"s3://{bucket}/subject"
+    spec["priorPreservation"]["numClassImages"] = 4
+    spec["training"].update(maxSteps=24, checkpointing={"interval": 8, "keep": 2})
+    spec["training"]["validation"] = {"prompts": [], "interval": 1000}
+    spec["training"]["sharding"] = {"backend": "ddp"}
+    # An evaluation costs a pod (the example's, a minute of CPU): only the tests of it ask for
+    # one (evaluation=EVALUATION or their own).
+    spec["evaluation"]["enabled"] = False
+    spec["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1}
+    spec["storage"] = {
+        "outputUri": f"s3://{bucket}/runs/{name}",
+        "priorCacheUri": f"s3://{bucket}/priors",
+        "s3": {
+            "endpoint": s3_server.endpoint_url,
+            "region": s3_server.region,
+            "credentialsSecret": {"name": SECRET},
+        },
+    }
+    for section, values in spec_changes.items():
+        spec.setdefault(section, {}).update(values)
     return document
 
 

@@ -28,7 +28,6 @@ import kubernetes
 import numpy as np
 import PIL.Image
 import pytest
-import yaml
 
 from dreambooth_contract import env, names
 from dreambooth_contract.api import GROUP, PLURAL, VERSION
@@ -39,12 +38,11 @@ from dreambooth_trainer.callbacks import PAUSE_ENV
 from dreambooth_trainer.models import random_models
 from dreambooth_trainer.serve.cli import API_KEY_ENV
 from tests.e2e.conftest import Jobs, wait_until
+from tests.e2e.harness import SECRET, s3_job_document, stage_s3_inputs
 
 pytestmark = [pytest.mark.e2e, pytest.mark.cluster, pytest.mark.slow]
 
 REPO = Path(__file__).resolve().parents[2]
-SUBJECT = REPO / "examples" / "local" / "subject"
-SECRET = "s3-credentials"
 # Recognisable fake credentials (moto takes any): a test can look for them in everything the
 # job's programs write or publish and find none (see assert_no_credentials).
 ACCESS_KEY_ID = "AKIACANARYE2E0000042"
@@ -60,45 +58,10 @@ SCORES = {"dino", "clipI", "clipT", "pres", "div"}
 @pytest.fixture
 def s3_job(s3_server, s3_bucket, namespace, kube_api):
     """Builds DreamBoothJobs from the local example, moved to S3 (photos uploaded, Secret made)."""
-    client = s3_server.client()
-    for photo in sorted(SUBJECT.iterdir()):
-        client.upload_file(str(photo), s3_bucket, f"subject/{photo.name}")
-    kubernetes.client.CoreV1Api(kube_api).create_namespaced_secret(
-        namespace,
-        {
-            "metadata": {"name": SECRET},
-            "stringData": {
-                "AWS_ACCESS_KEY_ID": ACCESS_KEY_ID,
-                "AWS_SECRET_ACCESS_KEY": SECRET_ACCESS_KEY,
-            },
-        },
-    )
+    stage_s3_inputs(s3_server, s3_bucket, namespace, kube_api, ACCESS_KEY_ID, SECRET_ACCESS_KEY)
 
     def build(name: str, **spec_changes) -> dict:
-        document = yaml.safe_load((REPO / "examples" / "local-tiny.yaml").read_text())
-        document["metadata"] = {"name": name}
-        spec = document["spec"]
-        spec["instance"]["imagesUri"] = f"s3://{s3_bucket}/subject"
-        spec["priorPreservation"]["numClassImages"] = 4
-        spec["training"].update(maxSteps=24, checkpointing={"interval": 8, "keep": 2})
-        spec["training"]["validation"] = {"prompts": [], "interval": 1000}
-        spec["training"]["sharding"] = {"backend": "ddp"}
-        # An evaluation costs a pod (the example's, a minute of CPU): only the tests of it ask
-        # for one (evaluation=EVALUATION or their own).
-        spec["evaluation"]["enabled"] = False
-        spec["resources"] = {"nodes": 2, "gpusPerNode": 0, "processesPerNode": 1}
-        spec["storage"] = {
-            "outputUri": f"s3://{s3_bucket}/runs/{name}",
-            "priorCacheUri": f"s3://{s3_bucket}/priors",
-            "s3": {
-                "endpoint": s3_server.endpoint_url,
-                "region": s3_server.region,
-                "credentialsSecret": {"name": SECRET},
-            },
-        }
-        for section, values in spec_changes.items():
-            spec.setdefault(section, {}).update(values)
-        return document
+        return s3_job_document(name, s3_server, s3_bucket, **spec_changes)
 
     return build
 

@@ -99,6 +99,15 @@ def test_rate_limited_but_checkpoint_and_close_always_sent(reporter, clock):
     assert len(reporter.sent) == 5
 
 
+def test_the_first_report_after_an_activity_goes_out_at_once(reporter, clock):
+    reporter.announce(progress.PREPARING_DATA)
+    clock.now += 1
+    assert reporter.report(0) is True  # the activity turns to training as the steps start
+    assert reporter.sent[-1]["status"]["progress"]["activity"] == progress.TRAINING
+    clock.now += 1
+    assert reporter.report(1) is False  # then rate limited again
+
+
 def test_interval_never_exceeds_the_contract():
     assert progress.NullReporter(1, min_interval=120).min_interval == progress.MAX_INTERVAL
 

@@ -321,6 +321,6 @@ def test_unknown_benchmark_is_refused(capsys):
 def test_list_names_every_benchmark(capsys):
     assert main(["--list"]) == 0
     assert capsys.readouterr().out.split() == [
-        "inference", "lora_sizes", "multi_adapter", "operator", "priors", "step_overhead",
-        "step_variants", "training",
+        "inference", "job_fixed_costs", "lora_sizes", "multi_adapter", "operator", "priors",
+        "step_overhead", "step_variants", "training",
     ]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from dreambooth_contract.api import EvaluationStatus
 from dreambooth_contract.env import EXIT_BAD_INPUT, TERMINATION_LOG_ENV
 from dreambooth_operator.cli import main
+from dreambooth_trainer import cli as trainer_cli
 from dreambooth_trainer.digest import verify
 
 from .conftest import REPO
@@ -29,11 +31,25 @@ def model_cache(shared_dir: Path, monkeypatch):
     monkeypatch.setenv("DREAMBOOTH_CACHE", str(shared_dir / "models"))
 
 
+@pytest.fixture(autouse=True)
+def plain_exit(monkeypatch) -> list[int]:
+    """priors, train and export end with os._exit (cli.exit_without_teardown: no interpreter
+    teardown); in this process a plain exit. The codes they ended with, in order."""
+    codes: list[int] = []
+
+    def exit_(code: int):
+        codes.append(code)
+        sys.exit(code)
+
+    monkeypatch.setattr(trainer_cli, "exit_without_teardown", exit_)
+    return codes
+
+
 def invoke(*args: str):
     return CliRunner().invoke(main, list(args), catch_exceptions=False)
 
 
-def test_local_run_of_the_example(tmp_path: Path):
+def test_local_run_of_the_example(tmp_path: Path, plain_exit: list[int]):
     """README's first command: priors -> train -> export -> evaluate -> samples, into --output."""
     output = tmp_path / "out"
     result = invoke("run", str(EXAMPLE), "--output", str(output))
@@ -91,6 +107,7 @@ def test_local_run_of_the_example(tmp_path: Path):
     assert invoke("priors", "--config", config_file).exit_code == 0  # complete: nothing to do
     exported = invoke("export", "--config", config_file)
     assert exported.exit_code == 0 and exported.output.strip() == digest  # deterministic
+    assert plain_exit == [0, 0]  # priors and export skipped the interpreter's teardown
     class_images = yaml.safe_load(EXAMPLE.read_text())["spec"]["priorPreservation"]
     assert len(list((tmp_path / "priors").glob("*/class-*.png"))) == class_images["numClassImages"]
 

@@ -139,6 +139,20 @@ def test_scheduling_fields_and_queue_labels_pass_through():
     assert "unrelated" not in job["metadata"]["labels"]
 
 
+def test_priors_of_one_process_per_pod_run_without_torchrun():
+    one = JOB.model_copy(deep=True)
+    one.spec.resources.processes_per_node = 1
+    container = builders.batch_job(one, names.PRIORS, 1, 0)["spec"]["template"]["spec"]
+    container = container["containers"][0]
+    assert container["command"] == ["dreambooth"]
+    assert container["args"] == ["priors", "--config", "/etc/dreambooth/trainer.json"]
+    # Its shard is NODE_RANK of NNODES (dreambooth_trainer.priors.shard_from_env, whose RANK
+    # and WORLD_SIZE default to one process when no torchrun sets them).
+    variables = {v["name"]: v.get("value") for v in container["env"]}
+    assert (variables["NODE_RANK"], variables["NNODES"]) == ("1", "2")
+    assert not {"RANK", "WORLD_SIZE"} & set(variables)
+
+
 def test_priors_run_standalone_per_pod_and_export_needs_no_gpu():
     priors = builders.batch_job(JOB, names.PRIORS, 1, 0)["spec"]["template"]["spec"]["containers"][
         0

@@ -93,8 +93,9 @@ class PriorRequest:
 def shard_from_env(environ: Mapping[str, str] = os.environ) -> tuple[int, int]:
     """(shard, shards) of this process in the operator's priors phase.
 
-    The operator starts one priors pod per node, each running `torchrun --standalone`: RANK and
-    WORLD_SIZE count only the pod's own processes, NODE_RANK of NNODES says which pod it is.
+    The operator starts one priors pod per node, running `torchrun --standalone` when it has
+    several processes (else `dreambooth priors` alone: no RANK, WORLD_SIZE, one process): RANK
+    and WORLD_SIZE count only the pod's own processes, NODE_RANK of NNODES says which pod it is.
     """
     local_rank, per_node = int(environ.get("RANK", 0)), int(environ.get("WORLD_SIZE", 1))
     node_rank, nodes = int(environ.get("NODE_RANK", 0)), int(environ.get("NNODES", 1))

@@ -160,6 +160,7 @@ class ProgressReporter:
         self._clock = clock
         self._wallclock = wallclock
         self._last_sent: float | None = None
+        self._announced = False  # an activity shown since the last progress sent
         self._first: tuple[float, int] | None = None  # (time, step) of the first report
         self._latest: Progress | None = None
 
@@ -184,15 +185,19 @@ class ProgressReporter:
             steps_per_second=self._step_rate(now, step),
             now=self._wallclock(),
         )
+        # After an announced activity the first report goes out at once: the activity turns to
+        # training the moment the steps start, not up to min_interval later.
         due = self._last_sent is None or now - self._last_sent >= self.min_interval
-        if not (force or due):
+        if not (force or due or self._announced):
             return False
+        self._announced = False
         self._deliver(status_patch(self._latest), now)
         return True
 
     def announce(self, activity: str) -> None:
         """Say what the trainer is doing now, at once; the rest of status.progress (a resumed
         job's step) stays as it is: a merge patch of the one field."""
+        self._announced = True
         self._deliver({"status": {"progress": {"activity": activity}}}, self._clock())
 
     def report_checkpoint(self, info: CheckpointInfo) -> bool:

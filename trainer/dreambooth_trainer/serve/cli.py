@@ -236,6 +236,9 @@ def serve(
         raise click.BadParameter("must not exceed --max-steps", param_hint="--default-steps")
     api_key = read_api_key(api_key_file)
     # Heavy imports (torch, diffusers) only once the arguments are known to be good.
+    from ..lean_imports import skip_unused_imports
+
+    skip_unused_imports()  # before the imports below load diffusers' models
     import torch
     import uvicorn
     from diffusers.utils import logging as diffusers_logging
