@@ -46,6 +46,8 @@ class RowAdapters:
         self._slots = torch.tensor(slots)
         # Per layer, built at its first call and reused by every denoising step of this call.
         self._stacks: dict[int, _Stacks] = {}
+        # Each input's rows' slots, by (rows, device): copied to a GPU once, not per layer call.
+        self._row_slots: dict[tuple[int, torch.device], torch.Tensor] = {}
 
     @contextmanager
     def applied(self, layers: Iterable[LoraLayer]) -> Iterator[None]:
@@ -83,11 +85,17 @@ class RowAdapters:
         down, up, scale = stacks
         x = args[0]
         rows = len(x)
-        slots = self._slots.repeat(self._repeats(rows)).to(down.device)
+        slots = self._slots_for(rows, down.device)
         inputs = x.reshape(rows, -1, x.shape[-1]).to(down.dtype)
         hidden = torch.bmm(inputs, down[slots].transpose(1, 2))
         delta = torch.bmm(hidden, up[slots].transpose(1, 2)) * scale[slots].view(rows, 1, 1)
         return output + delta.reshape(output.shape).to(output.dtype)
+
+    def _slots_for(self, rows: int, device: torch.device) -> torch.Tensor:
+        key = (rows, device)
+        if key not in self._row_slots:
+            self._row_slots[key] = self._slots.repeat(self._repeats(rows)).to(device)
+        return self._row_slots[key]
 
     def _stacks_of(self, layer: LoraLinear) -> _Stacks:
         key = id(layer)
