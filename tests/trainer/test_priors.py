@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from dreambooth_contract.trainer_config import ConfigError
 from dreambooth_trainer import priors
 from dreambooth_trainer.parallel.base import World
 from dreambooth_trainer.priors import PriorRequest, generate_shard, image_name
@@ -140,3 +141,13 @@ def test_own_class_images_leave_only_the_shortfall_to_generate(
         assert class_dir is None
     trainer = build_trainer(config, SUBJECT_DIR, class_dir, World())
     assert len(trainer.data.classes.latents) == 8
+
+
+def test_class_images_uri_without_images_names_the_field(make_config, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("not a photo")
+    config = make_config({"priorPreservation": {"classImagesUri": str(tmp_path / "empty")}})
+    with pytest.raises(ConfigError) as refused:
+        priors.run_priors(config)
+    assert refused.value.field == "priorPreservation.classImagesUri"
+    assert "no images" in str(refused.value)

@@ -30,7 +30,7 @@ from dreambooth_contract.api import TrainingSpec
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
 from .captions import prompt_for, read_captions
-from .locations import fetch_dir
+from .locations import fetch_dir, store_for
 from .seeds import derive_seed
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
@@ -156,25 +156,30 @@ CLASS_IMAGES_FIELD = "priorPreservation.classImagesUri"
 
 @dataclass(frozen=True)
 class ClassImagePlan:
-    """A job's class set: the user's images it takes, and how many to generate."""
+    """A job's class set: the names of the user's images it takes, and how many to generate."""
 
-    supplied: list[Path]
+    supplied: list[str]
     generated: int
 
 
 def class_image_plan(config: TrainerConfig) -> ClassImagePlan:
-    """Up to numClassImages of the user's class images (fetched), and the shortfall."""
+    """Up to numClassImages of the user's class images, and the shortfall: from a listing of
+    classImagesUri (the priors pods need only the count; training downloads the images)."""
     priors = config.prior_preservation
     wanted = priors.num_class_images
-    if priors.class_images_uri is None:
+    uri = priors.class_images_uri
+    if uri is None:
         return ClassImagePlan([], wanted)
-    directory = fetch_dir(priors.class_images_uri, config.s3, config.model_cache_dir())
-    supplied = list_images(directory)[:wanted]
-    if not supplied:
-        raise ConfigError(
-            CLASS_IMAGES_FIELD, f"no images (png, jpg, webp) in {priors.class_images_uri}"
-        )
-    return ClassImagePlan(supplied, wanted - len(supplied))
+    listed = store_for(uri, config.s3).list()
+    # The directory's own images, as list_images takes them: no subdirectories.
+    names = sorted(
+        info.key
+        for info in listed
+        if "/" not in info.key and Path(info.key).suffix.lower() in IMAGE_SUFFIXES
+    )[:wanted]
+    if not names:
+        raise ConfigError(CLASS_IMAGES_FIELD, f"no images (png, jpg, webp) in {uri}")
+    return ClassImagePlan(names, wanted - len(names))
 
 
 # -- order -----------------------------------------------------------------------------------------
@@ -606,18 +611,19 @@ def build_data(
 def class_image_sets(config: TrainerConfig, class_dir: Path | None) -> list[ImageSet]:
     """The class images: the user's (classImagesUri), then the generated shortfall."""
     plan = class_image_plan(config)
-    prompt = config.prior_preservation.class_prompt
+    priors = config.prior_preservation
     sets = []
     if plan.supplied:
+        own = fetch_dir(priors.class_images_uri, config.s3, config.model_cache_dir())
         sets.append(
             ImageSet(
-                plan.supplied[0].parent,
-                prompt,
+                own,
+                priors.class_prompt,
                 "class",
                 CLASS_IMAGES_FIELD,
                 CLASS_IMAGES_FIELD,
                 "replace or remove it",
-                paths=tuple(plan.supplied),
+                paths=tuple(own / name for name in plan.supplied),
             )
         )
     if plan.generated:
@@ -627,7 +633,7 @@ def class_image_sets(config: TrainerConfig, class_dir: Path | None) -> list[Imag
         sets.append(
             ImageSet(
                 class_dir,
-                prompt,
+                priors.class_prompt,
                 "class",
                 "priorPreservation (class images: run the priors phase first)",
                 "storage.priorCacheUri",
