@@ -6,14 +6,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, StableDiffusionXLPipeline, UNet2DConditionModel
 from diffusers.loaders.single_file_utils import (
     CHECKPOINT_KEY_NAMES,
     convert_ldm_unet_checkpoint,
     convert_ldm_vae_checkpoint,
     infer_diffusers_model_type,
 )
-from transformers import CLIPTextConfig, CLIPTextModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
 from dreambooth_trainer.models import random_models
 from dreambooth_trainer.models.single_file import convert_text_encoder, convert_unet, convert_vae
@@ -40,6 +40,20 @@ def test_materialize_reuses_the_cache(tmp_path: Path, monkeypatch):
     path = random_models.materialize("random://tiny-sd", tmp_path)
     monkeypatch.setattr(random_models, "build_pipeline", lambda _: pytest.fail("rebuilt"))
     assert random_models.materialize("random://tiny-sd", tmp_path) == path
+
+
+def test_tiny_sdxl_is_an_sdxl_pipeline(tmp_path: Path):
+    path = random_models.materialize("random://tiny-sdxl", tmp_path)
+    assert digests(path) == digests(random_models.materialize("random://tiny-sdxl", tmp_path / "b"))
+    pipeline = StableDiffusionXLPipeline.from_pretrained(path)
+    # The UNet conditions on the pooled embedding of the second encoder and six size numbers.
+    assert pipeline.unet.config.addition_embed_type == "text_time"
+    width = pipeline.text_encoder.config.hidden_size + pipeline.text_encoder_2.config.hidden_size
+    assert pipeline.unet.config.cross_attention_dim == width
+    image = pipeline(
+        INSTANCE_PROMPT, num_inference_steps=2, height=64, width=64, output_type="np"
+    ).images
+    assert image.shape == (1, 64, 64, 3)
 
 
 def test_unknown_random_model_is_named(tmp_path: Path):
@@ -86,3 +100,12 @@ def test_single_file_layout_is_what_sd15_tools_expect():
     # diffusers' own loader maps every weight back to its diffusers name
     assert set(convert_ldm_unet_checkpoint(checkpoint, unet.config)) == set(unet.state_dict())
     assert set(convert_ldm_vae_checkpoint(checkpoint, vae.config)) == set(vae.state_dict())
+
+
+def test_sdxl_architecture_has_sdxl_size():
+    architecture = random_models.SDXL
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**architecture.unet)
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**architecture.text_encoder_2))
+    assert count(unet) == 2_567_463_684
+    assert count(text_encoder_2) == 694_659_840

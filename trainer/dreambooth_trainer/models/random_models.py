@@ -2,7 +2,8 @@
 
 `random://tiny-sd` is a few MB and runs on a laptop CPU in milliseconds per step: tests and demos.
 `random://sd15` is the full SD1.5 architecture (860M-parameter UNet): real GPU throughput and memory
-figures without downloading anything.
+figures without downloading anything. `random://tiny-sdxl` and `random://sdxl` are the same two
+for SDXL (two text encoders, the pooled embedding and size conditioning; a 2.6B-parameter UNet).
 
 Weights are a pure function of (architecture, seed, library versions), and each model is saved once
 under the cache directory so that every process and rank loads the very same files.
@@ -17,9 +18,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import (
+    AutoencoderKL,
+    DiffusionPipeline,
+    EulerDiscreteScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+    StableDiffusionXLPipeline,
+    UNet2DConditionModel,
+)
 from tokenizers import pre_tokenizers
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    CLIPTokenizer,
+)
 
 from ..cache_dirs import build_once
 
@@ -38,6 +52,23 @@ SD_SCHEDULER = {
     "prediction_type": "epsilon",
 }
 
+# SDXL's release samples with Euler on the same beta schedule, "leading" timestep spacing.
+SDXL_SCHEDULER = {
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,
+    "timestep_spacing": "leading",
+    "interpolation_type": "linear",
+    "use_karras_sigmas": False,
+    "prediction_type": "epsilon",
+}
+# SDXL's VAE latents are scaled by this instead of SD's 0.18215.
+SDXL_VAE_SCALING_FACTOR = 0.13025
+# The added time embedding conditions on six numbers: original (h, w), crop (top, left), target (h, w).
+SDXL_TIME_IDS = 6
+
 # Words that get whole-word BPE merges, so that prompts tokenize into a few tokens like a real CLIP
 # tokenizer; anything else falls back to one token per byte, which is still valid.
 TOKENIZER_WORDS = (  # noqa: SIM905 - a sentence reads better than 32 quoted words
@@ -49,7 +80,8 @@ MODEL_MAX_LENGTH = 77
 
 @dataclass(frozen=True)
 class RandomArchitecture:
-    """Configs of the three networks; the tokenizer is the same small one for every size."""
+    """Configs of the networks; the tokenizer is the same small one for every size (and both of
+    SDXL's encoders). An SDXL architecture is one with a second text encoder."""
 
     unet: dict[str, Any]
     vae: dict[str, Any]
@@ -58,9 +90,17 @@ class RandomArchitecture:
     # Bump to rebuild cached weights when the construction code changes.
     format_version: int = 1
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD_SCHEDULER))
+    # SDXL's second encoder (OpenCLIP bigG's text tower, with projection: the pooled embedding).
+    text_encoder_2: dict[str, Any] | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
 
     def fingerprint(self) -> str:
-        canonical = json.dumps(asdict(self), sort_keys=True)
+        # Unset fields stay out, so that adding one does not rebuild every cached SD model.
+        fields = {key: value for key, value in asdict(self).items() if value is not None}
+        canonical = json.dumps(fields, sort_keys=True)
         return hashlib.sha256(canonical.encode()).hexdigest()[:12]
 
 
@@ -139,7 +179,92 @@ SD15 = RandomArchitecture(
     },
 )
 
-ARCHITECTURES: dict[str, RandomArchitecture] = {"tiny-sd": TINY_SD, "sd15": SD15}
+
+def sdxl_unet(
+    *,
+    sample_size: int,
+    block_out_channels: tuple[int, ...],
+    transformer_layers_per_block: tuple[int, ...],
+    attention_head_dim: tuple[int, ...],
+    cross_attention_dim: int,
+    pooled_dim: int,
+    time_embed_dim: int,
+    layers_per_block: int,
+) -> dict[str, Any]:
+    """SDXL's UNet layout: no attention at the top level, the "text_time" added embedding of the
+    pooled text embedding and the six size/crop numbers."""
+    levels = len(block_out_channels)
+    return {
+        "sample_size": sample_size,
+        "in_channels": 4,
+        "out_channels": 4,
+        "block_out_channels": block_out_channels,
+        "layers_per_block": layers_per_block,
+        "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (levels - 1),
+        "up_block_types": ("CrossAttnUpBlock2D",) * (levels - 1) + ("UpBlock2D",),
+        "transformer_layers_per_block": transformer_layers_per_block,
+        "attention_head_dim": attention_head_dim,
+        "cross_attention_dim": cross_attention_dim,
+        "use_linear_projection": True,
+        "addition_embed_type": "text_time",
+        "addition_time_embed_dim": time_embed_dim,
+        "projection_class_embeddings_input_dim": SDXL_TIME_IDS * time_embed_dim + pooled_dim,
+        "norm_num_groups": 32,
+    }
+
+
+TINY_SDXL = RandomArchitecture(
+    # 8x8 latents = 64 px by default, like tiny-sd; the two encoders' 32 + 32 features are the
+    # UNet's cross-attention width, as 768 + 1280 = 2048 are in SDXL.
+    unet=sdxl_unet(
+        sample_size=8,
+        block_out_channels=(32, 64),
+        transformer_layers_per_block=(1, 1),
+        attention_head_dim=(2, 4),
+        cross_attention_dim=64,
+        pooled_dim=32,
+        time_embed_dim=8,
+        layers_per_block=1,
+    ),
+    vae={**TINY_SD.vae, "scaling_factor": SDXL_VAE_SCALING_FACTOR},
+    text_encoder={**TINY_SD.text_encoder, "hidden_act": "quick_gelu"},
+    text_encoder_2={**TINY_SD.text_encoder, "hidden_act": "gelu"},
+    scheduler=dict(SDXL_SCHEDULER),
+)
+
+SDXL = RandomArchitecture(
+    unet=sdxl_unet(
+        sample_size=128,
+        block_out_channels=(320, 640, 1280),
+        transformer_layers_per_block=(1, 2, 10),
+        attention_head_dim=(5, 10, 20),
+        cross_attention_dim=2048,
+        pooled_dim=1280,
+        time_embed_dim=256,
+        layers_per_block=2,
+    ),
+    vae={**SD15.vae, "sample_size": 1024, "scaling_factor": SDXL_VAE_SCALING_FACTOR},
+    # CLIP ViT-L/14's text tower, as in SD1.5, and OpenCLIP ViT-bigG/14's.
+    text_encoder=SD15.text_encoder,
+    text_encoder_2={
+        "vocab_size": 49408,
+        "hidden_size": 1280,
+        "intermediate_size": 5120,
+        "num_hidden_layers": 32,
+        "num_attention_heads": 20,
+        "projection_dim": 1280,
+        "max_position_embeddings": MODEL_MAX_LENGTH,
+        "hidden_act": "gelu",
+    },
+    scheduler=dict(SDXL_SCHEDULER),
+)
+
+ARCHITECTURES: dict[str, RandomArchitecture] = {
+    "tiny-sd": TINY_SD,
+    "sd15": SD15,
+    "tiny-sdxl": TINY_SDXL,
+    "sdxl": SDXL,
+}
 
 
 def is_random_uri(uri: str) -> bool:
@@ -174,20 +299,39 @@ def build_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MODEL_MAX_LENGTH)
 
 
-def build_pipeline(architecture: RandomArchitecture) -> StableDiffusionPipeline:
-    """The pipeline, with weights drawn after seeding torch: same seed, same weights."""
-    tokenizer = build_tokenizer()
-    text_config = {"vocab_size": len(tokenizer), **architecture.text_encoder}
-    text_config.update(
+def text_config(encoder: dict[str, Any], tokenizer: CLIPTokenizer) -> CLIPTextConfig:
+    config = {"vocab_size": len(tokenizer), **encoder}
+    config.update(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
+    return CLIPTextConfig(**config)
+
+
+def build_pipeline(architecture: RandomArchitecture) -> DiffusionPipeline:
+    """The pipeline, with weights drawn after seeding torch: same seed, same weights."""
+    tokenizer = build_tokenizer()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(architecture.seed)
         unet = UNet2DConditionModel(**architecture.unet)
         vae = AutoencoderKL(**architecture.vae)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_config))
+        text_encoder = CLIPTextModel(text_config(architecture.text_encoder, tokenizer))
+        if architecture.text_encoder_2 is not None:
+            text_encoder_2 = CLIPTextModelWithProjection(
+                text_config(architecture.text_encoder_2, tokenizer)
+            )
+    if architecture.text_encoder_2 is not None:
+        return StableDiffusionXLPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer,
+            tokenizer_2=build_tokenizer(),
+            unet=unet,
+            scheduler=EulerDiscreteScheduler.from_config(architecture.scheduler),
+            add_watermarker=False,
+        )
     return StableDiffusionPipeline(
         vae=vae,
         text_encoder=text_encoder,
