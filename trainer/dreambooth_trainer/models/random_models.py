@@ -66,7 +66,7 @@ SDXL_SCHEDULER = {
 }
 # SDXL's VAE latents are scaled by this instead of SD's 0.18215.
 SDXL_VAE_SCALING_FACTOR = 0.13025
-# The added time embedding conditions on six numbers: original (h, w), crop (top, left), target (h, w).
+# The added time embedding takes six numbers: original (h, w), crop (top, left), target (h, w).
 SDXL_TIME_IDS = 6
 
 # Words that get whole-word BPE merges, so that prompts tokenize into a few tokens like a real CLIP
