@@ -45,7 +45,7 @@ SERVER_REF = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?/)?[a-z]([-a-z0-9]*[a-z0-9])?$"
 DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
 
 # Models with random weights, built in code: the only models this project can use without a hub.
-RANDOM_MODELS = ("random://tiny-sd", "random://sd15")
+RANDOM_MODELS = ("random://tiny-sd", "random://sd15", "random://tiny-sdxl", "random://sdxl")
 # s3://bucket/key. Object storage has no parent directories: the trainer's storage refuses '.'
 # and '..' key segments rather than resolve them, so the schema refuses them too. A segment is
 # anything without '/' but '.' and '..' (written without look-ahead: the API server's RE2 and
@@ -55,7 +55,8 @@ S3_URI = r"s3://[a-z0-9.\-]{3,63}(/([^/.][^/]*|\.[^/.][^/]*|\.\.[^/]+)?)*"
 # Local paths may contain '..': a local run resolves them against the job file's directory.
 LOCAL_PATH = r"[/.~\w]([^:]|:[^/])*:?"
 # Hugging Face repo id ("org/name"), s3://bucket/key, a local path, or a random-weights model.
-MODEL_URI = rf"^({S3_URI}|random://(tiny-sd|sd15)|[/.~].*|[\w.\-]+/[\w.\-]+)$"
+RANDOM_URI = "random://(" + "|".join(uri.removeprefix("random://") for uri in RANDOM_MODELS) + ")"
+MODEL_URI = rf"^({S3_URI}|{RANDOM_URI}|[/.~].*|[\w.\-]+/[\w.\-]+)$"
 DATA_URI = rf"^({S3_URI}|{LOCAL_PATH})$"
 QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)([eE][+-]?[0-9]+|[KMGTPE]i?|[mkMGTPE]|n|u)?$"
 
@@ -158,9 +159,10 @@ def is_container_resource_name(name: str) -> bool:
 
 class BaseModelSpec(ApiModel):
     uri: str = field(
-        description="Stable Diffusion base model: a Hugging Face repo id (org/name), s3://bucket/"
-        "prefix, a local directory, or random://tiny-sd / random://sd15 (random weights, for "
-        "tests and benchmarks).",
+        description="Stable Diffusion (1.x, 2.x or XL) base model in the diffusers layout: a "
+        "Hugging Face repo id (org/name), s3://bucket/prefix, a local directory, or "
+        "random://tiny-sd / sd15 / tiny-sdxl / sdxl (random weights, for tests and benchmarks). "
+        "The family comes from the model's model_index.json.",
         pattern=MODEL_URI,
         min_length=1,
         max_length=512,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -109,3 +111,27 @@ def test_sdxl_architecture_has_sdxl_size():
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**architecture.text_encoder_2))
     assert count(unet) == 2_567_463_684
     assert count(text_encoder_2) == 694_659_840
+
+
+def test_the_family_comes_from_the_model_and_others_are_refused_naming_the_field(tmp_path: Path):
+    from dreambooth_contract.api import BaseModelSpec
+    from dreambooth_contract.trainer_config import ConfigError
+    from dreambooth_trainer.models.family import SD, SDXL, family_of
+    from dreambooth_trainer.models.loading import load_pipeline
+
+    for uri, family in (("random://tiny-sd", SD), ("random://tiny-sdxl", SDXL)):
+        assert family_of(load_pipeline(BaseModelSpec(uri=uri), tmp_path)) == family
+    other = tmp_path / "other"
+    shutil.copytree(random_models.materialize("random://tiny-sd", tmp_path), other)
+    index = json.loads((other / "model_index.json").read_text())
+    (other / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(ConfigError, match="FluxPipeline") as refused:
+        load_pipeline(BaseModelSpec(uri=str(other)), tmp_path)
+    assert refused.value.field == "baseModel.uri"
+
+
+def test_the_api_accepts_exactly_the_random_models_the_trainer_builds():
+    from dreambooth_contract.api import RANDOM_MODELS
+
+    built = {random_models.RANDOM_SCHEME + name for name in random_models.ARCHITECTURES}
+    assert set(RANDOM_MODELS) == built

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +40,7 @@ from .digest import MANIFEST, write_manifest
 from .locations import fetch_dir, publish_dir, working_dir
 from .methods import full, lora_export, lora_files
 from .models import base_identity
+from .models.family import open_pipeline
 from .models.loading import load_pipeline, resolve_model_source
 from .models.single_file import save_single_file, single_file_unsupported
 
@@ -199,11 +199,4 @@ def load_exported(
         )
         lora_export.apply_adapter(pipeline, export_dir)
         return pipeline
-    with warnings.catch_warnings():
-        # diffusers >= 0.36 renamed torch_dtype to dtype; the old name works everywhere.
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            export_dir / PIPELINE_DIR, torch_dtype=torch_dtype
-        )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return open_pipeline(export_dir / PIPELINE_DIR, torch_dtype)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from dreambooth_contract.trainer_config import ConfigError, is_local_model
 
 from ..cache_dirs import build_once
 from . import random_models
+from .family import UnsupportedModel, open_pipeline
 
 log = logging.getLogger(__name__)
 
@@ -101,20 +101,10 @@ def load_pipeline(
 ) -> StableDiffusionPipeline:
     """The base pipeline, safety checker off (class images and samples are ours to judge)."""
     source = resolve_model_source(spec, cache_dir, s3)
-    options = {"revision": spec.revision} if spec.revision else {}
-    if spec.variant:
-        options["variant"] = spec.variant
-    with warnings.catch_warnings():
-        # diffusers >= 0.36 renamed torch_dtype to dtype; the old name works everywhere.
-        warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            source,
-            torch_dtype=torch_dtype,
-            safety_checker=None,
-            requires_safety_checker=False,
-            **options,
-        )
-    pipeline.set_progress_bar_config(disable=True)
+    try:
+        pipeline = open_pipeline(source, torch_dtype, spec.revision, spec.variant)
+    except UnsupportedModel as error:
+        raise ConfigError("baseModel.uri", f"{spec.uri} is {error}") from None
     check_prediction_type(pipeline.scheduler)  # every phase refuses it before any work
     return pipeline
 

@@ -26,6 +26,7 @@ from dreambooth_contract.layout import PIPELINE_DIR
 from .. import digest as artifact_digest
 from ..methods import lora_export
 from ..models import base_identity, random_models
+from ..models.family import open_pipeline
 from ..models.loading import resolve_model_source
 from ..storage import open_store
 
@@ -138,16 +139,7 @@ def load_pipeline(
         # The export's fp16 variant, when present, loads half the bytes for an fp16 server.
         has_fp16 = any(source.glob(f"*/*.{FP16_VARIANT}.safetensors"))
         variant = FP16_VARIANT if dtype == torch.float16 and has_fp16 else None
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        source,
-        torch_dtype=dtype,
-        revision=revision,
-        variant=variant,
-        safety_checker=None,
-        requires_safety_checker=False,
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline.to(device)
+    return open_pipeline(source, dtype, revision, variant).to(device)
 
 
 def load(
