@@ -11,7 +11,6 @@ each photo and its mirror image), and `training.cropEachStep` crops each photo a
 
 from __future__ import annotations
 
-import struct
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -31,27 +30,21 @@ from dreambooth_contract.subjects import ClassSet, Subject, classes_of, subjects
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
 from .captions import prompt_for, read_captions
+from .dataset_check import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    UNREADABLE,
+    list_images,
+    no_images,
+    too_many_pixels,
+)
 from .locations import fetch_dir, store_for
 from .seeds import derive_seed
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 VAE_ENCODE_BATCH = 8
-# The largest image decoded (width x height), checked on the header before any pixel is: a file
-# of a few KB can claim gigapixels (a decompression bomb). 64 megapixels is more than a phone's
-# full-resolution photo in its usual modes and far more than training (<= 2048 px) can use; PIL's
-# own limit (Image.MAX_IMAGE_PIXELS, ~89 MP to warn) is left alone for the rest of the process.
-MAX_IMAGE_PIXELS = 64_000_000
-# What PIL raises on a corrupt or truncated file (the exceptions Pillow's own fuzzers expect).
-UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 # -- images ----------------------------------------------------------------------------------------
-
-
-def list_images(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def load_rgb(path: Path, field: str, advice: str = "replace or remove it") -> Image.Image:
@@ -69,7 +62,7 @@ def load_rgb(path: Path, field: str, advice: str = "replace or remove it") -> Im
                 return ImageOps.exif_transpose(image).convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL's own limits are higher than ours; its message would name them.
-        raise ConfigError(field, f"{path.name} has {_too_many_pixels()}") from None
+        raise ConfigError(field, f"{path.name} has {too_many_pixels()}") from None
     except ConfigError:
         raise
     except UNREADABLE as error:
@@ -82,12 +75,8 @@ def load_rgb(path: Path, field: str, advice: str = "replace or remove it") -> Im
 def _check_pixels(path: Path, image: Image.Image, field: str) -> None:
     if image.width * image.height > MAX_IMAGE_PIXELS:
         raise ConfigError(
-            field, f"{path.name} is {image.width}x{image.height} pixels, {_too_many_pixels()}"
+            field, f"{path.name} is {image.width}x{image.height} pixels, {too_many_pixels()}"
         )
-
-
-def _too_many_pixels() -> str:
-    return f"more than the {MAX_IMAGE_PIXELS / 1e6:g} megapixels allowed: downscale it"
 
 
 def resized_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -176,7 +165,7 @@ def class_image_plan(config: TrainerConfig, class_set: ClassSet) -> ClassImagePl
         if "/" not in info.key and Path(info.key).suffix.lower() in IMAGE_SUFFIXES
     )[:wanted]
     if not names:
-        raise ConfigError(class_set.images_field, f"no images (png, jpg, webp) in {uri}")
+        raise no_images(class_set.images_field, uri)
     return ClassImagePlan(names, wanted - len(names))
 
 
@@ -585,7 +574,7 @@ def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor | list
     """The set's cropped images, or with cropEachStep its resized, uncropped ones."""
     paths = image_set.image_paths()
     if not paths:
-        raise ConfigError(image_set.empty, f"no images (png, jpg, webp) in {image_set.directory}")
+        raise no_images(image_set.empty, image_set.directory)
     if training.crop_each_step:
         resolution = training.resolution
         return [
