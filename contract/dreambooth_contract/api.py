@@ -253,7 +253,8 @@ class PriorPreservationSpec(ApiModel):
     enabled: bool = field(True, description="Train with the prior-preservation loss.")
     class_prompt: str | None = field(
         None,
-        description='The subject\'s class, e.g. "a photo of dog". Required when enabled.',
+        description='The subject\'s class, e.g. "a photo of dog". Required when enabled, with '
+        "instance (with subjects each subject names its own: subjects[].classPrompt).",
         min_length=1,
         max_length=1000,
     )
@@ -270,7 +271,7 @@ class PriorPreservationSpec(ApiModel):
         description="Your own class images (local path or s3://bucket/prefix), e.g. real photos "
         "of the class, as regularization images for people are usually given: the class set "
         "takes up to numClassImages of them (in file-name order) and only the shortfall is "
-        "generated.",
+        "generated. With instance (with subjects: subjects[].classImagesUri).",
         pattern=DATA_URI,
         min_length=1,
         max_length=1024,

@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dreambooth_contract.subjects import classes_of
-from dreambooth_contract.trainer_config import TrainerConfig
+from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 from dreambooth_operator.cli import main
 from dreambooth_trainer import cli as trainer_cli
 from dreambooth_trainer import data, priors
@@ -161,3 +161,15 @@ def test_priors_shards_deal_every_class_batches_round_robin(shared_dir: Path, tm
     assert written == [2] and not list(cube.glob("class-*")) and (ball / MANIFEST).is_file()
     priors.run_priors(config, shard=0, shards=2, on_written=written.append)
     assert written == [2, 2] and (cube / MANIFEST).is_file()
+
+
+def test_a_bad_photo_of_a_later_subject_names_that_subject(shared_dir: Path, tmp_path: Path):
+    """What `dreambooth validate` says of local photos, loading says of any (s3:// too)."""
+    balls = draw_balls(tmp_path / "balls")
+    (balls / "bad.png").write_bytes(b"not a picture\n" * 8)
+    spec = subjects_spec(balls)
+    spec["priorPreservation"] = {"enabled": False}
+    config = config_of(spec, shared_dir, tmp_path / "o")
+    with pytest.raises(ConfigError) as raised:
+        data.build_data(config, None, None, None, [SUBJECT_DIR, balls], [])
+    assert raised.value.field == "subjects[1].imagesUri" and "bad.png" in raised.value.message
