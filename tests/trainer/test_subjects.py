@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,7 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
-from PIL import Image, ImageDraw
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from dreambooth_contract.subjects import classes_of
@@ -24,29 +25,18 @@ from dreambooth_trainer.parallel.base import World
 from dreambooth_trainer.priors import MANIFEST
 from dreambooth_trainer.train import build_trainer
 
-from .conftest import BASE_SPEC, CLASS_PROMPT, INSTANCE_PROMPT, SUBJECT_DIR, make_job
+from .conftest import BASE_SPEC, CLASS_PROMPT, INSTANCE_PROMPT, REPO, SUBJECT_DIR, make_job
 
 pytestmark = pytest.mark.trainer
 
+# The second subject of examples/local-tiny-subjects.yaml: a blue ball on three backgrounds.
+BALLS = REPO / "examples" / "local" / "ball"
 BALL_PROMPT, BALL_CLASS = "a photo of zwx ball", "a photo of ball"
 # Both classes' sets: few, small and quick to draw (the key includes all of it).
 PRIORS = {
     "numClassImages": 2,
     "generation": {"steps": 2, "guidanceScale": 5.0, "batchSize": 2, "seed": 11},
 }
-
-
-def draw_balls(directory: Path) -> Path:
-    """The second subject: a blue ball with a white stripe on three backgrounds."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for i, background in enumerate(((200, 220, 180), (90, 60, 50), (230, 230, 240))):
-        image = Image.new("RGB", (96, 80), background)
-        draw = ImageDraw.Draw(image)
-        left = 20 + 8 * i
-        draw.ellipse((left, 16, left + 48, 64), fill=(30, 60, 200))
-        draw.line((left + 4, 40, left + 44, 40), fill=(255, 255, 255), width=5)
-        image.save(directory / f"ball-{i}.png")
-    return directory
 
 
 def subjects_spec(balls: Path, training: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -74,7 +64,7 @@ def config_of(spec: dict[str, Any], shared_dir: Path, output: Path) -> TrainerCo
 
 
 def test_each_micro_batch_holds_every_subject_with_its_own_class(shared_dir: Path, tmp_path: Path):
-    config = config_of(subjects_spec(draw_balls(tmp_path / "balls")), shared_dir, tmp_path / "o")
+    config = config_of(subjects_spec(BALLS), shared_dir, tmp_path / "o")
     trainer = build_trainer(config, SUBJECT_DIR, priors.run_priors(config), World())
     dataset, frozen = trainer.data, trainer.frozen
     assert [len(s.latents) for s in dataset.subjects] == [4, 3]  # 4 cube photos, 3 balls
@@ -98,7 +88,7 @@ def test_two_subjects_of_two_classes_run_end_to_end(shared_dir: Path, tmp_path: 
     monkeypatch.setattr(trainer_cli, "exit_without_teardown", sys.exit)
     steps = 30
     spec = subjects_spec(
-        draw_balls(tmp_path / "balls"),
+        BALLS,
         {"maxSteps": steps, "learningRate": 2e-3, "checkpointing": {"interval": steps}},
     )
     spec["evaluation"] = {"enabled": False}
@@ -129,7 +119,7 @@ def test_two_subjects_of_two_classes_run_end_to_end(shared_dir: Path, tmp_path: 
     # A job with one of the classes (the same generation settings) generates nothing.
     monkeypatch.setattr(priors, "load_pipeline", lambda *a, **k: pytest.fail("generated"))
     one = copy.deepcopy(BASE_SPEC)
-    one["instance"] = {"imagesUri": str(tmp_path / "balls"), "prompt": "a photo of qrx ball"}
+    one["instance"] = {"imagesUri": str(BALLS), "prompt": "a photo of qrx ball"}
     one["priorPreservation"] = {**copy.deepcopy(PRIORS), "classPrompt": BALL_CLASS}
     second = TrainerConfig.from_job(
         make_job({**one, "storage": {"outputUri": str(tmp_path / "second" / "out")}})
@@ -152,7 +142,7 @@ def test_each_subjects_loss_is_a_prometheus_gauge_labelled_by_subject():
 def test_priors_shards_deal_every_class_batches_round_robin(shared_dir: Path, tmp_path: Path):
     """One batch per class, two shards: each shard draws one class's set, and between them
     both sets are complete."""
-    spec = subjects_spec(draw_balls(tmp_path / "balls"))
+    spec = subjects_spec(BALLS)
     spec["priorPreservation"]["generation"]["seed"] = 12  # sets of their own
     config = config_of(spec, shared_dir, tmp_path / "o")
     cube, ball = (Path(c.uri) for c in classes_of(config))
@@ -165,7 +155,7 @@ def test_priors_shards_deal_every_class_batches_round_robin(shared_dir: Path, tm
 
 def test_a_bad_photo_of_a_later_subject_names_that_subject(shared_dir: Path, tmp_path: Path):
     """What `dreambooth validate` says of local photos, loading says of any (s3:// too)."""
-    balls = draw_balls(tmp_path / "balls")
+    balls = Path(shutil.copytree(BALLS, tmp_path / "balls"))
     (balls / "bad.png").write_bytes(b"not a picture\n" * 8)
     spec = subjects_spec(balls)
     spec["priorPreservation"] = {"enabled": False}
