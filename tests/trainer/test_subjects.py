@@ -112,9 +112,10 @@ def test_two_subjects_of_two_classes_run_end_to_end(shared_dir: Path, tmp_path: 
         assert len(losses) == steps
         first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
         assert last < 0.5 * first, (name, first, last)
-    # One final sample per subject (validation.prompts is empty).
-    with Image.open(tmp_path / "out" / "samples" / "final.png") as grid:
-        assert grid.size == (2 * 64, 64)
+    # One sample per subject (validation.prompts is empty): during training, and at the end.
+    for grid_file in (f"step-{steps:06d}.png", "final.png"):
+        with Image.open(tmp_path / "out" / "samples" / grid_file) as grid:
+            assert grid.size == (2 * 64, 64)
 
     # A job with one of the classes (the same generation settings) generates nothing.
     monkeypatch.setattr(priors, "load_pipeline", lambda *a, **k: pytest.fail("generated"))
