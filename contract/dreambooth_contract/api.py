@@ -985,11 +985,12 @@ def check_subjects(subjects: list[SubjectSpec], priors_enabled: bool) -> None:
             raise FieldRuleError(
                 f"{at}.classPrompt", "required when priorPreservation.enabled is true"
             )
-        if subject.name is not None and subject.name in seen_names:
+        label = subject.name or str(i)  # its label in metrics (subjects.Subject.name)
+        if label in seen_names:
             raise FieldRuleError(
-                f"{at}.name", f"{subject.name!r} is subjects[{seen_names[subject.name]}]'s too"
+                f"{at}.name", f"{label!r} is subjects[{seen_names[label]}]'s label already"
             )
-        seen_names.setdefault(subject.name or "", i)
+        seen_names[label] = i
         words = identifier_words(subject.prompt, subject.class_prompt)
         if not words:
             raise FieldRuleError(

@@ -100,6 +100,10 @@ BAD: dict[str, tuple[list[Callable[[dict, Path], None]], str]] = {
                             "spec.subjects[1].prompt: does not tell it from subjects[0]"),
     "identical-prompts": ([subject(1, prompt="a photo of sks cube", classPrompt="a cube")],
                           "spec.subjects[1].prompt: does not tell it from subjects[0]"),
+    "the-same-name": ([subject(0, name="toy"), subject(1, name="toy")],
+                      "spec.subjects[1].name: 'toy' is subjects[0]'s label already"),
+    "a-name-that-is-another-subjects-index": (
+        [subject(1, name="0")], "spec.subjects[1].name: '0' is subjects[0]'s label already"),
     "no-identifier": ([subject(1, prompt="a ball")],
                       "spec.subjects[1].prompt: has no word beyond its classPrompt"),
     "own-class-images-none": ([own_class_images(lambda d: None)],
