@@ -27,6 +27,7 @@ from .api import (
     InstanceSpec,
     PriorPreservationSpec,
     S3Spec,
+    SubjectSpec,
     TrackingSpec,
     TrainingSpec,
     ValidationSpec,
@@ -58,8 +59,13 @@ class TrainerConfig(ApiModel):
     job_name: str = Field(description="DreamBoothJob name.", pattern=DNS_LABEL, max_length=63)
     namespace: str | None = Field(None, description="DreamBoothJob namespace (None locally).")
     base_model: BaseModelSpec
+    # The first (or only) subject, and its class in prior_preservation: what the phases that
+    # look at one subject (export metadata, evaluation) read. All of them: subjects.py.
     instance: InstanceSpec
     prior_preservation: PriorPreservationSpec
+    subjects: list[SubjectSpec] = Field(
+        [], description="spec.subjects (paths resolved); empty when the job has one instance."
+    )
     training: TrainingSpec
     nodes: int = Field(1, ge=1, description="torchrun nodes (training pods).")
     processes_per_node: int = Field(1, ge=1, description="torchrun processes per node.")
@@ -118,12 +124,28 @@ class TrainerConfig(ApiModel):
             else sibling_uri(output_uri, PRIORS_DIR)
         )
         base_model = spec.base_model.model_copy(update={"uri": model_uri})
-        instance = spec.instance.model_copy(
-            update={"images_uri": resolve(spec.instance.images_uri)}
+        subjects = [
+            subject.model_copy(
+                update={
+                    "images_uri": resolve(subject.images_uri),
+                    "class_images_uri": subject.class_images_uri
+                    and resolve(subject.class_images_uri),
+                }
+            )
+            for subject in spec.subjects
+        ]
+        first = subjects[0] if subjects else None
+        instance = (
+            InstanceSpec(**first.model_dump(include=set(InstanceSpec.model_fields)))
+            if first
+            else spec.instance.model_copy(update={"images_uri": resolve(spec.instance.images_uri)})
         )
-        class_images_uri = spec.prior_preservation.class_images_uri
+        class_images_uri = first.class_images_uri if first else None
+        if not first and spec.prior_preservation.class_images_uri:
+            class_images_uri = resolve(spec.prior_preservation.class_images_uri)
         prior_preservation = spec.prior_preservation.model_copy(
-            update={"class_images_uri": class_images_uri and resolve(class_images_uri)}
+            update={"class_images_uri": class_images_uri}
+            | ({"class_prompt": first.class_prompt} if first else {})
         )
         evaluation = spec.evaluation.model_copy(
             update={
@@ -143,6 +165,7 @@ class TrainerConfig(ApiModel):
             base_model=base_model,
             instance=instance,
             prior_preservation=prior_preservation,
+            subjects=subjects,
             training=training,
             evaluation=evaluation,
             tracking=tracking,
@@ -168,6 +191,12 @@ class TrainerConfig(ApiModel):
     @property
     def validation(self) -> ValidationSpec:
         return self.training.validation
+
+    @property
+    def sample_prompts(self) -> list[str]:
+        """What sample grids render: validation.prompts, or with several subjects and none
+        given, each subject's prompt (one sample per subject)."""
+        return self.validation.prompts or [subject.prompt for subject in self.subjects]
 
     @property
     def uses_priors(self) -> bool:
@@ -197,6 +226,8 @@ class TrainerConfig(ApiModel):
                 mode="json", by_alias=True, exclude={"checkpointing", "validation"}
             ),
         }
+        if self.subjects:  # one subject keeps the parts (and checkpoints) it always had
+            parts["subjects"] = [s.model_dump(mode="json", by_alias=True) for s in self.subjects]
         return {name: _digest(value) for name, value in parts.items()}
 
     def model_cache_dir(self) -> Path:

@@ -1,6 +1,8 @@
-"""Draw the example subject: a red cube with a yellow star, photographed on four backgrounds.
+"""Draw the example subjects: a red cube with a yellow star, photographed on four backgrounds
+(subject/), and a blue ball with a white stripe on three (ball/: the second subject of
+local-tiny-subjects.yaml).
 
-The photos in subject/ were made with `python examples/local/make_subject.py`; they are
+The photos in subject/ and ball/ were made with `python examples/local/make_subject.py`; they are
 committed, so nobody needs to run this (it is here to show where they come from).
 """
 
@@ -19,6 +21,7 @@ SCENES = {
     "table": ((90, 70, 60), (150, 110, 80), 60, 60, 28),
 }
 RED, DARK_RED, LIGHT_RED, YELLOW = (210, 30, 40), (140, 15, 25), (240, 80, 80), (250, 210, 30)
+BLUE, WHITE = (30, 60, 200), (250, 250, 250)
 
 
 def gradient(top: tuple[int, int, int], bottom: tuple[int, int, int]) -> Image.Image:
@@ -70,14 +73,26 @@ def draw_cube(image: Image.Image, cx: int, cy: int, half: int) -> None:
     draw.polygon(star(cx - depth / 2, cy + depth / 2, half * 0.55), fill=YELLOW)
 
 
+def draw_ball(image: Image.Image, cx: int, cy: int, radius: int) -> None:
+    draw = ImageDraw.Draw(image)
+    shadow = [cx - radius, cy + radius - 6, cx + radius + 6, cy + radius + 6]
+    draw.ellipse(shadow, fill=(40, 40, 40))
+    draw.ellipse([cx - radius, cy - radius, cx + radius, cy + radius], fill=BLUE)
+    draw.line([cx - radius + 4, cy, cx + radius - 4, cy], fill=WHITE, width=max(3, radius // 5))
+
+
 def main() -> None:
-    out = Path(__file__).parent / "subject"
-    out.mkdir(exist_ok=True)
-    for name, (top, bottom, cx, cy, half) in SCENES.items():
-        image = gradient(top, bottom)
-        draw_cube(image, cx, cy, half)
-        image = image.filter(ImageFilter.SMOOTH)  # a little softness, like a photo
-        image.save(out / f"{name}.jpg", quality=85)
+    here = Path(__file__).parent
+    for directory, draw, scenes in (
+        (here / "subject", draw_cube, SCENES),
+        (here / "ball", draw_ball, dict(list(SCENES.items())[1:])),
+    ):
+        directory.mkdir(exist_ok=True)
+        for name, (top, bottom, cx, cy, size) in scenes.items():
+            image = gradient(top, bottom)
+            draw(image, cx, cy, size)
+            image = image.filter(ImageFilter.SMOOTH)  # a little softness, like a photo
+            image.save(directory / f"{name}.jpg", quality=85)
 
 
 if __name__ == "__main__":

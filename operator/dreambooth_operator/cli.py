@@ -26,6 +26,12 @@ LAZY_COMMANDS = {
 }
 
 
+# The trainer's look at a job's local datasets (photos, captions, class images), as
+# "module:attribute": where the trainer is not installed (the operator's image) `validate`
+# checks the spec alone.
+DATASET_CHECK = "dreambooth_trainer.dataset_check:local_dataset_problems"
+
+
 class LazyGroup(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted([*super().list_commands(ctx), *LAZY_COMMANDS])
@@ -76,7 +82,9 @@ def crd(kind: str) -> None:
 @click.argument("files", nargs=-1, required=True, type=click.Path(dir_okay=False, path_type=Path))
 def validate(files: tuple[Path, ...]) -> None:
     """Check DreamBoothJob and DreamBoothServer YAML files offline; every problem names its
-    field."""
+    field. A job's local datasets (photos, captions, own class images) are checked too:
+    listed, and each image decoded cheaply."""
+    from dreambooth_contract.api import DreamBoothJob
     from dreambooth_contract.validation import JobInvalid, load_jobs
 
     failed = False
@@ -93,10 +101,26 @@ def validate(files: tuple[Path, ...]) -> None:
                 click.echo(f"{path}: {problem}", err=True)
             failed = True
             continue
+        base_dir = Path.cwd() if str(path) == "-" else path.resolve().parent
         for job in jobs:
-            click.echo(f"{path}: ok: {job.kind} {job.metadata.name}")
+            problems = dataset_problems(job, base_dir) if isinstance(job, DreamBoothJob) else []
+            for problem in problems:
+                click.echo(f"{path}: {problem}", err=True)
+            failed = failed or bool(problems)
+            if not problems:
+                click.echo(f"{path}: ok: {job.kind} {job.metadata.name}")
     if failed:
         sys.exit(1)
+
+
+def dataset_problems(job, base_dir: Path) -> list[str]:
+    """What the trainer finds wrong with `job`'s local datasets; nothing without the trainer."""
+    module_name, attribute = DATASET_CHECK.split(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return []
+    return getattr(module, attribute)(job, base_dir)
 
 
 @main.command(

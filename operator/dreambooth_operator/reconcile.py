@@ -663,15 +663,19 @@ def _advance_priors(draft: _Draft, job: DreamBoothJob) -> bool:
         return False
     if status.priors:
         status.priors.images = priors.num_class_images
-    draft.set_condition(
-        COND_PRIORS_READY,
-        True,
-        "Generated",
-        f"{priors.num_class_images} class images at {status.priors.uri}"
-        if status.priors
-        else f"{priors.num_class_images} class images",
-    )
+    draft.set_condition(COND_PRIORS_READY, True, "Generated", _priors_message(job, status.priors))
     return True
+
+
+def _priors_message(job: DreamBoothJob, cache: PriorsStatus | None) -> str:
+    """What PriorsReady says: the class images, and where (status.priors names the first
+    class's set; a job of several classes has one set per class)."""
+    count = job.spec.prior_preservation.num_class_images
+    classes = len({subject.class_prompt for subject in job.spec.subjects})
+    if classes > 1:
+        where = f", the first class's at {cache.uri}" if cache else ""
+        return f"{count} class images for each of {classes} classes{where}"
+    return f"{count} class images at {cache.uri}" if cache else f"{count} class images"
 
 
 def _start_progress(draft: _Draft, job: DreamBoothJob) -> None:

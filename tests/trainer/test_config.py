@@ -27,6 +27,8 @@ CARRIED_SECTIONS = {
 # name where it lies.
 WITHHELD_FIELDS = {"tracking.wandb.api_key_secret"}
 OPERATOR_SECTIONS = {"resources", "storage", "inference", "run_policy"}
+# Lists of models, carried item by item (instead of instance: checked with SUBJECTS below).
+CARRIED_LISTS = {"subjects"}
 
 # A job whose every trainer-relevant field differs from its default, so that a field dropped
 # on the way cannot pass unnoticed.
@@ -145,7 +147,9 @@ def default_leaves(model: BaseModel, prefix: str = "") -> dict[str, Any]:
 
 
 def test_every_spec_section_is_decided():
-    assert set(DreamBoothJobSpec.model_fields) == CARRIED_SECTIONS | OPERATOR_SECTIONS
+    assert set(DreamBoothJobSpec.model_fields) == (
+        CARRIED_SECTIONS | CARRIED_LISTS | OPERATOR_SECTIONS
+    )
 
 
 def test_the_full_job_sets_every_field_to_a_non_default():
@@ -174,6 +178,34 @@ def test_from_job_carries_every_field_of_the_carried_sections():
                 for path in given:
                     del expected[path]
         assert actual == expected, section
+
+
+# FULL_SPEC with several subjects, every field of each not its default.
+SUBJECTS = [
+    {
+        "imagesUri": f"s3://bucket/subject-{i}",
+        "prompt": f"a photo of {token} toy",
+        "captions": "replace",
+        "name": f"toy-{i}",
+        "classPrompt": "a photo of toy",
+        "classImagesUri": "s3://bucket/regularization/toys",
+    }
+    for i, token in enumerate(("zwx", "qyx"))
+]
+
+
+def test_from_job_carries_every_field_of_every_subject():
+    spec = {key: value for key, value in FULL_SPEC.items() if key != "instance"}
+    priors = {**FULL_SPEC["priorPreservation"], "classPrompt": None, "classImagesUri": None}
+    job = make_job({**spec, "priorPreservation": priors, "subjects": SUBJECTS})
+    for subject in job.spec.subjects:
+        defaults = default_leaves(subject)
+        assert not [p for p, value in leaves(subject).items() if value == defaults.get(p, ...)]
+    config = TrainerConfig.from_job(job)
+    assert [leaves(s) for s in config.subjects] == [leaves(s) for s in job.spec.subjects]
+    # The phases that read one subject read the first.
+    assert config.instance.prompt == SUBJECTS[0]["prompt"]
+    assert config.prior_preservation.class_prompt == SUBJECTS[0]["classPrompt"]
 
 
 def test_crop_each_step_reaches_the_trainer():

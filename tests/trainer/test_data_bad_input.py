@@ -117,7 +117,7 @@ def test_a_bad_subject_image_is_bad_input_naming_the_field_and_the_file(
     directory = subject_with(write, name)
     # Images are decoded before the VAE is first used: no model is needed to refuse them.
     with pytest.raises(ConfigError) as raised:
-        data.build_data(config, None, None, None, directory, None)
+        data.build_data(config, None, None, None, [directory], [])
     assert raised.value.field == "instance.imagesUri"
     assert name in raised.value.message and problem in raised.value.message
     assert str(raised.value).startswith(f"instance.imagesUri: {name} ")
@@ -148,8 +148,8 @@ def test_a_corrupt_class_image_is_bad_input_that_says_to_delete_the_set(
             tiny_pipeline.vae,
             tiny_pipeline.tokenizer,
             tiny_pipeline.text_encoder,
-            SUBJECT_DIR,
-            class_dir,
+            [SUBJECT_DIR],
+            [class_dir],
         )
     assert raised.value.field == "storage.priorCacheUri"
     assert "class-000003.png is not a readable image" in raised.value.message

@@ -8,6 +8,7 @@ import pytest
 
 from dreambooth_contract import names
 from dreambooth_contract.env import CONFIG_FILE
+from dreambooth_contract.subjects import classes_of
 from dreambooth_contract.trainer_config import TrainerConfig
 from dreambooth_contract.validation import parse_job
 from dreambooth_operator import builders
@@ -293,3 +294,23 @@ def test_a_server_without_gpus_runs_on_the_cpu_with_the_threads_it_may_use(
         return args[args.index(flag) + 1] if flag in args else None
 
     assert (value("--device"), value("--cpu-threads")) == (device, threads)
+
+
+def test_a_job_of_several_subjects_hands_the_trainers_every_subject_and_class():
+    document = copy.deepcopy(DOCUMENT)
+    spec = document["spec"]
+    first = spec.pop("instance")
+    spec["priorPreservation"].pop("classPrompt")
+    spec["subjects"] = [
+        {**first, "classPrompt": "a photo of dog"},
+        {"imagesUri": "s3://data/cat/", "prompt": "a photo of zwx cat", "classPrompt": "a cat"},
+    ]
+    spec.setdefault("training", {})["batchSize"] = 2
+    config_json, cache = trainer_inputs(parse_job(document))
+    config = TrainerConfig.model_validate_json(config_json)
+    assert [s.prompt for s in config.subjects] == [first["prompt"], "a photo of zwx cat"]
+    classes = classes_of(config)
+    assert [c.prompt for c in classes] == ["a photo of dog", "a cat"]
+    assert len({c.key for c in classes}) == 2
+    # status.priors names the first class's set (the priors pods generate every class's)
+    assert cache.key == classes[0].key

@@ -142,6 +142,25 @@ def test_priors_done_then_training_then_export_then_succeeded():
     assert "DINO 0.612 (base 0.401)" in evaluated.message and "PRES 0.550" in evaluated.message
 
 
+def test_priors_ready_of_several_classes_says_each_has_its_set():
+    document = copy.deepcopy(DOCUMENT)
+    spec = document["spec"]
+    first = spec.pop("instance")
+    del spec["priorPreservation"]["classPrompt"]
+    spec["subjects"] = [
+        {**first, "classPrompt": "a photo of dog"},
+        {"imagesUri": "s3://data/cat", "prompt": "a photo of zwx cat", "classPrompt": "a cat"},
+    ]
+    spec["training"]["batchSize"] = 2
+    _, job = step(parse_job(document))
+    decision, _ = step(job, jobs=jobs(names.PRIORS, succeeded=True))
+    ready = condition(decision, COND_PRIORS_READY)
+    assert ready.status == "True"
+    assert ready.message == (
+        f"8 class images for each of 2 classes, the first class's at {CACHE.uri}"
+    )
+
+
 def test_failed_rank_restarts_the_whole_gang_then_recreates_it():
     status = {
         "conditions": [

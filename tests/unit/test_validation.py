@@ -183,7 +183,7 @@ BAD_SPECS = [
         "unknown-top-level-spec-field",
         spec_with(spec__gpus=8),
         "spec.gpus: unknown field; allowed: baseModel, evaluation, export, inference, instance, "
-        "priorPreservation, resources, runPolicy, storage, tracking, training",
+        "priorPreservation, resources, runPolicy, storage, subjects, tracking, training",
     ),
     (
         "evaluation-one-image-per-prompt",

@@ -48,6 +48,8 @@ class StepMetrics:
     seconds: float
     # data/forward/backward/optimizer seconds when the trainer times phases (timing.PhaseClock)
     phase_seconds: dict[str, float] = field(default_factory=dict)
+    # each subject's instance loss by name, with several subjects (one: instance_loss)
+    subject_losses: dict[str, float] = field(default_factory=dict)
 
     @property
     def images_per_second(self) -> float:
@@ -122,6 +124,7 @@ def step_scalars(metrics: StepMetrics) -> dict[str, float]:
         "train/grad_norm": metrics.grad_norm,
         "train/learning_rate": metrics.learning_rate,
         "train/images_per_second": metrics.images_per_second,
+        **{f"loss/instance/{name}": loss for name, loss in metrics.subject_losses.items()},
     }
 
 
@@ -171,7 +174,9 @@ class StatusReport(Callback):
         self.reporter.report(
             metrics.step, loss=metrics.loss, images_per_second=metrics.images_per_second
         )
-        self.metrics.observe_step(metrics.step, metrics.loss, metrics.images_per_second)
+        self.metrics.observe_step(
+            metrics.step, metrics.loss, metrics.images_per_second, metrics.subject_losses
+        )
         if self.compiled and len(self.step_seconds) < 2:
             self.step_seconds.append(metrics.seconds)
             if len(self.step_seconds) == 2:

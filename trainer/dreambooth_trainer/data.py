@@ -11,11 +11,10 @@ each photo and its mirror image), and `training.cropEachStep` crops each photo a
 
 from __future__ import annotations
 
-import struct
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,30 +26,25 @@ from PIL import Image, ImageOps
 from transformers import CLIPTextModel, CLIPTokenizer
 
 from dreambooth_contract.api import TrainingSpec
+from dreambooth_contract.subjects import ClassSet, Subject, classes_of, subjects_of
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
 from .captions import prompt_for, read_captions
+from .dataset_check import (
+    IMAGE_SUFFIXES,
+    MAX_IMAGE_PIXELS,
+    UNREADABLE,
+    list_images,
+    no_images,
+    too_many_pixels,
+)
 from .locations import fetch_dir, store_for
 from .seeds import derive_seed
 
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 VAE_ENCODE_BATCH = 8
-# The largest image decoded (width x height), checked on the header before any pixel is: a file
-# of a few KB can claim gigapixels (a decompression bomb). 64 megapixels is more than a phone's
-# full-resolution photo in its usual modes and far more than training (<= 2048 px) can use; PIL's
-# own limit (Image.MAX_IMAGE_PIXELS, ~89 MP to warn) is left alone for the rest of the process.
-MAX_IMAGE_PIXELS = 64_000_000
-# What PIL raises on a corrupt or truncated file (the exceptions Pillow's own fuzzers expect).
-UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, struct.error)
 
 
 # -- images ----------------------------------------------------------------------------------------
-
-
-def list_images(directory: Path) -> list[Path]:
-    if not directory.is_dir():
-        return []
-    return sorted(p for p in directory.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
 
 
 def load_rgb(path: Path, field: str, advice: str = "replace or remove it") -> Image.Image:
@@ -68,7 +62,7 @@ def load_rgb(path: Path, field: str, advice: str = "replace or remove it") -> Im
                 return ImageOps.exif_transpose(image).convert("RGB")
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         # PIL's own limits are higher than ours; its message would name them.
-        raise ConfigError(field, f"{path.name} has {_too_many_pixels()}") from None
+        raise ConfigError(field, f"{path.name} has {too_many_pixels()}") from None
     except ConfigError:
         raise
     except UNREADABLE as error:
@@ -81,12 +75,8 @@ def load_rgb(path: Path, field: str, advice: str = "replace or remove it") -> Im
 def _check_pixels(path: Path, image: Image.Image, field: str) -> None:
     if image.width * image.height > MAX_IMAGE_PIXELS:
         raise ConfigError(
-            field, f"{path.name} is {image.width}x{image.height} pixels, {_too_many_pixels()}"
+            field, f"{path.name} is {image.width}x{image.height} pixels, {too_many_pixels()}"
         )
-
-
-def _too_many_pixels() -> str:
-    return f"more than the {MAX_IMAGE_PIXELS / 1e6:g} megapixels allowed: downscale it"
 
 
 def resized_tensor(image: Image.Image, resolution: int) -> torch.Tensor:
@@ -151,9 +141,6 @@ def image_name(index: int) -> str:
     return f"class-{index:06d}.png"
 
 
-CLASS_IMAGES_FIELD = "priorPreservation.classImagesUri"
-
-
 @dataclass(frozen=True)
 class ClassImagePlan:
     """A job's class set: the names of the user's images it takes, and how many to generate."""
@@ -162,10 +149,10 @@ class ClassImagePlan:
     generated: int
 
 
-def class_image_plan(config: TrainerConfig) -> ClassImagePlan:
+def class_image_plan(config: TrainerConfig, class_set: ClassSet) -> ClassImagePlan:
     """Up to numClassImages of the user's class images, and the shortfall: from a listing of
     classImagesUri (the priors pods need only the count; training downloads the images)."""
-    priors = config.prior_preservation
+    priors = class_set.priors
     wanted = priors.num_class_images
     uri = priors.class_images_uri
     if uri is None:
@@ -178,7 +165,7 @@ def class_image_plan(config: TrainerConfig) -> ClassImagePlan:
         if "/" not in info.key and Path(info.key).suffix.lower() in IMAGE_SUFFIXES
     )[:wanted]
     if not names:
-        raise ConfigError(CLASS_IMAGES_FIELD, f"no images (png, jpg, webp) in {uri}")
+        raise no_images(class_set.images_field, uri)
     return ClassImagePlan(names, wanted - len(names))
 
 
@@ -472,6 +459,10 @@ class Batch:
     condition: torch.Tensor  # ids or hidden states, same row order
     condition_is_embedding: bool
     instance_rows: int
+    # The subject of each instance row (its class row is the same row of the class rows);
+    # empty: every row is subject 0's.
+    subject_of_row: list[int] = field(default_factory=list)
+    subjects: int = 1
 
 
 @dataclass
@@ -485,11 +476,25 @@ class Subset:
 
 @dataclass
 class DreamBoothData:
-    latents: LatentSource  # every image: the instance images, then the class images
+    """Every image as latents (the subjects' photos, subject by subject, then the class images,
+    class by class), the prompts, and one seeded order per subject and per class."""
+
+    latents: LatentSource
     prompts: Prompts  # the distinct prompts of the images
     prompt_of: list[int]  # image i trains with prompt prompt_of[i]
-    instance: Subset
-    classes: Subset | None  # None without prior preservation
+    subjects: list[Subset]  # one per subject
+    class_sets: list[Subset]  # one per class; empty without prior preservation
+    class_of: list[int]  # subject s's class rows come from class_sets[class_of[s]]
+
+    @property
+    def instance(self) -> Subset:
+        """The first (or only) subject's images."""
+        return self.subjects[0]
+
+    @property
+    def classes(self) -> Subset | None:
+        """The first class's images; None without prior preservation."""
+        return self.class_sets[0] if self.class_sets else None
 
     def condition(self, indices: list[int]) -> torch.Tensor:
         """The prompt rows of the images `indices` (the source's numbering)."""
@@ -500,18 +505,43 @@ class DreamBoothData:
     ) -> Batch:
         """The micro-batch of `rank` at global micro-step `micro_step` (a pure function of them).
 
-        The rows of both subsets go through the encoders together (one VAE call, one text
-        encoder call when they run every step); their latent noise is drawn subset by subset."""
+        Rows go to the subjects in turn (row r of the run to subject r mod S), each subject
+        drawing from its own order; each instance row gets a class row of its subject's class,
+        drawn from that class's order. The rows of both kinds go through the encoders together
+        (one VAE call, one text encoder call when they run every step); their latent noise is
+        drawn kind by kind."""
         start = (micro_step * world_size + rank) * per_rank
-        subsets = [s for s in (self.instance, self.classes) if s is not None]
-        indices = [i for s in subsets for i in s.latents.indices(s.order.take(start, per_rank))]
-        counts = [per_rank] * len(subsets)
+        rows = range(start, start + per_rank)
+        count = len(self.subjects)
+        subject_of_row = [row % count for row in rows]
+        indices = [self._draw(self.subjects[row % count], row // count) for row in rows]
+        parts = [per_rank]
+        if self.class_sets:
+            indices += [
+                self._draw(self.class_sets[self.class_of[row % count]], self._class_position(row))
+                for row in rows
+            ]
+            parts.append(per_rank)
         return Batch(
-            latents=self.latents.sample(indices, generator, parts=counts),
+            latents=self.latents.sample(indices, generator, parts=parts),
             condition=self.condition(indices),
             condition_is_embedding=self.prompts.is_embedding,
             instance_rows=per_rank,
+            subject_of_row=subject_of_row,
+            subjects=count,
         )
+
+    @staticmethod
+    def _draw(subset: Subset, position: int) -> int:
+        """The source index of the image at `position` of the subset's order."""
+        return subset.latents.indices(subset.order.take(position, 1))[0]
+
+    def _class_position(self, row: int) -> int:
+        """Where `row` draws in its subject's class's order: the subjects of one class share
+        it, taking turns, so that none of them repeats another's class image."""
+        subject = row % len(self.subjects)
+        members = [s for s, c in enumerate(self.class_of) if c == self.class_of[subject]]
+        return (row // len(self.subjects)) * len(members) + members.index(subject)
 
 
 @dataclass(frozen=True)
@@ -544,7 +574,7 @@ def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor | list
     """The set's cropped images, or with cropEachStep its resized, uncropped ones."""
     paths = image_set.image_paths()
     if not paths:
-        raise ConfigError(image_set.empty, f"no images (png, jpg, webp) in {image_set.directory}")
+        raise no_images(image_set.empty, image_set.directory)
     if training.crop_each_step:
         resolution = training.resolution
         return [
@@ -566,29 +596,26 @@ def build_data(
     vae: AutoencoderKL,
     tokenizer: CLIPTokenizer,
     frozen_text_encoder: CLIPTextModel | None,
-    instance_dir: Path,
-    class_dir: Path | None,
+    instance_dirs: Sequence[Path],
+    class_dirs: Sequence[Path | None],
 ) -> DreamBoothData:
-    """Instance (and class) images as latents, prompts as conditioning, seeded orders.
+    """Each subject's photos and each class's images as latents, prompts as conditioning,
+    seeded orders. `instance_dirs` holds each subject's photos (subjects_of order),
+    `class_dirs` each class's generated images (None where none are generated).
 
     `frozen_text_encoder` is None when the text encoder trains (prompts stay token ids).
     """
     training = config.training
-    field = "instance.imagesUri"
-    image_sets = [
-        ImageSet(
-            instance_dir,
-            config.instance.prompt,
-            "instance",
-            field,
-            field,
-            "replace or remove it",
-            captions=config.instance.captions,
-        )
+    subjects, classes = subjects_of(config), classes_of(config)
+    # One group of sets per subset: each subject's photos, then each class's images.
+    groups = [
+        [subject_image_set(subject, directory)]
+        for subject, directory in zip(subjects, instance_dirs, strict=True)
     ]
-    groups = [image_sets]  # one group of sets per subset: the instance images, the class images
-    if config.uses_priors:
-        groups.append(class_image_sets(config, class_dir))
+    groups += [
+        class_image_sets(config, class_set, directory)
+        for class_set, directory in zip(classes, class_dirs, strict=True)
+    ]
     pixel_sets = [_joined([load_set(image_set, training) for image_set in g]) for g in groups]
     latents = latent_source(
         vae, pixel_sets, cache=training.cache_latents, augmentation=Augmentation.of(training)
@@ -604,24 +631,51 @@ def build_data(
         distinct, tokenizer, frozen_text_encoder, cache=training.cache_text_embeddings
     )
     prompt_of = [distinct.index(prompt) for prompt in image_prompts]
-    instance, *classes = subsets
-    return DreamBoothData(latents, prompts, prompt_of, instance, classes[0] if classes else None)
+    return DreamBoothData(
+        latents,
+        prompts,
+        prompt_of,
+        subsets[: len(subjects)],
+        subsets[len(subjects) :],
+        [subject.class_index or 0 for subject in subjects],
+    )
 
 
-def class_image_sets(config: TrainerConfig, class_dir: Path | None) -> list[ImageSet]:
-    """The class images: the user's (classImagesUri), then the generated shortfall."""
-    plan = class_image_plan(config)
-    priors = config.prior_preservation
+def _purpose(kind: str, index: int) -> str:
+    """Names the crop and order seeds of a subset: the first subject and class keep the names
+    a one-subject job always used (its runs reproduce)."""
+    return kind if index == 0 else f"{kind}-{index}"
+
+
+def subject_image_set(subject: Subject, directory: Path) -> ImageSet:
+    return ImageSet(
+        directory,
+        subject.spec.prompt,
+        _purpose("instance", subject.index),
+        subject.images_field,
+        subject.images_field,
+        "replace or remove it",
+        captions=subject.spec.captions,
+    )
+
+
+def class_image_sets(
+    config: TrainerConfig, class_set: ClassSet, class_dir: Path | None
+) -> list[ImageSet]:
+    """A class's images: the user's (classImagesUri), then the generated shortfall."""
+    plan = class_image_plan(config, class_set)
+    priors = class_set.priors
+    purpose = _purpose("class", class_set.index)
     sets = []
     if plan.supplied:
         own = fetch_dir(priors.class_images_uri, config.s3, config.model_cache_dir())
         sets.append(
             ImageSet(
                 own,
-                priors.class_prompt,
-                "class",
-                CLASS_IMAGES_FIELD,
-                CLASS_IMAGES_FIELD,
+                class_set.prompt,
+                purpose,
+                class_set.images_field,
+                class_set.images_field,
                 "replace or remove it",
                 paths=tuple(own / name for name in plan.supplied),
             )
@@ -633,11 +687,11 @@ def class_image_sets(config: TrainerConfig, class_dir: Path | None) -> list[Imag
         sets.append(
             ImageSet(
                 class_dir,
-                priors.class_prompt,
-                "class",
+                class_set.prompt,
+                purpose,
                 "priorPreservation (class images: run the priors phase first)",
                 "storage.priorCacheUri",
-                f"the class-image set is corrupt: delete {config.priors_uri} and run the job "
+                f"the class-image set is corrupt: delete {class_set.uri} and run the job "
                 "again to generate it anew",
                 paths=generated,
             )

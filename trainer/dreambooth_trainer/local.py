@@ -121,7 +121,7 @@ def run_ranks(
 def render_final_samples(config: TrainerConfig, output: Path) -> Path:
     """Samples from the exported artifact as loaded from disk: proof the artifact works."""
     pipeline = load_exported(config, output / EXPORT_DIR)
-    prompts = config.validation.prompts or [config.instance.prompt]
+    prompts = config.sample_prompts or [config.instance.prompt]
     grid = render_grid(pipeline, prompts, config.validation, config.training.resolution)
     path = output / SAMPLES_DIR / FINAL_SAMPLES
     path.parent.mkdir(parents=True, exist_ok=True)

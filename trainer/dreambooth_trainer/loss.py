@@ -20,9 +20,12 @@ class Losses:
     total: torch.Tensor
     instance: torch.Tensor
     prior: torch.Tensor
+    per_subject: torch.Tensor  # [S]: each subject's instance loss
 
     def detached(self) -> torch.Tensor:
-        return torch.stack([self.total, self.instance, self.prior]).detach().float()
+        """[3 + S]: total, instance, prior, then each subject's instance loss."""
+        losses = torch.stack([self.total, self.instance, self.prior]).detach().float()
+        return torch.cat([losses, self.per_subject.detach().float()])
 
 
 def min_snr_weights(
@@ -80,7 +83,7 @@ class DreamBoothObjective:
         ).mean(dim=(1, 2, 3))
         if self.snr_gamma:
             per_image = per_image * min_snr_weights(self.scheduler, timesteps, self.snr_gamma)
-        return self.combine(per_image, batch.instance_rows)
+        return self.combine(per_image, batch)
 
     def target(
         self, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor
@@ -89,8 +92,29 @@ class DreamBoothObjective:
             return self.scheduler.get_velocity(latents, noise, timesteps)
         return noise
 
-    def combine(self, per_image: torch.Tensor, instance_rows: int) -> Losses:
-        instance = per_image[:instance_rows].mean()
-        has_class_rows = len(per_image) > instance_rows
-        prior = per_image[instance_rows:].mean() if has_class_rows else torch.zeros_like(instance)
-        return Losses(instance + self.prior_loss_weight * prior, instance, prior)
+    def combine(self, per_image: torch.Tensor, batch: Batch) -> Losses:
+        rows = batch.instance_rows
+        instance = per_image[:rows].mean()
+        has_class_rows = len(per_image) > rows
+        prior = per_image[rows:].mean() if has_class_rows else torch.zeros_like(instance)
+        return Losses(
+            instance + self.prior_loss_weight * prior,
+            instance,
+            prior,
+            per_subject_means(per_image[:rows], batch.subject_of_row, batch.subjects),
+        )
+
+
+def per_subject_means(
+    losses: torch.Tensor, subject_of_row: Sequence[int], subjects: int
+) -> torch.Tensor:
+    """[S]: the mean of each subject's rows (every micro-batch holds every subject: the API
+    asks batchSize >= S); one subject: the mean of all rows."""
+    if subjects == 1:
+        return losses.mean().unsqueeze(0)
+    labels = torch.tensor(list(subject_of_row), device=losses.device)
+    sums = torch.zeros(subjects, device=losses.device, dtype=losses.dtype)
+    counts = torch.zeros(subjects, device=losses.device, dtype=losses.dtype)
+    sums = sums.index_add(0, labels, losses)
+    counts = counts.index_add(0, labels, torch.ones_like(losses))
+    return sums / counts.clamp(min=1)

@@ -44,6 +44,12 @@ class TrainerMetrics:
         self.step = Gauge(f"{PREFIX}_step", "Optimizer steps done.", registry=r)
         self.total_steps = Gauge(f"{PREFIX}_total_steps", "Optimizer steps planned.", registry=r)
         self.loss = Gauge(f"{PREFIX}_loss", "Training loss of the latest step.", registry=r)
+        self.subject_loss = Gauge(
+            f"{PREFIX}_subject_instance_loss",
+            "Instance loss of each subject at the latest step (jobs with several subjects).",
+            ["subject"],
+            registry=r,
+        )
         self.images_per_second = Gauge(
             f"{PREFIX}_images_per_second", "Training throughput in images per second.", registry=r
         )
@@ -63,12 +69,18 @@ class TrainerMetrics:
         )
 
     def observe_step(
-        self, step: int, loss: float | None = None, images_per_second: float | None = None
+        self,
+        step: int,
+        loss: float | None = None,
+        images_per_second: float | None = None,
+        subject_losses: dict[str, float] | None = None,
     ) -> None:
-        """Record one optimizer step (loss and throughput when known)."""
+        """Record one optimizer step (loss, throughput and each subject's loss when known)."""
         self.step.set(step)
         if loss is not None:
             self.loss.set(loss)
+        for subject, subject_loss in (subject_losses or {}).items():
+            self.subject_loss.labels(subject=subject).set(subject_loss)
         if images_per_second is not None:
             self.images_per_second.set(images_per_second)
 

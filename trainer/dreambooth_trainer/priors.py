@@ -38,6 +38,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from dreambooth_contract.priors_key import PRIORS_FORMAT, generation_params
+from dreambooth_contract.subjects import ClassSet, classes_of
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
 from .data import class_image_plan, image_name
@@ -65,11 +66,13 @@ class PriorRequest:
     batch_size: int
 
     @classmethod
-    def from_config(cls, config: TrainerConfig) -> PriorRequest:
-        priors = config.prior_preservation
+    def from_config(cls, config: TrainerConfig, class_set: ClassSet | None = None) -> PriorRequest:
+        """The set of `class_set` (default the first class's: a one-subject job's only one)."""
+        class_set = class_set or classes_of(config)[0]
+        priors = class_set.priors
         generation = priors.generation
         return cls(
-            key=config.priors_key,
+            key=class_set.key,
             params=generation_params(config.base_model, priors, config.training.resolution),
             prompt=priors.class_prompt,
             negative_prompt=generation.negative_prompt,
@@ -238,9 +241,9 @@ def commit_if_complete(store: Store, request: PriorRequest) -> bool:
 # -- the phase -------------------------------------------------------------------------------------
 
 
-def generated_images(store: Store, config: TrainerConfig, count: int) -> bool:
+def generated_images(store: Store, config: TrainerConfig, class_set: ClassSet, count: int) -> bool:
     """Whether the set holds the first `count` images: committed whole, or those present."""
-    if is_complete(store, PriorRequest.from_config(config)):
+    if is_complete(store, PriorRequest.from_config(config, class_set)):
         return True
     present = {info.key for info in store.list()}
     return all(image_name(i) in present for i in range(count))
@@ -253,28 +256,52 @@ def run_priors(
     progress: bool = False,
     on_written: Callable[[int], object] | None = None,
 ) -> Path | None:
-    """Generate shard `shard` of `shards` of the class images; the local directory of the set.
+    """Generate shard `shard` of `shards` of every class's images; the local directory of the
+    first class's set (a one-subject job's only one; None when it needs none).
 
     Returns None when prior preservation is off. Locally (or on a shared filesystem) every
     shard writes into the set's directory; with s3:// each shard mirrors the set through a
-    staging directory and uploads what it generated.
+    staging directory and uploads what it generated. The batches of all classes, one class
+    after the other, are dealt round robin to the shards.
     """
-    if not config.uses_priors:
-        return None
-    plan = class_image_plan(config)
+    directories, offset = [], 0
+    for class_set in classes_of(config):
+        local_shard = (shard - offset) % shards
+        directory, batches = run_class_priors(
+            config, class_set, local_shard, shards, progress, on_written
+        )
+        directories.append(directory)
+        offset += batches
+    return directories[0] if directories else None
+
+
+def run_class_priors(
+    config: TrainerConfig,
+    class_set: ClassSet,
+    shard: int,
+    shards: int,
+    progress: bool,
+    on_written: Callable[[int], object] | None,
+) -> tuple[Path | None, int]:
+    """Shard `shard` of one class's images: its local directory (None when none are
+    generated) and how many batches the class has."""
+    plan = class_image_plan(config, class_set)
     if not plan.generated:
         log.info("class images: %d supplied, none to generate", len(plan.supplied))
-        return None
-    request = PriorRequest.from_config(config)
-    store = store_for(config.priors_uri, config.s3)
-    if is_complete(store, request):
-        log.info("class images %s: already complete", config.priors_uri)
-        return fetch_dir(config.priors_uri, config.s3, config.model_cache_dir())
-    if plan.supplied:  # the shortfall only: the first images of the set, no manifest
-        request = replace(request, count=plan.generated)
+        return None, 0
+    whole = PriorRequest.from_config(config, class_set)
+    # The shortfall only: the first images of the set, no manifest.
+    request = replace(whole, count=plan.generated) if plan.supplied else whole
+    # The same on every shard, whatever it finds in the store (the deal depends on it).
+    batches = len(request.batches())
+    store = store_for(class_set.uri, config.s3)
+    if is_complete(store, whole):
+        log.info("class images %s: already complete", class_set.uri)
+        return fetch_dir(class_set.uri, config.s3, config.model_cache_dir()), batches
+    if plan.supplied:
         log.info("class images: %d supplied, %d to generate", len(plan.supplied), request.count)
-    local = shard_dir(store, request, shard, shards, config)
-    log.info("class images %s: shard %d of %d", config.priors_uri, shard, shards)
+    local = shard_dir(store, request, shard, shards, config, class_set.uri)
+    log.info("class images %s: shard %d of %d", class_set.uri, shard, shards)
     device, dtype = generation_device()
     pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3, dtype)
     written = generate_shard(
@@ -283,17 +310,18 @@ def run_priors(
     if not isinstance(store, LocalStore):
         store.upload_files([(path, path.name) for path in written])
     if not plan.supplied and commit_if_complete(store, request):
-        log.info("class images %s: complete (%d)", config.priors_uri, request.count)
-    return local
+        log.info("class images %s: complete (%d)", class_set.uri, request.count)
+    return local, batches
 
 
 def shard_dir(
-    store: Store, request: PriorRequest, shard: int, shards: int, config: TrainerConfig
+    store: Store, request: PriorRequest, shard: int, shards: int, config: TrainerConfig, uri: str
 ) -> Path:
-    """The directory to generate into, holding the shard's images already in the store."""
+    """The directory to generate into (for the set at `uri`), holding the shard's images
+    already in the store."""
     if isinstance(store, LocalStore):
         return store.path("")
-    local = staging_dir(config.priors_uri, config.model_cache_dir())
+    local = staging_dir(uri, config.model_cache_dir())
     mine = {image_name(i) for indices in request.shard(shard, shards) for i in indices}
     store.download_dir("", local, select=lambda key: key in mine)
     return local

@@ -21,6 +21,7 @@ from diffusers import StableDiffusionPipeline
 from torch.utils.tensorboard import SummaryWriter
 
 from dreambooth_contract.layout import CHECKPOINTS_DIR, LOGS_DIR, SAMPLES_DIR, TRAINED_DIR
+from dreambooth_contract.subjects import ClassSet, classes_of, subjects_of
 from dreambooth_contract.trainer_config import TrainerConfig
 
 from .callbacks import (
@@ -175,7 +176,8 @@ class Trainer:
         started = time.perf_counter()
         clock = PhaseClock(self.world.device, enabled=self.time_phases)
         accumulation = self.training.gradient_accumulation_steps
-        totals = torch.zeros(3, device=self.world.device)
+        # total, instance and prior loss, then each subject's instance loss
+        totals = torch.zeros(3 + len(self.data.subjects), device=self.world.device)
         for micro in range(accumulation):
             batch = self.data.batch(
                 self.micro_step,
@@ -198,18 +200,27 @@ class Trainer:
         self.step += 1
         # The losses reach the host once, after the optimizer's work is queued: on a GPU a copy
         # per micro-batch would wait for its backward, leaving the device idle meanwhile.
-        loss, instance_loss, prior_loss = self.backend.all_reduce_mean(totals.cpu() / accumulation)
+        reduced = self.backend.all_reduce_mean(totals.cpu() / accumulation)
+        loss, instance_loss, prior_loss, *subject_losses = reduced.tolist()
         return StepMetrics(
             step=self.step,
             loss=float(loss),
             instance_loss=float(instance_loss),
             prior_loss=float(prior_loss),
+            subject_losses=self.subject_losses(subject_losses),
             grad_norm=grad_norm,
             learning_rate=self.backend.learning_rate,
             images=self.images_per_step,
             seconds=time.perf_counter() - started,
             phase_seconds=clock.seconds,
         )
+
+    def subject_losses(self, losses: list[float]) -> dict[str, float]:
+        """Each subject's instance loss by its name; none for one subject (it is the instance
+        loss)."""
+        if len(losses) < 2:
+            return {}
+        return {s.name: loss for s, loss in zip(subjects_of(self.config), losses, strict=True)}
 
     # -- state -------------------------------------------------------------------------------------
 
@@ -324,8 +335,7 @@ def build_trainer(
         frozen.vae,
         frozen.tokenizer,
         None if training.train_text_encoder else frozen.text_encoder,
-        instance_dir,
-        class_dir,
+        *data_dirs(config, instance_dir, class_dir),
     )
     return Trainer(config, model, frozen, data, backend, callbacks, checkpoints, speedups)
 
@@ -333,18 +343,35 @@ def build_trainer(
 # -- the phase -------------------------------------------------------------------------------------
 
 
-def class_images_dir(config: TrainerConfig, cache_dir: Path) -> Path | None:
-    """The generated class images, local (downloaded when they live in S3); None when there
-    are none to read (no prior preservation, or the user supplied every class image)."""
+def class_images_dir(
+    config: TrainerConfig, cache_dir: Path, class_set: ClassSet | None = None
+) -> Path | None:
+    """The generated class images of `class_set` (default the first class's), local
+    (downloaded when they live in S3); None when there are none to read (no prior
+    preservation, or the user supplied every class image)."""
     if not config.uses_priors:
         return None
-    generated = class_image_plan(config).generated
+    class_set = class_set or classes_of(config)[0]
+    generated = class_image_plan(config, class_set).generated
     if not generated:
         return None
-    store = store_for(config.priors_uri, config.s3)
-    if not generated_images(store, config, generated):
-        raise RuntimeError(f"class images {config.priors_uri}: not generated; run the priors phase")
-    return fetch_dir(config.priors_uri, config.s3, cache_dir)
+    store = store_for(class_set.uri, config.s3)
+    if not generated_images(store, config, class_set, generated):
+        raise RuntimeError(f"class images {class_set.uri}: not generated; run the priors phase")
+    return fetch_dir(class_set.uri, config.s3, cache_dir)
+
+
+def data_dirs(
+    config: TrainerConfig, instance_dir: Path, class_dir: Path | None
+) -> tuple[list[Path], list[Path | None]]:
+    """Each subject's photos and each class's generated images, local: the first subject's and
+    class's as the caller gives them, the others' (several subjects) fetched here."""
+    cache = config.model_cache_dir()
+    subjects, classes = subjects_of(config), classes_of(config)
+    instance_dirs = [instance_dir]
+    instance_dirs += [fetch_dir(s.spec.images_uri, config.s3, cache) for s in subjects[1:]]
+    class_dirs = [class_dir] + [class_images_dir(config, cache, c) for c in classes[1:]]
+    return instance_dirs, class_dirs[: len(classes)]
 
 
 def checkpoint_manager_for(config: TrainerConfig) -> CheckpointManager:
@@ -383,8 +410,9 @@ def rank_callbacks(
     """
     writer = SummaryWriter(str(output / LOGS_DIR)) if world.is_main else None
     resolution = config.training.resolution
+    samples = config.validation.model_copy(update={"prompts": config.sample_prompts})
     callbacks: list[Callback] = [
-        ValidationSamples(config.validation, resolution, output / SAMPLES_DIR, writer),
+        ValidationSamples(samples, resolution, output / SAMPLES_DIR, writer),
     ]
     if world.is_main:
         callbacks += [ProgressBar()] if progress else []
