@@ -37,7 +37,7 @@ from dreambooth_trainer.models.single_file import (
     convert_unet,
     convert_vae,
 )
-from tests.support.lora import write_random_adapter
+from tests.support.lora import export_for, write_random_adapter
 
 from .test_lora_export import merged_weights
 
@@ -273,3 +273,18 @@ def test_the_fused_sdxl_export_is_a_pipeline_and_a_single_file(lora_export):
         for key, tensor in expected.items():
             # The same sum, perhaps in another order: float32 rounding only.
             torch.testing.assert_close(weights[key], tensor, rtol=1e-5, atol=1e-6)
+
+
+def test_a_kohya_adapter_on_the_added_embedding_loads_as_its_diffusers_file(base_dir, tmp_path):
+    """kohya's SGM names (label_emb_0_0, label_emb_0_2) come back to each of the two layers of
+    the added-embedding MLP; diffusers-style names there would be read as one module."""
+    targets = ("add_embedding.linear_1", "add_embedding.linear_2")
+    export = export_for(base_dir, tmp_path, unet_targets=targets)
+    images = {}
+    for weights in (LORA_WEIGHTS, KOHYA_WEIGHTS):
+        pipeline = StableDiffusionXLPipeline.from_pretrained(base_dir)
+        pipeline.load_lora_weights(export, weight_name=weights)
+        images[weights] = image(pipeline)
+    np.testing.assert_allclose(images[KOHYA_WEIGHTS], images[LORA_WEIGHTS], atol=1e-5)
+    base = image(StableDiffusionXLPipeline.from_pretrained(base_dir))
+    assert np.abs(images[LORA_WEIGHTS] - base).max() > 0.05
