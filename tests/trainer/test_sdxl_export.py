@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -30,16 +31,11 @@ from dreambooth_trainer.export import SINGLE_FILE, export_adapter, export_pipeli
 from dreambooth_trainer.methods.lora_export import KOHYA_WEIGHTS
 from dreambooth_trainer.methods.lora_files import LORA_WEIGHTS
 from dreambooth_trainer.models import base_identity, random_models
-from dreambooth_trainer.models.single_file import (
-    OPEN_CLIP_PREFIX,
-    convert_open_clip,
-    convert_text_encoder,
-    convert_unet,
-    convert_vae,
-)
+from dreambooth_trainer.models.single_file import OPEN_CLIP_PREFIX, sdxl_state
 from tests.support.lora import export_for, write_random_adapter
 
-from .test_lora_export import merged_weights
+from .test_export import assert_same_weights
+from .test_lora_export import FRESH_PROCESS, merged_weights
 
 pytestmark = pytest.mark.trainer
 
@@ -72,13 +68,6 @@ def perturbed(base_dir: Path) -> StableDiffusionXLPipeline:
             for parameter in getattr(pipeline, name).parameters():
                 parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.05)
     return pipeline
-
-
-def assert_same_weights(expected: torch.nn.Module, actual: torch.nn.Module) -> None:
-    expected_state, actual_state = expected.state_dict(), actual.state_dict()
-    assert expected_state.keys() == actual_state.keys()
-    for key, tensor in expected_state.items():
-        assert torch.equal(tensor, actual_state[key].to(tensor.dtype)), key
 
 
 def run_fresh(script: str, *args: str | Path) -> dict[str, np.ndarray]:
@@ -158,13 +147,12 @@ def shapes(state: dict[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
 def test_the_sdxl_single_file_layout_is_what_sdxl_tools_expect():
     """The full SDXL architecture: diffusers recognises the file as SDXL base and its own
     converters map every weight back to its diffusers name and shape."""
-    unet, vae, text_encoder, text_encoder_2 = sdxl_on_meta()
-    checkpoint = {
-        **convert_unet(unet),
-        **convert_vae(vae),
-        **convert_text_encoder(text_encoder, "conditioner.embedders.0.transformer."),
-        **convert_open_clip(text_encoder_2),
-    }
+    networks = sdxl_on_meta()
+    unet, vae, text_encoder, text_encoder_2 = networks
+    checkpoint = sdxl_state(SimpleNamespace(**dict(zip(COMPONENTS, networks, strict=True))))
+    # Every weight once; OpenCLIP's q, k, v weights and biases (6 tensors) fused into 2.
+    layers = text_encoder_2.config.num_hidden_layers
+    assert len(checkpoint) == sum(len(net.state_dict()) for net in networks) - 4 * layers
     assert infer_diffusers_model_type(checkpoint) == "xl_base"
     assert CHECKPOINT_KEY_NAMES["clip_sdxl"] in checkpoint
     assert CHECKPOINT_KEY_NAMES["open_clip_sdxl"] in checkpoint
@@ -185,32 +173,9 @@ def test_the_sdxl_single_file_layout_is_what_sdxl_tools_expect():
     assert shapes(open_clip) == shapes(text_encoder_2.state_dict())
 
 
-# Nothing of ours: a user with diffusers, the base and our LoRA export.
-FRESH_LORA = """
-import sys
-import numpy as np
-import torch
-from diffusers import StableDiffusionXLPipeline
-
-prompt, base, export, kohya, out = sys.argv[1:]
-torch.set_num_threads(1)
-
-def image(pipeline):
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipeline(prompt, num_inference_steps=2, height=64, width=64, generator=generator,
-                    output_type="np").images[0]
-
-plain = StableDiffusionXLPipeline.from_pretrained(base)
-before = image(plain)
-plain.load_lora_weights(export)
-diffusers_format = image(plain)
-other = StableDiffusionXLPipeline.from_pretrained(base)
-other.load_lora_weights(export, weight_name=kohya)
-kohya_format = image(other)
-assert not [m for m in sys.modules if m.startswith("dreambooth")]
-np.savez(out, before=before, diffusers_format=diffusers_format, kohya_format=kohya_format)
-"""
+# test_lora_export's user with diffusers alone, with SDXL's pipeline class.
+assert FRESH_PROCESS.count("StableDiffusionPipeline") == 3
+FRESH_LORA = FRESH_PROCESS.replace("StableDiffusionPipeline", "StableDiffusionXLPipeline")
 
 
 @pytest.fixture(scope="module")
