@@ -35,20 +35,11 @@ from dreambooth_trainer.models.single_file import OPEN_CLIP_PREFIX, sdxl_state
 from tests.support.lora import export_for, write_random_adapter
 
 from .test_export import assert_same_weights
-from .test_lora_export import FRESH_PROCESS, merged_weights
+from .test_lora_export import FRESH_PROCESS, PROMPT, image, merged_weights
 
 pytestmark = pytest.mark.trainer
 
-PROMPT = "a photo of sks cube"
 COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-
-
-def image(pipeline: StableDiffusionXLPipeline) -> np.ndarray:
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipeline(
-        PROMPT, num_inference_steps=2, height=64, width=64, generator=generator, output_type="np"
-    ).images[0]
 
 
 @pytest.fixture(scope="module")
