@@ -235,7 +235,9 @@ def run(
 
 @benchmark("inference")
 def inference_benchmark(settings: Settings) -> dict[str, Any]:
-    return run(settings.quick)
+    """`--model` and `--resolution` as for training: e.g. random://tiny-sdxl at 64 px."""
+    side = settings.resolution
+    return run(settings.quick, model=settings.model, size=f"{side}x{side}")
 
 
 def main() -> None:

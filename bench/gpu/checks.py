@@ -567,8 +567,9 @@ def generate_arrays(pipeline: Any, request: Any, indices: range) -> Any:
         )
 
 
-def inference_fp16(ctx: Context) -> dict[str, Any]:
-    """The server's loader and engine in fp16: served images are finite and not blank."""
+def inference_fp16(ctx: Context, model: str = "inference") -> dict[str, Any]:
+    """The server's loader and engine in fp16: served images are finite and not blank.
+    `model`: the profile's inference model ("inference") or its SDXL one ("sdxl")."""
     import torch
 
     from dreambooth_trainer.models.generation import generate_images
@@ -580,9 +581,12 @@ def inference_fp16(ctx: Context) -> dict[str, Any]:
     require_device(ctx)
     profile = ctx.profile
     cache = config_for_cache(ctx)
-    width, height = (int(v) for v in profile.inference_size.split("x"))
+    uri, size = getattr(profile, f"{model}_model"), getattr(profile, f"{model}_size")
+    width, height = (int(v) for v in size.split("x"))
     device = "cuda" if on_gpu() else "cpu"
-    loaded = artifact.load(profile.inference_model, cache_dir=cache, device=device, dtype="float16")
+    started = time.perf_counter()
+    loaded = artifact.load(uri, cache_dir=cache, device=device, dtype="float16")
+    load_seconds = time.perf_counter() - started
     engine = Text2ImageEngine(loaded.pipeline)
     generation = Generation(
         prompt="a photo of sks dog", negative_prompt="", n=2, width=width, height=height,
@@ -608,9 +612,10 @@ def inference_fp16(ctx: Context) -> dict[str, Any]:
             )
     result = check_images(arrays, pil_images, caught)
     result.update(
-        device=device, dtype=str(loaded.pipeline.unet.dtype), size=profile.inference_size,
-        steps=generation.steps, seconds=round(seconds, 3),
+        model=uri, device=device, dtype=str(loaded.pipeline.unet.dtype), size=size,
+        steps=generation.steps, seconds=round(seconds, 3), load_seconds=round(load_seconds, 1),
     )  # fmt: skip
+    result["summary"] += f"; {uri} {size}: {seconds:.2f} s for {generation.n}"
     del loaded, engine
     free_memory()
     return result

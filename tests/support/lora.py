@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from peft import LoraConfig
 
 from dreambooth_contract import publication
@@ -30,24 +30,32 @@ RANK = 4
 ALPHA = 8
 
 
+def text_encoders(pipeline: DiffusionPipeline) -> list[torch.nn.Module]:
+    """The pipeline's text encoders: one for SD, two for SDXL."""
+    second = getattr(pipeline, "text_encoder_2", None)
+    return [pipeline.text_encoder] + ([second] if second is not None else [])
+
+
 def add_random_adapter(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     text_encoder: bool = True,
     seed: int = 1,
     strength: float = 0.5,
+    unet_targets: tuple[str, ...] = DEFAULT_LORA_UNET_TARGETS,
 ) -> None:
-    """Give the pipeline's UNet (and text encoder) an adapter with non-zero weights: lora_B
+    """Give the pipeline's UNet (and text encoders) an adapter with non-zero weights: lora_B
     drawn with standard deviation `strength`. At 0.5 the tiny random base is driven far from
     its weights and amplifies float rounding: a batch's other summation order (~1e-6) moves its
     latents by up to a few percent; at 0.2 by ~1e-5, while adapters still differ visibly."""
     config = {"r": RANK, "lora_alpha": ALPHA, "init_lora_weights": "gaussian"}
-    pipeline.unet.add_adapter(LoraConfig(**config, target_modules=list(DEFAULT_LORA_UNET_TARGETS)))
+    pipeline.unet.add_adapter(LoraConfig(**config, target_modules=list(unet_targets)))
     modules = [pipeline.unet]
     if text_encoder:
-        pipeline.text_encoder.add_adapter(
-            LoraConfig(**config, target_modules=list(LORA_TEXT_ENCODER_TARGETS))
-        )
-        modules.append(pipeline.text_encoder)
+        for encoder in text_encoders(pipeline):
+            encoder.add_adapter(
+                LoraConfig(**config, target_modules=list(LORA_TEXT_ENCODER_TARGETS))
+            )
+            modules.append(encoder)
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for module in modules:
@@ -57,32 +65,41 @@ def add_random_adapter(
 
 
 def write_random_adapter(
-    base: StableDiffusionPipeline,
+    base: DiffusionPipeline,
     directory: Path,
     text_encoder: bool = True,
     seed: int = 1,
     strength: float = 0.5,
+    unet_targets: tuple[str, ...] = DEFAULT_LORA_UNET_TARGETS,
 ) -> Path:
     """An adapter for `base` (which gets it added), saved into `directory` as training does;
     adapters of different seeds give different images."""
-    add_random_adapter(base, text_encoder, seed, strength)
+    add_random_adapter(base, text_encoder, seed, strength, unet_targets)
     directory.mkdir(parents=True, exist_ok=True)
-    return save_adapter(base.unet, base.text_encoder if text_encoder else None, directory)
+    encoders = text_encoders(base) if text_encoder else [None]
+    return save_adapter(base.unet, encoders[0], directory, *encoders[1:])
 
 
-def export_for(base_dir: Path, directory: Path, seed: int = 1, strength: float = 0.5) -> Path:
-    """A LoRA export for the base in `base_dir`, as the export phase writes it (manifest,
-    base_model.json); adapters of different seeds give different images."""
+def export_for(
+    base_dir: Path,
+    directory: Path,
+    seed: int = 1,
+    strength: float = 0.5,
+    unet_targets: tuple[str, ...] = DEFAULT_LORA_UNET_TARGETS,
+) -> Path:
+    """A LoRA export for the base in `base_dir` (SD or SDXL), as the export phase writes it
+    (manifest, base_model.json); adapters of different seeds give different images."""
     write_random_adapter(
-        StableDiffusionPipeline.from_pretrained(base_dir),
+        DiffusionPipeline.from_pretrained(base_dir),
         directory / "trained",
         seed=seed,
         strength=strength,
+        unet_targets=unet_targets,
     )
     record = base_identity.base_model_record(BaseModelSpec(uri=str(base_dir)), str(base_dir))
     export = directory / "export"
     export_adapter(
-        StableDiffusionPipeline.from_pretrained(base_dir), directory / "trained", export, record
+        DiffusionPipeline.from_pretrained(base_dir), directory / "trained", export, record
     )
     return export
 

@@ -155,10 +155,11 @@ def test_given_prompts_replace_the_defaults_and_pres_needs_a_class_prompt():
 
 
 @pytest.mark.trainer
-def test_a_model_evaluated_against_itself_gains_nothing(shared_dir: Path, tmp_path: Path):
+@pytest.mark.parametrize("base", ["random://tiny-sd", "random://tiny-sdxl"])
+def test_a_model_evaluated_against_itself_gains_nothing(shared_dir: Path, tmp_path: Path, base):
     """Both models draw the same noise, so the base model is a true baseline: the same pipeline
     on both sides scores the same. The report and the grid (base left, trained right) are
-    written."""
+    written. SD and SDXL pipelines alike."""
     from dreambooth_trainer.evaluation.phase import load_subject_images
     from dreambooth_trainer.models.loading import load_pipeline
 
@@ -170,7 +171,8 @@ def test_a_model_evaluated_against_itself_gains_nothing(shared_dir: Path, tmp_pa
         "dinoUri": "random://tiny-dino",
     }
     config = config_with(evaluation, shared_dir)
-    pipeline = load_pipeline(config.base_model, config.model_cache_dir())
+    spec = config.base_model.model_copy(update={"uri": base})
+    pipeline = load_pipeline(spec, config.model_cache_dir())
     encoders = load_encoders(config.evaluation, config.model_cache_dir())
     real = load_subject_images(config)
     status = evaluate(pipeline, pipeline, real, plan_for(config), encoders, tmp_path)

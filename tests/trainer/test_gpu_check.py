@@ -56,6 +56,7 @@ def test_the_smoke_run_passes_every_step_or_says_why_not(tmp_path: Path):
     assert steps["resume.single.fp16"]["result"]["bitwise"] is True  # the CPU is deterministic
     assert steps["figures.training.bf16"]["result"]["rows"][0]["steps_per_second"] > 0
     assert steps["figures.inference"]["result"]["modes"]["batching"]["results"]
+    assert steps["sdxl.inference.fp16"]["result"]["model"] == "random://tiny-sdxl"
     variants = {row["variant"]: row for row in steps["figures.step_variants"]["result"]["rows"]}
     assert set(variants) == {"defaults", "fused_adamw", "channels_last", "compile_regional"}
     assert all(row["speedup"] > 0 for row in variants.values())

@@ -2,7 +2,8 @@
 
 <output>/export/ of a full fine-tune (kind "pipeline"):
   pipeline/               StableDiffusionPipeline.from_pretrained (safetensors; + fp16 variant)
-  model.safetensors       original SD1.x layout: from_single_file, A1111, ComfyUI (SD1.x only)
+  model.safetensors       the original single-file layout (SD1.x; SDXL's SGM one): from_single_file,
+                          A1111, ComfyUI (not for SD2.x or v-prediction models)
   model.fp16.safetensors  (with the fp16 option)
   manifest.json           every file's sha256 and the digest (written last)
 

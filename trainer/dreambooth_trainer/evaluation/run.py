@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import make_image_grid
 from PIL import Image
 
@@ -42,7 +42,7 @@ class Generations:
 
 
 @torch.inference_mode()
-def generate(pipeline: StableDiffusionPipeline, plan: EvaluationPlan) -> Generations:
+def generate(pipeline: DiffusionPipeline, plan: EvaluationPlan) -> Generations:
     """`images_per_prompt` images of each prompt, one prompt per pipeline call."""
 
     def images_of(prompt: str) -> list[Image.Image]:
@@ -99,8 +99,8 @@ def comparison_grid(base: Generations, trained: Generations) -> Image.Image:
 
 
 def evaluate(
-    trained: StableDiffusionPipeline,
-    base: StableDiffusionPipeline,
+    trained: DiffusionPipeline,
+    base: DiffusionPipeline,
     real: list[Image.Image],
     plan: EvaluationPlan,
     encoders: Encoders,

@@ -13,11 +13,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 from diffusers.utils import convert_state_dict_to_kohya
 from peft.utils import get_peft_model_state_dict
 from safetensors.torch import save_file
 
+from ..models.family import SDXL, family_of
+from ..models.single_file import unet_ldm_names
 from .lora_files import LORA_WEIGHTS, sort_safetensors_header
 
 KOHYA_WEIGHTS = "lora.kohya.safetensors"
@@ -26,17 +28,26 @@ ADAPTER_NAME = "dreambooth"
 # Pipeline components that can carry an adapter, with their kohya key prefixes. kohya names the
 # text encoder of a one-encoder model (SD1/SD2) lora_te_; lora_te1_/lora_te2_ are SDXL's two.
 KOHYA_PREFIXES = {"unet": "lora_unet_", "text_encoder": "lora_te_"}
+KOHYA_PREFIXES_SDXL = {
+    "unet": "lora_unet_",
+    "text_encoder": "lora_te1_",
+    "text_encoder_2": "lora_te2_",
+}
 
 
-def apply_adapter(pipeline: StableDiffusionPipeline, adapter_dir: Path) -> None:
+def apply_adapter(pipeline: DiffusionPipeline, adapter_dir: Path) -> None:
     pipeline.load_lora_weights(adapter_dir, weight_name=LORA_WEIGHTS, adapter_name=ADAPTER_NAME)
 
 
-def adapted_components(pipeline: StableDiffusionPipeline) -> dict[str, torch.nn.Module]:
+def kohya_prefixes(pipeline: DiffusionPipeline) -> dict[str, str]:
+    return KOHYA_PREFIXES_SDXL if family_of(pipeline) == SDXL else KOHYA_PREFIXES
+
+
+def adapted_components(pipeline: DiffusionPipeline) -> dict[str, torch.nn.Module]:
     """The pipeline's components that carry the exported adapter, by component name."""
     return {
         name: module
-        for name in KOHYA_PREFIXES
+        for name in kohya_prefixes(pipeline)
         if ADAPTER_NAME in (getattr(module := getattr(pipeline, name), "peft_config", None) or {})
     }
 
@@ -54,7 +65,23 @@ def _peft_keys(name: str, module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {f"{prefix}.{key}": tensor for key, tensor in state.items()}
 
 
-def kohya_state(pipeline: StableDiffusionPipeline) -> tuple[dict[str, torch.Tensor], dict]:
+def _sgm_unet_keys(unet: torch.nn.Module, state: dict[str, torch.Tensor]):
+    """SDXL's UNet adapter under the original (SGM) UNet's module names, as kohya's sd-scripts
+    names it (it trains SDXL on that UNet): lora_unet_input_blocks_4_1_..., label_emb_0_0.
+    diffusers maps these back by the UNet's config; diffusers-named SDXL keys it misreads (it
+    merges add_embedding.linear_1 and linear_2 into one module)."""
+    modules = {key.removeprefix("unet.").partition(".lora_")[0] for key in state}
+    names = unet_ldm_names(unet.config, [f"{module}.weight" for module in modules])
+    renamed = {}
+    for key, tensor in state.items():
+        module, separator, rest = key.removeprefix("unet.").partition(".lora_")
+        renamed[f"unet.{names[module + '.weight'].removesuffix('.weight')}{separator}{rest}"] = (
+            tensor
+        )
+    return renamed
+
+
+def kohya_state(pipeline: DiffusionPipeline) -> tuple[dict[str, torch.Tensor], dict]:
     """(tensors, file metadata) of the pipeline's adapter in kohya's layout.
 
     diffusers' converter writes every module's alpha as its rank (scale 1); the adapter's real
@@ -62,13 +89,17 @@ def kohya_state(pipeline: StableDiffusionPipeline) -> tuple[dict[str, torch.Tens
     """
     tensors: dict[str, torch.Tensor] = {}
     ranks, alphas = set(), set()
+    prefixes = kohya_prefixes(pipeline)
     for name, module in adapted_components(pipeline).items():
         config = module.peft_config[ADAPTER_NAME]
         if config.rank_pattern or config.alpha_pattern or config.use_rslora:
             raise ValueError(f"{name}: per-module ranks, alphas or rsLoRA have no kohya form")
-        converted = convert_state_dict_to_kohya(_peft_keys(name, module))
+        keys = _peft_keys(name, module)
+        if name == "unet" and family_of(pipeline) == SDXL:
+            keys = _sgm_unet_keys(module, keys)
+        converted = convert_state_dict_to_kohya(keys)
         for key, tensor in converted.items():
-            key = key.replace("lora_te1_", KOHYA_PREFIXES[name], 1)
+            key = key.replace("lora_te1_", prefixes[name], 1)
             if key.endswith(".alpha"):
                 tensor = torch.tensor(float(config.lora_alpha))
             tensors[key] = tensor.detach().to("cpu").contiguous()
@@ -81,14 +112,14 @@ def kohya_state(pipeline: StableDiffusionPipeline) -> tuple[dict[str, torch.Tens
     return tensors, metadata
 
 
-def save_kohya(pipeline: StableDiffusionPipeline, path: Path) -> Path:
+def save_kohya(pipeline: DiffusionPipeline, path: Path) -> Path:
     tensors, metadata = kohya_state(pipeline)
     save_file(tensors, path, metadata=metadata)
     sort_safetensors_header(path)
     return path
 
 
-def fuse_adapter(pipeline: StableDiffusionPipeline) -> StableDiffusionPipeline:
+def fuse_adapter(pipeline: DiffusionPipeline) -> DiffusionPipeline:
     """The pipeline with the adapter merged into the base weights, and no adapter left."""
     pipeline.fuse_lora(components=list(adapted_components(pipeline)), adapter_names=[ADAPTER_NAME])
     pipeline.unload_lora_weights()

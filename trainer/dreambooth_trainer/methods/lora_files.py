@@ -1,9 +1,10 @@
 """A LoRA adapter on disk: the one format training writes and export, serving and users read.
 
 diffusers' own layout: `pytorch_lora_weights.safetensors` with the UNet's adapter under `unet.`
-and the text encoder's under `text_encoder.`, each adapter's peft LoraConfig in the file's
-metadata (so alpha and dropout survive, not only the rank the shapes imply). `load_lora_weights`
-on any StableDiffusionPipeline of the same base reads it, as do our export and server.
+and the text encoder's under `text_encoder.` (SDXL's second one under `text_encoder_2.`), each
+adapter's peft LoraConfig in the file's metadata (so alpha and dropout survive, not only the rank
+the shapes imply). `load_lora_weights` on any pipeline of the same base reads it, as do our
+export and server.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import json
 import struct
 from pathlib import Path
 
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 from diffusers.utils import convert_state_dict_to_diffusers
 from peft.utils import get_peft_model_state_dict
 from torch import nn
@@ -37,19 +38,24 @@ def adapter_config(module: nn.Module) -> dict:
     return {**stable, "base_model_name_or_path": None}
 
 
-def save_adapter(unet: nn.Module, text_encoder: nn.Module | None, directory: Path) -> Path:
-    """Write the adapters of `unet` (and of `text_encoder`, when it has one) as LORA_WEIGHTS."""
-    has_text_adapter = text_encoder is not None and getattr(text_encoder, "peft_config", None)
-    StableDiffusionPipeline.save_lora_weights(
-        directory,
-        unet_lora_layers=adapter_state(unet),
-        text_encoder_lora_layers=adapter_state(text_encoder) if has_text_adapter else None,
-        unet_lora_adapter_metadata=adapter_config(unet),
-        text_encoder_lora_adapter_metadata=(
-            adapter_config(text_encoder) if has_text_adapter else None
-        ),
-        weight_name=LORA_WEIGHTS,
-        safe_serialization=True,
+def save_adapter(
+    unet: nn.Module,
+    text_encoder: nn.Module | None,
+    directory: Path,
+    text_encoder_2: nn.Module | None = None,
+) -> Path:
+    """Write the adapters of `unet` (and of `text_encoder`, and SDXL's `text_encoder_2`, those
+    that have one) as LORA_WEIGHTS."""
+    layers = {"unet_lora_layers": adapter_state(unet)}
+    metadata = {"unet_lora_adapter_metadata": adapter_config(unet)}
+    for name, module in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if module is not None and getattr(module, "peft_config", None):
+            layers[f"{name}_lora_layers"] = adapter_state(module)
+            metadata[f"{name}_lora_adapter_metadata"] = adapter_config(module)
+    # Both write the same layout; only SDXL's takes the second text encoder.
+    writer = StableDiffusionXLPipeline if text_encoder_2 is not None else StableDiffusionPipeline
+    writer.save_lora_weights(
+        directory, **layers, **metadata, weight_name=LORA_WEIGHTS, safe_serialization=True
     )
     sort_safetensors_header(directory / LORA_WEIGHTS)
     return directory / LORA_WEIGHTS

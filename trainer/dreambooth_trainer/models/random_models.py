@@ -214,21 +214,28 @@ def sdxl_unet(
 
 
 TINY_SDXL = RandomArchitecture(
-    # 8x8 latents = 64 px by default, like tiny-sd; the two encoders' 32 + 32 features are the
-    # UNet's cross-attention width, as 768 + 1280 = 2048 are in SDXL.
+    # 8x8 latents = 64 px by default, like tiny-sd; the two encoders' 32 + 64 features are the
+    # UNet's cross-attention width, as 768 + 1280 = 2048 are in SDXL. The encoders differ in
+    # width as SDXL's do: diffusers' single-file loader tells them apart by it.
     unet=sdxl_unet(
         sample_size=8,
         block_out_channels=(32, 64),
         transformer_layers_per_block=(1, 1),
         attention_head_dim=(2, 4),
-        cross_attention_dim=64,
-        pooled_dim=32,
+        cross_attention_dim=96,
+        pooled_dim=64,
         time_embed_dim=8,
         layers_per_block=1,
     ),
     vae={**TINY_SD.vae, "scaling_factor": SDXL_VAE_SCALING_FACTOR},
     text_encoder={**TINY_SD.text_encoder, "hidden_act": "quick_gelu"},
-    text_encoder_2={**TINY_SD.text_encoder, "hidden_act": "gelu"},
+    text_encoder_2={
+        **TINY_SD.text_encoder,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "projection_dim": 64,
+        "hidden_act": "gelu",
+    },
     scheduler=dict(SDXL_SCHEDULER),
 )
 

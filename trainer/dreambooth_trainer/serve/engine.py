@@ -103,11 +103,12 @@ class Text2ImageEngine:
         if scheduler not in self._pipelines:
             class_name, overrides = SCHEDULERS[scheduler]
             scheduler_cls = getattr(diffusers, class_name)
-            components = {
-                **self.pipeline.components,
-                "scheduler": scheduler_cls.from_config(self.pipeline.scheduler.config, **overrides),
-            }
-            pipeline = type(self.pipeline)(**components, requires_safety_checker=False)
+            # from_pipe: the same modules and the pipeline's own options (SD's safety checker
+            # off, SDXL's watermarker), whichever family the pipeline is.
+            pipeline = type(self.pipeline).from_pipe(
+                self.pipeline,
+                scheduler=scheduler_cls.from_config(self.pipeline.scheduler.config, **overrides),
+            )
             pipeline.set_progress_bar_config(disable=True)
             self._pipelines[scheduler] = pipeline
         return self._pipelines[scheduler]
