@@ -140,18 +140,26 @@ def test_each_subjects_loss_is_a_prometheus_gauge_labelled_by_subject():
     assert value(name, {"subject": "ball"}) == 0.75
 
 
-def test_priors_shards_deal_every_class_batches_round_robin(shared_dir: Path, tmp_path: Path):
+def test_priors_shards_deal_every_class_batches_round_robin(
+    shared_dir: Path, tmp_path: Path, monkeypatch
+):
     """One batch per class, two shards: each shard draws one class's set, and between them
-    both sets are complete."""
+    both sets are complete. Each shard loads the model once, for the class it draws."""
     spec = subjects_spec(BALLS)
     spec["priorPreservation"]["generation"]["seed"] = 12  # sets of their own
     config = config_of(spec, shared_dir, tmp_path / "o")
     cube, ball = (Path(c.uri) for c in classes_of(config))
+    loads: list[str] = []
+    load_pipeline = priors.load_pipeline
+    monkeypatch.setattr(
+        priors, "load_pipeline", lambda *a, **k: loads.append(a[0].uri) or load_pipeline(*a, **k)
+    )
     written: list[int] = []
     priors.run_priors(config, shard=1, shards=2, on_written=written.append)
     assert written == [2] and not list(cube.glob("class-*")) and (ball / MANIFEST).is_file()
     priors.run_priors(config, shard=0, shards=2, on_written=written.append)
     assert written == [2, 2] and (cube / MANIFEST).is_file()
+    assert len(loads) == 2
 
 
 def test_a_bad_photo_of_a_later_subject_names_that_subject(shared_dir: Path, tmp_path: Path):

@@ -24,6 +24,7 @@ fails (InvalidConfig) with a message that says to delete the set.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -265,14 +266,28 @@ def run_priors(
     after the other, are dealt round robin to the shards.
     """
     directories, offset = [], 0
+    pipeline = lazy_pipeline(config)
     for class_set in classes_of(config):
         local_shard = (shard - offset) % shards
         directory, batches = run_class_priors(
-            config, class_set, local_shard, shards, progress, on_written
+            config, class_set, local_shard, shards, pipeline, progress, on_written
         )
         directories.append(directory)
         offset += batches
     return directories[0] if directories else None
+
+
+def lazy_pipeline(config: TrainerConfig) -> Callable[[], StableDiffusionPipeline]:
+    """The base pipeline on the generation device, loaded at the first call: once for every
+    class of the job, and never by a shard that has nothing to generate."""
+
+    @functools.cache
+    def pipeline() -> StableDiffusionPipeline:
+        device, dtype = generation_device()
+        model_cache = config.model_cache_dir()
+        return load_pipeline(config.base_model, model_cache, config.s3, dtype).to(device)
+
+    return pipeline
 
 
 def run_class_priors(
@@ -280,6 +295,7 @@ def run_class_priors(
     class_set: ClassSet,
     shard: int,
     shards: int,
+    pipeline: Callable[[], StableDiffusionPipeline],
     progress: bool,
     on_written: Callable[[int], object] | None,
 ) -> tuple[Path | None, int]:
@@ -302,11 +318,9 @@ def run_class_priors(
         log.info("class images: %d supplied, %d to generate", len(plan.supplied), request.count)
     local = shard_dir(store, request, shard, shards, config, class_set.uri)
     log.info("class images %s: shard %d of %d", class_set.uri, shard, shards)
-    device, dtype = generation_device()
-    pipeline = load_pipeline(config.base_model, config.model_cache_dir(), config.s3, dtype)
-    written = generate_shard(
-        pipeline.to(device), request, local, shard, shards, progress, on_written
-    )
+    written = []
+    if request.shard(shard, shards):  # more shards than the class has batches: none here
+        written = generate_shard(pipeline(), request, local, shard, shards, progress, on_written)
     if not isinstance(store, LocalStore):
         store.upload_files([(path, path.name) for path in written])
     if not plan.supplied and commit_if_complete(store, request):
