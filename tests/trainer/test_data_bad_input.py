@@ -23,7 +23,7 @@ from dreambooth_contract.env import EXIT_BAD_INPUT
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 from dreambooth_operator.cli import main
 from dreambooth_trainer import cli as trainer_cli
-from dreambooth_trainer import data, priors
+from dreambooth_trainer import data, dataset_check, priors
 from dreambooth_trainer.local import load_config
 from dreambooth_trainer.storage import LocalStore, open_store
 
@@ -124,8 +124,8 @@ def test_a_bad_subject_image_is_bad_input_naming_the_field_and_the_file(
 
 
 def test_the_pixel_limit_is_one_documented_constant(make_config, tmp_path: Path, monkeypatch):
-    assert data.MAX_IMAGE_PIXELS == 64_000_000
-    monkeypatch.setattr(data, "MAX_IMAGE_PIXELS", 64 * 64)
+    assert dataset_check.MAX_IMAGE_PIXELS == 64_000_000
+    monkeypatch.setattr(dataset_check, "MAX_IMAGE_PIXELS", 64 * 64)
     Image.new("RGB", (64, 64)).save(tmp_path / "at-the-limit.png")
     assert data.load_rgb(tmp_path / "at-the-limit.png", "instance.imagesUri").size == (64, 64)
     Image.new("RGB", (65, 64)).save(tmp_path / "over-the-limit.png")

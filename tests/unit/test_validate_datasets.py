@@ -5,6 +5,8 @@ phase loads them)."""
 from __future__ import annotations
 
 import copy
+import struct
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -52,6 +54,17 @@ def garbage(path: Path) -> None:
     path.write_bytes(b"not a picture\n" * 8)
 
 
+def decompression_bomb(path: Path) -> None:
+    """A PNG of a few bytes whose header claims 20000 x 20000 pixels (beyond PIL's own limit)."""
+    header = struct.pack(">IIBBBBB", 20000, 20000, 8, 2, 0, 0, 0)
+    chunks = [(b"IHDR", header), (b"IDAT", zlib.compress(b"\0" * 64)), (b"IEND", b"")]
+    png = b"".join(
+        struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        for kind, data in chunks
+    )
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + png)
+
+
 def subject(index: int, **changes) -> Callable[[dict, Path], None]:
     def change(spec: dict, base: Path) -> None:
         spec["subjects"][index].update(changes)
@@ -88,6 +101,8 @@ BAD: dict[str, tuple[list[Callable[[dict, Path], None]], str]] = {
                           "spec.subjects[1].imagesUri: no images (png, jpg, webp) in"),
     "unreadable-image": ([in_dir("ball/bad.png", garbage)],
                          "spec.subjects[1].imagesUri: bad.png is not a readable image"),
+    "decompression-bomb": ([in_dir("ball/huge.png", decompression_bomb)],
+                           "spec.subjects[1].imagesUri: huge.png has more than the 64 megapixels"),
     "truncated-jpeg": ([in_dir("cube/half.jpg", truncated_jpeg)],
                        "spec.subjects[0].imagesUri: half.jpg is not a readable image"),
     "caption-without-photo": ([in_dir("cube/gone.txt", lambda p: p.write_text("a caption"))],

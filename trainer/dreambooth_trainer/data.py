@@ -11,7 +11,6 @@ each photo and its mirror image), and `training.cropEachStep` crops each photo a
 
 from __future__ import annotations
 
-import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,14 +29,7 @@ from dreambooth_contract.subjects import ClassSet, Subject, classes_of, subjects
 from dreambooth_contract.trainer_config import ConfigError, TrainerConfig
 
 from .captions import prompt_for, read_captions
-from .dataset_check import (
-    IMAGE_SUFFIXES,
-    MAX_IMAGE_PIXELS,
-    UNREADABLE,
-    list_images,
-    no_images,
-    too_many_pixels,
-)
+from .dataset_check import IMAGE_SUFFIXES, list_images, no_images, opened_image
 from .locations import fetch_dir, store_for
 from .seeds import derive_seed
 
@@ -50,33 +42,10 @@ VAE_ENCODE_BATCH = 8
 def load_rgb(path: Path, field: str, advice: str = "replace or remove it") -> Image.Image:
     """Decode `path` whole, now: a corrupt, truncated or oversized file is bad input (ConfigError
     naming `field` and the file), not a crash on every restart."""
-    try:
-        with warnings.catch_warnings():
-            # PIL warns (DecompressionBombWarning) between its two limits; here that is an error.
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as image:
-                _check_pixels(path, image, field)
-                image.load()
-                # Phone photos store their orientation in EXIF; apply it or subjects lie on
-                # their side.
-                return ImageOps.exif_transpose(image).convert("RGB")
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        # PIL's own limits are higher than ours; its message would name them.
-        raise ConfigError(field, f"{path.name} has {too_many_pixels()}") from None
-    except ConfigError:
-        raise
-    except UNREADABLE as error:
-        raise ConfigError(
-            field,
-            f"{path.name} is not a readable image ({error or type(error).__name__}): {advice}",
-        ) from None
-
-
-def _check_pixels(path: Path, image: Image.Image, field: str) -> None:
-    if image.width * image.height > MAX_IMAGE_PIXELS:
-        raise ConfigError(
-            field, f"{path.name} is {image.width}x{image.height} pixels, {too_many_pixels()}"
-        )
+    with opened_image(path, field, advice) as image:
+        image.load()
+        # Phone photos store their orientation in EXIF; apply it or subjects lie on their side.
+        return ImageOps.exif_transpose(image).convert("RGB")
 
 
 def resized_tensor(image: Image.Image, resolution: int) -> torch.Tensor:

@@ -9,6 +9,9 @@ when a phase loads them, with the same messages.
 from __future__ import annotations
 
 import struct
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from PIL import Image
@@ -81,21 +84,37 @@ def directory_problem(uri: str, field: str, captions: bool, limit: int | None = 
     return ""
 
 
-def verify_image(path: Path, field: str) -> None:
-    """Decode `path` (a JPEG at 1/8 scale, PIL's draft mode: cheap) to see that it can be:
-    ConfigError naming `field` when not. Headers claiming too many pixels are not decoded."""
+@contextmanager
+def opened_image(
+    path: Path, field: str, advice: str = "replace or remove it"
+) -> Iterator[Image.Image]:
+    """`path` opened, its header's size within MAX_IMAGE_PIXELS; whatever goes wrong opening or
+    decoding it inside the block is ConfigError naming `field` and the file (a corrupt,
+    truncated or oversized file is bad input, not a crash on every restart)."""
     try:
-        with Image.open(path) as image:
-            if image.width * image.height > MAX_IMAGE_PIXELS:
-                size = f"{image.width}x{image.height}"
-                raise ConfigError(field, f"{path.name} is {size} pixels, {too_many_pixels()}")
-            image.draft("RGB", (64, 64))
-            image.load()
+        with warnings.catch_warnings():
+            # PIL warns (DecompressionBombWarning) between its two limits; here that is an error.
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                if image.width * image.height > MAX_IMAGE_PIXELS:
+                    size = f"{image.width}x{image.height}"
+                    raise ConfigError(field, f"{path.name} is {size} pixels, {too_many_pixels()}")
+                yield image
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        # PIL's own limits are higher than ours; its message would name them.
+        raise ConfigError(field, f"{path.name} has {too_many_pixels()}") from None
     except ConfigError:
         raise
     except UNREADABLE as error:
         raise ConfigError(
             field,
-            f"{path.name} is not a readable image ({error or type(error).__name__}): "
-            "replace or remove it",
+            f"{path.name} is not a readable image ({error or type(error).__name__}): {advice}",
         ) from None
+
+
+def verify_image(path: Path, field: str) -> None:
+    """Decode `path` (a JPEG at 1/8 scale, PIL's draft mode: cheap) to see that it can be:
+    ConfigError naming `field` when not. Headers claiming too many pixels are not decoded."""
+    with opened_image(path, field) as image:
+        image.draft("RGB", (64, 64))
+        image.load()
