@@ -235,6 +235,10 @@ class SubjectSpec(InstanceSpec):
 
     _class_uri_segments = field_validator("class_images_uri", mode="before")(no_dot_segments)
 
+    def label(self, index: int) -> str:
+        """Its label in metrics and logs: its name, or its index in spec.subjects."""
+        return self.name or str(index)
+
 
 def identifier_words(prompt: str, class_prompt: str | None) -> set[str]:
     """The words of an instance prompt that its class prompt lacks: the subject's identifier
@@ -981,13 +985,14 @@ def check_subjects(subjects: list[SubjectSpec], priors_enabled: bool) -> None:
     seen_names: dict[str, int] = {}
     identifiers: list[set[str]] = []
     class_images: dict[str, tuple[int, str | None]] = {}
+    class_spellings: dict[str, int] = {}  # each class prompt, lowercased and spaced once
     for i, subject in enumerate(subjects):
         at = f"subjects[{i}]"
         if priors_enabled and not subject.class_prompt:
             raise FieldRuleError(
                 f"{at}.classPrompt", "required when priorPreservation.enabled is true"
             )
-        label = subject.name or str(i)  # its label in metrics (subjects.Subject.name)
+        label = subject.label(i)
         if label in seen_names:
             raise FieldRuleError(
                 f"{at}.name", f"{label!r} is subjects[{seen_names[label]}]'s label already"
@@ -1010,6 +1015,17 @@ def check_subjects(subjects: list[SubjectSpec], priors_enabled: bool) -> None:
                 )
         identifiers.append(words)
         if subject.class_prompt:
+            # CLIP's tokenizer lowercases and collapses spaces: two spellings of one prompt
+            # would be two classes with two sets of the same images.
+            spelling = " ".join(subject.class_prompt.lower().split())
+            first = class_spellings.setdefault(spelling, i)
+            if subjects[first].class_prompt != subject.class_prompt:
+                raise FieldRuleError(
+                    f"{at}.classPrompt",
+                    f"is subjects[{first}].classPrompt written another way "
+                    f"({subjects[first].class_prompt!r}): write it the same way, so that they "
+                    "share one class and its class images",
+                )
             own = subject.class_images_uri
             first, uri = class_images.setdefault(subject.class_prompt, (i, own))
             if uri != subject.class_images_uri:

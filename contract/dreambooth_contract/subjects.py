@@ -46,7 +46,7 @@ class Subject:
     @property
     def name(self) -> str:
         """Its label in metrics and logs."""
-        return self.spec.name or str(self.index)
+        return self.spec.label(self.index)
 
     @property
     def images_field(self) -> str:

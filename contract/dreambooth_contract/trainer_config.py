@@ -227,7 +227,10 @@ class TrainerConfig(ApiModel):
             ),
         }
         if self.subjects:  # one subject keeps the parts (and checkpoints) it always had
-            parts["subjects"] = [s.model_dump(mode="json", by_alias=True) for s in self.subjects]
+            # A subject's name only labels its metrics: renaming it keeps the checkpoints.
+            parts["subjects"] = [
+                s.model_dump(mode="json", by_alias=True, exclude={"name"}) for s in self.subjects
+            ]
         return {name: _digest(value) for name, value in parts.items()}
 
     def model_cache_dir(self) -> Path:

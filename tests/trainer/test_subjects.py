@@ -172,3 +172,16 @@ def test_a_bad_photo_of_a_later_subject_names_that_subject(shared_dir: Path, tmp
     with pytest.raises(ConfigError) as raised:
         data.build_data(config, None, None, None, [SUBJECT_DIR, balls], [])
     assert raised.value.field == "subjects[1].imagesUri" and "bad.png" in raised.value.message
+
+
+def test_a_subjects_name_labels_it_but_is_not_part_of_what_the_weights_depend_on(
+    shared_dir: Path, tmp_path: Path
+):
+    spec = subjects_spec(BALLS)
+    identity = config_of(spec, shared_dir, tmp_path / "o").weights_identity()
+    renamed = copy.deepcopy(spec)
+    renamed["subjects"][1]["name"] = "bouncy"
+    assert config_of(renamed, shared_dir, tmp_path / "o").weights_identity() == identity
+    reworded = copy.deepcopy(spec)
+    reworded["subjects"][1]["prompt"] = "a picture of zwx ball"
+    assert config_of(reworded, shared_dir, tmp_path / "o").weights_identity() != identity

@@ -119,6 +119,9 @@ BAD: dict[str, tuple[list[Callable[[dict, Path], None]], str]] = {
                       "spec.subjects[1].name: 'toy' is subjects[0]'s label already"),
     "a-name-that-is-another-subjects-index": (
         [subject(1, name="0")], "spec.subjects[1].name: '0' is subjects[0]'s label already"),
+    "one-class-two-spellings": (
+        [subject(1, prompt="a zwx Cube", classPrompt="a  Cube")],
+        "spec.subjects[1].classPrompt: is subjects[0].classPrompt written another way"),
     "no-identifier": ([subject(1, prompt="a ball")],
                       "spec.subjects[1].prompt: has no word beyond its classPrompt"),
     "own-class-images-none": ([own_class_images(lambda d: None)],
