@@ -15,7 +15,7 @@ import struct
 import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -113,10 +113,20 @@ def crop_spare(pixels: torch.Tensor) -> tuple[int, int]:
     return width - side, height - side
 
 
+# A photo's size before the resize (height, width) and its crop's (top, left) in the resized
+# photo: what SDXL's micro-conditioning (models/sdxl.py) tells the UNet.
+PhotoGeometry = tuple[tuple[int, int], tuple[int, int]]
+
+
 def to_training_tensor(
-    image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    generator: torch.Generator,
+    geometry: list[PhotoGeometry] | None = None,
 ) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, scale to [-1, 1]: [3, H, W]."""
+    """Resize the short side to `resolution`, crop a square, scale to [-1, 1]: [3, H, W].
+    `geometry`, when given, receives the photo's original size and crop offsets."""
     pixels = resized_tensor(image, resolution)
     spare_x, spare_y = crop_spare(pixels)
     if center_crop:
@@ -124,6 +134,8 @@ def to_training_tensor(
     else:
         left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
         top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
+    if geometry is not None:
+        geometry.append(((image.height, image.width), (top, left)))
     return square_crop(pixels, left, top).contiguous()
 
 
@@ -134,13 +146,16 @@ def load_training_images(
     seed: int,
     field: str,
     advice: str = "replace or remove it",
+    geometry: list[PhotoGeometry] | None = None,
 ) -> torch.Tensor:
     """[N, 3, H, W] in [-1, 1]; random crops depend only on `seed`. A bad file is a ConfigError
-    naming `field` (see load_rgb)."""
+    naming `field` (see load_rgb). `geometry` receives each photo's (see to_training_tensor)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.stack(
         [
-            to_training_tensor(load_rgb(p, field, advice), resolution, center_crop, generator)
+            to_training_tensor(
+                load_rgb(p, field, advice), resolution, center_crop, generator, geometry
+            )
             for p in paths
         ]
     )
@@ -409,8 +424,18 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode_prompts(
+    text_encoder: CLIPTextModel, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states, and the pooled embedding when the model conditions on it (SDXL's
+    encoders, models/sdxl.py; None for SD)."""
+    output = text_encoder(input_ids.to(text_encoder.device))
+    pooled = output[1].float() if getattr(text_encoder, "pooled_output", False) else None
+    return output[0].float(), pooled
+
+
 def encode_prompt(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
-    return text_encoder(input_ids.to(text_encoder.device))[0].float()
+    return encode_prompts(text_encoder, input_ids)[0]
 
 
 @dataclass
@@ -424,9 +449,10 @@ class Prompts:
     one pass over the prompts a step uses.
     """
 
-    ids: torch.Tensor  # [K, L]
+    ids: torch.Tensor  # [K, L] (SDXL: [K, 2, L], one row per tokenizer)
     frozen_text_encoder: CLIPTextModel | None
     cached: torch.Tensor | None = None  # [K, L, D]
+    cached_pooled: torch.Tensor | None = None  # [K, P]: SDXL's pooled embedding
 
     @classmethod
     def of(
@@ -439,7 +465,7 @@ class Prompts:
         ids = tokenize(tokenizer, prompts)
         encoded = cls(ids, frozen_text_encoder)
         if frozen_text_encoder is not None and cache:
-            encoded.cached = encode_prompt(frozen_text_encoder, ids)
+            encoded.cached, encoded.cached_pooled = encode_prompts(frozen_text_encoder, ids)
         return encoded
 
     @property
@@ -456,11 +482,19 @@ class Prompts:
 
     def rows(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """One row per entry of `prompt_ids`: that prompt's ids or hidden states."""
+        return self.encoded_rows(prompt_ids)[0]
+
+    def encoded_rows(
+        self, prompt_ids: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`rows`, and the rows' pooled embeddings (SDXL with a frozen encoder; else None)."""
         if self.is_embedding and self.cached is None:  # encode only what this step uses
             used = sorted(set(prompt_ids))
-            encoded = encode_prompt(self.frozen_text_encoder, self.ids[used])
-            return encoded[[used.index(k) for k in prompt_ids]]
-        return self.value()[list(prompt_ids)]
+            hidden, pooled = encode_prompts(self.frozen_text_encoder, self.ids[used])
+            rows = [used.index(k) for k in prompt_ids]
+            return hidden[rows], None if pooled is None else pooled[rows]
+        pooled = None if self.cached_pooled is None else self.cached_pooled[list(prompt_ids)]
+        return self.value()[list(prompt_ids)], pooled
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -472,6 +506,9 @@ class Batch:
     condition: torch.Tensor  # ids or hidden states, same row order
     condition_is_embedding: bool
     instance_rows: int
+    # What else the model's forward takes, by keyword, same row order: SDXL's "time_ids" (and
+    # "pooled" with a frozen text encoder); empty for SD.
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -490,10 +527,21 @@ class DreamBoothData:
     prompt_of: list[int]  # image i trains with prompt prompt_of[i]
     instance: Subset
     classes: Subset | None  # None without prior preservation
+    # SDXL: each image's micro-conditioning ([N, 6], models/sdxl.py), in the source's numbering:
+    # the crop offsets travel with the cached latents. None for SD.
+    time_ids: torch.Tensor | None = None
 
     def condition(self, indices: list[int]) -> torch.Tensor:
         """The prompt rows of the images `indices` (the source's numbering)."""
         return self.prompts.rows([self.prompt_of[index] for index in indices])
+
+    def added(self, indices: list[int], pooled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The model's added inputs (Batch.added) for the images `indices`, whose prompts'
+        pooled embeddings are `pooled`."""
+        added = {} if pooled is None else {"pooled": pooled}
+        if self.time_ids is not None:
+            added["time_ids"] = self.time_ids[indices]
+        return added
 
     def batch(
         self, micro_step: int, per_rank: int, rank: int, world_size: int, generator: torch.Generator
@@ -506,11 +554,13 @@ class DreamBoothData:
         subsets = [s for s in (self.instance, self.classes) if s is not None]
         indices = [i for s in subsets for i in s.latents.indices(s.order.take(start, per_rank))]
         counts = [per_rank] * len(subsets)
+        condition, pooled = self.prompts.encoded_rows([self.prompt_of[i] for i in indices])
         return Batch(
             latents=self.latents.sample(indices, generator, parts=counts),
-            condition=self.condition(indices),
+            condition=condition,
             condition_is_embedding=self.prompts.is_embedding,
             instance_rows=per_rank,
+            added=self.added(indices, pooled),
         )
 
 
@@ -540,8 +590,13 @@ def prompts_of(image_set: ImageSet) -> list[str]:
     return [prompt_for(image_set.prompt, captions.get(p.name), image_set.captions) for p in paths]
 
 
-def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor | list[torch.Tensor]:
-    """The set's cropped images, or with cropEachStep its resized, uncropped ones."""
+def load_set(
+    image_set: ImageSet,
+    training: TrainingSpec,
+    geometry: list[PhotoGeometry] | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
+    """The set's cropped images, or with cropEachStep its resized, uncropped ones. `geometry`
+    receives each cropped photo's (see to_training_tensor)."""
     paths = image_set.image_paths()
     if not paths:
         raise ConfigError(image_set.empty, f"no images (png, jpg, webp) in {image_set.directory}")
@@ -558,6 +613,7 @@ def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor | list
         seed=derive_seed(training.seed, "crop", image_set.purpose),
         field=image_set.field,
         advice=image_set.advice,
+        geometry=geometry,
     )
 
 
@@ -568,10 +624,12 @@ def build_data(
     frozen_text_encoder: CLIPTextModel | None,
     instance_dir: Path,
     class_dir: Path | None,
+    micro_conditioning: bool = False,
 ) -> DreamBoothData:
     """Instance (and class) images as latents, prompts as conditioning, seeded orders.
 
     `frozen_text_encoder` is None when the text encoder trains (prompts stay token ids).
+    `micro_conditioning` (SDXL): each image's time_ids from its size and crop.
     """
     training = config.training
     field = "instance.imagesUri"
@@ -589,7 +647,18 @@ def build_data(
     groups = [image_sets]  # one group of sets per subset: the instance images, the class images
     if config.uses_priors:
         groups.append(class_image_sets(config, class_dir))
-    pixel_sets = [_joined([load_set(image_set, training) for image_set in g]) for g in groups]
+    geometry: list[PhotoGeometry] | None = None
+    if micro_conditioning:
+        if training.crop_each_step:
+            raise ConfigError(
+                "training.cropEachStep",
+                "not for SDXL: its UNet is told each photo's crop, and the crop would change "
+                "every step; use centerCrop or one random crop per photo",
+            )
+        geometry = []
+    pixel_sets = [
+        _joined([load_set(image_set, training, geometry) for image_set in g]) for g in groups
+    ]
     latents = latent_source(
         vae, pixel_sets, cache=training.cache_latents, augmentation=Augmentation.of(training)
     )
@@ -605,7 +674,14 @@ def build_data(
     )
     prompt_of = [distinct.index(prompt) for prompt in image_prompts]
     instance, *classes = subsets
-    return DreamBoothData(latents, prompts, prompt_of, instance, classes[0] if classes else None)
+    time_ids = None
+    if geometry is not None:
+        from .models.sdxl import time_ids_of
+
+        time_ids = time_ids_of(geometry, training.resolution)
+    return DreamBoothData(
+        latents, prompts, prompt_of, instance, classes[0] if classes else None, time_ids
+    )
 
 
 def class_image_sets(config: TrainerConfig, class_dir: Path | None) -> list[ImageSet]:
