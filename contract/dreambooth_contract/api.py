@@ -398,7 +398,11 @@ class TrainingSpec(ApiModel):
         1, description="Micro-batches per optimizer step.", ge=1, le=1024
     )
     resolution: int = field(
-        512, description="Training resolution in pixels (multiple of 8).", ge=64, le=2048
+        512,
+        description="Training resolution in pixels (multiple of 8). SD1.x trains at 512, SD2 "
+        "at 768, SDXL best at 1024 (set it: the default stays 512 for every model).",
+        ge=64,
+        le=2048,
     )
     center_crop: bool = field(
         False,
@@ -410,7 +414,7 @@ class TrainingSpec(ApiModel):
         False,
         description="Crop each photo anew, at a random place, every step (more variety from "
         "3-5 photos). Needs cacheLatents: false (the latent cache encodes one crop per photo) "
-        "and centerCrop: false.",
+        "and centerCrop: false. Not for SDXL, whose UNet is told each photo's crop.",
     )
     random_flip: bool = field(
         False,

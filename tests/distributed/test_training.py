@@ -102,7 +102,7 @@ def test_zero_trains_unet_and_text_encoder_with_checkpoints_in_s3(
                     "interval": 2,
                     "numInferenceSteps": 2,
                 },
-            }
+            },
         },
     )
     job.train()
@@ -275,7 +275,7 @@ def test_sharded_backends_train_and_checkpoint_the_adapter_only(new_job, shardin
                     "interval": 2,
                     "numInferenceSteps": 2,
                 },
-            }
+            },
         },
     )
     job.train()

@@ -484,9 +484,7 @@ class Prompts:
         """One row per entry of `prompt_ids`: that prompt's ids or hidden states."""
         return self.encoded_rows(prompt_ids)[0]
 
-    def encoded_rows(
-        self, prompt_ids: Sequence[int]
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def encoded_rows(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`rows`, and the rows' pooled embeddings (SDXL with a frozen encoder; else None)."""
         if self.is_embedding and self.cached is None:  # encode only what this step uses
             used = sorted(set(prompt_ids))

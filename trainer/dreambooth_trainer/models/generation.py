@@ -1,4 +1,5 @@
-"""Stable Diffusion (1.x/2.x and XL) text-to-image: the one pipeline call that turns prompts into images.
+"""Stable Diffusion (1.x/2.x and XL) text-to-image: the one pipeline call that turns prompts
+into images.
 
 The priors phase, the inference server, validation samples and the GPU checks all generate
 through here, so a family whose pipeline wants other arguments (SDXL: sizes it conditions on,
