@@ -13,7 +13,7 @@ from PIL import Image
 
 from dreambooth_contract.priors_key import cache_key
 from dreambooth_contract.trainer_config import ConfigError
-from dreambooth_trainer import data
+from dreambooth_trainer import data, priors
 from dreambooth_trainer.models.components import vae_dtype
 from dreambooth_trainer.models.loading import load_pipeline
 from dreambooth_trainer.models.sdxl import SdxlDreamBoothModel, text_encoders, tokenizers
@@ -183,3 +183,14 @@ def test_sdxl_refuses_a_new_crop_every_step_naming_the_field(make_config):
 
     with pytest.raises(ConfigError, match="training.cropEachStep"):
         trainer_for(config)
+
+
+def test_class_images_come_from_the_sdxl_pipeline_at_the_training_resolution(make_config):
+    """72 px, not the tiny model's own 64: the SDXL pipeline is told the size."""
+    config = make_config({**TINY_SDXL, "training": {"resolution": 72}})
+    class_dir = priors.run_priors(config)
+    images = data.list_images(class_dir)
+    assert len(images) == config.prior_preservation.num_class_images
+    for path in images:
+        with Image.open(path) as image:
+            assert image.size == (72, 72)
