@@ -11,7 +11,6 @@ import pytest
 import torch
 from PIL import Image
 
-from dreambooth_contract.priors_key import cache_key
 from dreambooth_contract.trainer_config import ConfigError
 from dreambooth_trainer import data, priors
 from dreambooth_trainer.models.components import vae_dtype
@@ -166,14 +165,6 @@ def test_vae_uri_replaces_the_base_models_vae(make_config, tiny_pipeline):
     missing = make_config({"baseModel": {"uri": "random://tiny-sdxl", "vaeUri": "/no/such/vae"}})
     with pytest.raises(ConfigError, match="baseModel.vaeUri"):
         load_pipeline(missing.base_model, missing.model_cache_dir())
-
-
-def test_vae_uri_counts_in_the_priors_key_only_when_set(make_config):
-    plain = make_config()
-    vae = make_config({"baseModel": {"vaeUri": "madebyollin/sdxl-vae-fp16-fix"}})
-    resolution = plain.training.resolution
-    assert plain.priors_key == cache_key(plain.base_model, plain.prior_preservation, resolution)
-    assert vae.priors_key != plain.priors_key
 
 
 def test_sdxl_refuses_a_new_crop_every_step_naming_the_field(make_config):
