@@ -185,3 +185,24 @@ def test_class_images_come_from_the_sdxl_pipeline_at_the_training_resolution(mak
     for path in images:
         with Image.open(path) as image:
             assert image.size == (72, 72)
+
+
+def test_both_trained_text_encoders_reach_the_exported_pipeline(make_config, tmp_path: Path):
+    """Full fine-tune with trainTextEncoder: trained/ holds both encoders, and the export's
+    pipeline (full.with_trained_weights) takes both, not the base's."""
+    from dreambooth_trainer.methods import full
+
+    from .test_train import trainer_for
+
+    config = make_config({**TINY_SDXL, "training": {"trainTextEncoder": True, "maxSteps": 1}})
+    trainer = trainer_for(config)
+    trainer.fit()
+    trainer.save_trained(tmp_path / "trained")
+    base = load_pipeline(config.base_model, config.model_cache_dir())
+    exported = full.with_trained_weights(base, tmp_path / "trained")
+    trained = trainer.trained_model.text_encoder
+    for name in ("text_encoder", "text_encoder_2"):
+        ours, theirs = getattr(trained, name).state_dict(), getattr(exported, name).state_dict()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
+        before = getattr(base, name).state_dict()
+        assert not all(torch.equal(ours[k], before[k]) for k in ours), f"{name} did not train"
