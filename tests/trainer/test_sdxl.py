@@ -13,6 +13,7 @@ from PIL import Image
 
 from dreambooth_contract.trainer_config import ConfigError
 from dreambooth_trainer import data, priors
+from dreambooth_trainer.methods import method_for
 from dreambooth_trainer.models.components import vae_dtype
 from dreambooth_trainer.models.loading import load_pipeline
 from dreambooth_trainer.models.sdxl import SdxlDreamBoothModel, text_encoders, tokenizers
@@ -153,6 +154,17 @@ def test_sdxls_vae_stays_in_fp32_under_fp16_unless_fixed_for_it(tiny_pipeline, m
     sdxl.vae.register_to_config(force_upcast=False)  # what madebyollin/sdxl-vae-fp16-fix says
     assert vae_dtype(sdxl, torch.float16) == torch.float16
     assert vae_dtype(tiny_pipeline, torch.float16) == torch.float16  # SD as before
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_both_methods_keep_sdxls_vae_in_fp32_under_fp16(make_config, method):
+    fp16 = {"mixedPrecision": "fp16", "method": method}
+    config = make_config({**TINY_SDXL, "training": fp16, "resources": {"gpusPerNode": 1}})
+    pipeline = load_pipeline(config.base_model, config.model_cache_dir())
+    split = method_for(config.training).split_pipeline
+    _, frozen = split(pipeline, config.training, torch.device("cpu"))
+    assert frozen.vae.dtype == torch.float32
+    assert frozen.text_encoder.text_encoder_2.dtype == torch.float16  # the rest as before
 
 
 def test_vae_uri_replaces_the_base_models_vae(make_config, tiny_pipeline):
