@@ -173,8 +173,21 @@ class BaseModelSpec(ApiModel):
     variant: Literal["fp16"] | None = field(
         None, description="Weights variant to load (diffusers' 'variant')."
     )
+    vae_uri: str | None = field(
+        None,
+        description="A VAE to use instead of the base model's (diffusers' "
+        "--pretrained_vae_model_name_or_path), in the diffusers layout (its config.json): a "
+        "Hugging Face repo id, s3://, a local directory, or a random:// model's VAE. For SDXL "
+        "with mixedPrecision fp16: SDXL's own VAE overflows in fp16, so it is kept in fp32 "
+        "(its config says force_upcast); an fp16-fixed one such as "
+        "madebyollin/sdxl-vae-fp16-fix (force_upcast false) runs in fp16, saving memory and "
+        "time. It is used for training, class images and the export.",
+        pattern=MODEL_URI,
+        min_length=1,
+        max_length=512,
+    )
 
-    _uri_segments = field_validator("uri", mode="before")(no_dot_segments)
+    _uri_segments = field_validator("uri", "vae_uri", mode="before")(no_dot_segments)
 
 
 class InstanceSpec(ApiModel):
@@ -435,7 +448,11 @@ class TrainingSpec(ApiModel):
         1, description="Micro-batches per optimizer step.", ge=1, le=1024
     )
     resolution: int = field(
-        512, description="Training resolution in pixels (multiple of 8).", ge=64, le=2048
+        512,
+        description="Training resolution in pixels (multiple of 8). SD1.x trains at 512, SD2 "
+        "at 768, SDXL best at 1024 (set it: the default stays 512 for every model).",
+        ge=64,
+        le=2048,
     )
     center_crop: bool = field(
         False,
@@ -447,7 +464,7 @@ class TrainingSpec(ApiModel):
         False,
         description="Crop each photo anew, at a random place, every step (more variety from "
         "3-5 photos). Needs cacheLatents: false (the latent cache encodes one crop per photo) "
-        "and centerCrop: false.",
+        "and centerCrop: false. Not for SDXL, whose UNet is told each photo's crop.",
     )
     random_flip: bool = field(
         False,

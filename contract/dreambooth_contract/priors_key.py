@@ -23,10 +23,14 @@ def generation_params(
     """Everything that decides the pixels of the class images, and nothing else.
 
     The batch size is left out: it changes how images are grouped into forward passes, not
-    which image index i is (its seed is always seed + i).
+    which image index i is (its seed is always seed + i). The model family (SD or SDXL, from
+    its model_index.json) is fixed by the model and its revision. A VAE override (vaeUri)
+    decodes the images, so it counts when set (an unset one leaves the keys as they were).
     """
     generation = priors.generation
+    vae = {"vae": base_model.vae_uri} if base_model.vae_uri else {}
     return {
+        **vae,
         "format": PRIORS_FORMAT,
         "model": base_model.uri,
         "revision": base_model.revision,

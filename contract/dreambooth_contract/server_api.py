@@ -22,6 +22,7 @@ from .api import (
     ApiModel,
     BaseModelSpec,
     Condition,
+    FieldRuleError,
     ObjectMeta,
     Quantity,
     ResourceRequirements,
@@ -100,6 +101,15 @@ class DreamBoothServerSpec(ApiModel):
                     f"{value!r} is not a namespace name (a DNS label) nor {ANY_NAMESPACE!r}"
                 )
         return values
+
+    @model_validator(mode="after")
+    def _no_vae_override(self) -> DreamBoothServerSpec:
+        # The server decodes with the base model's own VAE; a field it ignored would lie.
+        if self.base_model.vae_uri:
+            raise FieldRuleError(
+                "baseModel.vaeUri", "not for servers: they decode with the base model's own VAE"
+            )
+        return self
 
     def allows(self, server_namespace: str, namespace: str) -> bool:
         """Whether jobs of `namespace` may publish to this server."""

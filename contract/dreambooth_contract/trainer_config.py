@@ -123,7 +123,10 @@ class TrainerConfig(ApiModel):
             if spec.storage.prior_cache_uri
             else sibling_uri(output_uri, PRIORS_DIR)
         )
-        base_model = spec.base_model.model_copy(update={"uri": model_uri})
+        vae_uri = spec.base_model.vae_uri
+        if vae_uri and is_local_model(vae_uri):
+            vae_uri = resolve(vae_uri)
+        base_model = spec.base_model.model_copy(update={"uri": model_uri, "vae_uri": vae_uri})
         subjects = [
             subject.model_copy(
                 update={

@@ -35,13 +35,15 @@ from .jobs import (
 pytestmark = pytest.mark.distributed
 
 TINY_SD = "random://tiny-sd"
+TINY_SDXL = "random://tiny-sdxl"
 
 
 @pytest.fixture(scope="session")
 def model_cache(tmp_path_factory) -> Path:
-    """The tiny model built once (ranks and runs load the same files)."""
+    """The tiny models built once (ranks and runs load the same files)."""
     cache = tmp_path_factory.mktemp("models")
-    random_models.materialize(TINY_SD, cache)
+    for uri in (TINY_SD, TINY_SDXL):
+        random_models.materialize(uri, cache)
     return cache
 
 
@@ -68,16 +70,28 @@ def new_job(
     return new
 
 
-def base_weights(cache: Path, name: str) -> dict[str, torch.Tensor]:
-    directory = random_models.materialize(TINY_SD, cache)
-    return load_file(directory / TRAINED_FILES[name])
+def base_weights(cache: Path, path: str, model: str = TINY_SD) -> dict[str, torch.Tensor]:
+    directory = random_models.materialize(model, cache)
+    return load_file(directory / path)
 
 
-@pytest.mark.parametrize("zero_stage", [2, 3])
-def test_zero_trains_unet_and_text_encoder_with_checkpoints_in_s3(new_job, model_cache, zero_stage):
+# SDXL's second text encoder trains beside the first.
+SDXL_TRAINED_FILES = {**TRAINED_FILES, "text_encoder_2": "text_encoder_2/model.safetensors"}
+ZERO_RUNS = {
+    "zero2": (2, TINY_SD, TRAINED_FILES),
+    "zero3": (3, TINY_SD, TRAINED_FILES),
+    "zero3-sdxl": (3, TINY_SDXL, SDXL_TRAINED_FILES),
+}
+
+
+@pytest.mark.parametrize("zero_stage, model, files", ZERO_RUNS.values(), ids=ZERO_RUNS.keys())
+def test_zero_trains_unet_and_text_encoder_with_checkpoints_in_s3(
+    new_job, model_cache, zero_stage, model, files
+):
     job = new_job(
         f"zero{zero_stage}",
         {
+            "baseModel": {"uri": model},
             "training": {
                 "maxSteps": 4,
                 "sharding": {"zeroStage": zero_stage},
@@ -88,7 +102,7 @@ def test_zero_trains_unet_and_text_encoder_with_checkpoints_in_s3(new_job, model
                     "interval": 2,
                     "numInferenceSteps": 2,
                 },
-            }
+            },
         },
     )
     job.train()
@@ -106,9 +120,9 @@ def test_zero_trains_unet_and_text_encoder_with_checkpoints_in_s3(new_job, model
         assert any(re.search(rf"backend/zero/.*zero_pp_rank_{rank}_", p) for p in paths), paths
 
     trained = job.trained_weights()
-    assert trained.keys() == set(TRAINED_FILES.values())
-    for name, path in TRAINED_FILES.items():
-        before = base_weights(model_cache, name)
+    assert trained.keys() == set(files.values())
+    for name, path in files.items():
+        before = base_weights(model_cache, path, model)
         assert trained[path].keys() == before.keys()
         assert all(t.dtype == torch.float32 for t in trained[path].values())
         assert not same_weights(trained[path], before), f"{name} did not train"
@@ -235,19 +249,22 @@ def assert_adapter_only(job: Job, step: int) -> None:
     assert {n.split(".")[0] for n in names} == {"unet", "text_encoder"}
 
 
+FSDP = {"backend": "fsdp", "zeroStage": None}
 SHARDED_LORA = {
-    "zero3": {"zeroStage": 3},
-    "fsdp": {"backend": "fsdp", "zeroStage": None},
+    "zero3": ({"zeroStage": 3}, TINY_SD),
+    "fsdp": (FSDP, TINY_SD),
+    "fsdp-sdxl": (FSDP, TINY_SDXL),  # adapters on the UNet and both text encoders
 }
 
 
-@pytest.mark.parametrize("sharding", SHARDED_LORA.values(), ids=SHARDED_LORA.keys())
-def test_sharded_backends_train_and_checkpoint_the_adapter_only(new_job, sharding):
+@pytest.mark.parametrize("sharding, model", SHARDED_LORA.values(), ids=SHARDED_LORA.keys())
+def test_sharded_backends_train_and_checkpoint_the_adapter_only(new_job, sharding, model):
     """ZeRO-3 and FSDP2 shard the frozen base with the adapter; checkpoints and the saved
     adapter still hold only the adapter, and samples gather it mid-training."""
     job = new_job(
         "lora-sharded",
         {
+            "baseModel": {"uri": model},
             "training": {
                 "method": "lora",
                 "maxSteps": 2,
@@ -258,13 +275,18 @@ def test_sharded_backends_train_and_checkpoint_the_adapter_only(new_job, shardin
                     "interval": 2,
                     "numInferenceSteps": 2,
                 },
-            }
+            },
         },
     )
     job.train()
     assert [o.key for o in job.store.list("samples")] == ["samples/step-000002.png"]
     assert_adapter_only(job, step=2)
     adapter = job.trained_weights()[LORA_WEIGHTS]
+    if model == TINY_SDXL:  # both encoders' adapters, in the checkpoint and in the file
+        names = checkpoint_model_names(job, step=2)
+        for encoder in ("text_encoder", "text_encoder_2"):
+            assert any(n.startswith(f"text_encoder.{encoder}.") for n in names), encoder
+            assert any(n.startswith(f"{encoder}.") for n in adapter), encoder
     up = [t for name, t in adapter.items() if name.startswith("unet.") and ".up." in name]
     assert up and any(t.abs().max() > 0 for t in up)  # the up (lora_B) matrices start at 0
 

@@ -112,6 +112,32 @@ def test_local_run_of_the_example(tmp_path: Path, plain_exit: list[int]):
     assert len(list((tmp_path / "priors").glob("*/class-*.png"))) == class_images["numClassImages"]
 
 
+SDXL_EXAMPLES = {
+    "full": ("local-tiny-sdxl.yaml", "pipeline/text_encoder_2/model.safetensors"),
+    "lora": ("local-tiny-sdxl-lora.yaml", "pytorch_lora_weights.safetensors"),
+}
+
+
+@pytest.mark.parametrize("example, exported", SDXL_EXAMPLES.values(), ids=SDXL_EXAMPLES.keys())
+def test_local_run_of_the_sdxl_examples(tmp_path: Path, example: str, exported: str):
+    """The SDXL examples end to end, shortened (4 steps, no evaluation: the full examples take
+    about 50 s each on one core); the SDXL training itself is tested in test_sdxl.py."""
+    document = yaml.safe_load((REPO / "examples" / example).read_text())
+    spec = document["spec"]
+    spec["instance"]["imagesUri"] = str(REPO / "examples" / "local" / "subject")
+    spec["priorPreservation"].update(numClassImages=2, generation={"steps": 2, "batchSize": 2})
+    training = spec["training"]
+    training.update(maxSteps=4, checkpointing={"interval": 2})
+    training["validation"].update(interval=4, numInferenceSteps=2)
+    spec["evaluation"] = {"enabled": False}
+    output = tmp_path / "out"
+    result = invoke("run", str(write(tmp_path / "job.json", document)), "--output", str(output))
+    assert result.exit_code == 0, result.output
+    verify(output / "export")
+    assert (output / "export" / exported).is_file()
+    assert (output / "samples" / "final.png").is_file()
+
+
 def write(path: Path, document: dict) -> Path:
     path.write_text(json.dumps(document))
     return path

@@ -11,7 +11,7 @@ import pytest
 from pydantic import BaseModel
 
 from dreambooth_contract.api import DreamBoothJobSpec
-from dreambooth_contract.priors_key import cache_key
+from dreambooth_contract.priors_key import cache_key, generation_params
 from dreambooth_contract.trainer_config import TrainerConfig, sibling_uri
 
 from .conftest import REPO, make_job, merged
@@ -33,7 +33,7 @@ CARRIED_LISTS = {"subjects"}
 # A job whose every trainer-relevant field differs from its default, so that a field dropped
 # on the way cannot pass unnoticed.
 FULL_SPEC: dict[str, Any] = {
-    "baseModel": {"uri": "org/model", "revision": "v2", "variant": "fp16"},
+    "baseModel": {"uri": "org/model", "revision": "v2", "variant": "fp16", "vaeUri": "org/vae"},
     "instance": {
         "imagesUri": "s3://bucket/subject",
         "prompt": "a photo of zwx toy",
@@ -254,7 +254,7 @@ def test_relative_paths_resolve_against_base_dir(tmp_path: Path):
     spec = merged(
         FULL_SPEC,
         {
-            "baseModel": {"uri": "./models/sd", "variant": None},
+            "baseModel": {"uri": "./models/sd", "variant": None, "vaeUri": "./models/vae"},
             "instance": {"imagesUri": "photos"},
             "evaluation": {"clipUri": "./encoders/clip", "dinoUri": "../dino"},
             "storage": {"outputUri": "out/run", "s3": {}},
@@ -264,6 +264,7 @@ def test_relative_paths_resolve_against_base_dir(tmp_path: Path):
     assert config.evaluation.clip_uri == str(tmp_path / "encoders" / "clip")
     assert config.evaluation.dino_uri == str(tmp_path.parent / "dino")
     assert config.base_model.uri == str(tmp_path / "models" / "sd")
+    assert config.base_model.vae_uri == str(tmp_path / "models" / "vae")
     assert config.instance.images_uri == str(tmp_path / "photos")
     assert config.output_uri == str(tmp_path / "out" / "run")
     assert config.prior_cache_uri == str(tmp_path / "out" / "priors")
@@ -298,6 +299,7 @@ def test_cache_key_is_stable_and_content_addressed():
     changes = [
         {"baseModel": {"uri": "org/other"}},
         {"baseModel": {"revision": "v3"}},
+        {"baseModel": {"vaeUri": "org/other-vae"}},  # it decodes the class images
         {"priorPreservation": {"classPrompt": "a photo of doll"}},
         {"priorPreservation": {"numClassImages": 322}},
         {"priorPreservation": {"generation": {"steps": 34}}},
@@ -313,6 +315,14 @@ def test_cache_key_is_stable_and_content_addressed():
 def test_cache_key_ignores_what_does_not_change_pixels():
     assert key_for({"priorPreservation": {"generation": {"batchSize": 1}}}) == key_for({})
     assert key_for({"training": {"maxSteps": 99}, "storage": {"outputUri": "/x"}}) == key_for({})
+
+
+def test_jobs_without_a_vae_override_keep_their_cache_keys():
+    """vaeUri came later: unset, it is not in the key's parameters at all, so class-image sets
+    generated before it keep their keys."""
+    spec = make_job(merged(FULL_SPEC, {"baseModel": {"vaeUri": None}})).spec
+    params = generation_params(spec.base_model, spec.prior_preservation, 512)
+    assert "vae" not in params
 
 
 def test_operator_can_compute_the_key_and_config_without_torch():

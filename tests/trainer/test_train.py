@@ -88,17 +88,20 @@ def test_loss_on_the_instance_images_falls(make_config):
 
 
 RESUMED_RUNS = {
-    "adamw": {},
-    "adamw-8bit": {"use8bitAdam": True},
-    "lora": {"method": "lora", "trainTextEncoder": True},
+    "adamw": ("random://tiny-sd", {}),
+    "adamw-8bit": ("random://tiny-sd", {"use8bitAdam": True}),
+    "lora": ("random://tiny-sd", {"method": "lora", "trainTextEncoder": True}),
+    # SDXL: both text encoders, the pooled embedding and the time_ids in the state and the data.
+    "sdxl": ("random://tiny-sdxl", {"trainTextEncoder": True}),
+    "sdxl-lora": ("random://tiny-sdxl", {"method": "lora", "trainTextEncoder": True}),
 }
 
 
-@pytest.mark.parametrize("changes", RESUMED_RUNS.values(), ids=RESUMED_RUNS.keys())
-def test_resume_continues_exactly(make_config, changes):
+@pytest.mark.parametrize(("model", "changes"), RESUMED_RUNS.values(), ids=RESUMED_RUNS.keys())
+def test_resume_continues_exactly(make_config, model, changes):
     """N steps, state_dict, a fresh trainer, load, N more == 2N straight (bitwise on CPU)."""
     training = {"maxSteps": 4, "gradientAccumulationSteps": 2, **changes}
-    config = make_config({"training": training})
+    config = make_config({"baseModel": {"uri": model}, "training": training})
     straight = trainer_for(config)
     straight.fit()
 

@@ -83,6 +83,10 @@ def test_server_spec_rules_name_their_field():
         parse_server({**SERVER, "spec": {**SERVER["spec"], "defaultScheduler": "lms"}})
     assert refused.value.problems[0].startswith("spec.defaultScheduler: ")
     assert "'euler_ancestral'" in refused.value.problems[0]  # what is allowed
+    vae = {**SERVER["spec"]["baseModel"], "vaeUri": "madebyollin/sdxl-vae-fp16-fix"}
+    with pytest.raises(JobInvalid) as refused:
+        parse_server({**SERVER, "spec": {**SERVER["spec"], "baseModel": vae}})
+    assert refused.value.problems[0].startswith("spec.baseModel.vaeUri: ")
     # The server refuses more steps than its --max-steps: the spec must not ask for them.
     with pytest.raises(JobInvalid) as refused:
         parse_server({**SERVER, "spec": {**SERVER["spec"], "defaultSteps": 151}})

@@ -72,10 +72,20 @@ def crop_spare(pixels: torch.Tensor) -> tuple[int, int]:
     return width - side, height - side
 
 
+# A photo's size before the resize (height, width) and its crop's (top, left) in the resized
+# photo: what SDXL's micro-conditioning (models/sdxl.py) tells the UNet.
+PhotoGeometry = tuple[tuple[int, int], tuple[int, int]]
+
+
 def to_training_tensor(
-    image: Image.Image, resolution: int, center_crop: bool, generator: torch.Generator
+    image: Image.Image,
+    resolution: int,
+    center_crop: bool,
+    generator: torch.Generator,
+    geometry: list[PhotoGeometry] | None = None,
 ) -> torch.Tensor:
-    """Resize the short side to `resolution`, crop a square, scale to [-1, 1]: [3, H, W]."""
+    """Resize the short side to `resolution`, crop a square, scale to [-1, 1]: [3, H, W].
+    `geometry`, when given, receives the photo's original size and crop offsets."""
     pixels = resized_tensor(image, resolution)
     spare_x, spare_y = crop_spare(pixels)
     if center_crop:
@@ -83,6 +93,8 @@ def to_training_tensor(
     else:
         left = int(torch.randint(0, spare_x + 1, (1,), generator=generator))
         top = int(torch.randint(0, spare_y + 1, (1,), generator=generator))
+    if geometry is not None:
+        geometry.append(((image.height, image.width), (top, left)))
     return square_crop(pixels, left, top).contiguous()
 
 
@@ -93,13 +105,16 @@ def load_training_images(
     seed: int,
     field: str,
     advice: str = "replace or remove it",
+    geometry: list[PhotoGeometry] | None = None,
 ) -> torch.Tensor:
     """[N, 3, H, W] in [-1, 1]; random crops depend only on `seed`. A bad file is a ConfigError
-    naming `field` (see load_rgb)."""
+    naming `field` (see load_rgb). `geometry` receives each photo's (see to_training_tensor)."""
     generator = torch.Generator().manual_seed(seed)
     return torch.stack(
         [
-            to_training_tensor(load_rgb(p, field, advice), resolution, center_crop, generator)
+            to_training_tensor(
+                load_rgb(p, field, advice), resolution, center_crop, generator, geometry
+            )
             for p in paths
         ]
     )
@@ -365,8 +380,18 @@ def tokenize(tokenizer: CLIPTokenizer, prompts: list[str]) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode_prompts(
+    text_encoder: CLIPTextModel, input_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Hidden states, and the pooled embedding when the model conditions on it (SDXL's
+    encoders, models/sdxl.py; None for SD)."""
+    output = text_encoder(input_ids.to(text_encoder.device))
+    pooled = output[1].float() if getattr(text_encoder, "pooled_output", False) else None
+    return output[0].float(), pooled
+
+
 def encode_prompt(text_encoder: CLIPTextModel, input_ids: torch.Tensor) -> torch.Tensor:
-    return text_encoder(input_ids.to(text_encoder.device))[0].float()
+    return encode_prompts(text_encoder, input_ids)[0]
 
 
 @dataclass
@@ -380,9 +405,10 @@ class Prompts:
     one pass over the prompts a step uses.
     """
 
-    ids: torch.Tensor  # [K, L]
+    ids: torch.Tensor  # [K, L] (SDXL: [K, 2, L], one row per tokenizer)
     frozen_text_encoder: CLIPTextModel | None
     cached: torch.Tensor | None = None  # [K, L, D]
+    cached_pooled: torch.Tensor | None = None  # [K, P]: SDXL's pooled embedding
 
     @classmethod
     def of(
@@ -395,7 +421,7 @@ class Prompts:
         ids = tokenize(tokenizer, prompts)
         encoded = cls(ids, frozen_text_encoder)
         if frozen_text_encoder is not None and cache:
-            encoded.cached = encode_prompt(frozen_text_encoder, ids)
+            encoded.cached, encoded.cached_pooled = encode_prompts(frozen_text_encoder, ids)
         return encoded
 
     @property
@@ -412,11 +438,17 @@ class Prompts:
 
     def rows(self, prompt_ids: Sequence[int]) -> torch.Tensor:
         """One row per entry of `prompt_ids`: that prompt's ids or hidden states."""
+        return self.encoded_rows(prompt_ids)[0]
+
+    def encoded_rows(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`rows`, and the rows' pooled embeddings (SDXL with a frozen encoder; else None)."""
         if self.is_embedding and self.cached is None:  # encode only what this step uses
             used = sorted(set(prompt_ids))
-            encoded = encode_prompt(self.frozen_text_encoder, self.ids[used])
-            return encoded[[used.index(k) for k in prompt_ids]]
-        return self.value()[list(prompt_ids)]
+            hidden, pooled = encode_prompts(self.frozen_text_encoder, self.ids[used])
+            rows = [used.index(k) for k in prompt_ids]
+            return hidden[rows], None if pooled is None else pooled[rows]
+        pooled = None if self.cached_pooled is None else self.cached_pooled[list(prompt_ids)]
+        return self.value()[list(prompt_ids)], pooled
 
 
 # -- batches ---------------------------------------------------------------------------------------
@@ -432,6 +464,9 @@ class Batch:
     # empty: every row is subject 0's.
     subject_of_row: list[int] = field(default_factory=list)
     subjects: int = 1
+    # What else the model's forward takes, by keyword, same row order: SDXL's "time_ids" (and
+    # "pooled" with a frozen text encoder); empty for SD.
+    added: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -454,6 +489,9 @@ class DreamBoothData:
     subjects: list[Subset]  # one per subject
     class_sets: list[Subset]  # one per class; empty without prior preservation
     class_of: list[int]  # subject s's class rows come from class_sets[class_of[s]]
+    # SDXL: each image's micro-conditioning ([N, 6], models/sdxl.py), in the source's numbering:
+    # the crop offsets travel with the cached latents. None for SD.
+    time_ids: torch.Tensor | None = None
 
     @property
     def instance(self) -> Subset:
@@ -468,6 +506,14 @@ class DreamBoothData:
     def condition(self, indices: list[int]) -> torch.Tensor:
         """The prompt rows of the images `indices` (the source's numbering)."""
         return self.prompts.rows([self.prompt_of[index] for index in indices])
+
+    def added(self, indices: list[int], pooled: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        """The model's added inputs (Batch.added) for the images `indices`, whose prompts'
+        pooled embeddings are `pooled`."""
+        added = {} if pooled is None else {"pooled": pooled}
+        if self.time_ids is not None:
+            added["time_ids"] = self.time_ids[indices]
+        return added
 
     def batch(
         self, micro_step: int, per_rank: int, rank: int, world_size: int, generator: torch.Generator
@@ -491,13 +537,15 @@ class DreamBoothData:
                 for row in rows
             ]
             parts.append(per_rank)
+        condition, pooled = self.prompts.encoded_rows([self.prompt_of[i] for i in indices])
         return Batch(
             latents=self.latents.sample(indices, generator, parts=parts),
-            condition=self.condition(indices),
+            condition=condition,
             condition_is_embedding=self.prompts.is_embedding,
             instance_rows=per_rank,
             subject_of_row=subject_of_row,
             subjects=count,
+            added=self.added(indices, pooled),
         )
 
     @staticmethod
@@ -539,8 +587,13 @@ def prompts_of(image_set: ImageSet) -> list[str]:
     return [prompt_for(image_set.prompt, captions.get(p.name), image_set.captions) for p in paths]
 
 
-def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor | list[torch.Tensor]:
-    """The set's cropped images, or with cropEachStep its resized, uncropped ones."""
+def load_set(
+    image_set: ImageSet,
+    training: TrainingSpec,
+    geometry: list[PhotoGeometry] | None = None,
+) -> torch.Tensor | list[torch.Tensor]:
+    """The set's cropped images, or with cropEachStep its resized, uncropped ones. `geometry`
+    receives each cropped photo's (see to_training_tensor)."""
     paths = image_set.image_paths()
     if not paths:
         raise no_images(image_set.empty, image_set.directory)
@@ -557,6 +610,7 @@ def load_set(image_set: ImageSet, training: TrainingSpec) -> torch.Tensor | list
         seed=derive_seed(training.seed, "crop", image_set.purpose),
         field=image_set.field,
         advice=image_set.advice,
+        geometry=geometry,
     )
 
 
@@ -567,12 +621,14 @@ def build_data(
     frozen_text_encoder: CLIPTextModel | None,
     instance_dirs: Sequence[Path],
     class_dirs: Sequence[Path | None],
+    micro_conditioning: bool = False,
 ) -> DreamBoothData:
     """Each subject's photos and each class's images as latents, prompts as conditioning,
     seeded orders. `instance_dirs` holds each subject's photos (subjects_of order),
     `class_dirs` each class's generated images (None where none are generated).
 
     `frozen_text_encoder` is None when the text encoder trains (prompts stay token ids).
+    `micro_conditioning` (SDXL): each image's time_ids from its size and crop.
     """
     training = config.training
     subjects, classes = subjects_of(config), classes_of(config)
@@ -585,7 +641,18 @@ def build_data(
         class_image_sets(config, class_set, directory)
         for class_set, directory in zip(classes, class_dirs, strict=True)
     ]
-    pixel_sets = [_joined([load_set(image_set, training) for image_set in g]) for g in groups]
+    geometry: list[PhotoGeometry] | None = None
+    if micro_conditioning:
+        if training.crop_each_step:
+            raise ConfigError(
+                "training.cropEachStep",
+                "not for SDXL: its UNet is told each photo's crop, and the crop would change "
+                "every step; use centerCrop or one random crop per photo",
+            )
+        geometry = []
+    pixel_sets = [
+        _joined([load_set(image_set, training, geometry) for image_set in g]) for g in groups
+    ]
     latents = latent_source(
         vae, pixel_sets, cache=training.cache_latents, augmentation=Augmentation.of(training)
     )
@@ -600,6 +667,11 @@ def build_data(
         distinct, tokenizer, frozen_text_encoder, cache=training.cache_text_embeddings
     )
     prompt_of = [distinct.index(prompt) for prompt in image_prompts]
+    time_ids = None
+    if geometry is not None:
+        from .models.sdxl import time_ids_of
+
+        time_ids = time_ids_of(geometry, training.resolution)
     return DreamBoothData(
         latents,
         prompts,
@@ -607,6 +679,7 @@ def build_data(
         subsets[: len(subjects)],
         subsets[len(subjects) :],
         [subject.class_index or 0 for subject in subjects],
+        time_ids,
     )
 
 

@@ -75,8 +75,13 @@ class DreamBoothObjective:
         steps = self.scheduler.config.num_train_timesteps
         timesteps = torch.randint(0, steps, (len(latents),), generator=generator).to(device)
         noisy_latents = self.scheduler.add_noise(latents, noise, timesteps)
+        added = {name: value.to(device) for name, value in batch.added.items()}
         prediction = model(
-            noisy_latents, timesteps, batch.condition.to(device), batch.condition_is_embedding
+            noisy_latents,
+            timesteps,
+            batch.condition.to(device),
+            batch.condition_is_embedding,
+            **added,
         )
         per_image = F.mse_loss(
             prediction.float(), self.target(latents, noise, timesteps).float(), reduction="none"

@@ -40,6 +40,7 @@ from .locations import fetch_dir, is_s3, publish_dir, staging_dir, store_for, wo
 from .loss import DreamBoothObjective
 from .methods import method_for
 from .models.components import DreamBoothModel, FrozenParts, sampling_pipeline
+from .models.family import SDXL
 from .models.loading import load_pipeline
 from .optim import optimizer_factory, scheduler_factory
 from .parallel import Backend, BackendOptions, World, create_backend
@@ -336,6 +337,7 @@ def build_trainer(
         frozen.tokenizer,
         None if training.train_text_encoder else frozen.text_encoder,
         *data_dirs(config, instance_dir, class_dir),
+        micro_conditioning=frozen.family == SDXL,
     )
     return Trainer(config, model, frozen, data, backend, callbacks, checkpoints, speedups)
 

@@ -29,8 +29,10 @@ from ..models.components import (
     freeze,
     frozen_dtype,
     frozen_parts,
+    text_encoder_of,
     trained_model,
     use_torch_sdpa,
+    vae_dtype,
 )
 from . import lora_files
 
@@ -51,13 +53,14 @@ def split_pipeline(
     pipeline: StableDiffusionPipeline, training: TrainingSpec, device: torch.device
 ) -> tuple[DreamBoothModel, FrozenParts]:
     """Frozen base (UNet, text encoder, VAE) in the training dtype on `device`; fp32 adapters
-    on the UNet (and the text encoder) as the trainable module."""
+    on the UNet (and the text encoder: both of SDXL's) as the trainable module."""
     spec = training.lora
     dtype = frozen_dtype(training.mixed_precision)
-    unet, text_encoder, vae = pipeline.unet, pipeline.text_encoder, pipeline.vae
+    unet, text_encoder, vae = pipeline.unet, text_encoder_of(pipeline), pipeline.vae
     use_torch_sdpa(unet, vae)
-    for module in (unet, text_encoder, vae):
+    for module in (unet, text_encoder):
         freeze(module, device, dtype)
+    freeze(vae, device, vae_dtype(pipeline, dtype))
     adapted = [unet]
     unet.add_adapter(lora_config(spec, spec.target_modules))
     if training.train_text_encoder:
@@ -73,7 +76,13 @@ def split_pipeline(
 def save_trained(model: DreamBoothModel, directory: Path) -> None:
     """The adapter (diffusers' LoRA file): what the export phase starts from."""
     directory.mkdir(parents=True, exist_ok=True)
-    lora_files.save_adapter(model.unet, model.text_encoder, directory)
+    encoders = model.text_encoder
+    if hasattr(encoders, "text_encoder_2"):  # SDXL's two, trained as one module
+        lora_files.save_adapter(
+            model.unet, encoders.text_encoder, directory, encoders.text_encoder_2
+        )
+    else:
+        lora_files.save_adapter(model.unet, encoders, directory)
 
 
 def has_trained_weights(directory: Path) -> bool:

@@ -7,7 +7,8 @@ the priors phase, the inference server and validation samples all call it), whic
 exports besides the diffusers pipeline (`single_file`: the original checkpoint layout), and how
 to build random test models of its architecture (`random_models`).
 
-Today one family: Stable Diffusion 1.x/2.x (UNet, one CLIP text encoder, VAE). SDXL adds its own
-(two text encoders, added conditioning) beside it. What trains of a family's components is the
-training method's business (`dreambooth_trainer.methods`).
+Two families: Stable Diffusion 1.x/2.x (UNet, one CLIP text encoder, VAE: `components`) and SDXL
+(two text encoders acting as one, the pooled embedding and the size micro-conditioning: `sdxl`);
+`components` picks between them from the pipeline (`family`). What trains of a family's
+components is the training method's business (`dreambooth_trainer.methods`).
 """

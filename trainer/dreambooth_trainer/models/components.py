@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.x/2.x components: the module that trains and the parts that stay frozen."""
+"""The module that trains and the parts that stay frozen: Stable Diffusion 1.x/2.x's here, and
+the choice of family (SDXL's own parts are in sdxl.py)."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ from transformers import CLIPTextModel, CLIPTokenizer
 
 from dreambooth_contract.api import TrainingSpec
 
+from .family import SD, SDXL, family_of
 from .loading import training_noise_scheduler
 
 
@@ -57,21 +59,49 @@ class FrozenParts:
     """What the loop uses but never trains, and what sampling needs besides the trained parts."""
 
     vae: AutoencoderKL
-    tokenizer: CLIPTokenizer
-    text_encoder: CLIPTextModel  # the frozen one in use when the text encoder does not train
+    tokenizer: CLIPTokenizer  # SDXL: both as one (sdxl.Tokenizers)
+    text_encoder: CLIPTextModel  # the frozen one when it does not train (SDXL: sdxl.TextEncoders)
     sampling_scheduler: SchedulerMixin
     noise_scheduler: DDPMScheduler
+    family: str = SD
 
 
 def frozen_parts(pipeline: StableDiffusionPipeline) -> FrozenParts:
     """The pipeline's parts a training method never trains (its text encoder included)."""
+    family = family_of(pipeline)
+    if family == SDXL:
+        from . import sdxl
+
+        tokenizer = sdxl.tokenizers(pipeline)
+    else:
+        tokenizer = pipeline.tokenizer
     return FrozenParts(
         vae=pipeline.vae,
-        tokenizer=pipeline.tokenizer,
-        text_encoder=pipeline.text_encoder,
+        tokenizer=tokenizer,
+        text_encoder=text_encoder_of(pipeline),
         sampling_scheduler=pipeline.scheduler,
         noise_scheduler=training_noise_scheduler(pipeline),
+        family=family,
     )
+
+
+def text_encoder_of(pipeline: StableDiffusionPipeline) -> nn.Module:
+    """The pipeline's text encoder as one module: SD's one, or SDXL's two (sdxl.TextEncoders)."""
+    if family_of(pipeline) == SDXL:
+        from . import sdxl
+
+        return sdxl.text_encoders(pipeline)
+    return pipeline.text_encoder
+
+
+def vae_dtype(pipeline: StableDiffusionPipeline, dtype: torch.dtype) -> torch.dtype:
+    """The frozen VAE's dtype: SDXL's VAE overflows in fp16 (its config says force_upcast), so
+    it stays in fp32 then, as diffusers' SDXL scripts and pipeline keep it; a VAE fixed for fp16
+    (baseModel.vaeUri, e.g. madebyollin/sdxl-vae-fp16-fix, force_upcast false) runs in fp16."""
+    upcast = pipeline.vae.config.get("force_upcast", True)
+    if family_of(pipeline) == SDXL and dtype == torch.float16 and upcast:
+        return torch.float32
+    return dtype
 
 
 def use_torch_sdpa(*modules: nn.Module) -> None:
@@ -106,11 +136,18 @@ def trained_model(
         unet.enable_gradient_checkpointing()
         if training.train_text_encoder:
             enable_activation_checkpointing(text_encoder)
-    return DreamBoothModel(unet, text_encoder if training.train_text_encoder else None)
+    model_class = DreamBoothModel
+    if getattr(text_encoder, "pooled_output", False):
+        from .sdxl import SdxlDreamBoothModel as model_class
+    return model_class(unet, text_encoder if training.train_text_encoder else None)
 
 
 def sampling_pipeline(model: DreamBoothModel, frozen: FrozenParts) -> StableDiffusionPipeline:
     """A pipeline over the current weights (shares the modules, copies nothing)."""
+    if frozen.family == SDXL:
+        from . import sdxl
+
+        return sdxl.sampling_pipeline(model, frozen)
     pipeline = StableDiffusionPipeline(
         vae=frozen.vae,
         text_encoder=model.text_encoder or frozen.text_encoder,

@@ -1,4 +1,5 @@
-"""Stable Diffusion 1.x/2.x text-to-image: the one pipeline call that turns prompts into images.
+"""Stable Diffusion (1.x/2.x and XL) text-to-image: the one pipeline call that turns prompts
+into images.
 
 The priors phase, the inference server, validation samples and the GPU checks all generate
 through here, so a family whose pipeline wants other arguments (SDXL: sizes it conditions on,
@@ -10,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 
 def generate_images(
@@ -28,7 +29,13 @@ def generate_images(
     """Image i of `prompts` starts from the noise of `generators[i]` (CPU generators: the same
     noise on every device). With `negative_prompts` None the unconditional half of classifier-free
     guidance encodes the empty prompt. Returns PIL images, or an array for output_type "np".
+
+    SDXL is told the image size as its micro-conditioning too: an uncropped image of
+    width x height (what training tells it of an uncropped photo at its resolution).
     """
+    sizes = {}
+    if isinstance(pipeline, StableDiffusionXLPipeline):
+        sizes = {"original_size": (height, width), "target_size": (height, width)}
     return pipeline(
         prompt=prompts,
         negative_prompt=negative_prompts,
@@ -38,4 +45,5 @@ def generate_images(
         guidance_scale=guidance_scale,
         generator=generators,
         output_type=output_type,
+        **sizes,
     ).images

@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, SchedulerMixin, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline
 
 from dreambooth_contract.api import BaseModelSpec, S3Spec
 from dreambooth_contract.trainer_config import ConfigError, is_local_model
@@ -106,7 +106,28 @@ def load_pipeline(
     except UnsupportedModel as error:
         raise ConfigError("baseModel.uri", f"{spec.uri} is {error}") from None
     check_prediction_type(pipeline.scheduler)  # every phase refuses it before any work
+    if spec.vae_uri:
+        vae = load_vae(spec.vae_uri, cache_dir, s3, torch_dtype)
+        pipeline.register_modules(vae=vae)
     return pipeline
+
+
+def load_vae(
+    uri: str, cache_dir: Path, s3: S3Spec | None, torch_dtype: torch.dtype
+) -> AutoencoderKL:
+    """baseModel.vaeUri: a VAE in the diffusers layout (or a random:// model's VAE)."""
+    try:
+        source = resolve_source(
+            uri,
+            cache_dir,
+            s3,
+            build_random=lambda name, cache: random_models.materialize(name, cache) / "vae",
+            index_file="config.json",
+            kind="VAE",
+        )
+        return AutoencoderKL.from_pretrained(source, torch_dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        raise ConfigError("baseModel.vaeUri", f"{uri}: not a diffusers VAE ({error})") from None
 
 
 def training_noise_scheduler(pipeline: StableDiffusionPipeline) -> DDPMScheduler:
