@@ -24,7 +24,7 @@ from diffusers import StableDiffusionXLPipeline
 from torch import nn
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from .components import DreamBoothModel, FrozenParts, enable_activation_checkpointing
+from .parts import DreamBoothModel, FrozenParts, enable_activation_checkpointing
 
 
 def add_time_ids(
