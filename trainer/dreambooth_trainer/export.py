@@ -1,7 +1,7 @@
 """The artifact: a diffusers pipeline, a single-file checkpoint and a sha256 manifest.
 
 <output>/export/ of a full fine-tune (kind "pipeline"):
-  pipeline/               StableDiffusionPipeline.from_pretrained (safetensors; + fp16 variant)
+  pipeline/               StableDiffusion(XL)Pipeline.from_pretrained (safetensors; + fp16 variant)
   model.safetensors       the original single-file layout (SD1.x; SDXL's SGM one): from_single_file,
                           A1111, ComfyUI (not for SD2.x or v-prediction models)
   model.fp16.safetensors  (with the fp16 option)
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 from dreambooth_contract.api import ArtifactKind, ArtifactStatus
 from dreambooth_contract.layout import (
@@ -66,7 +66,7 @@ class ExportResult:
         )
 
 
-def forget_load_paths(pipeline: StableDiffusionPipeline) -> None:
+def forget_load_paths(pipeline: DiffusionPipeline) -> None:
     """diffusers writes where each model was loaded from into its config.json; a local path
     would make the digest depend on the machine (and leak its directory layout)."""
     for name, component in pipeline.components.items():
@@ -76,7 +76,7 @@ def forget_load_paths(pipeline: StableDiffusionPipeline) -> None:
 
 
 def export_pipeline(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     directory: Path,
     fp16_variant: bool = False,
     metadata: dict[str, Any] | None = None,
@@ -88,7 +88,7 @@ def export_pipeline(
 
 
 def write_pipeline_files(
-    pipeline: StableDiffusionPipeline, directory: Path, fp16_variant: bool = False
+    pipeline: DiffusionPipeline, directory: Path, fp16_variant: bool = False
 ) -> None:
     """pipeline/ and the single-file checkpoint(s) of `pipeline` into `directory`."""
     forget_load_paths(pipeline)
@@ -108,7 +108,7 @@ def write_pipeline_files(
 
 
 def export_adapter(
-    pipeline: StableDiffusionPipeline,
+    pipeline: DiffusionPipeline,
     adapter_dir: Path,
     directory: Path,
     base_record: dict[str, Any],
@@ -191,7 +191,7 @@ def run_export(config: TrainerConfig) -> ExportResult:
 
 def load_exported(
     config: TrainerConfig, export_dir: Path, torch_dtype: torch.dtype = torch.float32
-) -> StableDiffusionPipeline:
+) -> DiffusionPipeline:
     """The export as users load it: the diffusers pipeline, or for a LoRA job the base model
     with the exported adapter applied (what the server runs too)."""
     if config.training.method == "lora":

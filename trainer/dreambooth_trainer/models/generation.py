@@ -15,7 +15,7 @@ from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
 
 def generate_images(
-    pipeline: StableDiffusionPipeline,
+    pipeline: StableDiffusionPipeline | StableDiffusionXLPipeline,
     prompts: list[str],
     negative_prompts: list[str] | None,
     *,
@@ -28,7 +28,8 @@ def generate_images(
 ) -> Any:
     """Image i of `prompts` starts from the noise of `generators[i]` (CPU generators: the same
     noise on every device). With `negative_prompts` None the unconditional half of classifier-free
-    guidance encodes the empty prompt. Returns PIL images, or an array for output_type "np".
+    guidance encodes the empty prompt (SD), or is zeros (SDXL, whose pipelines say
+    force_zeros_for_empty_prompt). Returns PIL images, or an array for output_type "np".
 
     SDXL is told the image size as its micro-conditioning too: an uncropped image of
     width x height (what training tells it of an uncropped photo at its resolution).

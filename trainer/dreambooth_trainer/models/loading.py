@@ -8,7 +8,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, DDPMScheduler, SchedulerMixin, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDPMScheduler, DiffusionPipeline, SchedulerMixin
 
 from dreambooth_contract.api import BaseModelSpec, S3Spec
 from dreambooth_contract.trainer_config import ConfigError, is_local_model
@@ -98,7 +98,7 @@ def load_pipeline(
     cache_dir: Path,
     s3: S3Spec | None = None,
     torch_dtype: torch.dtype = torch.float32,
-) -> StableDiffusionPipeline:
+) -> DiffusionPipeline:
     """The base pipeline, safety checker off (class images and samples are ours to judge)."""
     source = resolve_model_source(spec, cache_dir, s3)
     try:
@@ -130,6 +130,6 @@ def load_vae(
         raise ConfigError("baseModel.vaeUri", f"{uri}: not a diffusers VAE ({error})") from None
 
 
-def training_noise_scheduler(pipeline: StableDiffusionPipeline) -> DDPMScheduler:
+def training_noise_scheduler(pipeline: DiffusionPipeline) -> DDPMScheduler:
     """DDPM with the model's own schedule and prediction type (epsilon or v_prediction)."""
     return DDPMScheduler.from_config(pipeline.scheduler.config)

@@ -242,7 +242,8 @@ def sd_state(pipeline: DiffusionPipeline) -> StateDict:
 
 
 def single_file_unsupported(pipeline: DiffusionPipeline) -> str | None:
-    """Why this pipeline cannot go into the SD1.x layout written here, or None if it can.
+    """Why this pipeline cannot go into a single file written here (SD1.x's or SDXL's layout),
+    or None if it can.
 
     SD2.x single files name the text encoder after OpenCLIP, and nothing in an SD1.x file says
     "v-prediction": such a file would load as a broken SD1 model. (The same holds for an SDXL
