@@ -218,3 +218,22 @@ def test_both_trained_text_encoders_reach_the_exported_pipeline(make_config, tmp
         assert all(torch.equal(ours[k], theirs[k]) for k in ours), name
         before = getattr(base, name).state_dict()
         assert not all(torch.equal(ours[k], before[k]) for k in ours), f"{name} did not train"
+
+
+@pytest.mark.parametrize("method", ["full", "lora"])
+def test_every_trainable_parameter_gets_a_gradient(make_config, method):
+    """What DDP needs (it waits for every trainable parameter's gradient): the first encoder's
+    last layer and final norm, which its penultimate hidden states never reach, do not train."""
+    training = {"method": method, "trainTextEncoder": True, "batchSize": 1}
+    config = make_config({**TINY_SDXL, "training": training})
+    from .test_train import trainer_for
+
+    trainer = trainer_for(config)
+    model = trainer.trained_model
+    batch = trainer.data.batch(0, 1, 0, 1, torch.Generator().manual_seed(0))
+    timesteps = torch.tensor([10] * len(batch.latents))
+    prediction = model(batch.latents, timesteps, batch.condition, False, **batch.added)
+    prediction.float().pow(2).mean().backward()
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    assert any(".text_encoder_2." in name for name in trainable)
+    assert [name for name, p in trainable.items() if p.grad is None] == []

@@ -80,10 +80,24 @@ class TextEncoders(nn.Module):
         for encoder in (self.text_encoder, self.text_encoder_2):
             encoder.add_adapter(config)
 
+    def freeze_unused(self) -> None:
+        """The first encoder's last layer and final norm never reach the output (its penultimate
+        hidden states do): their parameters (and adapters) would get no gradient, which DDP
+        refuses (it waits for every trainable parameter's). They stay as loaded."""
+        # transformers 5 flattened CLIPTextModel (no `text_model` between it and its layers).
+        model = getattr(self.text_encoder, "text_model", self.text_encoder)
+        for module in (model.encoder.layers[-1], model.final_layer_norm):
+            module.requires_grad_(False)
+
 
 class SdxlDreamBoothModel(DreamBoothModel):
     """SDXL's UNet (and both text encoders when they train) as one module; the UNet also takes
     the pooled embedding and the micro-conditioning (added_cond_kwargs)."""
+
+    def __init__(self, unet: nn.Module, text_encoder: TextEncoders | None = None):
+        super().__init__(unet, text_encoder)
+        if text_encoder is not None:
+            text_encoder.freeze_unused()
 
     def forward(
         self,
