@@ -342,12 +342,12 @@ def _kill_rank_1_at_checkpoint_8(operator, node, jobs, name: str, pause: Path) -
 PLAIN_DIFFUSERS = """
 import sys
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import DiffusionPipeline
 
 base, out, prompt, seed, side, steps, guidance, *adapters = sys.argv[1:]
 # One thread, as the server's (--cpu-threads 1): the same summation order, the same pixels.
 torch.set_num_threads(1)
-pipeline = StableDiffusionPipeline.from_pretrained(base)
+pipeline = DiffusionPipeline.from_pretrained(base)  # SD or SDXL, as model_index.json says
 pipeline.set_progress_bar_config(disable=True)
 
 def image(name):
@@ -365,11 +365,17 @@ assert not [m for m in sys.modules if m.startswith("dreambooth")]
 
 
 def plain_diffusers_images(
-    tmp_path: Path, exports: list[Path], seed: int, side: int, steps: int, guidance: float
+    tmp_path: Path,
+    exports: list[Path],
+    seed: int,
+    side: int,
+    steps: int,
+    guidance: float,
+    base_uri: str = "random://tiny-sd",
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """(the base's image, each adapter's image) as diffusers alone makes them."""
-    # The server built random://tiny-sd the same way in its own cache (a pure function of code).
-    base = random_models.materialize("random://tiny-sd", tmp_path / "cache")
+    # The server built the random base the same way in its own cache (a pure function of code).
+    base = random_models.materialize(base_uri, tmp_path / "cache")
     images = tmp_path / "images"
     images.mkdir()
     arguments = [base, images, PROMPT, seed, side, steps, guidance, *exports]
@@ -383,13 +389,15 @@ def plain_diffusers_images(
     return _pixels((images / "base.png").read_bytes()), adapted
 
 
-def test_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_adapter(
+def test_sdxl_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_adapter(
     operator_factory, kube_node, jobs, namespace, s3_job, s3_server, s3_bucket, tmp_path
 ):
-    """A 2-node LoRA job with its checkpoints in S3 loses rank 1 mid-run, resumes from
-    checkpoint 8, exports its adapter and serves it on the base; for a fixed seed the server's
-    image is, to the last 8-bit level, the one diffusers alone makes from the base and the
-    exported adapter."""
+    """A 2-node SDXL LoRA job with its checkpoints in S3 loses rank 1 mid-run, resumes from
+    checkpoint 8, exports its adapter and serves it on the base; for a fixed seed the image the
+    official openai client gets is, to the last 8-bit level, the one diffusers alone makes from
+    the base and the exported adapter. (SD1.x LoRA jobs are served in the test below.)"""
+    import openai
+
     operator = operator_factory(namespace)
     pause = pause_training(kube_node, tmp_path, step=8)
     kube_node.extra_env[API_KEY_ENV] = API_KEY  # as in the serving test above
@@ -404,13 +412,16 @@ def test_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_a
     missing = "/models/no-such-clip"
     evaluation = {**EVALUATION, "clipUri": missing}
     skipped = {"priorPreservation": {"enabled": False}}
+    sdxl = {"baseModel": {"uri": "random://tiny-sdxl"}}
     jobs.create(
-        s3_job("lora", training=training, inference=inference, evaluation=evaluation, **skipped)
+        s3_job(
+            "lora", training=training, inference=inference, evaluation=evaluation, **skipped, **sdxl
+        )
     )
     status = _kill_rank_1_at_checkpoint_8(operator, kube_node, jobs, "lora", pause)
     assert status["phase"] == "Serving", _pod_logs(kube_node, jobs)
     artifact = status["artifact"]
-    assert (artifact["kind"], artifact["baseModel"]) == ("lora", "random://tiny-sd"), artifact
+    assert (artifact["kind"], artifact["baseModel"]) == ("lora", "random://tiny-sdxl"), artifact
     wait_until(
         "inference ready",
         lambda: (jobs.status("lora").get("inference") or {}).get("readyReplicas"),
@@ -418,17 +429,25 @@ def test_lora_job_survives_a_killed_rank_and_serves_the_images_of_its_exported_a
         lambda: _pod_logs(kube_node, jobs),
     )
     seed, side, steps, guidance = 1234, 64, 4, 5.0
-    served = _generate(
-        kube_node.host_port(namespace, builders.INFERENCE_PORT),
-        seed=seed,
-        size=f"{side}x{side}",
-        num_inference_steps=steps,
-        guidance_scale=guidance,
+    client = openai.OpenAI(
+        base_url=f"http://127.0.0.1:{kube_node.host_port(namespace, builders.INFERENCE_PORT)}/v1",
+        api_key=API_KEY,
+        max_retries=0,
+        timeout=300,
     )
+    result = client.images.generate(
+        prompt=PROMPT,
+        size=f"{side}x{side}",
+        response_format="b64_json",
+        extra_body={"seed": seed, "num_inference_steps": steps, "guidance_scale": guidance},
+    )
+    served = base64.b64decode(result.data[0].b64_json)
 
     export = _download(s3_server.client(), artifact["uri"], tmp_path / "export")
     assert digest.verify(export) == artifact["digest"]
-    base, (adapted,) = plain_diffusers_images(tmp_path, [export], seed, side, steps, guidance)
+    base, (adapted,) = plain_diffusers_images(
+        tmp_path, [export], seed, side, steps, guidance, sdxl["baseModel"]["uri"]
+    )
     assert not np.array_equal(adapted, base)  # the adapter shows
     # The same float32 computation on the same CPU, one thread each: the same pixels exactly.
     np.testing.assert_array_equal(_pixels(served), adapted)
