@@ -109,14 +109,14 @@ def test_kohya_file_records_the_adapters_alpha_not_its_rank(lora_job):
     assert any(k.startswith("lora_te_text_model_encoder_layers_") for k in keys)
 
 
-# Nothing of ours: what a user with diffusers alone does with the base and the export.
-FRESH_PROCESS = """
+# The start of every script run in a fresh process with diffusers alone (nothing of ours):
+# PIPELINE stands for the pipeline class (fresh_script).
+FRESH_PRELUDE = """
 import sys
 import numpy as np
 import torch
-from diffusers import StableDiffusionPipeline
+from diffusers import PIPELINE
 
-prompt, base, export, kohya, out = sys.argv[1:]
 # One thread, as in the test process (conftest): the same summation order, the same pixels.
 torch.set_num_threads(1)
 
@@ -125,17 +125,33 @@ def image(pipeline):
     generator = torch.Generator().manual_seed(0)
     return pipeline(prompt, num_inference_steps=2, height=64, width=64, generator=generator,
                     output_type="np").images[0]
+"""
 
-plain = StableDiffusionPipeline.from_pretrained(base)
+
+def fresh_script(body: str, pipeline_class: str = "StableDiffusionPipeline") -> str:
+    script = (
+        FRESH_PRELUDE
+        + body
+        + """
+assert not [m for m in sys.modules if m.startswith("dreambooth")]
+"""
+    )
+    return script.replace("PIPELINE", pipeline_class)
+
+
+# What a user with diffusers alone does with the base and the export.
+FRESH_LORA_BODY = """
+prompt, base, export, kohya, out = sys.argv[1:]
+plain = PIPELINE.from_pretrained(base)
 before = image(plain)
 plain.load_lora_weights(export)
 diffusers_format = image(plain)
-other = StableDiffusionPipeline.from_pretrained(base)
+other = PIPELINE.from_pretrained(base)
 other.load_lora_weights(export, weight_name=kohya)
 kohya_format = image(other)
-assert not [m for m in sys.modules if m.startswith("dreambooth")]
 np.savez(out, before=before, diffusers_format=diffusers_format, kohya_format=kohya_format)
 """
+FRESH_PROCESS = fresh_script(FRESH_LORA_BODY)
 
 
 def test_a_fresh_diffusers_process_loads_both_files_and_gets_the_adapters_image(

@@ -35,7 +35,7 @@ from dreambooth_trainer.models.single_file import OPEN_CLIP_PREFIX, sdxl_state
 from tests.support.lora import export_for, write_random_adapter
 
 from .test_export import assert_same_weights
-from .test_lora_export import FRESH_PROCESS, PROMPT, image, merged_weights
+from .test_lora_export import FRESH_LORA_BODY, PROMPT, fresh_script, image, merged_weights
 
 pytestmark = pytest.mark.trainer
 
@@ -69,31 +69,18 @@ def run_fresh(script: str, *args: str | Path) -> dict[str, np.ndarray]:
     return dict(np.load(out))
 
 
-# Nothing of ours: what a user with diffusers alone does with an SDXL export.
-FRESH_PIPELINE = """
-import sys
-import numpy as np
-import torch
-from diffusers import StableDiffusionXLPipeline
-
+# What a user with diffusers alone does with an SDXL export.
+FRESH_PIPELINE = fresh_script(
+    """
 prompt, export, single_file, out = sys.argv[1:]
-# One thread, as in the test process (conftest): the same summation order, the same pixels.
-torch.set_num_threads(1)
-
-def image(pipeline):
-    pipeline.set_progress_bar_config(disable=True)
-    generator = torch.Generator().manual_seed(0)
-    return pipeline(prompt, num_inference_steps=2, height=64, width=64, generator=generator,
-                    output_type="np").images[0]
-
-pretrained = image(StableDiffusionXLPipeline.from_pretrained(export))
+pretrained = image(PIPELINE.from_pretrained(export))
 # config=: the component configs come from the export, nothing from the hub (a tiny model's
 # shapes are not SDXL's, so they could not be inferred from the weights anyway).
-single = StableDiffusionXLPipeline.from_single_file(single_file, config=export,
-                                                    local_files_only=True)
-assert not [m for m in sys.modules if m.startswith("dreambooth")]
+single = PIPELINE.from_single_file(single_file, config=export, local_files_only=True)
 np.savez(out, pretrained=pretrained, single_file=image(single))
-"""
+""",
+    "StableDiffusionXLPipeline",
+)
 
 
 def test_the_sdxl_artifact_loads_in_a_fresh_diffusers_process_both_ways(base_dir, tmp_path):
@@ -165,8 +152,7 @@ def test_the_sdxl_single_file_layout_is_what_sdxl_tools_expect():
 
 
 # test_lora_export's user with diffusers alone, with SDXL's pipeline class.
-assert FRESH_PROCESS.count("StableDiffusionPipeline") == 3
-FRESH_LORA = FRESH_PROCESS.replace("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+FRESH_LORA = fresh_script(FRESH_LORA_BODY, "StableDiffusionXLPipeline")
 
 
 @pytest.fixture(scope="module")
