@@ -259,7 +259,7 @@ STEPS: list[Step] = [
             "method": "lora",
             "learningRate": 1e-4,
             "model": "sdxl",
-        },  # fmt: skip
+        },
     ),
     # `python -m bench training` rows for SDXL at 1024 px, each its own process (load ~20 s,
     # 2 + 2 x 10 steps): LoRA, then full fine-tuning with gradient checkpointing (the 2.6 B
