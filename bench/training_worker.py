@@ -159,6 +159,7 @@ def measure(trainer: Trainer, steps: int) -> dict[str, Any]:
     return {
         "world_size": world_size,
         "backend_class": type(trainer.backend).__name__,
+        "family": trainer.frozen.family,  # SD or SDXL, as read from the model
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "steps_per_second": round(steps_per_second, 3),
         "images_per_second": round(steps_per_second * trainer.images_per_step, 2),

@@ -22,7 +22,6 @@ from typing import Any
 
 REPORT_FILE = "gpu-check.json"
 LOG_FILE = "steps.log"
-NOT_BUILT = "not built yet"
 
 
 @dataclass(frozen=True)
@@ -49,9 +48,11 @@ class Profile:
     inference_modes: tuple[str, ...]
     # The memory run with 8-bit AdamW too (bitsandbytes), not only 32-bit.
     memory_8bit: bool
-    # SDXL served by the server's loader and engine: model and size (SDXL's native 1024 px).
+    # SDXL served by the server's loader and engine: model and size (SDXL's native 1024 px);
+    # and trained (the `sdxl.` steps' LoRA check and figures) at this resolution.
     sdxl_model: str
     sdxl_size: str
+    sdxl_resolution: int
     # The whole run, setup included; steps that would start later are not run (failed).
     total_seconds: float
     # Whether the step may run at all here: fp16 in DeepSpeed needs CUDA.
@@ -60,6 +61,13 @@ class Profile:
     @property
     def precisions(self) -> tuple[str, str]:
         return ("fp16", "bf16")
+
+    def trained_model(self, model: str = "") -> tuple[str, int]:
+        """URI and resolution the training steps use: the profile's model, or its `model` one
+        ("sdxl": sdxl_model at sdxl_resolution)."""
+        if not model:
+            return self.model, self.resolution
+        return getattr(self, f"{model}_model"), getattr(self, f"{model}_resolution")
 
 
 GPU = Profile(
@@ -79,6 +87,7 @@ GPU = Profile(
     memory_8bit=True,
     sdxl_model="random://sdxl",
     sdxl_size="1024x1024",
+    sdxl_resolution=1024,
     # The device call's limit is 560 s: the last step is stopped at 520 s (then up to 20 s to
     # end its processes), leaving the report and the summary inside the limit.
     total_seconds=520.0,
@@ -103,6 +112,7 @@ SMOKE = Profile(
     memory_8bit=False,
     sdxl_model="random://tiny-sdxl",
     sdxl_size="64x64",
+    sdxl_resolution=64,
     total_seconds=600.0,
     on_gpu=False,
 )
@@ -134,7 +144,6 @@ class Step:
 CHECKS = "bench.gpu.checks"
 FIGURES = "bench.gpu.figures"
 DS_FP16_ON_CPU = "DeepSpeed's fp16 (loss scaling) needs CUDA; the smoke run has none"
-SDXL_NOT_BUILT = f"{NOT_BUILT}: SDXL training is not in this tree yet (the SDXL issue)"
 
 
 # On a CPU, DeepSpeed's first engine compiles its shared-memory op (a minute or more on a busy
@@ -191,17 +200,6 @@ STEPS: list[Step] = [
         _budget(60, 90),
         {"backend": "single", "precision": "fp16", "method": "lora", "learningRate": 1e-4},
     ),
-    Step("sdxl.lora.train", f"{CHECKS}:not_built", _budget(1, 1), skip={"*": SDXL_NOT_BUILT}),
-    # SDXL at 1024 px through the server's loader and engine in fp16 (its VAE upcast to fp32,
-    # as diffusers does for a VAE that says force_upcast): images finite and not blank, seconds
-    # per image. On a GPU the random model is built first: 3.5 B parameters drawn and written
-    # as 14 GB of fp32 safetensors, then read back as fp16 (~2 min together, then ~10 s).
-    Step(
-        "sdxl.inference.fp16",
-        f"{CHECKS}:inference_fp16",
-        _budget(200, 90),
-        {"model": "sdxl"},
-    ),
     # Figures: `python -m bench` rows for the profile's model and resolution.
     Step(
         "figures.training.fp16",
@@ -235,5 +233,36 @@ STEPS: list[Step] = [
         {"gpu": "the GPU run resumes ZeRO-3 in fp16 (resume.zero3.fp16)"},
     ),
     Step("figures.lora", f"{FIGURES}:methods", _budget(120, 120)),
-    Step("figures.sdxl", f"{FIGURES}:not_built", _budget(1, 1), skip={"*": SDXL_NOT_BUILT}),
+    # SDXL last, together, so that `--only sdxl.` runs them in one device call (~9 minutes with
+    # the model's build): the SD steps do not fit in the same one.
+    # SDXL at 1024 px through the server's loader and engine in fp16 (its VAE upcast to fp32,
+    # as diffusers does for a VAE that says force_upcast): images finite and not blank, seconds
+    # per image. On a GPU the random model is built first: 3.5 B parameters drawn and written
+    # as 14 GB of fp32 safetensors, then read back as fp16 (~2 min together, then ~10 s).
+    Step(
+        "sdxl.inference.fp16",
+        f"{CHECKS}:inference_fp16",
+        _budget(200, 90),
+        {"model": "sdxl"},
+    ),
+    # LoRA on SDXL at 1024 px as `lora.train` on SD (fp16 autocast, fp32 adapters; SDXL's VAE
+    # stays fp32 under fp16, by the trainer's rule), from the model the step above built: load
+    # (~14 GB of fp32 weights from the page cache), 4 class images at 1024 px, both encoders'
+    # embeddings and the latents cached, then 10 steps of the 2.6 B UNet (~1-2 steps/s).
+    Step(
+        "sdxl.lora.train",
+        f"{CHECKS}:train_fixed_batch",
+        _budget(120, 90),
+        {
+            "backend": "single",
+            "precision": "fp16",
+            "method": "lora",
+            "learningRate": 1e-4,
+            "model": "sdxl",
+        },
+    ),
+    # `python -m bench training` rows for SDXL at 1024 px, each its own process (load ~20 s,
+    # 2 + 2 x 10 steps): LoRA, then full fine-tuning with gradient checkpointing (the 2.6 B
+    # UNet's fp32 weights, gradients and AdamW moments alone are ~42 GB).
+    Step("sdxl.figures", f"{FIGURES}:sdxl", _budget(170, 120)),
 ]

@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from .worker import Context, Skipped, StepFailed
+from .worker import Context, StepFailed
 
 # Packages the check needs (imported by `environment`) and those it reports if present.
 REQUIRED_IMPORTS = ("torch", "diffusers", "transformers", "deepspeed", "pydantic", "fastapi",
@@ -48,13 +48,12 @@ SHM_NEEDED = 24 * 2**30
 # -- shared helpers ------------------------------------------------------------------------------
 
 
-def settings(ctx: Context):
+def settings(ctx: Context, model: str = ""):
+    """The bench's settings for the profile's model, or its `model` one ("sdxl")."""
     from bench import Settings
 
-    profile = ctx.profile
-    return Settings(
-        quick=True, model=profile.model, resolution=profile.resolution, work_dir=ctx.work_dir
-    )
+    uri, resolution = ctx.profile.trained_model(model)
+    return Settings(quick=True, model=uri, resolution=resolution, work_dir=ctx.work_dir)
 
 
 def config_for_cache(ctx: Context) -> Path:
@@ -75,10 +74,10 @@ def require_device(ctx: Context) -> None:
         raise StepFailed("the GPU profile needs CUDA, and torch sees no GPU")
 
 
-def trainer_config(ctx: Context, backend: str, precision: str, **training: Any):
+def trainer_config(ctx: Context, backend: str, precision: str, model: str = "", **training: Any):
     """The bench's config for this backend (the same class images `prepare` made), in
     `precision`: the API refuses fp16 without GPUs, so on a CPU it is set afterwards, as the
-    trainer tests do."""
+    trainer tests do. `model`: as in `settings`."""
     from bench.training import SHARDING, config_for
 
     spec = {
@@ -88,7 +87,7 @@ def trainer_config(ctx: Context, backend: str, precision: str, **training: Any):
         "maxSteps": 10**6,
         **training,
     }
-    config = config_for(settings(ctx), spec)
+    config = config_for(settings(ctx, model), spec)
     updated = config.training.model_copy(update={"mixed_precision": precision})
     return config.model_copy(update={"training": updated})
 
@@ -117,15 +116,17 @@ def process_group_env() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def built_trainer(ctx: Context, backend: str, precision: str, **training: Any) -> Iterator[Any]:
-    """A Trainer on this backend and precision (and `training` spec fields); its backend
-    closed and memory freed after."""
+def built_trainer(
+    ctx: Context, backend: str, precision: str, model: str = "", **training: Any
+) -> Iterator[Any]:
+    """A Trainer for the profile's `model` (as in `settings`) on this backend and precision (and
+    `training` spec fields); its backend closed and memory freed after."""
     from bench.training import SUBJECT_DIR, prepare_class_images
     from dreambooth_trainer.parallel import World
     from dreambooth_trainer.train import build_trainer, class_images_dir
 
-    prepare_class_images(settings(ctx))  # a no-op once `prepare` ran
-    config = trainer_config(ctx, backend, precision, **training)
+    prepare_class_images(settings(ctx, model))  # a no-op once made (`prepare` makes SD's)
+    config = trainer_config(ctx, backend, precision, model, **training)
     world = World() if backend == "single" else World(alone_with_backend=True)
     with process_group_env():
         trainer = build_trainer(
@@ -305,15 +306,16 @@ def prepare(ctx: Context) -> dict[str, Any]:
 
 
 def train_fixed_batch(
-    ctx: Context, backend: str, precision: str, **training: Any
+    ctx: Context, backend: str, precision: str, model: str = "", **training: Any
 ) -> dict[str, Any]:
     """The loss on one fixed batch falls under this backend and precision (and `training`
-    spec fields, e.g. method lora), and stays finite."""
+    spec fields, e.g. method lora), and stays finite. `model`: the profile's model ("") or its
+    SDXL one ("sdxl", at sdxl_resolution)."""
     import torch
 
     require_device(ctx)
     steps = ctx.profile.fixed_batch_steps
-    with built_trainer(ctx, backend, precision, **training) as trainer:
+    with built_trainer(ctx, backend, precision, model, **training) as trainer:
         device = trainer.world.device
         generator = torch.Generator().manual_seed(0)
         batch = trainer.data.batch(0, trainer.training.batch_size, 0, 1, generator)
@@ -336,6 +338,7 @@ def train_fixed_batch(
         final = float(loss(grad=False))
         seconds = (time.perf_counter() - started) / steps
         result = {
+            **trained_what(trainer),
             "backend_class": type(trainer.backend).__name__,
             "device": str(device),
             "losses": [round(v, 6) for v in losses],
@@ -356,11 +359,25 @@ def train_fixed_batch(
         f"loss {losses[0]:.4f} -> {final:.4f} in {steps} steps{scale_note}, "
         f"{1000 * seconds:.0f} ms/step{fmt_mib(result['peak_allocated_mib'])}"
     )
+    if model and result["family"] != model:
+        raise StepFailed(f"{result['model']} is not the profile's {model} model", result)
     if not all(math.isfinite(v) for v in [*losses, final]):
         raise StepFailed("a loss is not finite", result)
     if not final < losses[0]:
         raise StepFailed(f"the loss did not fall ({losses[0]:.4f} -> {final:.4f})", result)
     return result
+
+
+def trained_what(trainer: Any) -> dict[str, Any]:
+    """Which model at which size trained, and in which dtypes (SDXL's VAE stays fp32 in fp16)."""
+    trainable = {str(p.dtype) for p in trainer.model.parameters() if p.requires_grad}
+    return {
+        "model": trainer.config.base_model.uri,
+        "family": trainer.frozen.family,
+        "resolution": trainer.training.resolution,
+        "vae_dtype": str(trainer.frozen.vae.dtype),
+        "trainable_dtypes": sorted(trainable),
+    }
 
 
 @contextlib.contextmanager
@@ -619,7 +636,3 @@ def inference_fp16(ctx: Context, model: str = "inference") -> dict[str, Any]:
     del loaded, engine
     free_memory()
     return result
-
-
-def not_built(ctx: Context) -> dict[str, Any]:
-    raise Skipped("not built yet")

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import importlib.util
 import os
+from dataclasses import replace
 from typing import Any
 
 from .checks import config_for_cache, require_device, settings
-from .worker import Context, Skipped, StepFailed
+from .worker import Context, StepFailed
 
 BNB_MISSING = "bitsandbytes is not installed here (its wheel was not carried)"
 SMOKE_8BIT = "the smoke run measures the 32-bit row only (tests/trainer train 8-bit AdamW on CPUs)"
@@ -39,15 +40,16 @@ def label(run: Any) -> str:
     if run.train_text_encoder and run.gradient_checkpointing:
         adam = "8-bit" if run.use_8bit_adam else "32-bit"
         return f"memory {run.backend} {adam}"
-    return run.backend
+    return f"{run.backend} checkpointed" if run.gradient_checkpointing else run.backend
 
 
-def measure_rows(ctx: Context, runs: list[Any]) -> dict[str, Any]:
-    """Each run through `bench.training.measure` (its own torchrun launch); fails if one did."""
+def measure_rows(ctx: Context, runs: list[Any], model: str = "") -> dict[str, Any]:
+    """Each run through `bench.training.measure` (its own torchrun launch) on the profile's
+    model, or its `model` one ("sdxl"); fails if one did."""
     from bench.training import measure, prepare_class_images
 
     require_device(ctx)
-    prepare_class_images(settings(ctx))
+    prepare_class_images(settings(ctx, model))
     cublas_as_usual()
     rows: list[dict[str, Any]] = []
     for run in runs:
@@ -56,11 +58,13 @@ def measure_rows(ctx: Context, runs: list[Any]) -> dict[str, Any]:
         elif run.use_8bit_adam and importlib.util.find_spec("bitsandbytes") is None:
             row = {"label": label(run), "precision": run.precision, "skipped": BNB_MISSING}
         else:
-            figures = measure(run, settings(ctx), ctx.profile.figure_steps, gpus())
+            figures = measure(run, settings(ctx, model), ctx.profile.figure_steps, gpus())
             row = {"label": label(run), **figures}
         rows.append(row)
         ctx.partial({"rows": rows})
-    result = {"steps_measured": ctx.profile.figure_steps, "rows": rows}
+    uri, resolution = ctx.profile.trained_model(model)
+    result = {"model": uri, "resolution": resolution, "steps_measured": ctx.profile.figure_steps,
+              "rows": rows}  # fmt: skip
     measured = [row for row in rows if "steps_per_second" in row]
     result["summary"] = "; ".join(
         f"{row['label']} {row['steps_per_second']:.2f} steps/s"
@@ -68,6 +72,9 @@ def measure_rows(ctx: Context, runs: list[Any]) -> dict[str, Any]:
         for row in measured
     )
     errors = [f"{row['label']}: {row['error']}" for row in rows if "error" in row]
+    if model:  # the rows' own word for what they trained, not the settings'
+        errors += [f"{row['label']}: trained a {row['family']} model, not {model}"
+                   for row in measured if row["family"] != model]  # fmt: skip
     if errors:
         raise StepFailed("; ".join(errors), result)
     return result
@@ -87,6 +94,15 @@ def methods(ctx: Context) -> dict[str, Any]:
 
     require_device(ctx)
     return measure_rows(ctx, planned_runs(True, ctx.profile.on_gpu)["method"])
+
+
+def sdxl(ctx: Context) -> dict[str, Any]:
+    """The profile's SDXL model at its SDXL resolution, one process: LoRA (fp32 adapters), then
+    full fine-tuning with gradient checkpointing, in the first precision (fp16 on a GPU)."""
+    from bench.training import planned_runs
+
+    full, lora = planned_runs(True, ctx.profile.on_gpu)["method"]
+    return measure_rows(ctx, [lora, replace(full, gradient_checkpointing=True)], "sdxl")
 
 
 def step_overhead(ctx: Context) -> dict[str, Any]:
@@ -174,7 +190,3 @@ def inference(ctx: Context) -> dict[str, Any]:
         f"; batching x{speedup} at 8" if speedup else ""
     )
     return result
-
-
-def not_built(ctx: Context) -> dict[str, Any]:
-    raise Skipped("not built yet")

@@ -28,6 +28,7 @@ def test_a_training_run_reports_throughput_split_memory_and_flops(tmp_path: Path
     assert "error" not in figures, figures
     assert figures["world_size"] == 1 and figures["cache_latents"] is False
     assert figures["backend_class"] == "SingleProcessBackend"
+    assert figures["family"] == "sd"  # read from the model (random://tiny-sd)
     assert figures["steps_per_second"] > 0 and figures["images_per_second"] > 0
     split = figures["phase_seconds"]
     assert set(split) == {"data", "forward", "backward", "optimizer", "other"}
