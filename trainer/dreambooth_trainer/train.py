@@ -95,6 +95,8 @@ class Trainer:
             offset_noise=self.training.offset_noise,
             snr_gamma=self.training.snr_gamma,
         )
+        # Labels of the per-subject losses, computed once (not on every step's host path).
+        self.subject_names = [subject.name for subject in subjects_of(config)]
         self.step = 0
         self.micro_step = 0  # micro-batches consumed by every rank: the data position
         self.stop_reason: str | None = None
@@ -221,7 +223,7 @@ class Trainer:
         loss)."""
         if len(losses) < 2:
             return {}
-        return {s.name: loss for s, loss in zip(subjects_of(self.config), losses, strict=True)}
+        return dict(zip(self.subject_names, losses, strict=True))
 
     # -- state -------------------------------------------------------------------------------------
 
