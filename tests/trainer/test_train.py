@@ -218,6 +218,25 @@ def test_a_step_encodes_its_instance_and_class_rows_together(make_config):
     assert batch.instance_rows == 2 and batch.condition_is_embedding
 
 
+def test_the_vae_takes_channels_last_pixels_on_a_cpu_and_gives_the_same_posterior(make_config):
+    """oneDNN's convolutions run faster on NHWC input (bench/README.md "Step overhead"), so on
+    a CPU the encoder gets it; the posterior is NCHW's to float rounding, and contiguous."""
+    config = make_config()
+    vae = load_pipeline(config.base_model, config.model_cache_dir()).vae
+    pixels = torch.rand((2, 3, 64, 64), generator=torch.Generator().manual_seed(0)) * 2 - 1
+    seen: list[torch.Tensor] = []
+    hook = vae.encoder.conv_in.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    try:
+        posterior = data.encode_distribution(vae, pixels)
+    finally:
+        hook.remove()
+    assert seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert posterior.is_contiguous()
+    with torch.no_grad():
+        expected = vae.encode(pixels).latent_dist.parameters
+    torch.testing.assert_close(posterior, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.fixture
 def v_prediction_model(make_config, tmp_path: Path) -> str:
     """The tiny model saved with a v-prediction scheduler (like SD 2.x 768)."""

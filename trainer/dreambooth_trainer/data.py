@@ -182,16 +182,26 @@ class ShuffledOrder:
 
 @torch.no_grad()
 def encode_distribution(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
-    """Mean and log-variance of the VAE posterior ([N, 2C, h, w], float32)."""
-    # Pixels where and as the encoder's first layer takes them: that layer's weight is what
-    # diffusers' vae.device and vae.dtype report, after a walk over every submodule (0.8 ms per
-    # step for the tiny VAE's two on one Xeon core, with the latent cache off).
-    weight = vae.encoder.conv_in.weight
+    """Mean and log-variance of the VAE posterior ([N, 2C, h, w], float32, contiguous)."""
     parameters = [
-        vae.encode(chunk.to(weight.device, weight.dtype)).latent_dist.parameters.float()
+        vae.encode(encoder_input(vae, chunk)).latent_dist.parameters.float()
         for chunk in pixels.split(VAE_ENCODE_BATCH)
     ]
-    return torch.cat(parameters)
+    return torch.cat(parameters).contiguous()
+
+
+def encoder_input(vae: AutoencoderKL, pixels: torch.Tensor) -> torch.Tensor:
+    """`pixels` where and as the encoder's first layer takes them, and on a CPU in channels_last:
+    oneDNN's convolutions run faster on NHWC input (one Xeon core: the tiny VAE's encode 25 %,
+    SD's VAE at 256 px 5 to 10 %; bench/README.md "Step overhead"). The posterior differs from
+    NCHW's by float rounding only."""
+    # That layer's weight is what diffusers' vae.device and vae.dtype report, after a walk over
+    # every submodule (0.8 ms per step for the tiny VAE's two, with the latent cache off).
+    weight = vae.encoder.conv_in.weight
+    pixels = pixels.to(weight.device, weight.dtype)
+    if weight.device.type == "cpu":
+        return pixels.contiguous(memory_format=torch.channels_last)
+    return pixels
 
 
 def sample_latents(
@@ -385,7 +395,8 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states, and the pooled embedding when the model conditions on it (SDXL's
     encoders, models/sdxl.py; None for SD)."""
-    output = text_encoder(input_ids.to(text_encoder.device))
+    # The first parameter's device: transformers' `.device` walks every submodule.
+    output = text_encoder(input_ids.to(next(text_encoder.parameters()).device))
     pooled = output[1].float() if getattr(text_encoder, "pooled_output", False) else None
     return output[0].float(), pooled
 
@@ -442,13 +453,17 @@ class Prompts:
 
     def encoded_rows(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`rows`, and the rows' pooled embeddings (SDXL with a frozen encoder; else None)."""
+        prompt_ids = list(prompt_ids)
         if self.is_embedding and self.cached is None:  # encode only what this step uses
             used = sorted(set(prompt_ids))
             hidden, pooled = encode_prompts(self.frozen_text_encoder, self.ids[used])
-            rows = [used.index(k) for k in prompt_ids]
-            return hidden[rows], None if pooled is None else pooled[rows]
-        pooled = None if self.cached_pooled is None else self.cached_pooled[list(prompt_ids)]
-        return self.value()[list(prompt_ids)], pooled
+        else:
+            used = list(range(len(self.ids)))
+            hidden, pooled = self.value(), self.cached_pooled
+        if prompt_ids == used:  # each prompt once, in order: a step of one instance row
+            return hidden, pooled
+        rows = [used.index(k) for k in prompt_ids]
+        return hidden[rows], None if pooled is None else pooled[rows]
 
 
 # -- batches ---------------------------------------------------------------------------------------

@@ -106,7 +106,9 @@ class DreamBoothObjective:
             instance + self.prior_loss_weight * prior,
             instance,
             prior,
-            per_subject_means(per_image[:rows], batch.subject_of_row, batch.subjects),
+            per_subject_means(per_image[:rows], batch.subject_of_row, batch.subjects)
+            if batch.subjects > 1
+            else instance.unsqueeze(0),  # one subject: the instance loss itself
         )
 
 
@@ -114,9 +116,7 @@ def per_subject_means(
     losses: torch.Tensor, subject_of_row: Sequence[int], subjects: int
 ) -> torch.Tensor:
     """[S]: the mean of each subject's rows (every micro-batch holds every subject: the API
-    asks batchSize >= S); one subject: the mean of all rows."""
-    if subjects == 1:
-        return losses.mean().unsqueeze(0)
+    asks batchSize >= S)."""
     labels = torch.tensor(list(subject_of_row), device=losses.device)
     sums = torch.zeros(subjects, device=losses.device, dtype=losses.dtype)
     counts = torch.zeros(subjects, device=losses.device, dtype=losses.dtype)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -89,6 +90,8 @@ class Trainer:
         self.callbacks = list(callbacks)
         self.checkpoints = checkpoints
         self.world = backend.world
+        # Looked up once: World.device asks CUDA on every call, and each step needs it twice.
+        self.device = self.world.device
         self.objective = DreamBoothObjective(
             frozen.noise_scheduler,
             prior_loss_weight=config.prior_preservation.loss_weight,
@@ -122,7 +125,7 @@ class Trainer:
     def max_steps(self) -> int:
         return self.training.max_steps
 
-    @property
+    @cached_property
     def images_per_step(self) -> int:
         """Instance and class images all ranks process in one optimizer step."""
         kinds = 1 if self.data.classes is None else 2
@@ -177,10 +180,10 @@ class Trainer:
     def train_step(self) -> StepMetrics:
         """One optimizer step over `gradient_accumulation_steps` micro-batches."""
         started = time.perf_counter()
-        clock = PhaseClock(self.world.device, enabled=self.time_phases)
+        clock = PhaseClock(self.device, enabled=self.time_phases)
         accumulation = self.training.gradient_accumulation_steps
         # total, instance and prior loss, then each subject's instance loss
-        totals = torch.zeros(3 + len(self.data.subjects), device=self.world.device)
+        totals = torch.zeros(3 + len(self.data.subjects), device=self.device)
         for micro in range(accumulation):
             batch = self.data.batch(
                 self.micro_step,
@@ -192,7 +195,7 @@ class Trainer:
             clock.lap("data")
             with self.backend.accumulate(sync=micro == accumulation - 1):
                 with self.backend.autocast():
-                    losses = self.objective(self.model, batch, self.generator, self.world.device)
+                    losses = self.objective(self.model, batch, self.generator, self.device)
                 clock.lap("forward")
                 self.backend.backward(losses.total)
                 clock.lap("backward")

@@ -73,7 +73,9 @@ class SingleProcessBackend:
         return nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
-        loss = loss / self.options.gradient_accumulation_steps
+        steps = self.options.gradient_accumulation_steps
+        if steps > 1:  # a division by one would still cost an op forward and one backward
+            loss = loss / steps
         (self.scaler.scale(loss) if self.scaler else loss).backward()
 
     def step(self) -> float:
