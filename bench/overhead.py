@@ -7,7 +7,9 @@ text encoder over the prompt ids (both without gradients). Anything our step cos
 is overhead: data handling, copies, casts, synchronisation, callbacks.
 
 Blocks of our steps and blocks of bare steps alternate, so that whatever else the machine does
-falls on both alike; the figures are the medians over the blocks.
+falls on both alike; the figures are the medians over the blocks. Then single steps alternate
+(`paired`): the median step of each kind, a finer figure than the blocks' where the machine's
+speed drifts between blocks (on a CPU the blocks of one run ranged over +-10 %).
 
     python -m bench step_overhead [--quick] [--model random://sd15 --resolution 512]
 """
@@ -29,10 +31,11 @@ class Rounds:
     warmup: int  # steps of each kind before timing
     blocks: int  # alternating blocks of each kind
     steps: int  # steps per block
+    paired: int = 0  # then steps of each kind timed one by one, the two kinds in turn
 
 
-QUICK = Rounds(warmup=3, blocks=5, steps=10)
-FULL = Rounds(warmup=5, blocks=9, steps=25)
+QUICK = Rounds(warmup=3, blocks=5, steps=10, paired=10)
+FULL = Rounds(warmup=5, blocks=9, steps=25, paired=300)
 
 
 def precision_for(on_gpu: bool) -> str:
@@ -126,6 +129,40 @@ def ratios(ours: list[float], bares: list[float]) -> tuple[float, list[float]]:
     return round(statistics.median(ours) / statistics.median(bares), 4), blocks
 
 
+def time_paired(
+    ours: Callable[[], Any], bare: Callable[[], Any], pairs: int, on_cpu: bool
+) -> dict[str, Any]:
+    """Each kind's median step, the two timed in turn step by step (which goes first
+    alternating), and the ratio over each half of the pairs (how far the figure moves).
+
+    A median step leaves out the steps that a pause (garbage collection, another process)
+    hit. On a CPU, process CPU time (all torch threads'); on a GPU, wall time (each step ends
+    synchronized)."""
+    if pairs < 2:
+        raise ValueError("paired timing needs at least 2 pairs (one per half)")
+    clock = time.process_time if on_cpu else time.perf_counter
+    kinds = {"ours": ours, "bare": bare}
+    times: dict[str, list[float]] = {"ours": [], "bare": []}
+    for pair in range(pairs):
+        for kind in ("ours", "bare") if pair % 2 == 0 else ("bare", "ours"):
+            started = clock()
+            kinds[kind]()
+            times[kind].append(clock() - started)
+
+    def ratio(part: slice) -> float:
+        ours_median = statistics.median(times["ours"][part])
+        return round(ours_median / statistics.median(times["bare"][part]), 4)
+
+    half = pairs // 2
+    return {
+        "paired_clock": "process CPU time" if on_cpu else "wall",
+        "paired_ours_seconds": round(statistics.median(times["ours"]), 6),
+        "paired_bare_seconds": round(statistics.median(times["bare"]), 6),
+        "paired_overhead_ratio": ratio(slice(None)),
+        "paired_half_ratios": [ratio(slice(None, half)), ratio(slice(half, None))],
+    }
+
+
 def compare(trainer, bare: BareStep, rounds: Rounds) -> dict[str, Any]:
     """Median seconds per step of ours and of the bare step, from alternating blocks.
 
@@ -152,6 +189,9 @@ def compare(trainer, bare: BareStep, rounds: Rounds) -> dict[str, Any]:
     if trainer.world.device.type == "cpu":
         cpu, cpu_blocks = ratios([b.cpu for b in ours], [b.cpu for b in bares])
         figures |= {"cpu_time_overhead_ratio": cpu, "cpu_time_block_ratios": cpu_blocks}
+    if rounds.paired:
+        on_cpu = trainer.world.device.type == "cpu"
+        figures |= time_paired(ours_step, bare, rounds.paired, on_cpu)
     return figures
 
 

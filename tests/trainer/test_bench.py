@@ -188,13 +188,16 @@ def test_the_overhead_bench_times_ours_beside_a_bare_step_that_trains(tmp_path: 
         bare()
         assert encoded == [(2, 3, 64, 64)]  # instance and class rows, at the job's resolution
         assert any(not torch.equal(a, b) for a, b in zip(before, bare.parameters, strict=True))
-        figures = overhead.compare(trainer, bare, overhead.Rounds(warmup=1, blocks=2, steps=1))
+        rounds = overhead.Rounds(warmup=1, blocks=2, steps=1, paired=2)
+        figures = overhead.compare(trainer, bare, rounds)
     finally:
         trainer.backend.close()
     assert figures["ours_steps_per_second"] > 0 and figures["bare_steps_per_second"] > 0
     assert len(figures["block_ratios"]) == 2 and figures["overhead_ratio"] > 0
     assert len(figures["cpu_time_block_ratios"]) == 2 and figures["cpu_time_overhead_ratio"] > 0
-    assert trainer.step == 3  # warmup and both blocks ran our real step
+    assert figures["paired_clock"] == "process CPU time"
+    assert figures["paired_overhead_ratio"] > 0 and len(figures["paired_half_ratios"]) == 2
+    assert trainer.step == 5  # warmup, both blocks and both pairs ran our real step
 
 
 def test_lora_sizes_grow_with_rank_far_below_the_unet_as_peft_counts_them(tmp_path: Path):
