@@ -395,8 +395,7 @@ def encode_prompts(
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Hidden states, and the pooled embedding when the model conditions on it (SDXL's
     encoders, models/sdxl.py; None for SD)."""
-    # The first parameter's device: transformers' `.device` walks every submodule.
-    output = text_encoder(input_ids.to(next(text_encoder.parameters()).device))
+    output = text_encoder(input_ids.to(text_encoder.device))
     pooled = output[1].float() if getattr(text_encoder, "pooled_output", False) else None
     return output[0].float(), pooled
 
@@ -453,16 +452,17 @@ class Prompts:
 
     def encoded_rows(self, prompt_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`rows`, and the rows' pooled embeddings (SDXL with a frozen encoder; else None)."""
-        prompt_ids = list(prompt_ids)
+        rows = list(prompt_ids)
         if self.is_embedding and self.cached is None:  # encode only what this step uses
-            used = sorted(set(prompt_ids))
+            used = sorted(set(rows))
             hidden, pooled = encode_prompts(self.frozen_text_encoder, self.ids[used])
+            rows = [used.index(k) for k in rows]
         else:
-            used = list(range(len(self.ids)))
             hidden, pooled = self.value(), self.cached_pooled
-        if prompt_ids == used:  # each prompt once, in order: a step of one instance row
+        # Each prompt once, in order (a step of one instance row): the tensors themselves, which
+        # nothing downstream changes in place; else a copy of the rows.
+        if len(rows) == len(hidden) and rows == list(range(len(hidden))):
             return hidden, pooled
-        rows = [used.index(k) for k in prompt_ids]
         return hidden[rows], None if pooled is None else pooled[rows]
 
 
@@ -471,6 +471,9 @@ class Prompts:
 
 @dataclass
 class Batch:
+    """One micro-batch. `condition` and `added["pooled"]` may be the prompts' cache itself
+    (Prompts.encoded_rows): read them, never change them in place."""
+
     latents: torch.Tensor  # instance rows first, then class rows
     condition: torch.Tensor  # ids or hidden states, same row order
     condition_is_embedding: bool
